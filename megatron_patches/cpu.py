@@ -1,0 +1,162 @@
+"""CPU runtime: run the real Megatron-Core 0.16.1 on gloo ranks without CUDA.
+
+Megatron-Core assumes a CUDA device in a bounded set of places. Rather than
+editing Megatron files, :func:`enable` changes those places from the outside,
+and only when ``torch.cuda.is_available()`` is false, so a GPU run is never
+touched. Each piece below says which Megatron-Core behaviour needs it:
+
+* ``torch.cuda.current_device()`` places tensors (``RotaryEmbedding.__init__``,
+  attention masks, ``p2p_communication``): it returns the CPU device.
+* Literal ``device="cuda"`` (``schedules.forward_backward_pipelining_*`` build
+  ``total_num_tokens`` so, ``clip_grads``, ``grad_scaler``) and ``.cuda()``
+  calls: a :class:`torch.overrides.TorchFunctionMode` rewrites CUDA device
+  arguments to CPU and makes ``Tensor.cuda`` return the tensor itself.
+* ``DistributedOptimizer._build_model_and_main_param_groups`` and
+  ``clip_grads.clip_grad_by_total_norm_fp32`` assert ``tensor.type()`` is a
+  ``torch.cuda.*Tensor`` string: the same mode reports CPU tensors so.
+* ``tensor_parallel.random`` keeps named CUDA RNG states for TP-sharded init
+  and dropout: they map to the CPU generator. ``CudaRNGStatesTracker.fork``
+  then warns that the CPU RNG changed inside the fork, which is now expected,
+  so that one warning is filtered.
+* ``torch.cuda.synchronize`` / ``empty_cache`` and streams and events used by
+  DDP become no-ops.
+
+Call :func:`enable` once per process before building any Megatron object;
+call ``model_parallel_cuda_manual_seed`` after ``initialize_model_parallel``
+as on GPU (the tracker's named states must exist before dropout forks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_CPU = torch.device("cpu")
+_ACTIVE_MODE: TorchFunctionMode | None = None
+
+# Tensor.type() strings that Megatron-Core's fp32/fp16 asserts expect.
+_CUDA_TYPE_NAMES = {
+    "torch.FloatTensor": "torch.cuda.FloatTensor",
+    "torch.HalfTensor": "torch.cuda.HalfTensor",
+    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
+}
+
+
+def _is_cuda_device(device: object) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # A bare int means "cuda:<int>" to torch's factories and Tensor.to.
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class CudaToCpuMode(TorchFunctionMode):
+    """Rewrites CUDA device arguments to CPU; ``.cuda()`` returns the tensor."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return _CUDA_TYPE_NAMES.get(name, name)
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs["device"] = _CPU
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], _CPU, *args[2:])
+        return func(*args, **kwargs)
+
+
+class _NullStream:
+    """Stands in for ``torch.cuda.Stream``/``Event``: every method is a no-op."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+class _FilterForkWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+
+
+def _patch_torch_cuda() -> None:
+    cuda = torch.cuda
+    cuda.current_device = lambda: _CPU
+    cuda.set_device = lambda device: None
+    cuda.synchronize = lambda device=None: None
+    cuda.empty_cache = lambda: None
+    cuda.device_count = lambda: 0
+    cuda.Stream = _NullStream
+    cuda.Event = _NullStream
+    cuda.current_stream = lambda device=None: _NullStream()
+    cuda.stream = lambda stream=None: contextlib.nullcontext()
+    cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
+    # torch.manual_seed itself calls torch.cuda.manual_seed_all: seed the CPU
+    # generator directly, never through torch.manual_seed.
+    cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    cuda.manual_seed_all = cuda.manual_seed
+    cuda.memory_allocated = lambda device=None: 0
+    cuda.max_memory_allocated = lambda device=None: 0
+
+
+def _patch_megatron_rng() -> None:
+    from megatron.core.tensor_parallel import random as mp_random
+
+    from megatron_patches.compat import require_signature
+
+    require_signature(mp_random._get_cuda_rng_state, ["device", "clone", "graph_safe"])
+    require_signature(mp_random._set_cuda_rng_state, ["new_state", "device", "graph_safe"])
+
+    def get_state(device="cuda", clone=False, graph_safe=False):
+        return torch.get_rng_state()
+
+    def set_state(new_state, device=-1, graph_safe=False):
+        torch.set_rng_state(new_state)
+
+    mp_random._get_cuda_rng_state = get_state
+    mp_random._set_cuda_rng_state = set_state
+    logging.getLogger(mp_random.__name__).addFilter(_FilterForkWarning())
+
+
+def is_enabled() -> bool:
+    return _ACTIVE_MODE is not None
+
+
+def enable() -> bool:
+    """Activate the CPU runtime in this process if there is no CUDA device.
+
+    Returns True when the CPU runtime is (now) active, False on a GPU machine,
+    where nothing is changed. Safe to call more than once.
+    """
+    global _ACTIVE_MODE
+    if _ACTIVE_MODE is not None:
+        return True
+    if torch.cuda.is_available():
+        return False
+    # On CPU the absence of TE and apex is the design, not news worth a warning per rank.
+    warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* not installed")
+    _patch_torch_cuda()
+    _patch_megatron_rng()
+    _ACTIVE_MODE = CudaToCpuMode()
+    _ACTIVE_MODE.__enter__()
+    return True
+
+
+def device() -> torch.device:
+    """The device a rank computes on: its CUDA device, or CPU when enabled."""
+    return _CPU if is_enabled() else torch.device("cuda", torch.cuda.current_device())

@@ -1,0 +1,84 @@
+"""Parallel layout: validate TP/PP/DP against the world and the model, then initialize.
+
+Megatron-Core checks divisibility deep inside ``initialize_model_parallel`` or
+a layer constructor, with an ``AssertionError`` on some ranks while the others
+wait in a collective. :func:`validate_layout` checks everything first, on every
+rank identically, so a bad layout stops all ranks at once with one line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_patches.errors import ConfigError
+from megatron_patches.training.model import ModelConfig
+
+
+@dataclass(frozen=True)
+class Layout:
+    world_size: int
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size)
+
+    def describe(self) -> str:
+        return (
+            f"world {self.world_size} = TP {self.tensor_model_parallel_size} x "
+            f"PP {self.pipeline_model_parallel_size} x DP {self.data_parallel_size}"
+        )
+
+
+def validate_layout(layout: Layout, model: ModelConfig | None = None) -> None:
+    """Raise :class:`ConfigError` naming the numbers if ``layout`` cannot run ``model``."""
+    tp, pp = layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size
+    if tp < 1 or pp < 1:
+        raise ConfigError(f"tensor/pipeline parallel sizes must be >= 1, got TP={tp} PP={pp}")
+    if layout.world_size % (tp * pp):
+        raise ConfigError(
+            f"world size {layout.world_size} is not divisible by TP x PP = {tp} x {pp} = {tp * pp}"
+        )
+    if model is None:
+        return
+    model.validate()
+    _require_divisible("num_attention_heads", model.num_attention_heads, "TP", tp)
+    _require_divisible("num_query_groups", model.groups, "TP", tp)
+    _require_divisible("ffn_hidden_size", model.ffn_hidden_size, "TP", tp)
+    _require_divisible("num_layers", model.num_layers, "PP", pp)
+
+
+def _require_divisible(name: str, value: int, by_name: str, by: int) -> None:
+    if value % by:
+        raise ConfigError(f"{name} ({value}) is not divisible by {by_name} ({by})")
+
+
+def initialize(layout: Layout, seed: int, model: ModelConfig | None = None) -> None:
+    """Validate, then set up Megatron-Core's parallel groups and RNG trackers.
+
+    ``torch.distributed`` must already be initialized with ``layout.world_size``
+    ranks. ``model_parallel_cuda_manual_seed`` must follow
+    ``initialize_model_parallel`` or dropout forks fail ("cuda rng state
+    model-parallel-rng is not added"); on CPU it seeds the CPU generator.
+    """
+    import random
+
+    import torch
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    actual = torch.distributed.get_world_size()
+    if actual != layout.world_size:
+        raise ConfigError(f"layout is for {layout.world_size} ranks but {actual} were started")
+    validate_layout(layout, model)
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tensor_model_parallel_size,
+        pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
+    )
+    # As Megatron-LM's _set_random_seed: each pipeline stage initializes its
+    # layers from its own stream; DP replicas share one so they start equal.
+    stage_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(stage_seed)
+    torch.manual_seed(stage_seed)
+    model_parallel_cuda_manual_seed(stage_seed)

@@ -1,0 +1,1 @@
+"""The lean training loop on Megatron-Core; each module holds one concern."""

@@ -1,0 +1,193 @@
+"""Llama-style Megatron-Core ``GPTModel`` from a small typed config.
+
+``ModelConfig`` is the architecture contract shared by the trainer and
+``tools/convert``: field names are Megatron-LM's argument names, and a
+checkpoint stores ``asdict(config)`` so any TP/PP layout can rebuild the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from megatron_patches import cpu
+from megatron_patches.errors import ConfigError
+
+TRANSFORMER_IMPLS = ("local", "transformer_engine")
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: int = 128
+    num_attention_heads: int = 4
+    num_query_groups: int | None = None  # None: multi-head attention (groups == heads)
+    kv_channels: int | None = None  # None: hidden_size // num_attention_heads
+    vocab_size: int = 256  # tokenizer vocabulary; the embedding is padded past it
+    make_vocab_size_divisible_by: int = 128
+    max_position_embeddings: int = 4096
+    position_embedding_type: str = "rope"
+    rotary_base: float = 10000.0
+    rotary_percent: float = 1.0
+    use_rope_scaling: bool = False  # Llama-3.1 style frequency scaling
+    rope_scaling_factor: float = 8.0
+    normalization: str = "RMSNorm"
+    norm_epsilon: float = 1e-5
+    swiglu: bool = True
+    add_qkv_bias: bool = False
+    add_bias_linear: bool = False
+    qk_layernorm: bool = False
+    untie_embeddings_and_output_weights: bool = True
+    init_method_std: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    transformer_impl: str = "local"
+
+    @property
+    def groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    def padded_vocab_size(self, tensor_model_parallel_size: int) -> int:
+        """Megatron-LM's rule: round the vocab up to a multiple of divisible_by * TP."""
+        multiple = self.make_vocab_size_divisible_by * tensor_model_parallel_size
+        return -(-self.vocab_size // multiple) * multiple
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown model config keys {unknown}")
+        return cls(**values)
+
+    def validate(self) -> None:
+        positive = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.num_attention_heads % self.groups:
+            raise ConfigError(
+                f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
+                f"num_query_groups ({self.groups})"
+            )
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads}) unless kv_channels is given"
+            )
+        if self.transformer_impl not in TRANSFORMER_IMPLS:
+            raise ConfigError(
+                f"transformer_impl must be one of {TRANSFORMER_IMPLS}, got {self.transformer_impl!r}"
+            )
+
+
+def transformer_engine_available() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def transformer_config(
+    cfg: ModelConfig,
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    params_dtype: torch.dtype = torch.float32,
+    **overrides: Any,
+):
+    """The Megatron-Core ``TransformerConfig`` for ``cfg`` at a TP/PP layout."""
+    from megatron.core.transformer import TransformerConfig
+
+    on_gpu = not cpu.is_enabled()
+    values = dict(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.groups,
+        kv_channels=cfg.head_dim,
+        normalization=cfg.normalization,
+        layernorm_epsilon=cfg.norm_epsilon,
+        gated_linear_unit=cfg.swiglu,
+        activation_func=torch.nn.functional.silu if cfg.swiglu else torch.nn.functional.gelu,
+        add_bias_linear=cfg.add_bias_linear,
+        add_qkv_bias=cfg.add_qkv_bias,
+        qk_layernorm=cfg.qk_layernorm,
+        init_method_std=cfg.init_method_std,
+        hidden_dropout=cfg.hidden_dropout,
+        attention_dropout=cfg.attention_dropout,
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        pipeline_dtype=params_dtype,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        # Fused kernels exist only on GPU; their torch fallbacks compute the same thing.
+        bias_activation_fusion=on_gpu and cfg.swiglu,
+        bias_dropout_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu,
+        persist_layer_norm=on_gpu,
+        apply_rope_fusion=on_gpu and cfg.transformer_impl == "transformer_engine",
+        gradient_accumulation_fusion=on_gpu and transformer_engine_available(),
+        sequence_parallel=False,
+    )
+    values.update(overrides)
+    return TransformerConfig(**values)
+
+
+def layer_spec(cfg: ModelConfig):
+    """Megatron-Core's local spec on CPU; Transformer Engine's when asked for and present."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if cfg.transformer_impl == "transformer_engine":
+        if not transformer_engine_available():
+            raise ConfigError("transformer_impl=transformer_engine but transformer_engine is not installed")
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.qk_layernorm)
+    return gpt_layer_specs.get_gpt_layer_local_spec(
+        qk_layernorm=cfg.qk_layernorm, normalization=cfg.normalization
+    )
+
+
+def build_gpt_model(cfg: ModelConfig, config, pre_process: bool, post_process: bool, vp_stage=None):
+    """One pipeline stage (or virtual chunk) of the model on this rank."""
+    from megatron.core.models.gpt import GPTModel
+
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(cfg),
+        vocab_size=cfg.padded_vocab_size(config.tensor_model_parallel_size),
+        max_sequence_length=cfg.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=not cfg.untie_embeddings_and_output_weights,
+        position_embedding_type=cfg.position_embedding_type,
+        rotary_percent=cfg.rotary_percent,
+        rotary_base=cfg.rotary_base,
+        rope_scaling=cfg.use_rope_scaling,
+        rope_scaling_factor=cfg.rope_scaling_factor,
+        vp_stage=vp_stage,
+    )
+
+
+def build_model_for_this_rank(cfg: ModelConfig, params_dtype: torch.dtype = torch.float32, **overrides):
+    """The stage of ``cfg`` this rank owns under the initialized parallel state."""
+    from megatron.core import parallel_state as ps
+
+    config = transformer_config(
+        cfg,
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_pipeline_model_parallel_world_size(),
+        params_dtype,
+        **overrides,
+    )
+    model = build_gpt_model(cfg, config, ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage())
+    return model.to(cpu.device())

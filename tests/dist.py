@@ -1,0 +1,108 @@
+"""Run a function on N gloo ranks in spawned processes, as a pytest helper.
+
+``run_on_ranks(fn, world_size, *args)`` starts ``world_size`` processes,
+initializes ``torch.distributed`` with gloo on a free port, turns on the CPU
+runtime, calls ``fn(*args)`` on every rank and returns the per-rank results in
+rank order. A rank that raises fails the caller with that rank's traceback; a
+run that exceeds ``timeout`` kills every rank and fails, so a test never hangs.
+``fn`` must be a module-level function (spawned children import it by name).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+
+class RankFailure(AssertionError):
+    """A rank raised, or the run timed out; the message holds the traceback."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rank_main(rank: int, world_size: int, port: int, fn: Callable, args: tuple, results) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+    )
+    try:
+        import torch
+
+        from megatron_patches import cpu
+
+        torch.set_num_threads(1)
+        cpu.enable()
+        torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+        value = fn(*args)
+        results.put((rank, True, value))
+    except BaseException:  # noqa: BLE001 - every failure must reach the parent
+        results.put((rank, False, traceback.format_exc()))
+        return
+    _shutdown()
+
+
+def _shutdown() -> None:
+    import torch
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def run_on_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 300) -> list[Any]:
+    """Run ``fn(*args)`` on ``world_size`` gloo ranks; return results by rank."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_rank_main, args=(rank, world_size, port, fn, args, results), daemon=False)
+        for rank in range(world_size)
+    ]
+    for proc in procs:
+        proc.start()
+    try:
+        return _collect(procs, results, world_size, time.monotonic() + timeout, timeout)
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+            proc.join(timeout=10)
+
+
+def _collect(procs, results, world_size: int, deadline: float, timeout: float) -> list[Any]:
+    values: dict[int, Any] = {}
+    while len(values) < world_size:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            missing = sorted(set(range(world_size)) - set(values))
+            raise RankFailure(f"ranks {missing} did not finish within {timeout:.0f} s")
+        try:
+            rank, ok, value = results.get(timeout=min(remaining, 1.0))
+        except queue.Empty:
+            _raise_if_died(procs, values)
+            continue
+        if not ok:
+            raise RankFailure(f"rank {rank} of {world_size} failed:\n{value}")
+        values[rank] = value
+    return [values[rank] for rank in range(world_size)]
+
+
+def _raise_if_died(procs, values: dict[int, Any]) -> None:
+    for rank, proc in enumerate(procs):
+        if rank not in values and proc.exitcode not in (None, 0):
+            raise RankFailure(f"rank {rank} died with exit code {proc.exitcode} and no traceback")

@@ -1,0 +1,71 @@
+"""The CPU runtime rewrites exactly the CUDA assumptions Megatron-Core makes."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU runtime is off on GPU machines")
+
+PROBE = r"""
+import torch
+from megatron_patches import cpu
+assert cpu.enable() and cpu.enable()
+t = torch.zeros(3, device="cuda")
+assert t.device.type == "cpu"
+assert torch.ones(2).cuda().device.type == "cpu"
+assert torch.ones(2).to("cuda:0").device.type == "cpu"
+assert torch.ones(2).to(torch.cuda.current_device()).device.type == "cpu"
+assert torch.empty(1, device=torch.cuda.current_device()).device.type == "cpu"
+assert torch.ones(2).type() == "torch.cuda.FloatTensor"
+assert torch.ones(2, dtype=torch.bfloat16).type() == "torch.cuda.BFloat16Tensor"
+assert torch.ones(2).type(torch.float64).dtype == torch.float64
+torch.cuda.synchronize()
+with torch.cuda.stream(torch.cuda.Stream()):
+    pass
+torch.cuda.manual_seed(7)
+a = torch.rand(4)
+torch.manual_seed(7)
+assert torch.equal(a, torch.rand(4)), "the CUDA seed must drive the CPU generator"
+from megatron.core.tensor_parallel import random as mp_random
+state = mp_random._get_cuda_rng_state()
+b = torch.rand(4)
+mp_random._set_cuda_rng_state(state)
+assert torch.equal(b, torch.rand(4)), "saved RNG state must restore the CPU generator"
+print("ok")
+"""
+
+
+def test_cpu_runtime_rewrites_cuda_calls():
+    # A fresh interpreter: enable() changes process-wide state.
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_rng_tracker_forks_are_isolated_streams():
+    out = subprocess.run([sys.executable, "-c", FORK_PROBE], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "CPU RNG state changed" not in out.stderr
+
+
+FORK_PROBE = r"""
+import torch
+from megatron_patches import cpu
+cpu.enable()
+from megatron.core.tensor_parallel import random as mp_random
+mp_random.initialize_rng_tracker(force_reset=True)
+tracker = mp_random.get_cuda_rng_tracker()
+tracker.reset()
+torch.manual_seed(1)
+tracker.add("model-parallel-rng", 99)
+outside_before = torch.rand(3)
+torch.manual_seed(1)
+with tracker.fork():
+    inside = torch.rand(3)
+outside_after = torch.rand(3)
+assert torch.equal(outside_before, outside_after), "a fork must not advance the default stream"
+torch.manual_seed(99)
+assert torch.equal(inside, torch.rand(3)), "a fork draws from its own seeded stream"
+"""
