@@ -82,3 +82,44 @@ def initialize(layout: Layout, seed: int, model: ModelConfig | None = None) -> N
     random.seed(stage_seed)
     torch.manual_seed(stage_seed)
     model_parallel_cuda_manual_seed(stage_seed)
+
+
+def init_distributed(timeout_minutes: int = 30) -> tuple[int, int]:
+    """Join the process group torchrun (or Slurm via torchrun) set up; return (rank, world size).
+
+    Without a launcher this is a single-process world. On CPU the CPU runtime is
+    enabled, ranks use gloo and share the cores instead of each taking all of them.
+    """
+    import datetime
+    import os
+
+    import torch
+
+    from megatron_patches import cpu
+
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1 and "MASTER_ADDR" not in os.environ:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        backend = "nccl"
+    else:
+        cpu.enable()
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        backend = "gloo"
+    torch.distributed.init_process_group(
+        backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=timeout_minutes)
+    )
+    return rank, world
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -1,0 +1,110 @@
+"""The hook points where patches plug into the training loop, and the patch registry.
+
+The loop (``megatron_patches.training.loop``) calls every enabled hook at fixed
+points, in the order the patches are listed in config. A patch is a module
+listed in :data:`PATCHES` exposing ``enable(options, config) -> Hook``; it
+validates its options there (before anything is built) and never imports
+another patch. Hooks marked *collective* are called on every rank, in the same
+order, so a patch may run a collective inside them; the others are rank-local.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from megatron_patches.errors import ConfigError
+
+# Patch name in config (`patches: {<name>: {...options}}`) -> module with `enable`.
+PATCHES = {
+    "channel_loss": "megatron_patches.channel_loss",
+    "save_trigger": "megatron_patches.save_trigger",
+    "rope_schedule": "megatron_patches.rope_schedule",
+    "loss_spike": "megatron_patches.loss_spike",
+    "probes": "megatron_patches.probes",
+}
+
+
+@dataclass
+class StepReport:
+    """One finished iteration, as every rank knows it after ``all_reduce`` of the loss."""
+
+    iteration: int  # 1-based number of the iteration just run
+    loss: float  # token-weighted mean loss of the global batch (NaN if unknown)
+    tokens: int  # loss tokens of the global batch
+    grad_norm: float | None
+    lr: float
+    skipped: bool
+    sample_ids: list = field(default_factory=list)  # this DP rank's sample ids, last stage only
+    dataset_ids: list = field(default_factory=list)  # blend component of each of those samples
+
+
+@dataclass
+class Requests:
+    """What hooks ask of the loop at the end of an iteration (already agreed by all ranks)."""
+
+    save: str | None = None  # reason for a checkpoint now
+    stop: str | None = None  # reason to end the run cleanly after saving
+
+
+class Hook:
+    """Base class: every hook is a no-op; a patch overrides the ones it needs."""
+
+    name = "hook"
+
+    def plan_phases(self, phases: list, config) -> list:
+        """Before anything is built: return the run's data phases, possibly split or changed."""
+        return phases
+
+    def on_train_start(self, ctx) -> None:
+        """Collective. After model, optimizer, checkpoint and data are ready."""
+
+    def on_phase_start(self, ctx, phase) -> None:
+        """Collective. Entering ``phase`` (at start-up too, for the phase a resume lands in)."""
+
+    def on_micro_batch_loss(self, ctx, token_losses, loss_mask, batch, training: bool) -> None:
+        """Last pipeline stage, each micro-batch: per-token losses ``[b, s]`` before reduction."""
+
+    def skip_update(self, ctx, loss: float, grad_norm: float | None) -> bool:
+        """Collective. After forward/backward, before ``optimizer.step``: True skips the update."""
+        return False
+
+    def after_step(self, ctx, report: StepReport, requests: Requests) -> None:
+        """Collective. After the update; may set ``requests.save`` / ``requests.stop``."""
+
+    def on_log(self, ctx, metrics: dict[str, float]) -> None:
+        """Collective, every ``log_interval``: add entries to ``metrics`` (logged by the logging rank)."""
+
+    def on_eval(self, ctx, metrics: dict[str, float]) -> None:
+        """Collective, after each evaluation: add entries to ``metrics``."""
+
+    def after_save(self, ctx, path) -> None:
+        """Collective, after a checkpoint is complete."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Patch state saved in checkpoints (must be equal on all ranks)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def build_hooks(patches: dict[str, Any], config) -> list[Hook]:
+    """Enable the patches named in ``config.patches``; unknown names or bad options fail here."""
+    hooks = []
+    for name, options in patches.items():
+        if name not in PATCHES:
+            raise ConfigError(f"unknown patch {name!r} in patches; known: {sorted(PATCHES)}")
+        if options in (None, False):
+            continue
+        if options is True:
+            options = {}
+        if not isinstance(options, dict):
+            raise ConfigError(f"patches.{name} must be a mapping of options (or true/false), got {options!r}")
+        options = dict(options)
+        if options.pop("enabled", True) is False:
+            continue
+        module = importlib.import_module(PATCHES[name])
+        hooks.append(module.enable(options, config))
+    return hooks

@@ -1,0 +1,79 @@
+"""Build the Megatron-Core training objects of this rank from a validated config.
+
+Model stage (``GPTModel``) -> ``DistributedDataParallel`` -> distributed
+optimizer (``get_megatron_optimizer``, ZeRO-1) -> LR scheduler. On GPU with
+``train.bf16`` the parameters are bf16 with fp32 main grads and main params;
+on CPU everything is fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megatron_patches import cpu
+from megatron_patches.training.config import Config
+from megatron_patches.training.model import build_model_for_this_rank
+from megatron_patches.training.schedules import PretrainScheduler
+
+
+@dataclass
+class TrainingObjects:
+    model: torch.nn.Module  # DistributedDataParallel around this rank's GPTModel stage
+    optimizer: object  # megatron.core.optimizer.MegatronOptimizer
+    scheduler: PretrainScheduler
+
+    @property
+    def gpt(self):
+        return self.model.module
+
+
+def params_dtype(cfg: Config) -> torch.dtype:
+    return torch.bfloat16 if cfg.train.bf16 and not cpu.is_enabled() else torch.float32
+
+
+def attention_overrides(cfg: Config) -> dict:
+    """TransformerConfig fields that pick the attention kernel (see ``sdpa_attention``)."""
+    return {}
+
+
+def build(cfg: Config) -> TrainingObjects:
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    dtype = params_dtype(cfg)
+    gpt = build_model_for_this_rank(
+        cfg.model, dtype, calculate_per_token_loss=True, **attention_overrides(cfg)
+    )
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        use_distributed_optimizer=True,
+        overlap_grad_reduce=False,
+        check_for_nan_in_grad=False,
+    )
+    model = DistributedDataParallel(gpt.config, ddp_config, gpt)
+    gpt.config.finalize_model_grads_func = finalize_model_grads
+    opt = cfg.optimizer
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=opt.lr,
+            min_lr=opt.min_lr,
+            weight_decay=opt.weight_decay,
+            adam_beta1=opt.adam_beta1,
+            adam_beta2=opt.adam_beta2,
+            adam_eps=opt.adam_eps,
+            clip_grad=opt.clip_grad,
+            bf16=dtype == torch.bfloat16,
+            params_dtype=dtype,
+            use_distributed_optimizer=True,
+        ),
+        [model],
+    )
+    scheduler = PretrainScheduler(optimizer, opt, cfg.train.train_iters)
+    return TrainingObjects(model, optimizer, scheduler)

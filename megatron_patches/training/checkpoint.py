@@ -1,0 +1,242 @@
+"""Training checkpoints: Megatron-Core ``torch_dist`` saves that are atomic, resumable, pruned.
+
+A checkpoint is ``<save>/iter_XXXXXXX/``, written by
+``megatron.core.dist_checkpointing.save`` from the model's and the distributed
+optimizer's sharded state dicts plus the scheduler, every rank's RNG streams,
+the iteration, consumed samples and ``model_config``. It is written as
+``iter_XXXXXXX.tmp`` and renamed once every rank has finished; the tracker file
+``latest_checkpointed_iteration.txt`` is replaced last, and only then are
+checkpoints beyond ``keep_last`` deleted. An interrupted save therefore leaves
+a ``.tmp`` directory that nothing reads, never a directory that looks complete.
+
+The on-disk names (tracker file, iteration directories) belong to
+``tools.convert.mcore_io``, the one module that knows the layout.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from megatron_patches.errors import ConfigError
+from megatron_patches.training.model import ModelConfig
+from tools.convert import mcore_io
+
+CHECKPOINT_VERSION = 3.0
+OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+@dataclass
+class TrainState:
+    """What a resume needs besides model and optimizer tensors."""
+
+    iteration: int = 0
+    consumed_samples: int = 0
+    patch_state: dict | None = None
+
+
+def latest_checkpoint(root: str | Path | None) -> Path | None:
+    """The directory the tracker in ``root`` points at, or None when there is none."""
+    if root is None:
+        return None
+    iteration = mcore_io.read_tracker(root)
+    if iteration is None:
+        return None
+    path = Path(root) / mcore_io.iteration_dir_name(iteration)
+    if not path.is_dir():
+        raise ConfigError(f"{mcore_io.TRACKER_NAME} in {root} names {path.name}, which does not exist")
+    return path
+
+
+def check_architecture(path: Path, model: ModelConfig) -> None:
+    """Stop with one line when the checkpoint at ``path`` holds another architecture."""
+    saved = read_model_config(path)
+    if saved is None:
+        raise ConfigError(f"checkpoint {path} has no model_config; cannot check it matches the model")
+    mine = model.to_dict()
+    keys = [k for k in sorted(set(saved) | set(mine)) if k != "transformer_impl"]
+    diffs = [
+        f"{k}: checkpoint {saved.get(k)!r} vs config {mine.get(k)!r}"
+        for k in keys
+        if saved.get(k) != mine.get(k)
+    ]
+    if diffs:
+        raise ConfigError(f"checkpoint {path} is another architecture ({'; '.join(diffs)})")
+
+
+def read_model_config(path: Path) -> dict | None:
+    if mcore_io.is_torch_dist(path):
+        from megatron.core import dist_checkpointing
+
+        return dist_checkpointing.load_common_state_dict(str(path)).get("model_config")
+    return mcore_io.read_checkpoint_metadata(path).get("model_config")
+
+
+def _rng_state() -> dict[str, Any]:
+    from megatron.core import tensor_parallel
+
+    state = {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _restore_rng(state: dict[str, Any]) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _sharded_state(
+    model, optimizer, scheduler, train_state: TrainState, model_cfg: ModelConfig, loading: bool
+):
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    model_sd = model.sharded_state_dict()
+    return {
+        "model": model_sd,
+        "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=loading, metadata=OPTIMIZER_SHARDING),
+        "opt_param_scheduler": scheduler.state_dict(),
+        "rng_state": ShardedObject(
+            "rng_state", None if loading else _rng_state(), (world,), (rank,), replica_id=0
+        ),
+        "iteration": train_state.iteration,
+        "consumed_samples": train_state.consumed_samples,
+        "patch_state": train_state.patch_state or {},
+        "checkpoint_version": CHECKPOINT_VERSION,
+        "model_config": model_cfg.to_dict(),
+    }
+
+
+def save(
+    save_dir: str | Path,
+    model,
+    optimizer,
+    scheduler,
+    train_state: TrainState,
+    model_cfg: ModelConfig,
+    keep_last: int,
+) -> Path:
+    """Write the checkpoint of ``train_state.iteration`` atomically; prune to ``keep_last``."""
+    from megatron.core import dist_checkpointing
+
+    root = Path(save_dir)
+    final = root / mcore_io.iteration_dir_name(train_state.iteration)
+    tmp = final.with_name(final.name + ".tmp")
+    if torch.distributed.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    torch.distributed.barrier()
+    state = _sharded_state(model, optimizer, scheduler, train_state, model_cfg, loading=False)
+    dist_checkpointing.save(state, str(tmp))
+    torch.distributed.barrier()
+    if torch.distributed.get_rank() == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        mcore_io.write_tracker(root, train_state.iteration)
+        _prune(root, keep_last)
+    torch.distributed.barrier()
+    return final
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` complete checkpoints (never the tracked one)."""
+    tracked = mcore_io.read_tracker(root)
+    complete = sorted(
+        (int(p.name.removeprefix("iter_")), p)
+        for p in root.glob("iter_*")
+        if p.is_dir() and p.name[5:].isdigit()
+    )
+    for iteration, path in complete[:-keep_last] if keep_last > 0 else []:
+        if iteration != tracked:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def load(path: Path, model, optimizer, scheduler, model_cfg: ModelConfig) -> TrainState:
+    """Restore model, optimizer, scheduler and RNG from ``path``; return the train state."""
+    from megatron.core import dist_checkpointing
+
+    allocate_adam_state(optimizer)
+    template = _sharded_state(model, optimizer, scheduler, TrainState(), model_cfg, loading=True)
+    state = dist_checkpointing.load(template, str(path))
+    model.load_state_dict(state["model"])
+    steps = saved_adam_steps(optimizer, state["optimizer"])
+    with torch.no_grad():  # fp32 main params are views of the model's leaf parameters
+        optimizer.load_state_dict(state["optimizer"])
+    restore_adam_steps(optimizer, steps)
+    scheduler.load_state_dict(state["opt_param_scheduler"])
+    _restore_rng(state["rng_state"])
+    return TrainState(state["iteration"], state["consumed_samples"], state.get("patch_state") or {})
+
+
+def _torch_adams(optimizer):
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(inner.optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            yield inner
+
+
+def allocate_adam_state(optimizer) -> None:
+    """Create ``torch.optim.AdamW`` state (moments and ``step``) before a load.
+
+    ``DistributedOptimizer.sharded_state_dict(is_loading=True)`` reads
+    ``state_dict()``, which (without apex or TE) asserts that every parameter
+    has one ``step``; a fresh torch optimizer has no state yet. Megatron-Core's
+    own ``init_state_fn`` makes the moments but no ``step``.
+    """
+    for inner in _torch_adams(optimizer):
+        inner.init_state_fn(inner.optimizer, inner.config)
+        for param_state in inner.optimizer.state.values():
+            param_state.setdefault("step", torch.zeros((), dtype=torch.float32))
+
+
+def saved_adam_steps(optimizer, loaded: dict) -> list[float | None]:
+    """The Adam ``step`` each inner optimizer saved (in its ``param_groups``, non-apex path)."""
+    inners = list(getattr(optimizer, "chained_optimizers", [optimizer]))
+    parts = [loaded] if len(inners) == 1 else [loaded[i] for i in range(len(inners))]
+    steps = []
+    for part in parts:
+        found = {g["step"] for g in part["optimizer"]["param_groups"] if "step" in g}
+        steps.append(float(found.pop()) if len(found) == 1 else None)
+    return steps
+
+
+def restore_adam_steps(optimizer, steps: list[float | None]) -> None:
+    """Give every parameter its own, correct Adam ``step`` tensor after a load.
+
+    Without apex or Transformer Engine, ``DistributedOptimizer.load_state_dict``
+    (megatron-core 0.16.1) assigns one shared ``step`` tensor to every
+    parameter, which ``torch.optim.AdamW`` then increments once per parameter
+    per update, and the ``dp_reshardable`` parameter-state load then copies the
+    freshly allocated (zero) ``step`` over it: bias correction restarts and the
+    resumed run diverges from the uninterrupted one.
+    """
+    inners = getattr(optimizer, "chained_optimizers", [optimizer])
+    for inner, step in zip(inners, steps, strict=True):
+        if step is None or not isinstance(inner.optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        for param_state in inner.optimizer.state.values():
+            param_state["step"] = torch.tensor(step, dtype=torch.float32)
+
+
+def load_pretrained(path: str | Path, model, tp_rank: int, pp_rank: int, tp_size: int, pp_size: int) -> None:
+    """Weights only, from a ``tools/convert hf2mcore`` release (legacy torch, same TP/PP)."""
+    state = mcore_io.load_rank_model_state(path, tp_rank, pp_rank, tp_size, pp_size)
+    model.load_state_dict(state, strict=True)

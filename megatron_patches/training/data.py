@@ -1,0 +1,269 @@
+"""Training data: Megatron-Core ``GPTDataset``/``BlendedDataset`` over ``.bin/.idx`` blends, in phases.
+
+A run reads its data in *phases*: the main blend, then optionally an anneal
+blend for the final fraction of iterations, and any sequence-length stages a
+patch adds. Each phase builds its own ``BlendedMegatronDatasetBuilder`` datasets
+(train and valid) for its blend and sequence length. Where a phase reads a
+sample is a pure function of the iteration (:func:`phase_sample_offset`), so
+resuming needs nothing but the iteration number: the consumed-samples count is
+derived and checked, never guessed.
+
+Every sample carries ``dataset_id``, its blend component: ``BlendedDataset``
+returns it, and a single-prefix blend gets 0. The channel-loss patch reads it on
+the last pipeline stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from megatron_patches.errors import ConfigError
+from megatron_patches.training.indexed import check_prefix
+
+DOCUMENT_SUFFIX = "_text_document"
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A span of iterations reading one blend at one sequence length and batch size."""
+
+    name: str
+    start_iteration: int
+    end_iteration: int  # exclusive
+    data_path: tuple  # (w1, prefix1, w2, prefix2, ...); empty for mock data
+    seq_length: int
+    global_batch_size: int
+    micro_batch_size: int
+    rotary_base: float | None = None  # set by a sequence-length stage; None keeps the model's
+    channels: tuple = ()  # channel name of each blend component (dataset_id -> name)
+
+    @property
+    def iterations(self) -> int:
+        return self.end_iteration - self.start_iteration
+
+    @property
+    def tokens_per_iteration(self) -> int:
+        return self.global_batch_size * self.seq_length
+
+
+def parse_blend(data_path: list | tuple) -> tuple[list[str], list[float]]:
+    """Split Megatron's ``[w1, p1, w2, p2, ...]`` (or a bare ``[p]``) into prefixes and weights."""
+    items = list(data_path)
+    if len(items) == 1 and isinstance(items[0], str):
+        return [items[0]], [1.0]
+    if len(items) % 2 or not items:
+        raise ConfigError(f"data_path must be [weight, prefix, weight, prefix, ...], got {items}")
+    weights, prefixes = items[0::2], items[1::2]
+    for weight, prefix in zip(weights, prefixes, strict=True):
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
+            raise ConfigError(f"data_path weight {weight!r} (for {prefix!r}) must be a positive number")
+        if not isinstance(prefix, str):
+            raise ConfigError(f"data_path prefix {prefix!r} must be a path string")
+    return list(prefixes), [float(w) for w in weights]
+
+
+def channel_names(data_path: list | tuple, channels: dict) -> list[str]:
+    """Name of each blend component: from ``channels`` (name -> prefix) or the prefix's basename."""
+    by_prefix = {str(Path(prefix)): name for name, prefix in channels.items()}
+    if not data_path:
+        return ["mock"]
+    names = []
+    for prefix in parse_blend(data_path)[0]:
+        default = Path(prefix).name.removesuffix(DOCUMENT_SUFFIX)
+        names.append(by_prefix.get(str(Path(prefix)), default))
+    return names
+
+
+def plan_phases(
+    train_iters: int,
+    data_path: list,
+    seq_length: int,
+    global_batch_size: int,
+    micro_batch_size: int,
+    anneal_fraction: float = 0.0,
+    anneal_data_path: list = (),
+) -> list[Phase]:
+    """The main phase, and the anneal phase over the last ``anneal_fraction`` of iterations."""
+    base = Phase("main", 0, train_iters, tuple(data_path), seq_length, global_batch_size, micro_batch_size)
+    if anneal_fraction <= 0:
+        return [base]
+    start = train_iters - math.ceil(anneal_fraction * train_iters)
+    return [
+        dataclasses.replace(base, end_iteration=start),
+        dataclasses.replace(base, name="anneal", start_iteration=start, data_path=tuple(anneal_data_path)),
+    ]
+
+
+def phase_at(phases: list[Phase], iteration: int) -> Phase:
+    """The phase that runs iteration ``iteration`` (0-based; the last phase past the end)."""
+    for phase in phases:
+        if iteration < phase.end_iteration:
+            return phase
+    return phases[-1]
+
+
+def samples_before(phases: list[Phase], iteration: int) -> int:
+    """Samples consumed by iterations ``0 .. iteration-1`` (Megatron's consumed_samples)."""
+    total = 0
+    for phase in phases:
+        done = min(max(iteration - phase.start_iteration, 0), phase.iterations)
+        total += done * phase.global_batch_size
+    return total
+
+
+def phase_sample_offset(phases: list[Phase], iteration: int) -> int:
+    """Index, in the dataset of the phase running ``iteration``, of that iteration's first sample.
+
+    A phase continues where earlier phases on the same blend stopped, counted in
+    tokens: a switch from 4K to 32K sequences skips the 4K phase's tokens at the
+    new length instead of starting the blend over.
+    """
+    current = phase_at(phases, iteration)
+    earlier_tokens = sum(
+        p.iterations * p.tokens_per_iteration
+        for p in phases
+        if p.end_iteration <= current.start_iteration and p.data_path == current.data_path
+    )
+    within = (iteration - current.start_iteration) * current.global_batch_size
+    return earlier_tokens // current.seq_length + within
+
+
+def micro_batch_sample_ids(
+    first: int, global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int
+):
+    """Sample ids of each micro-batch this DP rank runs for one iteration.
+
+    As Megatron-LM's ``MegatronPretrainingSampler``: the global batch is cut into
+    rounds of ``micro_batch_size * dp_size`` consecutive samples, and DP rank r
+    takes slice r of each round.
+    """
+    round_size = micro_batch_size * dp_size
+    for start in range(first, first + global_batch_size, round_size):
+        lo = start + dp_rank * micro_batch_size
+        yield list(range(lo, lo + micro_batch_size))
+
+
+def collate(samples: list[dict], sample_ids: list[int]) -> dict[str, torch.Tensor]:
+    keys = ("tokens", "labels", "loss_mask", "position_ids")
+    batch = {key: torch.stack([torch.as_tensor(s[key]) for s in samples]) for key in keys}
+    batch["dataset_id"] = torch.tensor([int(s.get("dataset_id", 0)) for s in samples], dtype=torch.long)
+    batch["sample_id"] = torch.tensor(sample_ids, dtype=torch.long)
+    return batch
+
+
+def micro_batches(dataset, offset: int, phase: Phase, dp_rank: int, dp_size: int) -> Iterator[dict]:
+    """The micro-batches of one iteration for this DP rank, read from sample ``offset`` on."""
+    for ids in micro_batch_sample_ids(
+        offset, phase.global_batch_size, phase.micro_batch_size, dp_rank, dp_size
+    ):
+        yield collate([dataset[i] for i in ids], ids)
+
+
+class DatasetTokenizer:
+    """What ``GPTDataset`` needs of a tokenizer: EOD id, vocab size, no pad id (masks nothing)."""
+
+    def __init__(self, eod: int, vocab_size: int) -> None:
+        self.eod = eod
+        self.vocab_size = vocab_size
+        self.unique_identifiers = {"class": type(self).__name__, "eod": eod, "vocab_size": vocab_size}
+
+    @property
+    def pad(self) -> int:
+        raise AttributeError("no pad token: GPTDataset then uses -1, which never occurs")
+
+
+def build_phase_datasets(
+    phase: Phase,
+    train_samples: int,
+    valid_samples: int,
+    split: str,
+    seed: int,
+    tokenizer: DatasetTokenizer,
+    cache_dir: str,
+    data_cfg,
+) -> tuple:
+    """``(train, valid)`` datasets of ``phase`` via Megatron-Core's ``BlendedMegatronDatasetBuilder``."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+
+    blend = None
+    if phase.data_path:
+        prefixes, weights = parse_blend(phase.data_path)
+        for prefix in prefixes:
+            check_prefix(prefix)
+        blend = (prefixes, weights if len(prefixes) > 1 else None)
+    config = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=phase.seq_length,
+        blend=blend,
+        split=split,
+        path_to_cache=cache_dir,
+        tokenizer=tokenizer,
+        reset_position_ids=data_cfg.reset_position_ids,
+        reset_attention_mask=data_cfg.reset_attention_mask,
+        eod_mask_loss=data_cfg.eod_mask_loss,
+        create_attention_mask=False,
+    )
+    cls = GPTDataset if blend else MockGPTDataset
+    train, valid, _ = BlendedMegatronDatasetBuilder(
+        cls, [train_samples, valid_samples, 0], lambda: True, config
+    ).build()
+    return train, valid
+
+
+class PhaseData:
+    """This rank's view of the run's data: datasets of the current phase, batches by iteration."""
+
+    def __init__(
+        self,
+        phases: list[Phase],
+        data_cfg,
+        tokenizer: DatasetTokenizer,
+        seed: int,
+        cache_dir: str,
+        eval_iters: int,
+        dp_rank: int,
+        dp_size: int,
+    ) -> None:
+        self.phases = phases
+        self.data_cfg = data_cfg
+        self.tokenizer = tokenizer
+        self.seed = seed
+        self.cache_dir = cache_dir
+        self.eval_iters = eval_iters
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.phase: Phase | None = None
+        self.train = self.valid = None
+
+    def enter(self, phase: Phase) -> None:
+        """Build the datasets of ``phase`` (Megatron caches their indices in ``cache_dir``)."""
+        last_offset = phase_sample_offset(self.phases, phase.end_iteration - 1)
+        valid_samples = self.eval_iters * phase.global_batch_size
+        self.train, self.valid = build_phase_datasets(
+            phase,
+            last_offset + phase.global_batch_size,
+            valid_samples,
+            self.data_cfg.split,
+            self.seed,
+            self.tokenizer,
+            self.cache_dir,
+            self.data_cfg,
+        )
+        self.phase = phase
+
+    def train_batches(self, iteration: int) -> list[dict]:
+        offset = phase_sample_offset(self.phases, iteration)
+        return list(micro_batches(self.train, offset, self.phase, self.dp_rank, self.dp_size))
+
+    def valid_batches(self, eval_iteration: int) -> list[dict]:
+        offset = eval_iteration * self.phase.global_batch_size
+        return list(micro_batches(self.valid, offset, self.phase, self.dp_rank, self.dp_size))
+
+    def num_microbatches(self) -> int:
+        return self.phase.global_batch_size // (self.phase.micro_batch_size * self.dp_size)

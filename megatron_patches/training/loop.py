@@ -1,0 +1,270 @@
+"""The training loop: iterate, evaluate, log, checkpoint; patches plug in through ``hooks``.
+
+Every decision that changes what ranks do next (skip an update, save, stop)
+is taken on values all ranks share (the all-reduced loss, the grad norm, a
+broadcast flag), so no rank can enter a collective the others skip.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from megatron_patches.hooks import Hook, Requests, StepReport
+from megatron_patches.training import checkpoint
+from megatron_patches.training.builder import TrainingObjects
+from megatron_patches.training.config import Config
+from megatron_patches.training.data import Phase, PhaseData, phase_at
+from megatron_patches.training.metrics import (
+    MetricsWriter,
+    flops_per_iteration,
+    format_eta,
+    peak_flops_per_gpu,
+)
+from megatron_patches.training.step import forward_backward, global_loss
+
+
+@dataclass
+class TrainContext:
+    """What hooks may read (and the few things they may change) during a run."""
+
+    cfg: Config
+    run_dir: Path
+    objects: TrainingObjects
+    data: PhaseData
+    writer: MetricsWriter
+    state: checkpoint.TrainState
+    phase: Phase | None = None
+    extra: dict = field(default_factory=dict)  # per-patch scratch space, keyed by patch name
+
+
+@dataclass
+class Window:
+    """Sums since the last console/TensorBoard log."""
+
+    loss_sum: float = 0.0
+    tokens: int = 0
+    iterations: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+
+    def add(self, report: StepReport, seconds: float) -> None:
+        if math.isfinite(report.loss):
+            self.loss_sum += report.loss * report.tokens
+            self.tokens += report.tokens
+        self.iterations += 1
+        self.skipped += report.skipped
+        self.seconds += seconds
+
+
+class Trainer:
+    def __init__(self, ctx: TrainContext, hooks: list[Hook], save_dir: Path) -> None:
+        self.ctx = ctx
+        self.hooks = hooks
+        self.save_dir = save_dir
+        self.window = Window()
+        self.last_save_time = time.monotonic()
+        self.last_saved_iteration = ctx.state.iteration
+        self.last_grad_norm: float | None = None
+        self.device = next(ctx.objects.gpt.parameters()).device
+
+    # -- the run ---------------------------------------------------------------------------
+    def run(self) -> int:
+        cfg, ctx = self.ctx.cfg, self.ctx
+        for hook in self.hooks:
+            hook.on_train_start(ctx)
+        while ctx.state.iteration < cfg.train.train_iters:
+            self._enter_phase_if_needed()
+            report, seconds = self._train_iteration()
+            requests = Requests()
+            for hook in self.hooks:
+                hook.after_step(ctx, report, requests)
+            self._after_iteration(report, seconds)
+            if self._checkpoint_due(requests):
+                self.save(requests.save or "interval")
+            if requests.stop:
+                ctx.writer.console(f"stopping after iteration {ctx.state.iteration}: {requests.stop}")
+                return 0
+        if self.last_saved_iteration != ctx.state.iteration:
+            self.save("end of training")
+        return 0
+
+    def _enter_phase_if_needed(self) -> None:
+        phase = phase_at(self.ctx.data.phases, self.ctx.state.iteration)
+        if phase is self.ctx.phase:
+            return
+        self.ctx.data.enter(phase)
+        self.ctx.phase = phase
+        self.ctx.writer.console(
+            f"phase {phase.name!r}: iterations {phase.start_iteration}..{phase.end_iteration - 1}, "
+            f"seq_length {phase.seq_length}, global batch {phase.global_batch_size} sequences"
+        )
+        for hook in self.hooks:
+            hook.on_phase_start(self.ctx, phase)
+
+    def _train_iteration(self) -> tuple[StepReport, float]:
+        ctx, objs = self.ctx, self.ctx.objects
+        start = time.perf_counter()
+        batches = ctx.data.train_batches(ctx.state.iteration)
+        objs.model.zero_grad_buffer()
+        objs.optimizer.zero_grad()
+        loss_sum, tokens = forward_backward(
+            objs.model,
+            batches,
+            ctx.data.num_microbatches(),
+            ctx.phase.seq_length,
+            ctx.phase.micro_batch_size,
+            self.hooks,
+            ctx,
+        )
+        loss, total_tokens = global_loss(loss_sum, tokens, self.device)
+        votes = [hook.skip_update(ctx, loss, None) for hook in self.hooks]  # every hook runs
+        lr = objs.optimizer.param_groups[0]["lr"]
+        grad_norm = None
+        if not any(votes):
+            _, grad_norm, _ = objs.optimizer.step()
+        objs.scheduler.step(increment=1)
+        ctx.state.iteration += 1
+        ctx.state.consumed_samples += ctx.phase.global_batch_size
+        report = StepReport(
+            iteration=ctx.state.iteration,
+            loss=loss,
+            tokens=total_tokens,
+            grad_norm=grad_norm,
+            lr=lr,
+            skipped=any(votes),
+            sample_ids=[int(i) for b in batches for i in b["sample_id"]],
+            dataset_ids=[int(i) for b in batches for i in b["dataset_id"]],
+        )
+        return report, time.perf_counter() - start
+
+    # -- logging ---------------------------------------------------------------------------
+    def _after_iteration(self, report: StepReport, seconds: float) -> None:
+        ctx, cfg = self.ctx, self.ctx.cfg
+        self.window.add(report, seconds)
+        if report.grad_norm is not None:
+            self.last_grad_norm = float(report.grad_norm)
+        ctx.writer.record(
+            {
+                "iteration": report.iteration,
+                "loss": report.loss,
+                "tokens": report.tokens,
+                "lr": report.lr,
+                "grad_norm": report.grad_norm,
+                "skipped": report.skipped,
+                "seconds": round(seconds, 4),
+            }
+        )
+        if report.iteration % cfg.logging.log_interval == 0 or report.iteration == cfg.train.train_iters:
+            self._log_window()
+        interval = cfg.logging.eval_interval
+        if interval and (report.iteration % interval == 0 or report.iteration == cfg.train.train_iters):
+            self.evaluate()
+
+    def _log_window(self) -> None:
+        ctx, cfg, win = self.ctx, self.ctx.cfg, self.window
+        world = torch.distributed.get_world_size()
+        it = ctx.state.iteration
+        tokens_per_iter = ctx.phase.tokens_per_iteration
+        per_iter = win.seconds / max(win.iterations, 1)
+        metrics = {
+            "lm loss": win.loss_sum / win.tokens if win.tokens else float("nan"),
+            "lr": ctx.objects.optimizer.param_groups[0]["lr"],
+            "tokens-per-sec": tokens_per_iter / per_iter,
+            "tokens-per-sec-per-gpu": tokens_per_iter / per_iter / world,
+            "iteration-time": per_iter,
+            "consumed-tokens": float(self._consumed_tokens()),
+        }
+        if self.last_grad_norm is not None:
+            metrics["grad-norm"] = self.last_grad_norm
+        peak = peak_flops_per_gpu()
+        if peak:
+            flops = flops_per_iteration(ctx.cfg.model, ctx.phase.seq_length, ctx.phase.global_batch_size)
+            metrics["mfu"] = flops / per_iter / world / peak
+        for hook in self.hooks:
+            hook.on_log(ctx, metrics)
+        ctx.writer.scalars(metrics, it)
+        eta = format_eta((cfg.train.train_iters - it) * per_iter)
+        ctx.writer.console(
+            f"iteration {it:>7d}/{cfg.train.train_iters} | consumed tokens {self._consumed_tokens():,} | "
+            f"lm loss {metrics['lm loss']:.4f} | lr {metrics['lr']:.3e} | "
+            f"grad norm {metrics.get('grad-norm', float('nan')):.3f} | "
+            f"tokens/s {metrics['tokens-per-sec']:,.0f} ({metrics['tokens-per-sec-per-gpu']:,.0f}/rank)"
+            + (f" | MFU {metrics['mfu']:.1%}" if "mfu" in metrics else "")
+            + (f" | skipped {win.skipped}" if win.skipped else "")
+            + f" | ETA {eta}"
+        )
+        self.window = Window()
+
+    def _consumed_tokens(self) -> int:
+        phases, it = self.ctx.data.phases, self.ctx.state.iteration
+        return sum(min(max(it - p.start_iteration, 0), p.iterations) * p.tokens_per_iteration for p in phases)
+
+    def evaluate(self) -> dict[str, float]:
+        ctx, cfg = self.ctx, self.ctx.cfg
+        ctx.objects.model.eval()
+        loss_sum = tokens = 0.0
+        with torch.no_grad():
+            for k in range(cfg.logging.eval_iters):
+                s, t = forward_backward(
+                    ctx.objects.model,
+                    ctx.data.valid_batches(k),
+                    ctx.data.num_microbatches(),
+                    ctx.phase.seq_length,
+                    ctx.phase.micro_batch_size,
+                    self.hooks,
+                    ctx,
+                    forward_only=True,
+                )
+                loss_sum, tokens = loss_sum + s, tokens + t
+        ctx.objects.model.train()
+        loss, _ = global_loss(loss_sum, tokens, self.device)
+        metrics = {"lm loss validation": loss, "lm loss validation ppl": math.exp(min(loss, 50.0))}
+        for hook in self.hooks:
+            hook.on_eval(ctx, metrics)
+        ctx.writer.scalars(metrics, ctx.state.iteration)
+        ctx.writer.console(f"validation at iteration {ctx.state.iteration} | lm loss {loss:.4f}")
+        return metrics
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def _checkpoint_due(self, requests: Requests) -> bool:
+        cfg, it = self.ctx.cfg.checkpoint, self.ctx.state.iteration
+        if requests.save or requests.stop:
+            return True
+        if cfg.save_interval and it % cfg.save_interval == 0:
+            return True
+        if cfg.save_interval_minutes:
+            elapsed = time.monotonic() - self.last_save_time
+            flag = torch.tensor(
+                [elapsed >= 60 * cfg.save_interval_minutes], dtype=torch.int32, device=self.device
+            )
+            torch.distributed.broadcast(flag, src=0)  # rank 0's clock decides for all
+            return bool(flag.item())
+        return False
+
+    def save(self, reason: str) -> Path | None:
+        ctx = self.ctx
+        if self.last_saved_iteration == ctx.state.iteration:
+            return None  # this iteration is already on disk (e.g. interval and trigger together)
+        ctx.state.patch_state = {hook.name: hook.state_dict() for hook in self.hooks}
+        start = time.perf_counter()
+        objs = ctx.objects
+        path = checkpoint.save(
+            self.save_dir,
+            objs.gpt,
+            objs.optimizer,
+            objs.scheduler,
+            ctx.state,
+            ctx.cfg.model,
+            ctx.cfg.checkpoint.keep_last,
+        )
+        self.last_save_time = time.monotonic()
+        self.last_saved_iteration = ctx.state.iteration
+        ctx.writer.console(f"saved checkpoint {path} ({reason}) in {time.perf_counter() - start:.1f} s")
+        for hook in self.hooks:
+            hook.after_save(ctx, path)
+        return path

@@ -1,0 +1,132 @@
+"""``python -m megatron_patches.training --config CONFIG.yaml [key=value ...]``.
+
+Order matters: the config is parsed and validated (files included, patches
+enabled) on every rank before the process group exists, so a bad config ends
+every rank at once with one line; only then are Megatron-Core's parallel state,
+model, optimizer, checkpoint and data built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+import yaml
+
+from megatron_patches import parallel
+from megatron_patches.training import builder, checkpoint
+from megatron_patches.training.config import Config, load_config
+from megatron_patches.training.data import DatasetTokenizer, PhaseData, samples_before
+from megatron_patches.training.loop import TrainContext, Trainer
+from megatron_patches.training.metrics import MetricsWriter
+from megatron_patches.training.validate import RunPlan, plan_run
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m megatron_patches.training", description=__doc__)
+    parser.add_argument("--config", help="YAML config (launch/configs/*.yaml)")
+    parser.add_argument(
+        "overrides", nargs="*", help="key=value overrides, e.g. train.train_iters=100 lr=3e-4"
+    )
+    parser.add_argument("--dry-run", action="store_true", help="validate and print the plan, build nothing")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    plan = plan_run(cfg, world)
+    if args.dry_run:
+        print(describe(cfg, plan))
+        return 0
+    return train(cfg, plan)
+
+
+def describe(cfg: Config, plan: RunPlan) -> str:
+    lines = [f"layout: {plan.layout.describe()}", f"run dir: {Path(cfg.run_dir).resolve()}"]
+    lines += [
+        f"phase {p.name}: iterations {p.start_iteration}..{p.end_iteration - 1}, seq {p.seq_length}, "
+        f"global batch {p.global_batch_size}, channels {list(p.channels)}"
+        for p in plan.phases
+    ]
+    lines.append(f"resume from: {plan.resume_from or plan.pretrained or 'scratch'}")
+    lines.append(f"force a checkpoint: touch {Path(cfg.run_dir).resolve() / 'save'}")
+    return "\n".join(lines)
+
+
+def train(cfg: Config, plan: RunPlan) -> int:
+    """Build everything on this rank and run; returns the exit code."""
+    rank, world = parallel.init_distributed()
+    run_dir = Path(cfg.run_dir)
+    logging_rank = rank == world - 1  # holds the last pipeline stage, where the loss is
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    torch.distributed.barrier()
+    parallel.initialize(plan.layout, cfg.seed, cfg.model)
+    objects = builder.build(cfg)
+    state = _restore(cfg, plan, objects)
+    writer = MetricsWriter(
+        run_dir, cfg.logging.tensorboard_dir, logging_rank, cfg.logging.wandb_project, cfg.to_dict()
+    )
+    writer.console(describe(cfg, plan).replace("\n", "\n    "))
+    ctx = TrainContext(cfg, run_dir, objects, _phase_data(cfg, plan), writer, state)
+    try:
+        return Trainer(ctx, plan.hooks, plan.save_dir).run()
+    finally:
+        writer.close()
+        _shutdown()
+
+
+def _restore(cfg: Config, plan: RunPlan, objects) -> checkpoint.TrainState:
+    from megatron.core import parallel_state as ps
+
+    if plan.resume_from is not None:
+        state = checkpoint.load(
+            plan.resume_from, objects.gpt, objects.optimizer, objects.scheduler, cfg.model
+        )
+        expected = samples_before(plan.phases, state.iteration)
+        if state.consumed_samples != expected:
+            print(
+                f"warning: checkpoint consumed {state.consumed_samples} samples, the config's phases "
+                f"imply {expected} at iteration {state.iteration}; data continues from the config's position"
+            )
+        for hook in plan.hooks:
+            hook.load_state_dict((state.patch_state or {}).get(hook.name, {}))
+        return state
+    if plan.pretrained is not None:
+        checkpoint.load_pretrained(
+            plan.pretrained.parent,
+            objects.gpt,
+            ps.get_tensor_model_parallel_rank(),
+            ps.get_pipeline_model_parallel_rank(),
+            ps.get_tensor_model_parallel_world_size(),
+            ps.get_pipeline_model_parallel_world_size(),
+        )
+    return checkpoint.TrainState()
+
+
+def _phase_data(cfg: Config, plan: RunPlan) -> PhaseData:
+    from megatron.core import parallel_state as ps
+
+    tokenizer = DatasetTokenizer(plan.eod_id, cfg.model.vocab_size)
+    cache = cfg.data.data_cache_path or str(Path(cfg.run_dir) / "data_cache")
+    return PhaseData(
+        plan.phases,
+        cfg.data,
+        tokenizer,
+        cfg.seed,
+        cache,
+        cfg.logging.eval_iters if cfg.logging.eval_interval else 0,
+        ps.get_data_parallel_rank(),
+        ps.get_data_parallel_world_size(),
+    )
+
+
+def _shutdown() -> None:
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()

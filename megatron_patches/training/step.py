@@ -1,0 +1,106 @@
+"""One training or evaluation iteration through Megatron-Core's pipeline schedules.
+
+``forward_backward`` runs ``get_forward_backward_func()`` (no pipelining, or
+1F1B across PP stages) over one iteration's micro-batches. The loss is
+per token (``calculate_per_token_loss``): each micro-batch returns the sum of
+its token losses and its token count, and ``finalize_model_grads`` divides the
+gradients by the global batch's token count, so the gradient is that of the
+token-weighted mean loss that is logged. The last stage hands each
+micro-batch's per-token losses to the hooks (channel loss).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from functools import partial
+
+import torch
+
+from megatron_patches.compat import require_signature
+
+
+def _check_pinned_api() -> None:
+    from megatron.core.pipeline_parallel import schedules
+
+    require_signature(
+        schedules.forward_backward_no_pipelining,
+        ["forward_step_func", "data_iterator", "model", "num_microbatches", "seq_length", "micro_batch_size"],
+    )
+
+
+_check_pinned_api()
+
+
+def loss_func(hooks, ctx, batch, training: bool, token_losses: torch.Tensor):
+    """Megatron's 3-tuple loss: (sum of token losses, token count, reported [sum, count])."""
+    mask = batch["loss_mask"].to(token_losses.device).float()
+    losses = token_losses.float()
+    loss_sum = (losses * mask).sum()
+    num_tokens = mask.sum().to(torch.int)
+    for hook in hooks:
+        hook.on_micro_batch_loss(ctx, losses.detach(), mask, batch, training)
+    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum()])}
+
+
+def forward_step(hooks, ctx, training: bool, data_iterator, model):
+    """Megatron ``forward_step_func``: every rank reads the batch, each stage uses its part."""
+    batch = next(data_iterator)
+    gpt = _unwrap(model)
+    device = next(gpt.parameters()).device
+    tokens = batch["tokens"].to(device) if gpt.pre_process else None
+    positions = batch["position_ids"].to(device) if gpt.pre_process else None
+    labels = batch["labels"].to(device) if gpt.post_process else None
+    output = model(tokens, positions, None, labels=labels)
+    return output, partial(loss_func, hooks, ctx, batch, training)
+
+
+def _unwrap(model):
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def forward_backward(
+    model,
+    batches: Iterable[dict],
+    num_microbatches: int,
+    seq_length: int,
+    micro_batch_size: int,
+    hooks,
+    ctx,
+    forward_only: bool = False,
+) -> tuple[float, float]:
+    """Run one iteration's micro-batches; return (loss sum, token count) of this DP rank.
+
+    Both are 0 off the last pipeline stage.
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    reports = get_forward_backward_func()(
+        forward_step_func=partial(forward_step, hooks, ctx, not forward_only),
+        data_iterator=iter(batches),
+        model=model,
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
+    if not reports:
+        return 0.0, 0.0
+    total = torch.stack([r["lm loss"] for r in reports]).sum(dim=0)
+    return float(total[0]), float(total[1])
+
+
+def global_loss(loss_sum: float, tokens: float, device) -> tuple[float, int]:
+    """Token-weighted mean loss of the global batch, known to every rank afterwards.
+
+    Only last-stage ranks hold non-zero sums; summing over the whole world counts
+    each DP replica's tokens once per TP rank, so divide by TP.
+    """
+    from megatron.core import parallel_state as ps
+
+    pair = torch.tensor([loss_sum, tokens], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(pair)
+    pair /= ps.get_tensor_model_parallel_world_size()
+    total_tokens = int(round(pair[1].item()))
+    return (pair[0].item() / total_tokens if total_tokens else float("nan")), total_tokens

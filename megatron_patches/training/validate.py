@@ -1,0 +1,175 @@
+"""Whole-config validation, before any rank builds anything.
+
+:func:`plan_run` checks every section against the others and against the
+files it names (data prefixes and their ``.idx`` headers, blend files, the
+checkpoint to resume or start from), enables the patches (which check their
+own options), and returns the resolved plan. Every rank computes the same plan
+from the same inputs, so a bad config stops all ranks with the same one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from megatron_patches.errors import ConfigError
+from megatron_patches.hooks import Hook, build_hooks
+from megatron_patches.parallel import Layout, validate_layout
+from megatron_patches.training import checkpoint
+from megatron_patches.training.config import Config
+from megatron_patches.training.data import Phase, channel_names, parse_blend, plan_phases
+from megatron_patches.training.indexed import check_prefix
+from megatron_patches.training.schedules import validate_schedule
+
+
+@dataclass
+class RunPlan:
+    layout: Layout
+    data_path: list  # prefixes resolved to paths
+    eod_id: int
+    phases: list[Phase]
+    hooks: list[Hook]
+    save_dir: Path
+    resume_from: Path | None
+    pretrained: Path | None
+
+
+def plan_run(cfg: Config, world_size: int) -> RunPlan:
+    layout = Layout(
+        world_size, cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+    )
+    validate_layout(layout, cfg.model)
+    _check_train(cfg, layout)
+    validate_schedule(cfg.optimizer, cfg.train.train_iters)
+    data_path, anneal_path, channels, eod_id = _resolve_data(cfg)
+    phases = plan_phases(
+        cfg.train.train_iters,
+        data_path,
+        cfg.data.seq_length,
+        cfg.train.global_batch_size,
+        cfg.train.micro_batch_size,
+        cfg.data.anneal_fraction,
+        anneal_path,
+    )
+    phases = [dataclasses.replace(p, channels=tuple(channel_names(p.data_path, channels))) for p in phases]
+    hooks = build_hooks(cfg.patches, cfg)
+    for hook in hooks:
+        phases = hook.plan_phases(phases, cfg)
+    for phase in phases:
+        _check_batch(phase.global_batch_size, phase.micro_batch_size, layout, f"phase {phase.name!r}")
+        _check_seq(phase.seq_length, cfg)
+    save_dir = Path(cfg.checkpoint.save or Path(cfg.run_dir) / "checkpoints")
+    resume_from = checkpoint.latest_checkpoint(cfg.checkpoint.load or save_dir)
+    if resume_from is not None:
+        checkpoint.check_architecture(resume_from, cfg.model)
+    pretrained = _check_pretrained(cfg) if resume_from is None else None
+    return RunPlan(layout, data_path, eod_id, phases, hooks, save_dir, resume_from, pretrained)
+
+
+def _check_train(cfg: Config, layout: Layout) -> None:
+    train, log = cfg.train, cfg.logging
+    for name, value in (
+        ("train_iters", train.train_iters),
+        ("micro_batch_size", train.micro_batch_size),
+        ("global_batch_size", train.global_batch_size),
+        ("log_interval", log.log_interval),
+        ("seq_length", cfg.data.seq_length),
+        ("keep_last", cfg.checkpoint.keep_last),
+    ):
+        if value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+    _check_batch(train.global_batch_size, train.micro_batch_size, layout, "train")
+    if log.eval_interval is not None and (log.eval_interval < 1 or log.eval_iters < 1):
+        raise ConfigError(
+            f"eval_interval ({log.eval_interval}) and eval_iters ({log.eval_iters}) must be >= 1"
+        )
+    if not 0 <= cfg.data.anneal_fraction < 1:
+        raise ConfigError(f"data.anneal_fraction must be in [0, 1), got {cfg.data.anneal_fraction}")
+
+
+def _check_batch(global_batch: int, micro_batch: int, layout: Layout, where: str) -> None:
+    per_step = micro_batch * layout.data_parallel_size
+    if global_batch % per_step:
+        raise ConfigError(
+            f"{where}: global_batch_size ({global_batch}) is not divisible by micro_batch_size x DP "
+            f"= {micro_batch} x {layout.data_parallel_size} = {per_step}"
+        )
+
+
+def _check_seq(seq_length: int, cfg: Config) -> None:
+    if seq_length > cfg.model.max_position_embeddings:
+        raise ConfigError(
+            f"seq_length ({seq_length}) exceeds model.max_position_embeddings "
+            f"({cfg.model.max_position_embeddings})"
+        )
+
+
+def _resolve_data(cfg: Config) -> tuple[list, list, dict, int]:
+    """(data_path, anneal_data_path, channel name -> prefix, eod id), prefixes checked on disk."""
+    data = cfg.data
+    data_path, channels, eod_id = list(data.data_path), dict(data.channels), data.eod_id
+    if data.blend:
+        blend = _read_blend(Path(data.blend))
+        data_path = data_path or blend["data_path"]
+        channels = channels or blend.get("channels", {})
+        eod_id = eod_id if eod_id is not None else blend.get("eod_id")
+        vocab = blend.get("vocab_size")
+        if vocab is not None and vocab > cfg.model.vocab_size:
+            raise ConfigError(
+                f"blend {data.blend} needs vocab_size {vocab} but model.vocab_size is {cfg.model.vocab_size}"
+            )
+    if data.mock:
+        return [], [], {}, cfg.model.vocab_size - 1
+    if not data_path:
+        raise ConfigError("no training data: set data.data_path, data.blend, or data.mock=true")
+    if eod_id is None:
+        eod_id = _tokenizer_eod(data.tokenizer)
+    for path in (data_path, data.anneal_data_path):
+        for prefix in parse_blend(path)[0] if path else []:
+            check_prefix(prefix)
+    if data.anneal_fraction > 0 and not data.anneal_data_path:
+        raise ConfigError("data.anneal_fraction > 0 needs data.anneal_data_path")
+    return data_path, list(data.anneal_data_path), channels, eod_id
+
+
+def _read_blend(path: Path) -> dict:
+    """A ``blend.yaml`` from data/preprocess, with prefixes resolved against its directory."""
+    if not path.is_file():
+        raise ConfigError(f"blend file {path} does not exist")
+    blend = yaml.safe_load(path.read_text()) or {}
+    if "data_path" not in blend:
+        raise ConfigError(f"blend file {path} has no data_path")
+    items = list(blend["data_path"])
+    items[1::2] = [str((path.parent / p).resolve()) for p in items[1::2]]
+    blend["data_path"] = items
+    blend["channels"] = {
+        k: str((path.parent / v).resolve()) for k, v in (blend.get("channels") or {}).items()
+    }
+    return blend
+
+
+def _tokenizer_eod(tokenizer_dir: str | None) -> int:
+    if not tokenizer_dir:
+        raise ConfigError("the end-of-document id is unknown: set data.eod_id, data.tokenizer or data.blend")
+    from transformers import AutoTokenizer
+
+    if not Path(tokenizer_dir).is_dir():
+        raise ConfigError(f"tokenizer directory {tokenizer_dir} does not exist")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"tokenizer {tokenizer_dir} has no eos token; set data.eod_id")
+    return int(tokenizer.eos_token_id)
+
+
+def _check_pretrained(cfg: Config) -> Path | None:
+    if not cfg.checkpoint.pretrained_checkpoint:
+        return None
+    root = Path(cfg.checkpoint.pretrained_checkpoint)
+    path = checkpoint.latest_checkpoint(root)
+    if path is None:
+        raise ConfigError(f"pretrained_checkpoint {root} has no latest_checkpointed_iteration.txt")
+    checkpoint.check_architecture(path, cfg.model)
+    return path

@@ -1,0 +1,1 @@
+"""Command-line tools around training: weight conversion, evaluation, inference."""
