@@ -133,6 +133,23 @@ def _patch_megatron_rng() -> None:
     logging.getLogger(mp_random.__name__).addFilter(_FilterForkWarning())
 
 
+def quiet_expected_warnings() -> None:
+    """Without CUDA, hide warnings that describe the design rather than a problem.
+
+    Megatron-Core warns at import that Transformer Engine and apex are missing
+    (optional GPU extras here), and torch that gloo's collective names are
+    deprecated, and fp32 zero_grad touches views. Call before importing Megatron-Core to keep a CPU run's output
+    to what the user needs. A no-op on a GPU machine, where those are news.
+    """
+    if torch.cuda.is_available():
+        return
+    warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* not installed")
+    warnings.filterwarnings("ignore", message=r".*full scope is deprecated")
+    # fp32 (CPU) runs: DistributedOptimizer.zero_grad reads .grad of its shard views.
+    warnings.filterwarnings("ignore", message=r"The .grad attribute of a Tensor that is not a leaf")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+
+
 def is_enabled() -> bool:
     return _ACTIVE_MODE is not None
 
@@ -148,8 +165,7 @@ def enable() -> bool:
         return True
     if torch.cuda.is_available():
         return False
-    # On CPU the absence of TE and apex is the design, not news worth a warning per rank.
-    warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* not installed")
+    quiet_expected_warnings()
     _patch_torch_cuda()
     _patch_megatron_rng()
     _ACTIVE_MODE = CudaToCpuMode()

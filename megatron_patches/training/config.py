@@ -53,6 +53,7 @@ class TrainConfig:
     micro_batch_size: int = 1
     global_batch_size: int = 8
     train_iters: int = 100
+    exit_interval: int | None = None  # save and exit 0 at iterations divisible by this (job time limits)
     bf16: bool = False  # bf16 params with fp32 main grads (GPU); CPU runs fp32
     attention_backend: str = "auto"  # auto | local | sdpa | transformer_engine
 
@@ -186,6 +187,12 @@ def _coerce(value: Any, kind: Any, path: str) -> Any:
         return None
     if float in allowed and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if float in allowed and isinstance(value, str):
+        # YAML 1.1 reads 3e-4 (no dot) as a string; every Megatron user writes it so.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if isinstance(value, tuple(t for t in allowed if t is not type(None))):
         if isinstance(value, bool) and bool not in allowed:
             raise ConfigError(f"config key {path!r} expects {_type_name(kind)}, got {value!r}")

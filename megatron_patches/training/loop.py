@@ -81,6 +81,9 @@ class Trainer:
             self._enter_phase_if_needed()
             report, seconds = self._train_iteration()
             requests = Requests()
+            exit_interval = cfg.train.exit_interval
+            if exit_interval and ctx.state.iteration % exit_interval == 0:
+                requests.stop = f"exit_interval {exit_interval}"
             for hook in self.hooks:
                 hook.after_step(ctx, report, requests)
             self._after_iteration(report, seconds)

@@ -1,0 +1,154 @@
+"""The trainer end to end on gloo ranks: learning, exact resume, one-line errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_patches.errors import ConfigError
+from megatron_patches.training import run
+from tests.dist import run_on_ranks
+from tests.megatron_patches.training.corpus import EOD, write_corpus
+
+REPO = Path(__file__).resolve().parents[3]
+
+TINY_MODEL = [
+    "model.num_layers=4",
+    "model.hidden_size=64",
+    "model.ffn_hidden_size=128",
+    "model.num_attention_heads=4",
+    "model.num_query_groups=2",
+    "model.vocab_size=128",
+    "model.max_position_embeddings=64",
+]
+
+
+def tiny_args(run_dir: Path, data: list, *extra: str) -> list[str]:
+    return [
+        f"run_dir={run_dir}",
+        f"data.data_path={json.dumps(data)}",
+        f"data.eod_id={EOD}",
+        "data.seq_length=32",
+        "data.split=95,5,0",
+        "train.micro_batch_size=2",
+        "train.global_batch_size=8",
+        "optimizer.lr=0.01",
+        "optimizer.min_lr=0.001",
+        "optimizer.lr_warmup_iters=2",
+        "logging.log_interval=5",
+        *TINY_MODEL,
+        *extra,
+    ]
+
+
+def two_channels(root: Path) -> list:
+    zh = write_corpus(root / "data", "zh", 80, 128, seed=1, period=3)
+    en = write_corpus(root / "data", "en", 80, 128, seed=2, period=6)
+    return [1, zh, 1, en]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["iteration"]: r["loss"] for r in map(json.loads, lines)}
+
+
+def _train(args: list[str]) -> int:
+    return run.main(args)
+
+
+@pytest.mark.slow
+def test_dp2_tp2_pp2_learns_and_checkpoints(tmp_path):
+    args = tiny_args(
+        tmp_path / "run",
+        two_channels(tmp_path),
+        "parallel.tensor_model_parallel_size=2",
+        "parallel.pipeline_model_parallel_size=2",
+        "train.train_iters=30",
+        "logging.eval_interval=15",
+        "logging.eval_iters=1",
+    )
+    assert run_on_ranks(_train, 8, args, timeout=600) == [0] * 8
+    curve = losses(tmp_path / "run")
+    assert sorted(curve) == list(range(1, 31))
+    first, last = sum(curve[i] for i in range(1, 6)) / 5, sum(curve[i] for i in range(26, 31)) / 5
+    assert last < first - 1.0, (first, last)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert (checkpoints / "latest_checkpointed_iteration.txt").read_text().strip() == "30"
+    assert (checkpoints / "iter_0000030" / "metadata.json").is_file()
+    assert not list(checkpoints.glob("*.tmp"))
+
+
+def test_interrupted_and_resumed_run_repeats_the_uninterrupted_losses(tmp_path):
+    # Dropout on, so the restored RNG streams matter as much as weights and Adam moments.
+    data = two_channels(tmp_path)
+    common = (
+        "parallel.pipeline_model_parallel_size=2",
+        "train.train_iters=12",
+        "model.hidden_dropout=0.1",
+        "model.attention_dropout=0.1",
+        "checkpoint.save_interval=100",
+    )
+    full = tiny_args(tmp_path / "full", data, *common)
+    assert run_on_ranks(_train, 4, full, timeout=600) == [0] * 4
+    broken = tiny_args(tmp_path / "broken", data, *common, "train.exit_interval=5")
+    assert run_on_ranks(_train, 4, broken, timeout=600) == [0] * 4
+    assert max(losses(tmp_path / "broken")) == 5
+    resumed = tiny_args(tmp_path / "broken", data, *common)
+    assert run_on_ranks(_train, 4, resumed, timeout=600) == [0] * 4
+    expected, got = losses(tmp_path / "full"), losses(tmp_path / "broken")
+    assert [got[i] for i in range(6, 13)] == [expected[i] for i in range(6, 13)]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            ["train.micro_batch_sise=2"],
+            "unknown config key 'train.micro_batch_sise'; did you mean 'micro_batch_size'?",
+        ),
+        (
+            ["data.data_path=[1, /nonexistent/zh_text_document]"],
+            "/nonexistent/zh_text_document.idx does not exist",
+        ),
+        (["train.global_batch_size=7"], "global_batch_size (7) is not divisible by micro_batch_size x DP"),
+        (["patches.nonexistent={}"], "unknown patch 'nonexistent'"),
+    ],
+)
+def test_bad_input_stops_before_training(tmp_path, extra, message):
+    args = tiny_args(tmp_path / "run", two_channels(tmp_path), *extra)
+    with pytest.raises(ConfigError) as err:
+        run.main(args)
+    assert message in str(err.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_corrupt_idx_and_foreign_checkpoint_are_named(tmp_path):
+    data = two_channels(tmp_path)
+    Path(data[3] + ".idx").write_bytes(b"MMIDIDX\x00\x00" + b"\x01" * 5)
+    with pytest.raises(ConfigError, match="en_text_document.idx is not a Megatron index file"):
+        run.main(tiny_args(tmp_path / "run", data))
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path):
+    data = [1, write_corpus(tmp_path / "data", "zh", 40, 128, seed=1)]
+    args = tiny_args(tmp_path / "run", data, "train.train_iters=3")
+    assert run_on_ranks(_train, 1, args, timeout=300) == [0]
+    with pytest.raises(ConfigError) as err:
+        run.main(tiny_args(tmp_path / "run", data, "train.train_iters=6", "model.num_layers=2"))
+    assert "is another architecture (num_layers: checkpoint 4 vs config 2)" in str(err.value)
+
+
+def test_cli_prints_one_error_line_and_exits_2(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatron_patches.training", f"run_dir={tmp_path}", "train.bogus=1"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "megatron_patches.training: error: unknown config key 'train.bogus'"
+    ]
