@@ -137,9 +137,10 @@ def quiet_expected_warnings() -> None:
     """Without CUDA, hide warnings that describe the design rather than a problem.
 
     Megatron-Core warns at import that Transformer Engine and apex are missing
-    (optional GPU extras here), and torch that gloo's collective names are
-    deprecated, and fp32 zero_grad touches views. Call before importing Megatron-Core to keep a CPU run's output
-    to what the user needs. A no-op on a GPU machine, where those are news.
+    (optional GPU extras here), torch that gloo's collective names are
+    deprecated, and fp32 ``zero_grad`` touches shard views. Call before
+    importing Megatron-Core to keep a CPU run's output to what the user needs.
+    A no-op on a GPU machine, where those are news.
     """
     if torch.cuda.is_available():
         return
