@@ -25,7 +25,7 @@ from megatron_patches.training.metrics import (
     format_eta,
     peak_flops_per_gpu,
 )
-from megatron_patches.training.step import forward_backward, global_loss
+from megatron_patches.training.step import forward_backward, global_loss, optimizer_step
 
 
 @dataclass
@@ -125,11 +125,12 @@ class Trainer:
             ctx,
         )
         loss, total_tokens = global_loss(loss_sum, tokens, self.device)
-        votes = [hook.skip_update(ctx, loss, None) for hook in self.hooks]  # every hook runs
         lr = objs.optimizer.param_groups[0]["lr"]
-        grad_norm = None
-        if not any(votes):
-            _, grad_norm, _ = objs.optimizer.step()
+
+        def veto(grad_norm: float) -> bool:
+            return any([hook.skip_update(ctx, loss, grad_norm) for hook in self.hooks])  # all hooks run
+
+        updated, grad_norm = optimizer_step(objs.optimizer, loss, veto)
         objs.scheduler.step(increment=1)
         ctx.state.iteration += 1
         ctx.state.consumed_samples += ctx.phase.global_batch_size
@@ -139,7 +140,7 @@ class Trainer:
             tokens=total_tokens,
             grad_norm=grad_norm,
             lr=lr,
-            skipped=any(votes),
+            skipped=not updated,
             sample_ids=[int(i) for b in batches for i in b["sample_id"]],
             dataset_ids=[int(i) for b in batches for i in b["dataset_id"]],
         )

@@ -11,6 +11,7 @@ micro-batch's per-token losses to the hooks (channel loss).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from functools import partial
 
@@ -20,8 +21,13 @@ from megatron_patches.compat import require_signature
 
 
 def _check_pinned_api() -> None:
+    from megatron.core.optimizer import ChainedOptimizer
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
     from megatron.core.pipeline_parallel import schedules
 
+    require_signature(clip_grad_by_total_norm_fp32, ["parameters", "max_norm", "total_norm"])
+    for method in ("prepare_grads", "get_grad_norm", "step_with_ready_grads"):
+        require_signature(getattr(ChainedOptimizer, method), ["self"])
     require_signature(
         schedules.forward_backward_no_pipelining,
         ["forward_step_func", "data_iterator", "model", "num_microbatches", "seq_length", "micro_batch_size"],
@@ -104,3 +110,27 @@ def global_loss(loss_sum: float, tokens: float, device) -> tuple[float, int]:
     pair /= ps.get_tensor_model_parallel_world_size()
     total_tokens = int(round(pair[1].item()))
     return (pair[0].item() / total_tokens if total_tokens else float("nan")), total_tokens
+
+
+def optimizer_step(optimizer, loss: float, veto) -> tuple[bool, float | None]:
+    """``ChainedOptimizer.step`` with a decision point between grad norm and update.
+
+    Megatron-Core's ``step()`` only refuses an update when fp16 loss scaling
+    finds an overflow; with bf16/fp32 a NaN gradient would be applied. Here a
+    non-finite loss or grad norm never updates the weights, and ``veto(grad_norm)``
+    (the hooks' ``skip_update``, run on every rank) may refuse it too. Returns
+    (updated, grad norm).
+    """
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+    if optimizer.prepare_grads():  # fp16 overflow
+        return False, None
+    grad_norm = float(optimizer.get_grad_norm())
+    refused = veto(grad_norm)  # every rank runs every hook, whatever the loss
+    if refused or not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        return False, grad_norm
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        params = inner.get_parameters()
+        if inner.config.clip_grad > 0.0 and params:
+            clip_grad_by_total_norm_fp32(params, max_norm=inner.config.clip_grad, total_norm=grad_norm)
+    return bool(optimizer.step_with_ready_grads()), grad_norm

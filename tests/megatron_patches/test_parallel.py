@@ -27,7 +27,11 @@ def _fixed_batch(seed: int, batch: int = 2) -> torch.Tensor:
 
 def _train_steps(tp: int, pp: int, steps: int) -> list[float]:
     from megatron.core import parallel_state as ps
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -40,6 +44,7 @@ def _train_steps(tp: int, pp: int, steps: int) -> list[float]:
     ddp = DistributedDataParallel(
         model.config, DistributedDataParallelConfig(use_distributed_optimizer=True), model
     )
+    model.config.finalize_model_grads_func = finalize_model_grads  # DP grad reduction, as Megatron-LM
     optimizer = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=3e-3, use_distributed_optimizer=True, clip_grad=1.0), [ddp]
     )
@@ -68,6 +73,11 @@ def _train_steps(tp: int, pp: int, steps: int) -> list[float]:
         assert update_ok and grad_norm is not None and grad_norm > 0
         if ps.is_pipeline_last_stage():
             losses.append(torch.stack([r["lm loss"] for r in reports]).mean().item())
+    # Data-parallel replicas saw different data but must hold identical weights.
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    replicas = [torch.empty_like(flat) for _ in range(ps.get_data_parallel_world_size())]
+    torch.distributed.all_gather(replicas, flat, group=ps.get_data_parallel_group())
+    assert all(torch.equal(replicas[0], r) for r in replicas), "DP replicas diverged"
     return losses
 
 
