@@ -33,11 +33,6 @@ def params_dtype(cfg: Config) -> torch.dtype:
     return torch.bfloat16 if cfg.train.bf16 and not cpu.is_enabled() else torch.float32
 
 
-def attention_overrides(cfg: Config) -> dict:
-    """TransformerConfig fields that pick the attention kernel (see ``sdpa_attention``)."""
-    return {}
-
-
 def build(cfg: Config) -> TrainingObjects:
     from megatron.core.distributed import (
         DistributedDataParallel,
@@ -47,9 +42,7 @@ def build(cfg: Config) -> TrainingObjects:
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     dtype = params_dtype(cfg)
-    gpt = build_model_for_this_rank(
-        cfg.model, dtype, calculate_per_token_loss=True, **attention_overrides(cfg)
-    )
+    gpt = build_model_for_this_rank(cfg.model, dtype, calculate_per_token_loss=True)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         use_distributed_optimizer=True,

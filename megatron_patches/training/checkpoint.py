@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from megatron_patches.errors import ConfigError
-from megatron_patches.training.model import ModelConfig
+from megatron_patches.training.model import RUNTIME_ONLY_FIELDS, ModelConfig
 from tools.convert import mcore_io
 
 CHECKPOINT_VERSION = 3.0
@@ -60,7 +60,7 @@ def check_architecture(path: Path, model: ModelConfig) -> None:
     if saved is None:
         raise ConfigError(f"checkpoint {path} has no model_config; cannot check it matches the model")
     mine = model.to_dict()
-    keys = [k for k in sorted(set(saved) | set(mine)) if k != "transformer_impl"]
+    keys = [k for k in sorted(set(saved) | set(mine)) if k not in RUNTIME_ONLY_FIELDS]
     diffs = [
         f"{k}: checkpoint {saved.get(k)!r} vs config {mine.get(k)!r}"
         for k in keys

@@ -55,7 +55,6 @@ class TrainConfig:
     train_iters: int = 100
     exit_interval: int | None = None  # save and exit 0 at iterations divisible by this (job time limits)
     bf16: bool = False  # bf16 params with fp32 main grads (GPU); CPU runs fp32
-    attention_backend: str = "auto"  # auto | local | sdpa | transformer_engine
 
 
 @dataclass
@@ -85,6 +84,7 @@ class CheckpointConfig:
     save_interval: int | None = None
     save_interval_minutes: float | None = None
     keep_last: int = 3
+    save_at_end: bool = True  # checkpoint after the last iteration (off for benchmarks)
     async_save: bool = False
 
 

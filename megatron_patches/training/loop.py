@@ -92,7 +92,7 @@ class Trainer:
             if requests.stop:
                 ctx.writer.console(f"stopping after iteration {ctx.state.iteration}: {requests.stop}")
                 return 0
-        if self.last_saved_iteration != ctx.state.iteration:
+        if cfg.checkpoint.save_at_end and self.last_saved_iteration != ctx.state.iteration:
             self.save("end of training")
         return 0
 

@@ -18,6 +18,11 @@ from megatron_patches import cpu
 from megatron_patches.errors import ConfigError
 
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
+# Core attention of the local spec: Megatron-Core's DotProductAttention ("unfused"),
+# or torch's fused scaled_dot_product_attention ("sdpa"; "auto" picks it).
+ATTENTION_BACKENDS = ("auto", "sdpa", "unfused")
+# Fields that choose kernels, not weights: a checkpoint loads whatever they are.
+RUNTIME_ONLY_FIELDS = ("transformer_impl", "attention_backend", "hidden_dropout", "attention_dropout")
 
 
 @dataclass
@@ -47,6 +52,7 @@ class ModelConfig:
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     transformer_impl: str = "local"
+    attention_backend: str = "auto"
 
     @property
     def groups(self) -> int:
@@ -86,6 +92,10 @@ class ModelConfig:
             raise ConfigError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
                 f"({self.num_attention_heads}) unless kv_channels is given"
+            )
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(
+                f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}"
             )
         if self.transformer_impl not in TRANSFORMER_IMPLS:
             raise ConfigError(
@@ -152,9 +162,14 @@ def layer_spec(cfg: ModelConfig):
         if not transformer_engine_available():
             raise ConfigError("transformer_impl=transformer_engine but transformer_engine is not installed")
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.qk_layernorm)
-    return gpt_layer_specs.get_gpt_layer_local_spec(
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(
         qk_layernorm=cfg.qk_layernorm, normalization=cfg.normalization
     )
+    if cfg.attention_backend in ("auto", "sdpa"):
+        from megatron_patches.sdpa_attention import SDPAttention
+
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
 
 
 def build_gpt_model(cfg: ModelConfig, config, pre_process: bool, post_process: bool, vp_stage=None):

@@ -1,0 +1,134 @@
+"""Training throughput of the real trainer, per attention backend, measured in one run.
+
+    python bench/train_throughput.py                    # tiny config on CPU, 2 gloo ranks
+    python bench/train_throughput.py --preset 1b        # ~1.1B Llama on the local GPUs (bf16)
+
+Each backend trains the same config for --iters iterations through torchrun;
+the median iteration time after --warmup iterations gives tokens/s, tokens/s
+per rank and, on a GPU, MFU. The ratio column compares every backend to
+Megatron-Core's unfused DotProductAttention measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+PRESETS = {
+    "tiny": ["--config", str(REPO / "launch/configs/tiny.yaml"), "data.mock=true"],
+    # TinyLlama-1.1B shape: 22 layers, 2048 hidden, 32 heads / 4 KV groups, 5632 FFN.
+    "1b": [
+        "--config",
+        str(REPO / "launch/configs/llama2_7b.yaml"),
+        "data.mock=true",
+        "patches={}",
+        "model.num_layers=22",
+        "model.hidden_size=2048",
+        "model.ffn_hidden_size=5632",
+        "model.num_attention_heads=32",
+        "model.num_query_groups=4",
+        "data.seq_length=2048",
+        "train.micro_batch_size=4",
+        "logging.eval_interval=null",
+    ],
+}
+
+
+def run_backend(preset: str, backend: str, iters: int, nproc: int, workdir: Path) -> list[float]:
+    impl = "transformer_engine" if backend == "te" else "local"
+    attention = "auto" if backend == "te" else backend
+    run_dir = workdir / backend
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "-m",
+        "megatron_patches.training",
+        *PRESETS[preset],
+        f"run_dir={run_dir}",
+        f"train.train_iters={iters}",
+        f"model.transformer_impl={impl}",
+        f"model.attention_backend={attention}",
+        f"logging.log_interval={iters}",
+        "checkpoint.save_interval=null",
+        "checkpoint.save_at_end=false",
+        "logging.eval_interval=null",
+        f"train.global_batch_size={global_batch(preset, nproc)}",
+    ]
+    subprocess.run(
+        cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["seconds"] for r in records]
+
+
+def global_batch(preset: str, nproc: int) -> int:
+    return 8 if preset == "tiny" else 4 * nproc * 8
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--iters", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--nproc", type=int, default=None, help="ranks (default: GPUs, or 2 on CPU)")
+    parser.add_argument("--backends", default=None, help="comma list of unfused,sdpa,te")
+    args = parser.parse_args()
+
+    import torch
+
+    from megatron_patches.training.config import load_config
+    from megatron_patches.training.metrics import flops_per_iteration, peak_flops_per_gpu
+    from megatron_patches.training.model import transformer_engine_available
+    from megatron_patches.training.run import parse_args
+
+    gpus = torch.cuda.device_count()
+    nproc = args.nproc or (gpus if gpus else 2)
+    backends = (
+        args.backends.split(",")
+        if args.backends
+        else ["unfused", "sdpa"] + (["te"] if gpus and transformer_engine_available() else [])
+    )
+    parsed = parse_args(
+        PRESETS[args.preset][2:] + [f"train.global_batch_size={global_batch(args.preset, nproc)}"]
+    )
+    cfg = load_config(PRESETS[args.preset][1], parsed.overrides)
+    tokens = cfg.train.global_batch_size * cfg.data.seq_length
+    flops = flops_per_iteration(cfg.model, cfg.data.seq_length, cfg.train.global_batch_size)
+    peak = peak_flops_per_gpu()
+    device = torch.cuda.get_device_name() if gpus else f"CPU ({os.cpu_count()} cores)"
+    print(
+        f"preset {args.preset} on {device}, {nproc} ranks, {tokens} tokens/iteration, "
+        f"median of iterations {args.warmup + 1}..{args.iters}"
+    )
+    header = ("backend", "s/iter", "tokens/s", "tok/s/rank", "MFU", "vs unfused")
+    print("{:10s} {:>9s} {:>11s} {:>11s} {:>6s} {:>10s}".format(*header))
+    baseline = None
+    with tempfile.TemporaryDirectory() as tmp:
+        for backend in backends:
+            seconds = statistics.median(
+                run_backend(args.preset, backend, args.iters, nproc, Path(tmp))[args.warmup :]
+            )
+            baseline = baseline or seconds
+            mfu = f"{flops / seconds / nproc / peak:6.1%}" if peak else "   n/a"
+            print(
+                f"{backend:10s} {seconds:9.4f} {tokens / seconds:11,.0f} {tokens / seconds / nproc:11,.0f} "
+                f"{mfu} {baseline / seconds:9.2f}x"
+            )
+
+
+if __name__ == "__main__":
+    main()

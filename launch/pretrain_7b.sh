@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Pretrain a Llama-2-7B-shaped model with Megatron-Core on a GPU cluster.
+#
+#   DATA_BLEND=/data/tokenized/blend.yaml bash launch/pretrain_7b.sh [key=value ...]
+#
+# Layout and paths from the environment (see launch/_launch.sh for the distributed ones):
+#   TP (default 2), PP (default 1)       tensor / pipeline parallel sizes
+#   DATA_BLEND                           blend.yaml written by `python -m data.preprocess tokenize`
+#   RUN_DIR (default runs/llama2_7b)     checkpoints, TensorBoard, metrics.jsonl, save/stop trigger files
+#   LOAD (optional)                      a `tools/convert hf2mcore` release to continue pretraining from
+# Multi-node: set NNODES/NODE_RANK/MASTER_ADDR on every node, or run under Slurm (srun) where the
+# SLURM_* variables provide them. Any key=value argument overrides launch/configs/llama2_7b.yaml.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+source "$here/_launch.sh"
+
+TP="${TP:-2}"
+PP="${PP:-1}"
+RUN_DIR="${RUN_DIR:-runs/llama2_7b}"
+args=(
+    "parallel.tensor_model_parallel_size=$TP"
+    "parallel.pipeline_model_parallel_size=$PP"
+    "run_dir=$RUN_DIR"
+)
+if [ -n "${DATA_BLEND:-}" ]; then args+=("data.blend=$DATA_BLEND"); else args+=("data.mock=true"); fi
+if [ -n "${LOAD:-}" ]; then args+=("checkpoint.pretrained_checkpoint=$LOAD"); fi
+if ! python3 -c "import transformer_engine" >/dev/null 2>&1; then
+    echo "Transformer Engine not found: using the local spec with SDPA (flash) attention"
+    args+=("model.transformer_impl=local" "model.attention_backend=sdpa")
+fi
+echo "run dir: $RUN_DIR   (touch $RUN_DIR/save: checkpoint now;  touch $RUN_DIR/stop: checkpoint and exit)"
+launch_training "$here/configs/llama2_7b.yaml" "${args[@]}" "$@"
