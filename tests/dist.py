@@ -13,21 +13,16 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
-import socket
 import time
 import traceback
 from collections.abc import Callable
 from typing import Any
 
+from megatron_patches.parallel import free_port
+
 
 class RankFailure(AssertionError):
     """A rank raised, or the run timed out; the message holds the traceback."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _rank_main(rank: int, world_size: int, port: int, fn: Callable, args: tuple, results) -> None:

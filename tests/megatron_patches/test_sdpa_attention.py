@@ -5,18 +5,8 @@ import dataclasses
 import torch
 
 from megatron_patches.parallel import Layout
-from megatron_patches.training.model import ModelConfig
 from tests.dist import run_on_ranks
-
-GQA = ModelConfig(
-    num_layers=2,
-    hidden_size=64,
-    ffn_hidden_size=128,
-    num_attention_heads=4,
-    num_query_groups=2,
-    vocab_size=100,
-    max_position_embeddings=64,
-)
+from tests.megatron_patches.test_parallel import TINY as GQA
 
 
 def _compare(tp: int):
