@@ -1,9 +1,11 @@
 """Build the Megatron-Core training objects of this rank from a validated config.
 
 Model stage (``GPTModel``) -> ``DistributedDataParallel`` -> distributed
-optimizer (``get_megatron_optimizer``, ZeRO-1) -> LR scheduler. On GPU with
-``train.bf16`` the parameters are bf16 with fp32 main grads and main params;
-on CPU everything is fp32.
+optimizer (``get_megatron_optimizer``, ZeRO-1) -> LR scheduler. With
+``train.bf16`` the parameters are bf16 (wrapped in ``Float16Module`` as
+Megatron-LM does) with fp32 main grads and main params in the optimizer;
+otherwise everything is fp32. bf16 works on CPU too (slowly), which lets CI
+exercise the GPU precision path.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_patches import cpu
 from megatron_patches.training.config import Config
 from megatron_patches.training.model import build_model_for_this_rank
 from megatron_patches.training.schedules import PretrainScheduler
@@ -26,11 +27,13 @@ class TrainingObjects:
 
     @property
     def gpt(self):
-        return self.model.module
+        """This rank's ``GPTModel`` stage, inside DDP (and ``Float16Module`` with bf16)."""
+        module = self.model.module
+        return getattr(module, "module", module)
 
 
 def params_dtype(cfg: Config) -> torch.dtype:
-    return torch.bfloat16 if cfg.train.bf16 and not cpu.is_enabled() else torch.float32
+    return torch.bfloat16 if cfg.train.bf16 else torch.float32
 
 
 def build(cfg: Config) -> TrainingObjects:
@@ -40,9 +43,13 @@ def build(cfg: Config) -> TrainingObjects:
         finalize_model_grads,
     )
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.transformer.module import Float16Module
 
     dtype = params_dtype(cfg)
     gpt = build_model_for_this_rank(cfg.model, dtype, calculate_per_token_loss=True)
+    if dtype != torch.float32:
+        # As Megatron-LM: bf16 compute, inputs cast on the first stage, fp32 outputs on the last.
+        gpt = Float16Module(gpt.config, gpt)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         use_distributed_optimizer=True,
