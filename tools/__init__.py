@@ -1,0 +1,1 @@
+"""Command-line tools around the training library: weight conversion, evaluation, inference."""
