@@ -140,6 +140,10 @@ class Entry:
     def merge(self, shards: list[torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
         raise NotImplementedError
 
+    def shard(self, hf: list[torch.Tensor], cfg: ModelConfig, tp: int, rank: int) -> torch.Tensor:
+        """``split(to_mcore(hf))[rank]``; subclasses compute it from only the rows ``rank`` needs."""
+        return self.split(self.to_mcore(hf, cfg), tp, cfg)[rank]
+
 
 class Replicated(Entry):
     """Every TP rank holds the whole tensor (norm weights)."""
@@ -175,7 +179,8 @@ class VocabParallel(Entry):
     """Embedding / output layer: padded to Megatron-LM's vocabulary size, then row split."""
 
     def split(self, full, tp, cfg):
-        return chunks(pad_rows(full, cfg.padded_vocab_size(tp)), tp, 0, self.mcore)
+        rows = cfg.padded_vocab_size(tp) // tp
+        return [pad_rows(full[rank * rows : (rank + 1) * rows], rows) for rank in range(tp)]
 
     def merge(self, shards, cfg):
         full = torch.cat(shards, dim=0)
@@ -194,8 +199,11 @@ class NormHead(VocabParallel):
 class QKV(ColumnParallel):
     """HF ``q_proj``/``k_proj``/``v_proj`` (weights or biases) <-> fused, group-major ``linear_qkv``."""
 
+    def parts(self, hf: list[torch.Tensor], cfg: ModelConfig) -> list[torch.Tensor]:
+        return hf
+
     def to_mcore(self, hf, cfg):
-        return group_qkv(*hf, cfg.num_attention_heads, cfg.groups)
+        return group_qkv(*self.parts(hf, cfg), cfg.num_attention_heads, cfg.groups)
 
     def to_hf(self, full, cfg):
         return list(ungroup_qkv(full, cfg.num_attention_heads, cfg.groups))
@@ -203,15 +211,20 @@ class QKV(ColumnParallel):
     def split(self, full, tp, cfg):
         return split_qkv(full, cfg.num_attention_heads, cfg.groups, tp)
 
+    def shard(self, hf, cfg, tp, rank):
+        if cfg.groups % tp:
+            raise ConfigError(f"num_query_groups ({cfg.groups}) is not divisible by TP ({tp})")
+        mine = [chunks(part, tp, 0, self.mcore)[rank] for part in self.parts(hf, cfg)]
+        return group_qkv(*mine, cfg.num_attention_heads // tp, cfg.groups // tp)
+
 
 class PackedQKV(QKV):
     """One HF tensor holding ``[q; k; v]`` (Baichuan's ``W_pack``)."""
 
-    def to_mcore(self, hf, cfg):
+    def parts(self, hf, cfg):
         q_rows = cfg.num_attention_heads * cfg.head_dim
         kv_rows = cfg.groups * cfg.head_dim
-        q, k, v = hf[0].split([q_rows, kv_rows, kv_rows], dim=0)
-        return super().to_mcore([q, k, v], cfg)
+        return list(hf[0].split([q_rows, kv_rows, kv_rows], dim=0))
 
     def to_hf(self, full, cfg):
         return [torch.cat(super().to_hf(full, cfg))]
@@ -231,6 +244,9 @@ class GatedMLP(Entry):
 
     def merge(self, shards, cfg):
         return merge_gated(shards)
+
+    def shard(self, hf, cfg, tp, rank):
+        return torch.cat([chunks(part, tp, 0, self.mcore)[rank] for part in hf])
 
 
 class ZeroBias(Entry):

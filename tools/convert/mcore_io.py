@@ -17,7 +17,7 @@ state dict, layer numbers local to its stage), ``model_config``
 ``model_config``, ``iteration`` and ``checkpoint_version``.
 
 Public API: :func:`read_tracker`, :func:`write_tracker`, :func:`iteration_dir_name`,
-:func:`iteration_dir`, :func:`rank_dir_name`, :func:`rank_file`,
+:func:`iteration_dir`, :func:`resolve`, :func:`rank_dir_name`, :func:`rank_file`,
 :func:`checkpoint_format`, :func:`save_rank`, :func:`load_rank`,
 :func:`read_model_config`, :func:`load_model_for_rank`, :func:`atomic_output_dir`, :func:`save_torch_dist`,
 :func:`load_torch_dist`.
@@ -88,6 +88,16 @@ def iteration_dir(root: str | Path, iteration: int | str | None = None) -> Path:
     return path
 
 
+def resolve(path: str | Path, iteration: int | str | None = None) -> tuple[Path, Path]:
+    """(root, iteration dir) for a checkpoint root (with a tracker) or for an iteration directory itself."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"Megatron checkpoint directory not found: {path}")
+    if (path / TRACKER_FILE).exists() or iteration is not None:
+        return path, iteration_dir(path, iteration)
+    return path.parent, path
+
+
 def rank_dir_name(tp_rank: int, pp_rank: int, pp_size: int) -> str:
     return f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
 
@@ -143,8 +153,25 @@ def save_rank(
         "iteration": iteration,
         "pipeline_layers": list(pipeline_layers or [model_config.num_layers]),
     }
-    torch.save(state, path)
+    with _without_zip_crc32():
+        torch.save(state, path)
     return path
+
+
+@contextlib.contextmanager
+def _without_zip_crc32() -> Iterator[None]:
+    """Skip torch.save's zip CRC32: torch.load never checks it, and it costs more CPU than the write."""
+    try:
+        from torch.utils.serialization import config
+    except ImportError:  # torch < 2.6 always computes it
+        yield
+        return
+    before = config.save.compute_crc32
+    config.save.compute_crc32 = False
+    try:
+        yield
+    finally:
+        config.save.compute_crc32 = before
 
 
 def load_rank(iter_dir: str | Path, tp_rank: int, pp_rank: int, pp_size: int, mmap: bool = False) -> dict:

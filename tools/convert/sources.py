@@ -23,7 +23,7 @@ from tools.convert.mapping import Entry, ZeroBias
 # Tensors some HF checkpoints carry that no model parameter stands for.
 _IGNORED_HF_SUFFIXES = (".rotary_emb.inv_freq",)
 # Read this much from memory-mapped rank files before dropping the mappings.
-_MCORE_READ_BUDGET = 1 << 30
+_MCORE_READ_BUDGET = 512 << 20
 
 
 def _meta(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -85,6 +85,11 @@ class HFSource:
         entry, hf_names = self._entry(name)
         return entry.to_mcore([self.ckpt.tensor(n) for n in hf_names], self.cfg)
 
+    def shard(self, name: str, tp: int, rank: int) -> torch.Tensor:
+        """One TP rank's piece, computed from the HF rows that rank needs."""
+        entry, hf_names = self._entry(name)
+        return entry.shard([self.ckpt.tensor(n) for n in hf_names], self.cfg, tp, rank)
+
     def release(self) -> None:
         self.ckpt.release()
 
@@ -93,7 +98,7 @@ class McoreSource:
     """Canonical tensors merged from the TP shards of a Megatron checkpoint (legacy or torch_dist)."""
 
     def __init__(self, path: str | Path, iteration: int | str | None = None):
-        self.root, self.iter_dir = resolve_checkpoint(path, iteration)
+        self.root, self.iter_dir = mcore_io.resolve(path, iteration)
         self.format = mcore_io.checkpoint_format(self.iter_dir)
         if self.format == "torch_dist":
             tensors, self.cfg, self.iteration = mcore_io.load_torch_dist(self.iter_dir)
@@ -180,17 +185,10 @@ class McoreSource:
         self._read += sum(s.numel() * s.element_size() for s in shards)
         return self._by_name[name].merge(shards, self.cfg)
 
+    def shard(self, name: str, tp: int, rank: int) -> torch.Tensor:
+        return self._by_name[name].split(self.tensor(name), tp, self.cfg)[rank]
+
     def release(self) -> None:
         if self.format == "torch" and self._read > _MCORE_READ_BUDGET:
             self._stages.clear()
             self._read = 0
-
-
-def resolve_checkpoint(path: str | Path, iteration: int | str | None = None) -> tuple[Path, Path]:
-    """(root, iteration dir) for a checkpoint root (tracker file) or an iteration directory itself."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ConfigError(f"Megatron checkpoint directory not found: {path}")
-    if (path / mcore_io.TRACKER_FILE).exists() or iteration is not None:
-        return path, mcore_io.iteration_dir(path, iteration)
-    return path.parent, path

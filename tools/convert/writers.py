@@ -19,8 +19,12 @@ from tools.convert.progress import Progress
 
 
 def owned(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """A compact copy with its own storage (``torch.save`` would otherwise save a view's whole base)."""
-    out = torch.empty(tensor.shape, dtype=dtype or tensor.dtype)
+    """``tensor`` at ``dtype`` with a storage of its own (``torch.save`` writes a view's whole base)."""
+    dtype = dtype or tensor.dtype
+    exact = tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    if tensor.dtype == dtype and tensor.is_contiguous() and tensor.storage_offset() == 0 and exact:
+        return tensor  # already a fresh tensor (e.g. from a concatenation): no second copy
+    out = torch.empty(tensor.shape, dtype=dtype)
     out.copy_(tensor)
     return out
 
@@ -40,8 +44,7 @@ def rank_tensors(
         # Tied weights on a separate last stage: Megatron-Core keeps a copy there.
         params.append((layout.EMBEDDING, layout.OUTPUT))
     for name, local in params:
-        shard = source.entry(name).split(source.tensor(name), tp, cfg)[tp_rank]
-        yield local, owned(shard, dtype)
+        yield local, owned(source.shard(name, tp, tp_rank), dtype)
         source.release()
 
 
@@ -79,6 +82,7 @@ def write_mcore(
             mcore_io.save_rank(
                 iter_dir, tp_rank, stage, pipeline.size, model, cfg, iteration, list(pipeline.counts)
             )
+            del model  # else it lives on while the next rank's dict is built: two shards in memory
 
 
 def hf_plan(

@@ -8,6 +8,7 @@ import torch
 from megatron_patches.errors import ConfigError
 from megatron_patches.training.model import ModelConfig
 from tools.convert import layout, mapping
+from tools.convert.families import FAMILIES
 
 
 def _rows(*labels: float) -> torch.Tensor:
@@ -107,3 +108,27 @@ def test_te_names_round_trip_and_extra_state_is_dropped():
     assert layout.from_spec(te) == local
     assert layout.from_spec("decoder.layers.0.mlp.linear_fc1._extra_state") is None
     assert layout.to_spec(local, "local") == local
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_shard_fast_path_equals_split_of_the_whole(family):
+    """hf2mcore computes each rank's piece from its own rows; it must equal splitting the whole tensor."""
+    cfg = ModelConfig(num_layers=1, hidden_size=32, ffn_hidden_size=48, num_attention_heads=8, vocab_size=300)
+    cfg.num_query_groups = 8 if family == "baichuan2" else 4
+    cfg.add_qkv_bias = family == "qwen2"
+    cfg.qk_layernorm = family == "qwen3"
+    gen = torch.Generator().manual_seed(0)
+    shapes = layout.canonical_shapes(cfg)
+    for entry, layer in FAMILIES[family].expand(cfg):
+        name, _ = entry.at(layer)
+        if not name:
+            continue
+        hf = [
+            torch.randn(m.shape, generator=gen)
+            for m in entry.to_hf(torch.empty(shapes[name], device="meta"), cfg)
+        ]
+        whole = entry.to_mcore(hf, cfg)
+        for tp in (1, 2, 4):
+            for rank, piece in enumerate(entry.split(whole, tp, cfg)):
+                assert entry.shard(hf, cfg, tp, rank).equal(piece), (name, tp, rank)
+            assert entry.merge(entry.split(whole, tp, cfg), cfg).equal(whole), (name, tp)

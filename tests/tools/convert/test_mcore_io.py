@@ -117,3 +117,17 @@ def test_trained_from_scratch_export_takes_a_tokenizer(tmp_path):
     )
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "out").eos_token == "</s>"
     tiny.assert_same_tensors(tiny.hf_tensors(hf), tiny.hf_tensors(tmp_path / "out"))
+
+
+def test_resolve_accepts_a_root_or_an_iteration_dir(tmp_path):
+    (tmp_path / "ckpt" / "iter_0000020").mkdir(parents=True)
+    (tmp_path / "ckpt" / "iter_0000030").mkdir()
+    mcore_io.write_tracker(tmp_path / "ckpt", 30)
+    assert mcore_io.resolve(tmp_path / "ckpt") == (tmp_path / "ckpt", tmp_path / "ckpt" / "iter_0000030")
+    assert mcore_io.resolve(tmp_path / "ckpt", 20)[1] == tmp_path / "ckpt" / "iter_0000020"
+    assert mcore_io.resolve(tmp_path / "ckpt" / "iter_0000020") == (
+        tmp_path / "ckpt",
+        tmp_path / "ckpt" / "iter_0000020",
+    )
+    with pytest.raises(ConfigError, match="checkpoint iteration directory not found"):
+        mcore_io.resolve(tmp_path / "ckpt", 40)
