@@ -20,7 +20,7 @@ Public API: :func:`read_tracker`, :func:`write_tracker`, :func:`iteration_dir_na
 :func:`iteration_dir`, :func:`resolve`, :func:`rank_dir_name`, :func:`rank_file`,
 :func:`checkpoint_format`, :func:`save_rank`, :func:`load_rank`,
 :func:`read_model_config`, :func:`load_model_for_rank`, :func:`atomic_output_dir`, :func:`save_torch_dist`,
-:func:`load_torch_dist`.
+:func:`load_torch_dist`, :func:`stop_dist_checkpoint_workers`.
 """
 
 from __future__ import annotations
@@ -318,6 +318,23 @@ def save_torch_dist(
             "checkpoint_version": CHECKPOINT_VERSION,
         }
         dist_checkpointing.save(state, str(iter_dir))
+        stop_dist_checkpoint_workers()
+
+
+def stop_dist_checkpoint_workers() -> None:
+    """Stop the Manager process Megatron-Core's torch_dist writer keeps for its results queue.
+
+    ``dist_checkpointing.save`` spawns it once per process and relies on a
+    normal interpreter exit to stop it; a process that is killed instead
+    orphans it, still holding the parent's stdout. One-off savers call this.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    queue = getattr(filesystem_async, "_results_queue", None)
+    manager = getattr(queue, "_manager", None)
+    if manager is not None:
+        manager.shutdown()
+        filesystem_async._results_queue = None
 
 
 def load_torch_dist(iter_dir: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig, int | str]:

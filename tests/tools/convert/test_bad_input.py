@@ -99,6 +99,9 @@ def test_unsupported_architecture_and_impossible_layouts(llama, tmp_path):
     rope = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
     (hf / "config.json").write_text(json.dumps({**config, "rope_parameters": rope}))
     _fails("rope scaling type 'yarn' is not supported", commands.hf2mcore, hf, tmp_path / "out")
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0, "rope_theta": 5e5}
+    (hf / "config.json").write_text(json.dumps({**config, "rope_parameters": llama3}))
+    _fails("Megatron-Core 0.16.1 hard-codes low_freq_factor=1", commands.hf2mcore, hf, tmp_path / "out")
     _nothing_written(tmp_path)
 
 

@@ -68,6 +68,7 @@ def _save_torch_dist(model, cfg, root: str) -> None:
         "checkpoint_version": 3.0,
     }
     dist_checkpointing.save(state, str(iter_dir))
+    mcore_io.stop_dist_checkpoint_workers()  # the harness may kill this rank before a normal exit
     if torch.distributed.get_rank() == 0:
         mcore_io.write_tracker(root, 7)
 

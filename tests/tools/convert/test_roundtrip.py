@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import transformers
@@ -156,3 +158,21 @@ def test_hf2hf_qwen2_as_llama_and_back(hf_dirs, tmp_path):
     commands.hf2hf(tmp_path / "llama", tmp_path / "qwen2", to="qwen2", quiet=True)
     tiny.assert_same_tensors(tiny.hf_tensors(source), tiny.hf_tensors(tmp_path / "qwen2"))
     torch.testing.assert_close(_logits(tmp_path / "qwen2", transformers.Qwen2ForCausalLM, tokens), reference)
+
+
+def test_pre_transformers_5_config_style_reads_the_same(hf_dirs, tmp_path):
+    """Older config.json files keep rope_theta / rope_scaling at the top level."""
+    hf = tmp_path / "v4"
+    hf.mkdir()
+    for path in hf_dirs["llama31"].iterdir():
+        (hf / path.name).write_bytes(path.read_bytes())
+    config = json.loads((hf / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    config |= {"rope_theta": rope.pop("rope_theta"), "rope_scaling": rope, "torch_dtype": config.pop("dtype")}
+    (hf / "config.json").write_text(json.dumps(config))
+    commands.hf2mcore(hf, tmp_path / "mcore", tp=2, quiet=True)
+    cfg = mcore_io.read_model_config(tmp_path / "mcore")
+    assert (cfg.rotary_base, cfg.use_rope_scaling, cfg.rope_scaling_factor) == (500000.0, True, 8.0)
+    commands.mcore2hf(tmp_path / "mcore", tmp_path / "hf", quiet=True)
+    assert _config_dict(tmp_path / "hf") == _config_dict(hf_dirs["llama31"])
+    tiny.assert_same_tensors(tiny.hf_tensors(hf), tiny.hf_tensors(tmp_path / "hf"))
