@@ -130,9 +130,6 @@ class Pipeline:
             layer -= count
         raise ConfigError(f"layer {layer + sum(self.counts)} is beyond the {sum(self.counts)} layers")
 
-    def is_even(self) -> bool:
-        return len(set(self.counts)) == 1
-
 
 def plan_layout(cfg: ModelConfig, tp: int, pp: int, first: int | None = None, last: int | None = None):
     """Validate a TP/PP layout for ``cfg`` (before anything is written) and return its pipeline."""

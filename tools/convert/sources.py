@@ -70,9 +70,6 @@ class HFSource:
                 f"{len(unknown)} tensors the {self.family.name} mapping does not know, e.g. {unknown[0]}"
             )
 
-    def entry(self, name: str) -> Entry:
-        return self._by_name[name][0]
-
     def _entry(self, name: str) -> tuple[Entry, tuple[str, ...]]:
         entry, layer = self._by_name[name]
         return entry, entry.at(layer)[1]
@@ -142,9 +139,6 @@ class McoreSource:
 
     def names(self) -> list[str]:
         return list(self._by_name)
-
-    def entry(self, name: str) -> Entry:
-        return self._by_name[name]
 
     def check(self) -> None:
         """Every rank holds exactly the shards the config implies, with the implied shapes."""
