@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import time
 import traceback
@@ -41,7 +42,9 @@ def _rank_main(rank: int, world_size: int, port: int, fn: Callable, args: tuple,
         torch.set_num_threads(1)
         cpu.enable()
         torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
-        value = fn(*args)
+        # Plain pickle: the queue's own pickler would share tensor storage through
+        # file descriptors that die with this process, which may exit first.
+        value = pickle.dumps(fn(*args))
         results.put((rank, True, value))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         results.put((rank, False, traceback.format_exc()))
@@ -70,13 +73,25 @@ def run_on_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 300
     ]
     for proc in procs:
         proc.start()
+    finished = False
     try:
-        return _collect(procs, results, world_size, time.monotonic() + timeout, timeout)
+        values = _collect(procs, results, world_size, time.monotonic() + timeout, timeout)
+        finished = True
+        return values
     finally:
-        for proc in procs:
-            if proc.is_alive():
-                proc.kill()
-            proc.join(timeout=10)
+        _stop(procs, grace=60 if finished else 0)
+
+
+def _stop(procs, grace: float) -> None:
+    """Let ranks exit normally (they own worker processes, e.g. dist_checkpointing's
+    writer manager, that only a normal exit shuts down); kill what is left."""
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        proc.join(timeout=max(deadline - time.monotonic(), 0))
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
+        proc.join(timeout=10)
 
 
 def _collect(procs, results, world_size: int, deadline: float, timeout: float) -> list[Any]:
@@ -93,7 +108,7 @@ def _collect(procs, results, world_size: int, deadline: float, timeout: float) -
             continue
         if not ok:
             raise RankFailure(f"rank {rank} of {world_size} failed:\n{value}")
-        values[rank] = value
+        values[rank] = pickle.loads(value)
     return [values[rank] for rank in range(world_size)]
 
 

@@ -1,1 +1,1 @@
-"""Command-line tools around training: weight conversion, evaluation, inference."""
+"""Command-line tools around the training library: weight conversion, evaluation, inference."""

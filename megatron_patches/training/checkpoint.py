@@ -15,6 +15,7 @@ The on-disk names (tracker file, iteration directories) belong to
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import shutil
 from dataclasses import dataclass
@@ -42,23 +43,15 @@ class TrainState:
 
 
 def latest_checkpoint(root: str | Path | None) -> Path | None:
-    """The directory the tracker in ``root`` points at, or None when there is none."""
-    if root is None:
+    """The directory the tracker in ``root`` points at, or None when ``root`` has no tracker."""
+    if root is None or not (Path(root) / mcore_io.TRACKER_FILE).is_file():
         return None
-    iteration = mcore_io.read_tracker(root)
-    if iteration is None:
-        return None
-    path = Path(root) / mcore_io.iteration_dir_name(iteration)
-    if not path.is_dir():
-        raise ConfigError(f"{mcore_io.TRACKER_NAME} in {root} names {path.name}, which does not exist")
-    return path
+    return mcore_io.iteration_dir(root)
 
 
 def check_architecture(path: Path, model: ModelConfig) -> None:
     """Stop with one line when the checkpoint at ``path`` holds another architecture."""
-    saved = read_model_config(path)
-    if saved is None:
-        raise ConfigError(f"checkpoint {path} has no model_config; cannot check it matches the model")
+    saved = mcore_io.read_model_config(path.parent, _iteration_of(path)).to_dict()
     mine = model.to_dict()
     keys = [k for k in sorted(set(saved) | set(mine)) if k not in RUNTIME_ONLY_FIELDS]
     diffs = [
@@ -70,12 +63,16 @@ def check_architecture(path: Path, model: ModelConfig) -> None:
         raise ConfigError(f"checkpoint {path} is another architecture ({'; '.join(diffs)})")
 
 
-def read_model_config(path: Path) -> dict | None:
-    if mcore_io.is_torch_dist(path):
-        from megatron.core import dist_checkpointing
+def model_config_from(path: Path, current: ModelConfig) -> ModelConfig:
+    """The checkpoint's architecture, keeping ``current``'s runtime-only choices (kernels, dropout)."""
+    saved = mcore_io.read_model_config(path.parent, _iteration_of(path))
+    runtime = {name: getattr(current, name) for name in RUNTIME_ONLY_FIELDS}
+    return dataclasses.replace(saved, **runtime)
 
-        return dist_checkpointing.load_common_state_dict(str(path)).get("model_config")
-    return mcore_io.read_checkpoint_metadata(path).get("model_config")
+
+def _iteration_of(path: Path) -> int | str:
+    name = path.name
+    return name if name == mcore_io.RELEASE else int(name.removeprefix("iter_"))
 
 
 def _rng_state() -> dict[str, Any]:
@@ -236,7 +233,26 @@ def restore_adam_steps(optimizer, steps: list[float | None]) -> None:
             param_state["step"] = torch.tensor(step, dtype=torch.float32)
 
 
-def load_pretrained(path: str | Path, model, tp_rank: int, pp_rank: int, tp_size: int, pp_size: int) -> None:
-    """Weights only, from a ``tools/convert hf2mcore`` release (legacy torch, same TP/PP)."""
-    state = mcore_io.load_rank_model_state(path, tp_rank, pp_rank, tp_size, pp_size)
+def load_pretrained(path: Path, model, model_cfg: ModelConfig) -> None:
+    """Weights only, from a ``tools/convert hf2mcore`` checkpoint converted at this TP/PP."""
+    from megatron.core import parallel_state as ps
+
+    pp_size = ps.get_pipeline_model_parallel_world_size()
+    if mcore_io.checkpoint_format(path) == "torch":
+        tp_ckpt, pp_ckpt = mcore_io.legacy_layout(path)
+        mine = (ps.get_tensor_model_parallel_world_size(), pp_size)
+        if (tp_ckpt, pp_ckpt) != mine:
+            raise ConfigError(
+                f"{path} was converted for TP={tp_ckpt} PP={pp_ckpt} but this run is "
+                f"TP={mine[0]} PP={mine[1]}; re-shard it with "
+                f"`python -m tools.convert mcore2mcore --tp {mine[0]} --pp {mine[1]}`"
+            )
+    state, _ = mcore_io.load_model_for_rank(
+        path.parent,
+        ps.get_tensor_model_parallel_rank(),
+        ps.get_pipeline_model_parallel_rank(),
+        pp_size,
+        iteration=_iteration_of(path),
+        spec="te" if model_cfg.transformer_impl == "transformer_engine" else "local",
+    )
     model.load_state_dict(state, strict=True)

@@ -81,6 +81,7 @@ class CheckpointConfig:
     save: str | None = None  # default: <run_dir>/checkpoints
     load: str | None = None  # resume from here (default: save, when it has a checkpoint)
     pretrained_checkpoint: str | None = None  # a converter `release` dir: weights only
+    use_checkpoint_args: bool = False  # take the model section from the checkpoint loaded (as Megatron-LM)
     save_interval: int | None = None
     save_interval_minutes: float | None = None
     keep_last: int = 3

@@ -15,14 +15,30 @@ from typing import Any
 import torch
 
 from megatron_patches import cpu
+from megatron_patches.compat import require_signature
 from megatron_patches.errors import ConfigError
 
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
+
+
+def _check_pinned_api() -> None:
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    require_signature(LanguageModule.compute_language_model_loss, ["self", "labels", "logits"])
+
+
+_check_pinned_api()
 # Core attention of the local spec: Megatron-Core's DotProductAttention ("unfused"),
 # or torch's fused scaled_dot_product_attention ("sdpa"; "auto" picks it).
 ATTENTION_BACKENDS = ("auto", "sdpa", "unfused")
 # Fields that choose kernels, not weights: a checkpoint loads whatever they are.
-RUNTIME_ONLY_FIELDS = ("transformer_impl", "attention_backend", "hidden_dropout", "attention_dropout")
+RUNTIME_ONLY_FIELDS = (
+    "transformer_impl",
+    "attention_backend",
+    "hidden_dropout",
+    "attention_dropout",
+    "init_method_std",
+)
 
 
 @dataclass
@@ -193,6 +209,37 @@ def build_gpt_model(cfg: ModelConfig, config, pre_process: bool, post_process: b
     )
 
 
+def mask_vocab_padding(model, vocab_size: int) -> None:
+    """Give the padded vocabulary rows zero probability in the training loss.
+
+    Megatron-Core pads the embedding and output layer to a multiple of
+    ``make_vocab_size_divisible_by * TP`` rows, and
+    ``LanguageModule.compute_language_model_loss`` takes the softmax over all of
+    them, so a converted HF model's loss differs from HF's by the mass of the
+    padding logits, and the padding rows keep being trained towards -inf. Here
+    the padding columns of this TP rank's logits are set to the dtype's minimum
+    before that loss: they get no probability and no gradient, and the loss is
+    the unpadded model's.
+    """
+    from megatron.core import parallel_state as ps
+
+    padded = model.vocab_size
+    if not model.post_process or padded == vocab_size:
+        return
+    per_rank = padded // ps.get_tensor_model_parallel_world_size()
+    first = ps.get_tensor_model_parallel_rank() * per_rank
+    valid = min(max(vocab_size - first, 0), per_rank)
+    if valid == per_rank:
+        return
+    original = model.compute_language_model_loss
+
+    def loss_without_padding(labels, logits):
+        pad = torch.arange(per_rank, device=logits.device) >= valid  # logits: [s, b, vocab / TP]
+        return original(labels, logits.masked_fill(pad, torch.finfo(logits.dtype).min))
+
+    model.compute_language_model_loss = loss_without_padding
+
+
 def build_model_for_this_rank(cfg: ModelConfig, params_dtype: torch.dtype = torch.float32, **overrides):
     """The stage of ``cfg`` this rank owns under the initialized parallel state."""
     from megatron.core import parallel_state as ps
@@ -205,4 +252,5 @@ def build_model_for_this_rank(cfg: ModelConfig, params_dtype: torch.dtype = torc
         **overrides,
     )
     model = build_gpt_model(cfg, config, ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage())
+    mask_vocab_padding(model, cfg.vocab_size)
     return model.to(cpu.device())

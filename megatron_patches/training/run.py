@@ -82,8 +82,6 @@ def train(cfg: Config, plan: RunPlan) -> int:
 
 
 def _restore(cfg: Config, plan: RunPlan, objects) -> checkpoint.TrainState:
-    from megatron.core import parallel_state as ps
-
     if plan.resume_from is not None:
         state = checkpoint.load(
             plan.resume_from, objects.gpt, objects.optimizer, objects.scheduler, cfg.model
@@ -98,14 +96,7 @@ def _restore(cfg: Config, plan: RunPlan, objects) -> checkpoint.TrainState:
             hook.load_state_dict((state.patch_state or {}).get(hook.name, {}))
         return state
     if plan.pretrained is not None:
-        checkpoint.load_pretrained(
-            plan.pretrained.parent,
-            objects.gpt,
-            ps.get_tensor_model_parallel_rank(),
-            ps.get_pipeline_model_parallel_rank(),
-            ps.get_tensor_model_parallel_world_size(),
-            ps.get_pipeline_model_parallel_world_size(),
-        )
+        checkpoint.load_pretrained(plan.pretrained, objects.gpt, cfg.model)
     return checkpoint.TrainState()
 
 

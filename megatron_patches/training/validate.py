@@ -38,6 +38,11 @@ class RunPlan:
 
 
 def plan_run(cfg: Config, world_size: int) -> RunPlan:
+    save_dir = Path(cfg.checkpoint.save or Path(cfg.run_dir) / "checkpoints")
+    resume_from = checkpoint.latest_checkpoint(cfg.checkpoint.load or save_dir)
+    pretrained = _find_pretrained(cfg) if resume_from is None else None
+    if cfg.checkpoint.use_checkpoint_args and (resume_from or pretrained):
+        cfg.model = checkpoint.model_config_from(resume_from or pretrained, cfg.model)
     layout = Layout(
         world_size, cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
     )
@@ -61,11 +66,9 @@ def plan_run(cfg: Config, world_size: int) -> RunPlan:
     for phase in phases:
         _check_batch(phase.global_batch_size, phase.micro_batch_size, layout, f"phase {phase.name!r}")
         _check_seq(phase.seq_length, cfg)
-    save_dir = Path(cfg.checkpoint.save or Path(cfg.run_dir) / "checkpoints")
-    resume_from = checkpoint.latest_checkpoint(cfg.checkpoint.load or save_dir)
-    if resume_from is not None:
-        checkpoint.check_architecture(resume_from, cfg.model)
-    pretrained = _check_pretrained(cfg) if resume_from is None else None
+    for path in (resume_from, pretrained):
+        if path is not None:
+            checkpoint.check_architecture(path, cfg.model)
     return RunPlan(layout, data_path, eod_id, phases, hooks, save_dir, resume_from, pretrained)
 
 
@@ -164,12 +167,11 @@ def _tokenizer_eod(tokenizer_dir: str | None) -> int:
     return int(tokenizer.eos_token_id)
 
 
-def _check_pretrained(cfg: Config) -> Path | None:
+def _find_pretrained(cfg: Config) -> Path | None:
     if not cfg.checkpoint.pretrained_checkpoint:
         return None
     root = Path(cfg.checkpoint.pretrained_checkpoint)
     path = checkpoint.latest_checkpoint(root)
     if path is None:
         raise ConfigError(f"pretrained_checkpoint {root} has no latest_checkpointed_iteration.txt")
-    checkpoint.check_architecture(path, cfg.model)
     return path

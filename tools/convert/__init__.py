@@ -1,0 +1,1 @@
+"""HF <-> Megatron-Core weight conversion for any TP/PP layout (``python -m tools.convert``)."""

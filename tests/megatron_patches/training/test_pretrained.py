@@ -1,0 +1,88 @@
+"""Continued pretraining from a HF model: the trainer's first loss is the HF model's loss."""
+
+import json
+
+import torch
+import transformers
+
+from megatron_patches.training import run
+from tests.dist import run_on_ranks
+from tests.megatron_patches.training.corpus import EOD, write_corpus
+from tests.tools.convert.tiny import save_hf
+from tools.convert import commands
+
+SEQ = 32
+
+
+def _args(run_dir, prefix, mcore_dir) -> list[str]:
+    return [
+        f"run_dir={run_dir}",
+        f"data.data_path=[{prefix}]",
+        f"data.eod_id={EOD}",
+        f"data.seq_length={SEQ}",
+        "data.split=95,5,0",
+        "train.micro_batch_size=2",
+        "train.global_batch_size=8",
+        "train.train_iters=1",
+        "optimizer.lr_warmup_iters=0",
+        "logging.log_interval=1",
+        "parallel.tensor_model_parallel_size=2",
+        "parallel.pipeline_model_parallel_size=2",
+        f"checkpoint.pretrained_checkpoint={mcore_dir}",
+        "checkpoint.use_checkpoint_args=true",
+        "checkpoint.save_at_end=false",
+    ]
+
+
+def _train(args):
+    return run.main(args)
+
+
+def _first_global_batch(args) -> list[dict]:
+    """The micro-batches of iteration 1, built by the trainer's own data code (DP = 1 here)."""
+    from megatron_patches.training.config import load_config
+    from megatron_patches.training.data import DatasetTokenizer, PhaseData
+    from megatron_patches.training.validate import plan_run
+
+    cfg = load_config(None, args)
+    plan = plan_run(cfg, world_size=4)
+    data = PhaseData(
+        plan.phases,
+        cfg.data,
+        DatasetTokenizer(plan.eod_id, cfg.model.vocab_size),
+        cfg.seed,
+        f"{cfg.run_dir}/data_cache",
+        0,
+        dp_rank=0,
+        dp_size=1,
+    )
+    data.enter(plan.phases[0])
+    return data.train_batches(0)
+
+
+def test_first_iteration_loss_equals_hf_loss_on_the_same_batch(tmp_path):
+    hf_dir = save_hf("llama_gqa", tmp_path / "hf", seed=3)  # GQA, untied, vocab 100
+    commands.hf2mcore(str(hf_dir), str(tmp_path / "mcore"), tp=2, pp=2, quiet=True)
+    prefix = write_corpus(tmp_path / "data", "en", 60, 100, seed=5)
+    args = _args(tmp_path / "run", prefix, tmp_path / "mcore")
+
+    assert run_on_ranks(_train, 4, args, timeout=600) == [0] * 4
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+
+    [batches] = run_on_ranks(_first_global_batch, 1, args)
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager").eval()
+    loss_sum = tokens = 0.0
+    with torch.no_grad():
+        for batch in batches:
+            logits = model(batch["tokens"]).logits.float()
+            token_losses = torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1), batch["labels"].flatten(), reduction="none"
+            )
+            mask = batch["loss_mask"].flatten().float()
+            loss_sum += float((token_losses * mask).sum())
+            tokens += float(mask.sum())
+    assert first["iteration"] == 1 and first["tokens"] == tokens == 8 * SEQ
+    assert abs(first["loss"] - loss_sum / tokens) < 1e-5 * max(1.0, loss_sum / tokens), (
+        first,
+        loss_sum / tokens,
+    )

@@ -1,0 +1,217 @@
+"""The four conversions. Each validates everything first, then writes into a temporary directory
+that is renamed to the output only when complete. Each returns its one-line summary.
+
+They are plain functions (``hf2mcore(hf, out, tp=4, pp=2)``) so tests and
+scripts call them without the CLI; keyword names are the CLI's flags.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from megatron_patches.errors import ConfigError
+from megatron_patches.training.model import ModelConfig
+from tools.convert import layout, mcore_io
+from tools.convert.families import Family, default_family, family_named, family_of
+from tools.convert.hf_io import copy_side_files, read_json
+from tools.convert.progress import Progress
+from tools.convert.sources import HFSource, McoreSource
+from tools.convert.writers import model_dtype, rank_count, write_hf, write_mcore
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DEFAULT_SHARD_BYTES = 5 << 30
+# Fields an --hf-config template must agree on with the checkpoint's model_config.
+_SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "groups", "head_dim")
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    if name is not None and name not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES.get(name)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One command's output directory and how it reports."""
+
+    command: str
+    out: Path
+    force: bool = False
+    quiet: bool = False
+
+
+@dataclass(frozen=True)
+class MegatronTarget:
+    """The Megatron checkpoint to write: layout, format, key names, dtype."""
+
+    tp: int = 1
+    pp: int = 1
+    fmt: str = "torch"
+    spec: str = "local"
+    dtype: str | None = None
+    first: int | None = None  # uneven PP: layers of the first / last stage
+    last: int | None = None
+
+    def pipeline(self, cfg: ModelConfig) -> layout.Pipeline:
+        """Validate everything about the target for ``cfg``; nothing is written before this."""
+        if self.fmt not in mcore_io.FORMATS:
+            raise ConfigError(f"--format must be one of {mcore_io.FORMATS}, got {self.fmt!r}")
+        if self.spec not in layout.SPECS:
+            raise ConfigError(f"--spec must be one of {layout.SPECS}, got {self.spec!r}")
+        if self.fmt == "torch_dist" and self.spec != "local":
+            raise ConfigError(
+                "--spec applies to --format torch; torch_dist checkpoints load into either spec"
+            )
+        parse_dtype(self.dtype)
+        return layout.plan_layout(cfg, self.tp, self.pp, self.first, self.last)
+
+
+def _to_mcore(source, side_dir: Path, run: Run, target: MegatronTarget) -> str:
+    pipeline = target.pipeline(source.cfg)
+    source.check()
+    iteration = getattr(source, "iteration", 0)  # a re-shard keeps the number; "release" reads as 0
+    iteration = iteration if isinstance(iteration, int) else 0
+    total = len(source.names()) if target.fmt == "torch_dist" else rank_count(source, target.tp, pipeline)
+    progress = Progress(run.command, total, run.quiet)
+    with mcore_io.atomic_output_dir(run.out, run.force) as tmp:
+        copy_side_files(side_dir, tmp, skip=(mcore_io.TRACKER_FILE,))
+        dtype = parse_dtype(target.dtype)
+        iter_dir = tmp / mcore_io.RELEASE
+        write_mcore(
+            source, iter_dir, target.tp, pipeline, progress, target.fmt, target.spec, dtype, iteration
+        )
+        mcore_io.write_tracker(tmp, mcore_io.RELEASE)
+    return progress.summary()
+
+
+def hf2mcore(hf, out, *, force: bool = False, quiet: bool = False, **target) -> str:
+    """HF directory -> Megatron ``release`` checkpoint; ``target`` holds :class:`MegatronTarget` fields."""
+    source = HFSource(hf)
+    return _to_mcore(
+        source, source.ckpt.dir, Run("hf2mcore", Path(out), force, quiet), MegatronTarget(**target)
+    )
+
+
+def mcore2mcore(mcore, out, *, iteration=None, force: bool = False, quiet: bool = False, **target) -> str:
+    """Re-shard a Megatron checkpoint (legacy or torch_dist) to a ``release`` at a new layout."""
+    source = McoreSource(mcore, iteration)
+    return _to_mcore(
+        source, source.root, Run("mcore2mcore", Path(out), force, quiet), MegatronTarget(**target)
+    )
+
+
+def _export(
+    source, family: Family, config: dict, side_dirs: list, run: Run, dtype, max_shard_bytes: int
+) -> str:
+    family.expand(source.cfg)  # fails here, before writing, if the family cannot hold the model
+    progress = Progress(run.command, 0, run.quiet)
+    with mcore_io.atomic_output_dir(run.out, run.force) as tmp:
+        for side_dir in side_dirs:
+            copy_side_files(side_dir, tmp, skip=("config.json", mcore_io.TRACKER_FILE))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        write_hf(source, family, tmp, progress, dtype, max_shard_bytes)
+    return progress.summary()
+
+
+def tokenizer_ids(directory: str) -> dict:
+    """bos/eos/pad ids and size of an HF tokenizer directory, for a config derived from model_config."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot load the tokenizer in {directory}: {str(err).splitlines()[0]}") from None
+    ids = {
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+    }
+    return {key: value for key, value in ids.items() if value is not None} | {"tokenizer_size": len(tok)}
+
+
+def _base_config(source: McoreSource, hf_config: str | None, tokenizer: str | None) -> dict:
+    """The config.json template: --hf-config's, the checkpoint's side file, or ids from --tokenizer."""
+    if hf_config:
+        return read_json(Path(hf_config) / "config.json", "--hf-config config.json")
+    if (source.root / "config.json").is_file():
+        return read_json(source.root / "config.json", "config.json")
+    base = tokenizer_ids(tokenizer) if tokenizer else {}
+    size = base.pop("tokenizer_size", 0)
+    if size > source.cfg.vocab_size:
+        raise ConfigError(
+            f"tokenizer has {size} tokens but the model's vocab_size is {source.cfg.vocab_size}"
+        )
+    return base
+
+
+def _check_template(base: dict, family: Family, cfg: ModelConfig) -> None:
+    """A config.json template of the same family must describe the same shapes as the weights."""
+    if "architectures" not in base or family_of(base) is not family:
+        return
+    template = family.read_config(base)
+    for name in (*_SHAPE_FIELDS, "vocab_size"):
+        if getattr(template, name) != getattr(cfg, name):
+            raise ConfigError(
+                f"config.json template has {name}={getattr(template, name)} "
+                f"but the checkpoint has {getattr(cfg, name)}"
+            )
+
+
+def mcore2hf(
+    mcore,
+    out,
+    *,
+    iteration=None,
+    hf_config: str | None = None,
+    tokenizer: str | None = None,
+    family: str | None = None,
+    dtype: str | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    force: bool = False,
+    quiet: bool = False,
+) -> str:
+    """Megatron checkpoint (legacy or torch_dist) -> complete HF directory."""
+    source = McoreSource(mcore, iteration)
+    source.check()
+    base = _base_config(source, hf_config, tokenizer)
+    if family:
+        chosen = family_named(family)
+    else:
+        chosen = family_of(base) if "architectures" in base else default_family(source.cfg)
+    _check_template(base, chosen, source.cfg)
+    out_dtype = parse_dtype(dtype)
+    config = chosen.write_config(source.cfg, base, out_dtype or model_dtype(source))
+    side_dirs = [source.root, *(d for d in (hf_config, tokenizer) if d)]
+    return _export(
+        source,
+        chosen,
+        config,
+        side_dirs,
+        Run("mcore2hf", Path(out), force, quiet),
+        out_dtype,
+        max_shard_bytes,
+    )
+
+
+def hf2hf(
+    hf,
+    out,
+    *,
+    to: str,
+    dtype: str | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    force=False,
+    quiet=False,
+) -> str:
+    """One family's HF checkpoint saved as another's (e.g. Qwen2 as LlamaForCausalLM with attention_bias)."""
+    source = HFSource(hf)
+    target = family_named(to)
+    source.check()
+    out_dtype = parse_dtype(dtype)
+    config = target.write_config(source.cfg, source.ckpt.config, out_dtype or model_dtype(source))
+    run = Run("hf2hf", Path(out), force, quiet)
+    return _export(source, target, config, [source.ckpt.dir], run, out_dtype, max_shard_bytes)

@@ -1,0 +1,57 @@
+"""A progress bar over the tensors a conversion writes, and its one-line summary."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.2f} {unit}" if unit != "B" else f"{int(count)} B"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+class Progress:
+    """Counts written tensors and bytes; ``quiet`` hides the bar but keeps the counts."""
+
+    def __init__(self, command: str, total: int, quiet: bool = False):
+        self.command = command
+        self.tensors = 0
+        self.bytes = 0
+        self._start = time.perf_counter()
+        self._bar = tqdm(
+            total=total, desc=command, unit="tensor", file=sys.stderr, disable=quiet, leave=False
+        )
+
+    def expect(self, total: int) -> None:
+        self._bar.total = total
+        self._bar.refresh()
+
+    def shard(self, label: str) -> None:
+        self._bar.set_postfix_str(label, refresh=False)
+
+    def add(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.tensors += 1
+        self.bytes += tensor.numel() * tensor.element_size()
+        self._bar.update(1)
+        return tensor
+
+    def summary(self) -> str:
+        self._bar.close()
+        seconds = time.perf_counter() - self._start
+        return (
+            f"{self.command}: {self.tensors} tensors, {human_bytes(self.bytes)}, {seconds:.1f} s, "
+            f"peak RSS {human_bytes(peak_rss_bytes())}"
+        )

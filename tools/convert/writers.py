@@ -1,0 +1,116 @@
+"""Where canonical tensors go: Megatron rank files, a torch_dist checkpoint, or HF safetensors.
+
+Writers pull one tensor at a time from a source (``sources.py``), copy out
+the piece they keep, and tell the source to release what it read, so memory
+stays near one output shard (legacy format) or one HF tensor (HF format).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from tools.convert import layout, mcore_io
+from tools.convert.families import Family
+from tools.convert.hf_io import ShardedSafetensorsWriter
+from tools.convert.progress import Progress
+
+
+def owned(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``tensor`` at ``dtype`` with a storage of its own (``torch.save`` writes a view's whole base)."""
+    dtype = dtype or tensor.dtype
+    exact = tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    if tensor.dtype == dtype and tensor.is_contiguous() and tensor.storage_offset() == 0 and exact:
+        return tensor  # already a fresh tensor (e.g. from a concatenation): no second copy
+    out = torch.empty(tensor.shape, dtype=dtype)
+    out.copy_(tensor)
+    return out
+
+
+def model_dtype(source) -> torch.dtype:
+    return source.meta(layout.EMBEDDING).dtype
+
+
+def rank_tensors(
+    source, tp: int, tp_rank: int, pipeline: layout.Pipeline, stage: int, dtype: torch.dtype | None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """One rank's parameters (local-spec names, stage-local layer numbers), one at a time."""
+    cfg = source.cfg
+    params = layout.stage_params(source.names(), pipeline, stage)
+    last = stage == pipeline.size - 1
+    if last and pipeline.size > 1 and not cfg.untie_embeddings_and_output_weights:
+        # Tied weights on a separate last stage: Megatron-Core keeps a copy there.
+        params.append((layout.EMBEDDING, layout.OUTPUT))
+    for name, local in params:
+        yield local, owned(source.shard(name, tp, tp_rank), dtype)
+        source.release()
+
+
+def rank_count(source, tp: int, pipeline: layout.Pipeline) -> int:
+    tied_copy = int(pipeline.size > 1 and not source.cfg.untie_embeddings_and_output_weights)
+    return tp * (len(source.names()) + tied_copy)
+
+
+def write_mcore(
+    source,
+    iter_dir: Path,
+    tp: int,
+    pipeline: layout.Pipeline,
+    progress: Progress,
+    fmt: str = "torch",
+    spec: str = "local",
+    dtype: torch.dtype | None = None,
+    iteration: int = 0,
+) -> None:
+    cfg = source.cfg
+    if fmt == "torch_dist":
+        whole = layout.Pipeline((cfg.num_layers,))
+        tensors = ((name, progress.add(t)) for name, t in rank_tensors(source, 1, 0, whole, 0, dtype))
+        mcore_io.save_torch_dist(iter_dir, tensors, cfg, dtype or model_dtype(source), iteration)
+        return
+    for stage in range(pipeline.size):
+        last = stage == pipeline.size - 1
+        for tp_rank in range(tp):
+            progress.shard(mcore_io.rank_dir_name(tp_rank, stage, pipeline.size))
+            model = {
+                layout.to_spec(name, spec): progress.add(tensor)
+                for name, tensor in rank_tensors(source, tp, tp_rank, pipeline, stage, dtype)
+            }
+            model.update(layout.extra_state_keys(cfg, pipeline.counts[stage], last, spec))
+            mcore_io.save_rank(
+                iter_dir, tp_rank, stage, pipeline.size, model, cfg, iteration, list(pipeline.counts)
+            )
+            del model  # else it lives on while the next rank's dict is built: two shards in memory
+
+
+def hf_plan(
+    source, family: Family, dtype: torch.dtype | None
+) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """(HF name, dtype, shape) of every tensor to export, from metadata only."""
+    plan = []
+    fallback = dtype or model_dtype(source)
+    for entry, layer in family.expand(source.cfg):
+        mcore, hf_names = entry.at(layer)
+        metas = entry.to_hf(source.meta(mcore) if mcore else None, source.cfg)
+        for name, meta in zip(hf_names, metas, strict=True):
+            plan.append((name, dtype or (meta.dtype if mcore else fallback), tuple(meta.shape)))
+    return plan
+
+
+def write_hf(
+    source, family: Family, out_dir: Path, progress: Progress, dtype: torch.dtype | None, max_shard_bytes: int
+) -> None:
+    plan = hf_plan(source, family, dtype)
+    progress.expect(len(plan))
+    writer = ShardedSafetensorsWriter(out_dir, plan, max_shard_bytes)
+    dtypes = {name: want for name, want, _ in plan}
+    for entry, layer in family.expand(source.cfg):
+        mcore, hf_names = entry.at(layer)
+        progress.shard(mcore or hf_names[0])
+        tensors = entry.to_hf(source.tensor(mcore) if mcore else None, source.cfg)
+        for name, tensor in zip(hf_names, tensors, strict=True):
+            writer.write(name, progress.add(tensor.to(dtypes[name])))
+        source.release()
+    writer.close()
