@@ -1,7 +1,6 @@
 """The probes patch on the real Megatron-Core model: right numbers at any layout, training untouched."""
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -15,19 +14,19 @@ from megatron_patches.training.config import Config, LoggingConfig
 from megatron_patches.training.model import ModelConfig, build_model_for_this_rank
 from tests.dist import run_on_ranks
 from tests.megatron_patches.training.test_train import _train, losses, tiny_args
+from tests.probe_reference import PROBES_YAML, hand_scores
 from tests.tiny_hf import build_tokenizer, write_token_corpus
 
-PROBES = """
-- {name: paris, prefix: "the capital of france is", target: " paris."}
-- {name: boils_ppl, text: "water boils at one hundred degrees."}
-- {name: beijing_vs_tokyo, prefix: "the capital of china is", better: " beijing.", worse: " tokyo."}
-- {name: capital_zh, prefix: "中国的首都是", target: "北京"}
-"""
 # Vocabulary 512 pads to 512 at TP 1 and TP 2 alike, so one checkpoint loads at both layouts.
 MODEL = dict(
-    num_layers=4, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_query_groups=2,
-    vocab_size=512, max_position_embeddings=64,
-)  # fmt: skip
+    num_layers=4,
+    hidden_size=64,
+    ffn_hidden_size=128,
+    num_attention_heads=4,
+    num_query_groups=2,
+    vocab_size=512,
+    max_position_embeddings=64,
+)
 
 
 def _config() -> Config:
@@ -35,29 +34,10 @@ def _config() -> Config:
 
 
 def _hand_scores(tokenizer_dir: str, model) -> dict[str, float]:
-    """Each probe from the model's own full logits, one sequence at a time, by hand."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-
-    def logprob(prefix: str, continuation: str) -> tuple[float, int]:
-        context = [tok.eos_token_id] + tok.encode(prefix, add_special_tokens=False)
-        scored = tok.encode(continuation, add_special_tokens=False)
-        ids = torch.tensor([context + scored])
-        with torch.no_grad():
-            logits = model(ids[:, :-1], torch.arange(ids.shape[1] - 1)[None], None)
-        logp = torch.log_softmax(logits[0].double(), -1)
-        total = sum(logp[len(context) - 1 + i, t].item() for i, t in enumerate(scored))
-        return total, len(scored)
-
-    ppl_sum, ppl_count = logprob("", "water boils at one hundred degrees.")
-    return {
-        "paris": logprob("the capital of france is", " paris.")[0],
-        "boils_ppl": math.exp(-ppl_sum / ppl_count),
-        "beijing_vs_tokyo": logprob("the capital of china is", " beijing.")[0]
-        - logprob("the capital of china is", " tokyo.")[0],
-        "capital_zh": logprob("中国的首都是", "北京")[0],
-    }
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    return hand_scores(tokenizer, lambda ids: model(ids, torch.arange(ids.shape[1])[None], None))
 
 
 def _score_at_tp1_and_save(options: dict, checkpoint_dir: str) -> tuple[dict, dict]:
@@ -91,7 +71,7 @@ def _score_at(tp: int, pp: int, options: dict, checkpoint_dir: str) -> dict:
 def probe_options(tmp_path_factory):
     root = tmp_path_factory.mktemp("probes")
     build_tokenizer(root / "tok")
-    (root / "probes.yaml").write_text(PROBES)
+    (root / "probes.yaml").write_text(PROBES_YAML)
     return {"file": str(root / "probes.yaml"), "tokenizer": str(root / "tok")}
 
 
