@@ -96,6 +96,7 @@ def run_ppl(args) -> int:
 
     if bool(args.hf) == bool(args.checkpoints):
         raise ConfigError("ppl needs exactly one of --hf DIR or --checkpoints RUN_DIR")
+    _require_positive(args, "seq_length", "batch_size", "max_tokens")
     channels = ppl.find_channels(args.data)
     options = dict(batch_size=args.batch_size, max_tokens=args.max_tokens, text_key=args.text_key)
     if args.hf:
@@ -128,9 +129,14 @@ def run_ppl(args) -> int:
 
 def _seq_length(args, model) -> int:
     limit = getattr(model.config, "max_position_embeddings", args.seq_length)
-    if args.seq_length < 1:
-        raise ConfigError(f"--seq-length must be >= 1, got {args.seq_length}")
     return min(args.seq_length, limit)
+
+
+def _require_positive(args, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
 
 def _print_skipped(results) -> None:
@@ -163,6 +169,7 @@ def run_bench(args) -> int:
 
     sampling = Sampling(max_new_tokens=args.max_new_tokens, stop="\n")
     check_sampling(sampling)
+    _require_positive(args, "batch_size")
     model, tokenizer = _load(args)
     result = bench.run_bench(
         args.data,

@@ -109,6 +109,8 @@ def run_bench(
     none_text: str = NONE_CORRECT,
 ) -> BenchResult:
     """Rewrite, prompt, generate (``generate(prompts) -> continuations``) and score."""
+    if shots < 0:
+        raise ConfigError(f"--shots must be >= 0, got {shots}")
     result = BenchResult(kind)
     items = prompted_items(path, kind, none_text, result.skipped)
     examples = prompted_items(dev, kind, none_text, []) if dev else items

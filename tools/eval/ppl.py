@@ -160,7 +160,10 @@ def evaluate_channels(
     for channel in channels:
         skipped: list[str] = []
         docs = channel_documents(channel, tokenizer, text_key, skipped)
-        total, count = score_windows(model, windows(docs, seq_length, max_tokens), batch_size, vocab_size)
+        try:
+            total, count = score_windows(model, windows(docs, seq_length, max_tokens), batch_size, vocab_size)
+        except ConfigError as err:
+            raise ConfigError(f"held-out channel {channel.name} ({channel.path}): {err}") from None
         if not count:
             raise ConfigError(f"held-out channel {channel.name} ({channel.path}) has no tokens to score")
         results.append(ChannelResult(channel.name, count, -total / count, tuple(skipped)))

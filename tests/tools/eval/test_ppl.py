@@ -84,6 +84,19 @@ def test_bad_held_out_paths_are_named(tmp_path):
         find_channels([str(tmp_path / "empty")])
 
 
+def test_tokens_outside_the_vocabulary_are_named(tmp_path, tiny):
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    _, model, tokenizer = tiny
+    builder = IndexedDatasetBuilder(str(tmp_path / "other_text_document.bin"), dtype=np.uint16)
+    builder.add_item(torch.tensor([5, 400, 7]))
+    builder.end_document()
+    builder.finalize(str(tmp_path / "other_text_document.idx"))
+    with pytest.raises(ConfigError, match="channel other .*: token id 400 is outside the model's vocabulary"):
+        evaluate_channels(model, tokenizer, find_channels([str(tmp_path / "other_text_document")]), 16)
+
+
 def test_checkpoints_mode_writes_the_trend_of_every_export(tmp_path, tiny):
     _, _, tokenizer = tiny
     held_out = _held_out(tmp_path / "held", tokenizer)
