@@ -75,7 +75,8 @@ def _iteration_of(path: Path) -> int | str:
     return name if name == mcore_io.RELEASE else int(name.removeprefix("iter_"))
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
+    """Every RNG stream of this rank: Python, NumPy, torch CPU/CUDA, Megatron's CUDA-RNG tracker."""
     from megatron.core import tensor_parallel
 
     state = {
@@ -89,7 +90,7 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
-def _restore_rng(state: dict[str, Any]) -> None:
+def restore_rng(state: dict[str, Any]) -> None:
     from megatron.core import tensor_parallel
 
     random.setstate(state["random"])
@@ -112,7 +113,7 @@ def _sharded_state(
         "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=loading, metadata=OPTIMIZER_SHARDING),
         "opt_param_scheduler": scheduler.state_dict(),
         "rng_state": ShardedObject(
-            "rng_state", None if loading else _rng_state(), (world,), (rank,), replica_id=0
+            "rng_state", None if loading else rng_state(), (world,), (rank,), replica_id=0
         ),
         "iteration": train_state.iteration,
         "consumed_samples": train_state.consumed_samples,
@@ -180,7 +181,7 @@ def load(path: Path, model, optimizer, scheduler, model_cfg: ModelConfig) -> Tra
         optimizer.load_state_dict(state["optimizer"])
     restore_adam_steps(optimizer, steps)
     scheduler.load_state_dict(state["opt_param_scheduler"])
-    _restore_rng(state["rng_state"])
+    restore_rng(state["rng_state"])
     return TrainState(state["iteration"], state["consumed_samples"], state.get("patch_state") or {})
 
 

@@ -1,0 +1,138 @@
+"""Per-channel held-out loss on HF exports, and its trend over a run's checkpoints."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_patches.errors import ConfigError
+from tests.tiny_hf import SENTENCES, build_model
+from tests.tools.eval.cli import run_eval
+from tools.eval import trends
+from tools.eval.hf import load_model, load_tokenizer
+from tools.eval.ppl import evaluate_channels, find_channels, windows
+
+DOCS = [" ".join(SENTENCES[i : i + 3]) for i in range(0, len(SENTENCES), 2)]
+
+
+def test_windows_cut_the_document_stream_like_pretraining_samples():
+    docs = iter([[1, 2, 3], [4, 5, 6, 7, 8], [9]])
+    assert list(windows(docs, 3, None)) == [[1, 2, 3, 4], [5, 6, 7, 8]]  # a lone last token predicts nothing
+    docs = iter([[1, 2, 3], [4, 5, 6, 7, 8], [9, 10]])
+    assert list(windows(docs, 3, None)) == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10]]
+    assert list(windows(iter([list(range(20))]), 3, max_tokens=6)) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def _held_out(root: Path, tokenizer) -> Path:
+    """The same documents as a JSONL channel and as a .bin/.idx channel."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "web.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS) + "{broken\n")
+    builder = IndexedDatasetBuilder(str(root / "webtok_text_document.bin"), dtype=np.uint16)
+    for doc in DOCS:
+        ids = tokenizer.encode(doc, add_special_tokens=False) + [tokenizer.eos_token_id]
+        builder.add_item(torch.tensor(ids))
+        builder.end_document()
+    builder.finalize(str(root / "webtok_text_document.idx"))
+    return root
+
+
+def _loss_by_hf(model, tokenizer, seq_length: int) -> tuple[float, int]:
+    """HF's own shifted cross-entropy, one window at a time."""
+    stream = [
+        t for d in DOCS for t in tokenizer.encode(d, add_special_tokens=False) + [tokenizer.eos_token_id]
+    ]
+    total = count = 0
+    for start in range(0, len(stream), seq_length + 1):
+        window = torch.tensor([stream[start : start + seq_length + 1]])
+        if window.shape[1] < 2:
+            continue
+        with torch.no_grad():
+            loss = model(input_ids=window, labels=window).loss.item()
+        total, count = total + loss * (window.shape[1] - 1), count + window.shape[1] - 1
+    return total / count, count
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ppl")
+    path = build_model(root / "llama", seed=1)
+    return path, load_model(path, device="cpu"), load_tokenizer(path)
+
+
+def test_jsonl_and_indexed_channels_give_hf_s_own_loss(tmp_path, tiny):
+    _, model, tokenizer = tiny
+    held_out = _held_out(tmp_path / "held", tokenizer)
+    results = evaluate_channels(model, tokenizer, find_channels([str(held_out)]), seq_length=16, batch_size=3)
+    loss, count = _loss_by_hf(model, tokenizer, 16)
+    assert [r.channel for r in results] == ["web", "webtok"]
+    for result in results:
+        assert result.tokens == count
+        assert result.loss == pytest.approx(loss, abs=1e-5)
+    assert results[0].skipped == (f"{held_out / 'web.jsonl'}:{len(DOCS) + 1}: no string 'text'",)
+
+
+def test_bad_held_out_paths_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="is neither a JSONL file, a directory nor a .bin/.idx prefix"):
+        find_channels([str(tmp_path / "missing")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="has no \\*.jsonl files and no .bin/.idx pairs"):
+        find_channels([str(tmp_path / "empty")])
+
+
+def test_tokens_outside_the_vocabulary_are_named(tmp_path, tiny):
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    _, model, tokenizer = tiny
+    builder = IndexedDatasetBuilder(str(tmp_path / "other_text_document.bin"), dtype=np.uint16)
+    builder.add_item(torch.tensor([5, 400, 7]))
+    builder.end_document()
+    builder.finalize(str(tmp_path / "other_text_document.idx"))
+    with pytest.raises(ConfigError, match="channel other .*: token id 400 is outside the model's vocabulary"):
+        evaluate_channels(model, tokenizer, find_channels([str(tmp_path / "other_text_document")]), 16)
+
+
+def test_checkpoints_mode_writes_the_trend_of_every_export(tmp_path, tiny):
+    _, _, tokenizer = tiny
+    held_out = _held_out(tmp_path / "held", tokenizer)
+    run = tmp_path / "run"
+    for iteration, seed in ((20, 5), (10, 4)):
+        build_model(run / "hf" / f"iter_{iteration:07d}", seed=seed)
+    megatron_only = run / "checkpoints" / "iter_0000030"
+    megatron_only.mkdir(parents=True)
+    (megatron_only / "metadata.json").write_text("{}")
+    proc = run_eval(
+        "ppl", "--checkpoints", str(run), "--data", str(held_out / "web.jsonl"), "--seq-length", "16"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped iteration 30: Megatron checkpoint only (pass --convert to convert it)" in proc.stdout
+    with (run / "eval" / "ppl.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["iteration"], r["channel"]) for r in rows] == [("10", "web"), ("20", "web")]
+    for row in rows:
+        model = load_model(run / "hf" / f"iter_{int(row['iteration']):07d}", device="cpu")
+        loss, count = _loss_by_hf(model, tokenizer, 16)
+        assert (int(row["tokens"]), float(row["loss"])) == (count, pytest.approx(loss, abs=1e-5))
+    assert (run / "eval" / "ppl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_megatron_checkpoints_convert_through_the_adapter(tmp_path, monkeypatch, tiny):
+    template, _, _ = tiny
+    checkpoint = tmp_path / "run" / "checkpoints" / "iter_0000030"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "metadata.json").write_text("{}")
+    # A stand-in converter command: copies a template HF dir to the output path it is given.
+    copy = f"import shutil, sys; shutil.copytree({str(template)!r}, sys.argv[-1])"
+    monkeypatch.setattr(trends, "CONVERT_COMMAND", ("-c", copy, "{checkpoint}", "{out}"))
+    ready, skipped = trends.resolve_hf_dirs(trends.find_snapshots(tmp_path / "run"), tmp_path / "hf", True)
+    assert (ready, skipped) == ([(30, tmp_path / "hf" / "iter_0000030")], [])
+    assert trends.is_hf_export(tmp_path / "hf" / "iter_0000030")
+    assert not (tmp_path / "hf" / "iter_0000030.tmp").exists()
+    monkeypatch.setattr(trends, "CONVERT_COMMAND", ("-c", "import sys; sys.exit('no such checkpoint')"))
+    with pytest.raises(ConfigError, match="converting .*iter_0000030 failed: no such checkpoint"):
+        trends.megatron_to_hf(checkpoint, tmp_path / "other")

@@ -1,0 +1,60 @@
+"""Batched generation equals a hand-written greedy loop, cut at the stop string."""
+
+import io
+
+import pytest
+import torch
+
+from megatron_patches.errors import ConfigError
+from tests.tiny_hf import build_model
+from tools.eval.hf import load_model, load_tokenizer
+from tools.infer.generation import Sampling, check_sampling, generate, stream
+
+PROMPTS = ["the capital of france is", "cats", "中国的首都是北京。 water boils at"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = build_model(tmp_path_factory.mktemp("gen") / "llama", seed=3)
+    return load_model(path, device="cpu"), load_tokenizer(path)
+
+
+def greedy_by_hand(model, tokenizer, prompt: str, steps: int) -> list[int]:
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    new = []
+    with torch.no_grad():
+        for _ in range(steps):
+            token = model(input_ids=ids).logits[0, -1].argmax().item()
+            new.append(token)
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return new
+
+
+def test_left_padded_batches_generate_what_each_prompt_does_alone(tiny):
+    model, tokenizer = tiny
+    outputs = generate(model, tokenizer, PROMPTS, Sampling(max_new_tokens=6), batch_size=3)
+    assert outputs == [tokenizer.decode(greedy_by_hand(model, tokenizer, p, 6)) for p in PROMPTS]
+
+
+def test_generation_ends_at_the_stop_string(tiny):
+    model, tokenizer = tiny
+    full = tokenizer.decode(greedy_by_hand(model, tokenizer, PROMPTS[0], 12))
+    stop = full[len(full) // 2]  # a character the greedy continuation reaches half-way
+    [cut] = generate(model, tokenizer, PROMPTS[:1], Sampling(max_new_tokens=12, stop=stop))
+    assert cut == full.split(stop, 1)[0]
+
+
+def test_streaming_writes_the_same_text(tiny):
+    model, tokenizer = tiny
+    out = io.StringIO()
+    text = stream(model, tokenizer, PROMPTS[0], Sampling(max_new_tokens=6), out=out)
+    assert text == tokenizer.decode(greedy_by_hand(model, tokenizer, PROMPTS[0], 6))
+    assert out.getvalue() == text + "\n"
+
+
+@pytest.mark.parametrize(
+    "sampling", [Sampling(max_new_tokens=0), Sampling(temperature=-1), Sampling(top_p=0)]
+)
+def test_bad_sampling_is_refused(sampling):
+    with pytest.raises(ConfigError):
+        check_sampling(sampling)

@@ -1,0 +1,1 @@
+"""Offline evaluation of HF exports: per-channel PPL, probes, rewritten benchmarks, lenses."""

@@ -1,0 +1,145 @@
+"""Multiple-choice items and the rewrites that stop memorized answer letters from helping.
+
+An item (one JSONL line) is ``{"id": ..., "question": str, "options": [str, ...]
+or {"A": str, ...}, "answer": "B" | "AC" | ["A", "C"] | 1}``; ``id`` defaults to the
+line number, an int answer is a 0-based option index. Malformed lines are
+counted and skipped with their reason, never guessed at.
+
+Each rewrite turns an :class:`Item` into zero or more :class:`Prompted` items
+(the form the prompt shows and the answer expected):
+
+- ``original``: options labelled A, B, C, ...; answer the label(s), e.g. ``B`` or ``AC``.
+- ``open``: the options are context without labels; the answer is the correct
+  option's text. Multi-answer items are skipped.
+- ``none-correct``: the correct option's text is replaced by "none of the others
+  are correct"; the answer is that option's label. Multi-answer items are skipped.
+- ``zh-labels``: labels 一, 二, 三, 四, ... instead of A, B, C, D.
+- ``single-answer``: a multi-answer item becomes one item per correct option,
+  the other correct options removed (ids ``<id>#1``, ``<id>#2``, ...); single-answer
+  items pass unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from megatron_patches.errors import ConfigError
+
+LATIN = "ABCDEFGHIJ"
+CHINESE = "一二三四五六七八九十"
+NONE_CORRECT = "none of the others are correct"
+REWRITES = ("original", "open", "none-correct", "zh-labels", "single-answer")
+
+
+@dataclass(frozen=True)
+class Item:
+    id: str
+    question: str
+    options: tuple[str, ...]
+    answers: tuple[int, ...]  # 0-based indices of the correct options, sorted
+
+
+@dataclass(frozen=True)
+class Prompted:
+    id: str
+    question: str
+    options: tuple[str, ...]
+    labels: tuple[str, ...] | None  # None: options shown unlabelled, answer is text
+    answer: str  # the expected answer: label(s) in option order, or the correct option's text
+
+
+class Skip(Exception):
+    """An item this rewrite (or the reader) cannot use; the message is the reason."""
+
+
+def read_items(path: Path) -> tuple[list[Item], list[str]]:
+    """(items, skip reasons) of a benchmark JSONL file."""
+    if not path.is_file():
+        raise ConfigError(f"benchmark file {path} does not exist")
+    items, skipped = [], []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            items.append(parse_item(line, number))
+        except Skip as reason:
+            skipped.append(f"{path.name}:{number}: {reason}")
+    return items, skipped
+
+
+def parse_item(line: str, number: int) -> Item:
+    try:
+        raw = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise Skip(f"not JSON ({err.msg})") from None
+    if not isinstance(raw, dict):
+        raise Skip("not a JSON object")
+    question, options = raw.get("question"), raw.get("options")
+    if not isinstance(question, str) or not question.strip():
+        raise Skip("no 'question' string")
+    keys, texts = _options(options)
+    answers = _answers(raw.get("answer"), keys)
+    return Item(str(raw.get("id", number)), question.strip(), texts, answers)
+
+
+def _options(options) -> tuple[list[str], tuple[str, ...]]:
+    if isinstance(options, dict):
+        keys, texts = [str(k).strip().upper() for k in options], list(options.values())
+    elif isinstance(options, list):
+        keys, texts = list(LATIN[: len(options)]), options
+    else:
+        raise Skip("no 'options' list or mapping")
+    if not 2 <= len(texts) <= len(LATIN):
+        raise Skip(f"{len(texts)} options; 2 to {len(LATIN)} are supported")
+    if not all(isinstance(t, str) and t.strip() for t in texts):
+        raise Skip("every option must be a non-empty string")
+    return keys, tuple(t.strip() for t in texts)
+
+
+def _answers(answer, keys: list[str]) -> tuple[int, ...]:
+    if isinstance(answer, int) and not isinstance(answer, bool):
+        picked = [answer] if 0 <= answer < len(keys) else None
+    elif isinstance(answer, str):
+        picked = [keys.index(c) if c in keys else None for c in answer.strip().upper()]
+    elif isinstance(answer, list) and all(isinstance(a, str) for a in answer):
+        picked = [keys.index(a.strip().upper()) if a.strip().upper() in keys else None for a in answer]
+    else:
+        picked = None
+    if not picked or None in picked or len(set(picked)) != len(picked):
+        raise Skip(f"answer {answer!r} does not name distinct options among {keys}")
+    return tuple(sorted(picked))
+
+
+def rewrite(item: Item, kind: str, none_text: str = NONE_CORRECT) -> list[Prompted]:
+    """The prompted form(s) of ``item`` under rewrite ``kind``; raises :class:`Skip`."""
+    if kind == "original":
+        return [_labelled(item, LATIN)]
+    if kind == "zh-labels":
+        return [_labelled(item, CHINESE)]
+    if kind == "single-answer":
+        if len(item.answers) == 1:
+            return [_labelled(item, LATIN)]
+        return [_labelled(_keep_one(item, keep, k), LATIN) for k, keep in enumerate(item.answers, 1)]
+    if len(item.answers) > 1:
+        raise Skip(f"the {kind} rewrite needs a single-answer item")
+    if kind == "open":
+        return [Prompted(item.id, item.question, item.options, None, item.options[item.answers[0]])]
+    if kind == "none-correct":
+        options = list(item.options)
+        options[item.answers[0]] = none_text
+        return [_labelled(replace(item, options=tuple(options)), LATIN)]
+    raise ConfigError(f"unknown rewrite {kind!r}; known: {list(REWRITES)}")
+
+
+def _labelled(item: Item, alphabet: str) -> Prompted:
+    labels = tuple(alphabet[: len(item.options)])
+    answer = "".join(labels[i] for i in item.answers)
+    return Prompted(item.id, item.question, item.options, labels, answer)
+
+
+def _keep_one(item: Item, keep: int, k: int) -> Item:
+    """``item`` with every correct option but ``keep`` removed."""
+    kept = [i for i in range(len(item.options)) if i == keep or i not in item.answers]
+    return Item(f"{item.id}#{k}", item.question, tuple(item.options[i] for i in kept), (kept.index(keep),))

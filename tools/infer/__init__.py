@@ -1,0 +1,1 @@
+"""Batch inference over JSONL with N model replicas, and streaming generation for one prompt."""

@@ -1,0 +1,88 @@
+"""``python -m tools.infer``: batch inference with N replicas, or one prompt streamed.
+
+    python -m tools.infer --model DIR --data in.jsonl --out out.jsonl --replicas 4 --devices 0,1,2,3,4,5,6,7
+    python -m tools.infer --model DIR --prompt "中国的首都是"
+
+Every input id appears in the output exactly once, in input order; rerunning
+the same command after a kill resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from megatron_patches.errors import ConfigError, run_cli
+from tools.eval.hf import DTYPES, load_model, load_tokenizer, model_type
+from tools.infer.generation import Sampling, check_sampling, stream
+from tools.infer.records import OrderedWriter, read_inputs, recover_output
+from tools.infer.replicas import ReplicaSpec, device_groups, parse_devices, run_replicas
+
+PROG = "python -m tools.infer"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--model", required=True, help="HF model directory")
+    parser.add_argument("--tokenizer", help="HF tokenizer directory (default: the model directory)")
+    parser.add_argument("--data", type=Path, help="input JSONL: {id, prompt} a line")
+    parser.add_argument("--out", type=Path, help="output JSONL (appended to; resumes)")
+    parser.add_argument("--prompt", help="generate for this one prompt, streaming to stdout")
+    parser.add_argument("--replicas", type=int, default=1)
+    parser.add_argument("--devices", help="GPU indices split among replicas, or 'cpu' (default: all GPUs)")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts a replica generates together")
+    parser.add_argument("--prompt-key", default="prompt")
+    parser.add_argument("--dtype", choices=list(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--stop", help="end each generation at this string (e.g. a newline)")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.stop, args.seed)
+    check_sampling(sampling)
+    model_type(args.model)  # a readable HF directory, checked before any replica starts
+    devices = parse_devices(args.devices)
+    dtype = args.dtype or ("float32" if devices == ["cpu"] else "bfloat16")
+    tokenizer_dir = args.tokenizer or args.model
+    if args.prompt is not None:
+        device = "cpu" if devices == ["cpu"] else f"cuda:{devices[0]}"
+        stream(load_model(args.model, dtype, device), load_tokenizer(tokenizer_dir), args.prompt, sampling)
+        return 0
+    if not (args.data and args.out):
+        raise ConfigError("batch inference needs --data and --out (or --prompt for one prompt)")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    groups = device_groups(devices, args.replicas)
+    load_tokenizer(tokenizer_dir)
+    records = read_inputs(args.data, args.prompt_key)
+    done = recover_output(args.out)
+    unknown = done - {json.dumps(r["id"]) for r in records}
+    if unknown:
+        raise ConfigError(
+            f"{args.out} holds ids not in {args.data} (e.g. {sorted(unknown)[0]}); another run's output?"
+        )
+    pending = [r for r in records if json.dumps(r["id"]) not in done]
+    print(f"{len(records)} prompts, {len(done)} already in {args.out}, {len(pending)} to generate")
+    if not pending:
+        return 0
+    threads = max(1, (os.cpu_count() or 1) // len(groups)) if devices == ["cpu"] else 4
+    spec = ReplicaSpec(args.model, tokenizer_dir, dtype, sampling, args.batch_size, args.prompt_key, threads)
+    writer = OrderedWriter(args.out, [json.dumps(r["id"]) for r in pending])
+    try:
+        run_replicas(spec, groups, pending, writer)
+    finally:
+        writer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main, PROG)

@@ -1,0 +1,102 @@
+"""Batched and streaming generation on an HF causal LM (used by tools/infer and tools/eval bench).
+
+Batches are left-padded so every prompt ends where generation starts; decoding
+is greedy unless a temperature is given. ``stop`` ends a sequence at the first
+occurrence of that string in its new text (the text is cut there), so a batch
+stops as soon as every sequence has met it or ``max_new_tokens`` is reached.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from megatron_patches.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    stop: str | None = None
+    seed: int = 0
+
+    def generate_kwargs(self, tokenizer) -> dict:
+        kwargs = {"max_new_tokens": self.max_new_tokens, "pad_token_id": tokenizer.pad_token_id}
+        if self.temperature > 0:
+            return {**kwargs, "do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
+        return {**kwargs, "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+
+
+def check_sampling(sampling: Sampling) -> None:
+    if sampling.max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be >= 1, got {sampling.max_new_tokens}")
+    if sampling.temperature < 0 or not 0 < sampling.top_p <= 1:
+        raise ConfigError(
+            f"temperature must be >= 0 and top_p in (0, 1], got {sampling.temperature}, {sampling.top_p}"
+        )
+
+
+class _StopString:
+    """Per-sequence stopping criterion: the new text contains ``stop``."""
+
+    def __init__(self, tokenizer, stop: str, prompt_length: int) -> None:
+        self.tokenizer, self.stop, self.prompt_length = tokenizer, stop, prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=True)
+        return torch.tensor([self.stop in t for t in texts], device=input_ids.device)
+
+
+def generate(model, tokenizer, prompts: list[str], sampling: Sampling, batch_size: int = 8) -> list[str]:
+    """The continuation of each prompt (new text only, cut at ``sampling.stop``), in order."""
+    from transformers import StoppingCriteriaList
+
+    if tokenizer.pad_token_id is None:
+        raise ConfigError("the tokenizer has neither a pad nor an EOS token to pad batches with")
+    tokenizer.padding_side = "left"
+    device = next(model.parameters()).device
+    outputs = []
+    for start in range(0, len(prompts), batch_size):
+        batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
+        batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+        length = batch["input_ids"].shape[1]
+        stopping = StoppingCriteriaList(
+            [_StopString(tokenizer, sampling.stop, length)] if sampling.stop else []
+        )
+        torch.manual_seed(sampling.seed + start)  # sampled outputs repeat for the same batches
+        with torch.no_grad():
+            ids = model.generate(**batch, stopping_criteria=stopping, **sampling.generate_kwargs(tokenizer))
+        texts = tokenizer.batch_decode(ids[:, length:], skip_special_tokens=True)
+        outputs += [t.split(sampling.stop, 1)[0] if sampling.stop else t for t in texts]
+    return outputs
+
+
+def stream(model, tokenizer, prompt: str, sampling: Sampling, out=sys.stdout) -> str:
+    """Generate for one prompt, writing text to ``out`` as tokens arrive; returns the text."""
+    from threading import Thread
+
+    from transformers import TextIteratorStreamer
+
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    batch = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
+    kwargs = {**batch, "streamer": streamer, **sampling.generate_kwargs(tokenizer)}
+    torch.manual_seed(sampling.seed)
+    worker = Thread(target=lambda: _generate_no_grad(model, kwargs), daemon=True)
+    worker.start()
+    pieces = []
+    for piece in streamer:
+        pieces.append(piece)
+        out.write(piece)
+        out.flush()
+    worker.join()
+    out.write("\n")
+    return "".join(pieces)
+
+
+def _generate_no_grad(model, kwargs: dict) -> None:
+    with torch.no_grad():
+        model.generate(**kwargs)

@@ -1,0 +1,157 @@
+"""N model replicas, each on its own device group, draining one shared work queue.
+
+``--devices 0,1,2,3,4,5,6,7 --replicas 4`` gives groups (0,1) (2,3) (4,5) (6,7):
+each replica process sees only its group (``CUDA_VISIBLE_DEVICES``) and holds
+the model on one GPU, or spread over its GPUs with ``device_map="auto"`` (8x1,
+4x2, 2x4 or 1x8 on a node). On CPU every replica uses an equal share of the
+cores. The parent puts batches of prompts on the queue in input order, the
+replicas take the next batch when free, and the parent writes results in input
+order as they become contiguous (``records.OrderedWriter``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import queue
+import sys
+import traceback
+from dataclasses import dataclass
+
+import torch
+
+from megatron_patches.errors import ConfigError
+from tools.infer.generation import Sampling, generate
+from tools.infer.records import OrderedWriter
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    model: str
+    tokenizer: str
+    dtype: str
+    sampling: Sampling
+    batch_size: int
+    prompt_key: str
+    threads: int
+
+
+def parse_devices(text: str | None) -> list[str]:
+    """``"0,1,2,3"`` -> GPU indices; ``"cpu"`` (the default without CUDA) -> ``["cpu"]``."""
+    if text is None:
+        return [str(i) for i in range(torch.cuda.device_count())] or ["cpu"]
+    if text.strip() == "cpu":
+        return ["cpu"]
+    items = [item.strip() for item in text.split(",")]
+    if not all(item.isdigit() for item in items) or len(set(items)) != len(items):
+        raise ConfigError(f"--devices must be 'cpu' or distinct GPU indices like 0,1,2,3; got {text!r}")
+    return items
+
+
+def device_groups(devices: list[str], replicas: int) -> list[tuple[str, ...]]:
+    if replicas < 1:
+        raise ConfigError(f"--replicas must be >= 1, got {replicas}")
+    if devices == ["cpu"]:
+        return [("cpu",)] * replicas
+    if len(devices) % replicas:
+        raise ConfigError(f"{len(devices)} devices cannot be split evenly into {replicas} replicas")
+    size = len(devices) // replicas
+    return [tuple(devices[i * size : (i + 1) * size]) for i in range(replicas)]
+
+
+def load_replica(spec: ReplicaSpec, gpus: int):
+    """The model on this process's devices: CPU, one GPU, or spread over ``gpus`` GPUs."""
+    from transformers import AutoModelForCausalLM
+
+    from tools.eval.hf import DTYPES, load_model
+
+    if gpus <= 1:
+        return load_model(spec.model, spec.dtype, "cuda:0" if gpus else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(spec.model, dtype=DTYPES[spec.dtype], device_map="auto")
+    return model.eval()
+
+
+def _replica_main(spec: ReplicaSpec, gpus: int, tasks, results, parent_pid: int) -> None:
+    try:
+        from tools.eval.hf import load_tokenizer
+
+        torch.set_num_threads(spec.threads)
+        model, tokenizer = load_replica(spec, gpus), load_tokenizer(spec.tokenizer)
+        while True:
+            try:
+                batch = tasks.get(timeout=2)
+            except queue.Empty:
+                if os.getppid() != parent_pid:  # the parent was killed: do not run on forever
+                    return
+                continue
+            if batch is None:
+                return
+            prompts = [record[spec.prompt_key] for record in batch]
+            outputs = generate(model, tokenizer, prompts, spec.sampling, spec.batch_size)
+            results.put(("done", [{**r, "output": o} for r, o in zip(batch, outputs, strict=True)]))
+    except BaseException:  # noqa: BLE001 - the parent must learn why a replica stopped
+        results.put(("error", traceback.format_exc()))
+
+
+@contextlib.contextmanager
+def _visible_devices(group: tuple[str, ...]):
+    """Spawned children inherit the environment at start: show them only their group."""
+    old = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if group != ("cpu",):
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(group)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = old
+
+
+def run_replicas(
+    spec: ReplicaSpec, groups: list[tuple[str, ...]], pending: list[dict], writer: OrderedWriter
+) -> None:
+    """Generate for every pending record with one process per device group; write in order."""
+    ctx = mp.get_context("spawn")
+    tasks, results = ctx.Queue(), ctx.Queue()
+    for start in range(0, len(pending), spec.batch_size):
+        tasks.put(pending[start : start + spec.batch_size])
+    for _ in groups:
+        tasks.put(None)
+    procs = []
+    for group in groups:
+        gpus = 0 if group == ("cpu",) else len(group)
+        with _visible_devices(group):
+            proc = ctx.Process(target=_replica_main, args=(spec, gpus, tasks, results, os.getpid()))
+            proc.start()
+        procs.append(proc)
+    try:
+        _collect(procs, results, writer, len(pending))
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+            proc.join(timeout=10)
+
+
+def _collect(procs, results, writer: OrderedWriter, total: int) -> None:
+    written = 0
+    while not writer.finished:
+        try:
+            kind, payload = results.get(timeout=1)
+        except queue.Empty:
+            dead = [i for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
+            if dead or all(p.exitcode == 0 for p in procs):
+                raise RuntimeError(
+                    f"replicas {dead} died ({total - written} prompts left unanswered)"
+                ) from None
+            continue
+        if kind == "error":
+            raise RuntimeError(f"a replica failed:\n{payload}")
+        before = written
+        for record in payload:
+            written += writer.add(record)
+        if written > before:
+            print(f"\r{written}/{total} written", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
