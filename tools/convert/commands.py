@@ -139,6 +139,8 @@ def _base_config(source: McoreSource, hf_config: str | None, tokenizer: str | No
         return read_json(Path(hf_config) / "config.json", "--hf-config config.json")
     if (source.root / "config.json").is_file():
         return read_json(source.root / "config.json", "config.json")
+    if tokenizer is None and (source.root / "tokenizer_config.json").is_file():
+        tokenizer = str(source.root)  # a training run keeps its tokenizer beside its checkpoints
     base = tokenizer_ids(tokenizer) if tokenizer else {}
     size = base.pop("tokenizer_size", 0)
     if size > source.cfg.vocab_size:

@@ -29,7 +29,7 @@ from tools.eval.ppl import ChannelResult
 ITERATION = re.compile(r"(?:iter_|checkpoint-|step[_-]?)(\d+)$")
 WEIGHTS = ("*.safetensors", "pytorch_model*.bin")
 # The converter's command line (tools/convert); {checkpoint} and {out} are filled in.
-CONVERT_COMMAND = ("-m", "tools.convert", "mcore2hf", "--load", "{checkpoint}", "--save", "{out}")
+CONVERT_COMMAND = ("-m", "tools.convert", "mcore2hf", "--mcore", "{checkpoint}", "--out", "{out}", "--quiet")
 
 
 @dataclass
