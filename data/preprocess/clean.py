@@ -175,9 +175,9 @@ def check(text: str, t: Thresholds, blocklist: Blocklist | None = None) -> Verdi
         ("zh_ratio", s.zh_ratio, _under(s.zh_ratio, t.min_zh_ratio)),
         ("en_ratio", s.en_ratio, _under(s.en_ratio, t.min_en_ratio)),
         ("url_ratio", s.url_ratio, _over(s.url_ratio, t.max_url_ratio)),
-        ("alpha_ratio", s.alpha_ratio, _under(s.alpha_ratio, t.min_alpha_ratio)),
         ("digit_ratio", s.digit_ratio, _over(s.digit_ratio, t.max_digit_ratio)),
         ("symbol_ratio", s.symbol_ratio, _over(s.symbol_ratio, t.max_symbol_ratio)),
+        ("alpha_ratio", s.alpha_ratio, _under(s.alpha_ratio, t.min_alpha_ratio)),
     ):
         if bad:
             return False, rule, round(value, 4)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import glob
 import gzip
-import io
 import json
 import os
 import re
@@ -41,35 +40,81 @@ def expand_inputs(patterns: list[str], base: Path | None = None) -> list[Path]:
     return unique
 
 
-def _open_binary(path: Path) -> IO[bytes]:
-    name = path.name
-    if name.endswith(".gz"):
-        return gzip.open(path, "rb")
-    if name.endswith(".zst"):
-        try:
-            import zstandard
-        except ImportError as err:
-            raise ConfigError(f"{path}: reading .zst needs `pip install zstandard`") from err
-        return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)  # noqa: SIM115
-    return open(path, "rb")  # noqa: SIM115
+_CHUNK = 1 << 16
+
+
+def _plain_chunks(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            yield chunk
+
+
+def _gzip_chunks(path: Path) -> Iterator[bytes]:
+    # zlib directly rather than GzipFile, which can lose the data it decompressed just before a cut.
+    member = zlib.decompressobj(wbits=31)
+    started = False
+    for raw in _plain_chunks(path):
+        while raw:
+            started = True
+            yield member.decompress(raw)
+            raw = member.unused_data if member.eof else b""
+            if member.eof:  # multi-member gzip (concatenated files)
+                member, started = zlib.decompressobj(wbits=31), False
+    if started and not member.eof:
+        raise EOFError(f"{path}: gzip stream ends inside a member")
+
+
+def _zstd_chunks(path: Path) -> Iterator[bytes]:
+    try:
+        import zstandard
+    except ImportError as err:
+        raise ConfigError(f"{path}: reading .zst needs `pip install zstandard`") from err
+    decompressor = zstandard.ZstdDecompressor()
+    frame = decompressor.decompressobj()
+    started = False
+    for raw in _plain_chunks(path):
+        while raw:
+            started = True
+            yield frame.decompress(raw)
+            raw = frame.unused_data if frame.eof else b""
+            if frame.eof:  # concatenated frames (pzstd, appended files)
+                frame, started = decompressor.decompressobj(), False
+    if started and not frame.eof:
+        raise EOFError(f"{path}: zstd stream ends inside a frame")
+
+
+def _chunks(path: Path) -> Iterator[bytes]:
+    if path.name.endswith(".gz"):
+        return _gzip_chunks(path)
+    if path.name.endswith(".zst"):
+        return _zstd_chunks(path)
+    return _plain_chunks(path)
 
 
 def iter_lines(path: Path) -> Iterator[tuple[int, bytes | None]]:
-    """(1-based line number, raw bytes) pairs; (n, None) once if the file ends in a broken stream."""
-    lineno = 0
+    """(1-based line number, raw bytes without the newline); (n, None) once if the stream breaks."""
+    if not path.is_file():
+        raise ConfigError(f"cannot read {path}: not a file")
+    lineno, pending = 0, b""
     try:
-        with _open_binary(path) as raw:
-            for lineno, line in enumerate(io.BufferedReader(raw, 1 << 20), start=1):  # noqa: B007
+        for chunk in _chunks(path):
+            lines = (pending + chunk).split(b"\n")
+            pending = lines.pop()
+            for line in lines:
+                lineno += 1
                 yield lineno, line
     except (EOFError, OSError, zlib.error) as err:
-        if isinstance(err, FileNotFoundError | PermissionError):
+        if isinstance(err, PermissionError):
             raise ConfigError(f"cannot read {path}: {err}") from err
         yield lineno + 1, None
-    except Exception as err:  # zstandard.ZstdError and friends: a corrupt stream, not a bug of ours
-        if type(err).__module__.startswith("zstandard"):
-            yield lineno + 1, None
-        else:
+        return
+    except Exception as err:  # zstandard.ZstdError: a corrupt stream, not a bug of ours
+        if not type(err).__module__.startswith("zstandard"):
             raise
+        yield lineno + 1, None
+        return
+    if pending:
+        yield lineno + 1, pending
 
 
 def parse_line(raw: bytes, text_field: str, path: str, lineno: int) -> Document | Malformed | None:
@@ -105,7 +150,7 @@ def read_documents(path: Path, text_field: str = "text") -> Iterator[tuple[Docum
             return
         item = parse_line(raw, text_field, str(path), lineno)
         if item is not None:
-            yield item, len(raw)
+            yield item, len(raw) + 1
 
 
 class ShardWriter:
