@@ -200,10 +200,14 @@ def _check_repetition(text: str, t: Thresholds) -> Verdict:
         value = grams.top_fraction(n)
         if value > limit:
             return False, "ngram_repetition", round(value, 4)
-    for n, limit in sorted((t.max_dup_ngram or {}).items()):
+    dup_limits = sorted((t.max_dup_ngram or {}).items())
+    for i, (n, limit) in enumerate(dup_limits):
         value = grams.duplicate_fraction(n)
         if value > limit:
             return False, "ngram_repetition", round(value, 4)
+        # A repeated longer n-gram is made of repeated shorter ones, so coverage only falls with n.
+        if all(value <= later for _, later in dup_limits[i + 1 :]):
+            break
     return _KEEP
 
 

@@ -21,12 +21,15 @@ from .document import Document
 
 _HAN = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 _LATIN = re.compile(r"[A-Za-z\u00C0-\u024F]")
+# One match per line at most (every branch starts at the line start), so findall counts lines.
 _CODE_LINE = re.compile(
-    r"^\s*(?:def |class |import |from \S+ import |#include|#define|public |private |static |func |fn "
+    r"^(?:[ \t]*(?:def |class |import |from \S+ import |#include|#define|public |private |static |func |fn "
     r"|function |return\b|elif |else:|try:|except\b|raise |const |let |var |package |@\w+)"
-    r"|[;{}]\s*$|^\s*[}\])]+[;,]?\s*$|^\s*#(?!#* )|^ {4,}\S|^\t+\S|:\s*$"
+    r"|.*[;{}][ \t]*$|[ \t]*[}\])]+[;,]?[ \t]*$|[ \t]*#(?!#* )| {4,}\S|\t+\S|.*:[ \t]*$)",
+    re.MULTILINE,
 )
-_MD_LINE = re.compile(r"^(?:#{1,6} \S|[-*+] \S|\d+\. \S|\|.*\||```|> \S)")
+_MD_LINE = re.compile(r"^(?:#{1,6} \S|[-*+] \S|\d+\. \S|\|.*\||```|> \S)", re.MULTILINE)
+_NONEMPTY_LINE = re.compile(r"^[ \t]*\S", re.MULTILINE)
 _MATH = re.compile(r"\$[^$\n]+\$|\\(?:frac|sum|int|sqrt|cdot|alpha|beta|theta|lambda|begin\{equation)")
 
 LANGUAGE_CHANNELS = {"zh": "zh_web", "en": "en_web"}
@@ -56,15 +59,13 @@ def language(text: str) -> str:
 
 def content_kind(text: str, config: LabelConfig) -> str | None:
     """'code', 'markdown' or 'math' when the text's lines say so, else None (prose)."""
-    lines = [line for line in text[:20000].split("\n") if line.strip()]
-    if len(lines) >= 3:
-        code = sum(1 for line in lines if _CODE_LINE.search(line))
-        if code >= config.code_line_ratio * len(lines):
+    head = text[:20000]
+    lines = len(_NONEMPTY_LINE.findall(head))
+    if lines >= 3:
+        if len(_CODE_LINE.findall(head)) >= config.code_line_ratio * lines:
             return "code"
-        markdown = sum(1 for line in lines if _MD_LINE.match(line))
-        if markdown >= config.markdown_line_ratio * len(lines) and any(
-            line.startswith("#") for line in lines
-        ):
+        markdown = _MD_LINE.findall(head)
+        if len(markdown) >= config.markdown_line_ratio * lines and any(m.startswith("#") for m in markdown):
             return "markdown"
     if len(_MATH.findall(text[:20000])) * 1000 >= config.math_per_kchar * max(1, min(len(text), 20000)):
         return "math"

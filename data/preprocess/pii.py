@@ -87,6 +87,8 @@ def _valid_ipv6(match: str) -> bool:
 
 
 _DIGITS3 = re.compile(r"\d{3}")
+_IPV4_HINT = re.compile(r"\d\.\d")
+_IPV6_HINT = re.compile(r"[0-9A-Fa-f]:[0-9A-Fa-f]{0,4}:")
 _REPOST_HINT = re.compile(r"转载|转自|来源|原文|首发|版权声明")
 
 
@@ -101,8 +103,8 @@ _RULES: tuple[tuple[str, Callable[[str], bool], re.Pattern, Callable[[str], bool
     ("id_number", lambda t: _DIGITS3.search(t) is not None, _ID_NUMBER, valid_id_number),
     ("bank_card", lambda t: _DIGITS3.search(t) is not None, _CARD, _valid_card),
     ("phone", lambda t: _DIGITS3.search(t) is not None, _PHONE, _valid_phone),
-    ("ipv4", _has("."), _IPV4, None),
-    ("ipv6", _has(":"), _IPV6, _valid_ipv6),
+    ("ipv4", lambda t: _IPV4_HINT.search(t) is not None, _IPV4, None),
+    ("ipv6", lambda t: _IPV6_HINT.search(t) is not None, _IPV6, _valid_ipv6),
 )
 TYPES = tuple(rule[0] for rule in _RULES) + ("repost_line",)
 

@@ -61,23 +61,32 @@ class Ngrams:
         if self.size < n:
             return 0.0
         grams = self._grams(n)
-        values, first, counts = np.unique(grams, return_index=True, return_counts=True)
+        ordered = np.sort(grams)
+        boundary = np.empty(ordered.size, dtype=bool)
+        boundary[0] = True
+        np.not_equal(ordered[1:], ordered[:-1], out=boundary[1:])
+        starts = np.flatnonzero(boundary)
+        counts = np.diff(np.append(starts, ordered.size))
         best = int(np.argmax(counts))
         if counts[best] <= 1:
             return 0.0
-        start = int(first[best])
-        gram_chars = int(self.lengths[start : start + n].sum())
-        return min(1.0, counts[best] * gram_chars / max(1, self.total_chars))
+        first = int(np.argmax(grams == ordered[starts[best]]))
+        gram_chars = int(self.lengths[first : first + n].sum())
+        return min(1.0, int(counts[best]) * gram_chars / max(1, self.total_chars))
 
     def duplicate_fraction(self, n: int) -> float:
         """Characters of words inside an n-gram that occurs more than once, over all characters."""
         if self.size < n:
             return 0.0
         grams = self._grams(n)
-        _, inverse, counts = np.unique(grams, return_inverse=True, return_counts=True)
-        repeated = counts[inverse] > 1
-        if not repeated.any():
+        order = np.argsort(grams, kind="stable")
+        ordered = grams[order]
+        same = ordered[1:] == ordered[:-1]
+        if not same.any():
             return 0.0
+        repeated = np.zeros(grams.size, dtype=bool)
+        repeated[order[1:][same]] = True
+        repeated[order[:-1][same]] = True
         covered = np.convolve(repeated.astype(np.int32), np.ones(n, dtype=np.int32))[: self.size] > 0
         return int(self.lengths[covered].sum()) / max(1, self.total_chars)
 

@@ -1,13 +1,13 @@
 """Turning texts into ids fast: SentencePiece with a segment cache, or any HF tokenizer directory.
 
-The segment cache is exact, not approximate. Text is cut at points where a character pair changes
-class (a non-space followed by a space, letters of different scripts, letters next to punctuation,
-each digit); no vocabulary piece of a model trained with `split_by_whitespace`,
-`split_by_unicode_script` and `split_digits` crosses such a point. BPE never merges across a point
-that no piece crosses, so encoding the pieces of text between them separately gives the same ids as
-encoding the whole text. Because the cut rule depends only on the two characters around a cut, one
-check makes it safe for any model: at load time every vocabulary piece must come out of the cutter
-whole. Repeated segments (words, indentation, punctuation runs) then cost one dict lookup.
+The segment cache is exact, not approximate. Text is cut before every run of spaces that follows a
+non-space character; a model trained with `split_by_whitespace` (and whitespace kept as a prefix)
+has no vocabulary piece that crosses such a point. BPE never merges across a point that no piece
+crosses, so encoding the segments between the points separately gives the same ids as encoding the
+whole text. Because the cut rule depends only on the two characters around a cut, one check makes
+it safe for any model: at load time every vocabulary piece must come out of the cutter whole (else
+the cache is off). Repeated segments (words, indentation, punctuation) then cost a dict lookup;
+segments without spaces (a Chinese paragraph) go to SentencePiece as they are.
 """
 
 from __future__ import annotations
@@ -24,13 +24,8 @@ from megatron_patches.errors import ConfigError
 
 from .hf import NORMAL, USER_DEFINED, load_proto
 
-_LATIN = r"A-Za-z\u00C0-\u024F\u1E00-\u1EFF"
-_HAN = r"\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
-_SPACE = " \u2581"  # SentencePiece treats a literal "▁" as a space
-# optional spaces, then one run of: a digit | Latin letters | Han/kana | other letters | other non-space
-SEGMENT = re.compile(
-    rf"[{_SPACE}]*(?:\d|[{_LATIN}]+|[{_HAN}]+|[^\W\d_{_LATIN}{_HAN}]+|(?:[^\w{_SPACE}]|_)+)|[{_SPACE}]+"
-)
+# "▁" is a space to SentencePiece. A segment: optional spaces, then non-spaces; or spaces alone.
+SEGMENT = re.compile(r"[ \u2581]*[^ \u2581]+|[ \u2581]+")
 CACHE_MAX_SEGMENT = 32  # longer segments (long Han runs) are encoded every time, not cached
 CACHE_MAX_ENTRIES = 1 << 20
 
