@@ -117,7 +117,9 @@ def iter_lines(path: Path) -> Iterator[tuple[int, bytes | None]]:
         yield lineno + 1, pending
 
 
-def parse_line(raw: bytes, text_field: str, path: str, lineno: int) -> Document | Malformed | None:
+def parse_line(
+    raw: bytes, text_field: str, path: str, lineno: int, name: str | None = None
+) -> Document | Malformed | None:
     """One JSONL line to a Document, a Malformed, or None for a blank line."""
     try:
         line = raw.decode("utf-8")
@@ -139,7 +141,7 @@ def parse_line(raw: bytes, text_field: str, path: str, lineno: int) -> Document 
         return Malformed("text_not_string", path, lineno, line[:_RAW_PREVIEW])
     if _SURROGATE.search(text):  # a JSON escape such as "\ud800": no UTF-8 writer accepts it
         return Malformed("invalid_utf8", path, lineno, line[:_RAW_PREVIEW])
-    return Document.from_record(record, text_field, f"{Path(path).name}:{lineno}", lineno)
+    return Document.from_record(record, text_field, f"{name or Path(path).name}:{lineno}", lineno)
 
 
 def read_documents(path: Path, text_field: str = "text") -> Iterator[tuple[Document | Malformed, int]]:
@@ -148,7 +150,7 @@ def read_documents(path: Path, text_field: str = "text") -> Iterator[tuple[Docum
         if raw is None:
             yield Malformed("truncated_input", str(path), lineno, ""), 0
             return
-        item = parse_line(raw, text_field, str(path), lineno)
+        item = parse_line(raw, text_field, str(path), lineno, path.name)
         if item is not None:
             yield item, len(raw) + 1
 
