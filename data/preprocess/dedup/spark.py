@@ -8,7 +8,7 @@ pass is again one task per input file, writing numbered parts into the output di
 therefore be on a filesystem every executor sees (local disk in `local[N]`, NFS/Lustre on a cluster).
 
 Cluster use: install this package on the executors (or ship it with `--py-files`) and run
-``spark-submit data/preprocess/spark_submit.py dedup --engine spark --input ... --out ...``.
+``spark-submit data/spark_submit.py dedup --engine spark --input ... --out ...``.
 """
 
 from __future__ import annotations

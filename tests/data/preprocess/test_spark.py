@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -67,3 +71,27 @@ def test_spark_and_local_keep_the_same_documents(spark, corpus, tmp_path, verify
     assert len(kept) + len(rejected) == 160 and len(rejected) >= 38
     for key in ("docs_in", "docs_out", "rejected", "malformed", "clusters"):
         assert remote[key] == local[key], key
+
+
+def test_spark_submit_entry_point(spark, corpus, tmp_path):
+    """What a cluster user runs: spark-submit on data/spark_submit.py, here with master local[2]."""
+    submit = Path(sys.executable).with_name("spark-submit")
+    if not submit.exists():
+        pytest.skip("pyspark's spark-submit is not next to this interpreter")
+    root = Path(__file__).resolve().parents[3]
+    run_dedup(config_for(tmp_path), corpus, tmp_path / "local")
+    args = [str(submit), "--master", "local[2]", str(root / "data" / "spark_submit.py"), "dedup"]
+    args += [
+        "--engine",
+        "spark",
+        "--input",
+        *map(str, corpus),
+        "--out",
+        str(tmp_path / "submitted"),
+        "--workers",
+        "1",
+    ]
+    env = dict(os.environ, PYSPARK_PYTHON=sys.executable)
+    result = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=240)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert outcome(tmp_path / "submitted") == outcome(tmp_path / "local")
