@@ -36,9 +36,11 @@ from data.demo import synth  # noqa: E402
 from data.preprocess.config import load_config  # noqa: E402
 from data.preprocess.dedup.hashing import MinHasher, normalize, shingle_hashes  # noqa: E402
 from data.preprocess.engines.local import Progress  # noqa: E402
+from data.preprocess.label import LabelConfig, content_kind, language  # noqa: E402
 from data.preprocess.stage import FileTask  # noqa: E402
 from data.preprocess.steps import clean_file  # noqa: E402
 from data.preprocess.tokenize import TokenizeTask, tokenize_file  # noqa: E402
+from data.preprocess.tokenizer.encode import load_encoder  # noqa: E402
 
 FILE_MB = 25
 
@@ -163,6 +165,27 @@ def bench_tokenize(files: list[Path], out: Path, tokenizer: Path, sample: list[s
             builder.end_document()
         builder.finalize(str(out / "baseline.idx"))
 
+    by_kind: dict[str, list[str]] = {}
+    for line in sample:
+        text = json.loads(line)["text"]
+        kind = "code" if content_kind(text, LabelConfig()) == "code" else language(text)
+        by_kind.setdefault(kind, []).append(text)
+    encoder = load_encoder(tokenizer)
+    for kind in ("zh", "en", "code"):
+        texts = by_kind.get(kind, [])
+        n = sum(len(t.encode()) for t in texts)
+        encoder.cache.clear()
+        mine = cpu_rate(
+            lambda texts=texts: [encoder.encode_batch(texts[i : i + 256]) for i in range(0, len(texts), 256)],
+            n,
+        )
+        theirs = cpu_rate(lambda texts=texts: [sp.encode_as_ids(t) for t in texts], n)
+        hf_rate = cpu_rate(lambda texts=texts: [hf(t).input_ids for t in texts], n)
+        print(
+            f"  tokenizer call only, {kind:>4} ({n / 1e6:4.1f} MB): ours {mine:6.2f}  "
+            f"SentencePiece {theirs:6.2f} ({mine / theirs:4.2f}x)  "
+            f"HF __call__ {hf_rate:6.2f} ({mine / hf_rate:4.2f}x)"
+        )
     return {
         "ours": cpu_rate(ours, size(files)),
         "megatron-lm (HF tokenizer)": cpu_rate(lambda: megatron_lm(lambda t: hf(t).input_ids), nbytes),
@@ -197,8 +220,10 @@ def main() -> None:
     tokenizer = train_tokenizer(files, args.workdir, args.vocab)
     sample = first_bytes(files, args.baseline_mb)
     out = args.workdir / "out"
-    print(f"corpus: {size(files) / 1e6:.0f} MB in {len(files)} files; baselines on {args.baseline_mb:g} MB; "
-          f"{os.cpu_count()} cores; figures in MB/s per core (CPU time)")  # fmt: skip
+    print(
+        f"corpus: {size(files) / 1e6:.0f} MB in {len(files)} files; baselines on {args.baseline_mb:g} MB; "
+        f"{os.cpu_count()} cores; figures in MB/s per core (CPU time)"
+    )
     rows = []
     clean, floor = bench_clean(files, out, sample)
     rows.append(("clean", clean, "read+parse+write floor", floor))
