@@ -28,6 +28,7 @@ from .hf import NORMAL, USER_DEFINED, load_proto
 SEGMENT = re.compile(r"[ \u2581]*[^ \u2581]+|[ \u2581]+")
 CACHE_MAX_SEGMENT = 32  # longer segments (long Han runs) are encoded every time, not cached
 CACHE_MAX_ENTRIES = 1 << 20
+SPARSE_SPACES = 50  # fewer than one space per 50 characters: no segmenting
 
 
 class Encoder(Protocol):
@@ -63,8 +64,9 @@ class SentencePieceEncoder:
     def _encode_cached(self, texts: Sequence[str]) -> list[list[int]]:
         cache = self.cache
         assert cache is not None
-        whole = [i for i, t in enumerate(texts) if self._needs_whole and self._needs_whole.search(t)]
-        segmented = [SEGMENT.findall(t) for t in texts]
+        whole = [i for i, t in enumerate(texts) if self._whole(t)]
+        skip = set(whole)
+        segmented = [[] if i in skip else SEGMENT.findall(t) for i, t in enumerate(texts)]
         missing = list(set(chain.from_iterable(segmented)) - cache.keys())
         cache.update(zip(missing, self.sp.encode(missing, num_threads=1), strict=True))
         lookup = cache.__getitem__
@@ -77,6 +79,13 @@ class SentencePieceEncoder:
         for i, ids in zip(whole, self.sp.encode([texts[i] for i in whole], num_threads=1), strict=True):
             out[i] = ids
         return out
+
+    def _whole(self, text: str) -> bool:
+        """Encode without the cache: text with a multi-segment domain token, or with almost no spaces
+        (Chinese, Japanese: one long segment per paragraph, where cutting only costs time)."""
+        if self._needs_whole is not None and self._needs_whole.search(text):
+            return True
+        return text.count(" ") * SPARSE_SPACES < len(text)
 
 
 def segment_cache_is_exact(model_path: Path) -> bool:
