@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import os
 import random
 import sys
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,6 +84,12 @@ def cpu_rate(fn, nbytes: int) -> float:
     return nbytes / max(time.process_time() - start, 1e-9) / 1e6
 
 
+def isolated(fn, *args) -> float:
+    """Run one measurement in a fresh process, so no contender inherits another's heap or caches."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
 def first_bytes(files: list[Path], mb: float) -> list[str]:
     lines, total = [], 0
     for path in files:
@@ -98,99 +106,117 @@ def size(files: list[Path]) -> int:
     return sum(p.stat().st_size for p in files)
 
 
-def bench_clean(files: list[Path], out: Path, sample: list[str]) -> tuple[float, float]:
-    config = load_config(None, {"workers": 1, "shard_docs": 10**9})
+def texts_of(lines: list[str]) -> list[str]:
+    return [json.loads(line)["text"] for line in lines]
 
-    def ours():
+
+def nbytes(texts: list[str]) -> int:
+    return sum(len(t.encode()) for t in texts)
+
+
+def clean_ours(files: list[Path], out: Path) -> float:
+    config = load_config(None, {"workers": 1, "shard_docs": 10**9})
+    (out / "clean").mkdir(parents=True, exist_ok=True)
+
+    def run():
         for i, path in enumerate(files):
             clean_file(FileTask(i, path, out / "clean", config), Progress(lambda d, b: None))
 
-    (out / "clean").mkdir(parents=True, exist_ok=True)
+    return cpu_rate(run, size(files))
 
-    def floor():
+
+def clean_floor(sample: list[str], out: Path) -> float:
+    def run():
         with open(out / "floor.jsonl", "w", encoding="utf-8") as handle:
             for line in sample:
                 handle.write(json.dumps(json.loads(line), ensure_ascii=False) + "\n")
 
-    return cpu_rate(ours, size(files)), cpu_rate(floor, sum(len(s.encode()) for s in sample))
+    return cpu_rate(run, sum(len(s.encode()) for s in sample))
 
 
-def bench_minhash(files: list[Path], sample: list[str]) -> tuple[float, float | None]:
-    texts = [json.loads(line)["text"] for line in first_bytes(files, 10**9)]
+def minhash_ours(files: list[Path]) -> float:
+    texts = texts_of(first_bytes(files, 10**9))
     hasher = MinHasher(num_perm=128, ngram=5)
-    ours = cpu_rate(lambda: [hasher.signature(t) for t in texts], sum(len(t.encode()) for t in texts))
+    return cpu_rate(lambda: [hasher.signature(t) for t in texts], nbytes(texts))
+
+
+def minhash_datasketch(sample: list[str]) -> float | None:
     try:
         from datasketch import MinHash
     except ImportError:
         print("datasketch is not installed: pip install -e '.[bench]' for the MinHash baseline")
-        return ours, None
-    small = [json.loads(line)["text"] for line in sample]
+        return None
+    texts = texts_of(sample)
+    assert shingle_hashes("abcdef", 5).size == 2  # the same 5-gram definition on both sides
 
-    def baseline():
-        for text in small:
+    def run():
+        for text in texts:
             norm = normalize(text)
             shingles = {norm[i : i + 5].encode() for i in range(max(1, len(norm) - 4))}
             MinHash(num_perm=128).update_batch(list(shingles))
 
-    assert shingle_hashes("abcdef", 5).size == 2  # same 5-gram definition on both sides
-    return ours, cpu_rate(baseline, sum(len(t.encode()) for t in small))
+    return cpu_rate(run, nbytes(texts))
 
 
-def bench_tokenize(files: list[Path], out: Path, tokenizer: Path, sample: list[str]) -> dict[str, float]:
-    import numpy as np
-    import sentencepiece as spm
-    import torch
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-    from transformers import AutoTokenizer
-
-    torch.set_num_threads(1)
+def tokenize_ours(files: list[Path], out: Path, tokenizer: Path) -> float:
     config = load_config(None, {"workers": 1})
     (out / "tok").mkdir(parents=True, exist_ok=True)
 
-    def ours():
+    def run():
         for i, path in enumerate(files):
             task = TokenizeTask(i, path, out / "tok", config, tokenizer, "uint16")
             tokenize_file(task, Progress(lambda d, b: None))
 
-    nbytes = sum(len(s.encode()) for s in sample)
-    hf = AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True)
-    sp = spm.SentencePieceProcessor(model_file=str(tokenizer / "tokenizer.model"))
+    return cpu_rate(run, size(files))
 
-    def megatron_lm(encode):
-        builder = IndexedDatasetBuilder(str(out / "baseline.bin"), dtype=np.uint16)
+
+def _tokenizer_call(tokenizer: Path, kind: str):
+    if kind == "ours":
+        encoder = load_encoder(tokenizer)
+        return lambda texts: [encoder.encode_batch(texts[i : i + 256]) for i in range(0, len(texts), 256)]
+    if kind == "hf":
+        from transformers import AutoTokenizer
+
+        hf = AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True)
+        return lambda texts: [hf(t).input_ids for t in texts]
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer / "tokenizer.model"))
+    return lambda texts: [sp.encode_as_ids(t) for t in texts]
+
+
+def tokenize_megatron_lm(sample: list[str], out: Path, tokenizer: Path, kind: str) -> float:
+    """json.loads, the tokenizer call, IndexedDatasetBuilder.add_item + end_document, per document."""
+    import numpy as np
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    torch.set_num_threads(1)
+    encode = _tokenizer_call(tokenizer, kind)
+
+    def run():
+        builder = IndexedDatasetBuilder(str(out / f"baseline-{kind}.bin"), dtype=np.uint16)
         for line in sample:
-            ids = encode(json.loads(line)["text"])
+            ids = encode([json.loads(line)["text"]])[0]
             ids.append(2)
             builder.add_item(torch.tensor(ids))
             builder.end_document()
-        builder.finalize(str(out / "baseline.idx"))
+        builder.finalize(str(out / f"baseline-{kind}.idx"))
 
-    by_kind: dict[str, list[str]] = {}
-    for line in sample:
-        text = json.loads(line)["text"]
+    return cpu_rate(run, sum(len(s.encode()) for s in sample))
+
+
+def tokenizer_call_only(texts: list[str], tokenizer: Path, kind: str) -> float:
+    encode = _tokenizer_call(tokenizer, kind)
+    return cpu_rate(lambda: encode(texts), nbytes(texts))
+
+
+def by_language(sample: list[str]) -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = {}
+    for text in texts_of(sample):
         kind = "code" if content_kind(text, LabelConfig()) == "code" else language(text)
-        by_kind.setdefault(kind, []).append(text)
-    encoder = load_encoder(tokenizer)
-    for kind in ("zh", "en", "code"):
-        texts = by_kind.get(kind, [])
-        n = sum(len(t.encode()) for t in texts)
-        encoder.cache.clear()
-        mine = cpu_rate(
-            lambda texts=texts: [encoder.encode_batch(texts[i : i + 256]) for i in range(0, len(texts), 256)],
-            n,
-        )
-        theirs = cpu_rate(lambda texts=texts: [sp.encode_as_ids(t) for t in texts], n)
-        hf_rate = cpu_rate(lambda texts=texts: [hf(t).input_ids for t in texts], n)
-        print(
-            f"  tokenizer call only, {kind:>4} ({n / 1e6:4.1f} MB): ours {mine:6.2f}  "
-            f"SentencePiece {theirs:6.2f} ({mine / theirs:4.2f}x)  "
-            f"HF __call__ {hf_rate:6.2f} ({mine / hf_rate:4.2f}x)"
-        )
-    return {
-        "ours": cpu_rate(ours, size(files)),
-        "megatron-lm (HF tokenizer)": cpu_rate(lambda: megatron_lm(lambda t: hf(t).input_ids), nbytes),
-        "megatron-lm (SentencePiece)": cpu_rate(lambda: megatron_lm(sp.encode_as_ids), nbytes),
-    }
+        groups.setdefault(kind, []).append(text)
+    return groups
 
 
 def train_tokenizer(files: list[Path], directory: Path, vocab: int) -> Path:
@@ -216,6 +242,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("RAYON_NUM_THREADS", "1")
     warnings.filterwarnings("ignore")  # megatron-core's notes about optional GPU packages
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")  # and in the measuring processes
     files = make_corpus(args.workdir / f"corpus-{args.mb}mb", args.mb)
     tokenizer = train_tokenizer(files, args.workdir, args.vocab)
     sample = first_bytes(files, args.baseline_mb)
@@ -224,14 +251,44 @@ def main() -> None:
         f"corpus: {size(files) / 1e6:.0f} MB in {len(files)} files; baselines on {args.baseline_mb:g} MB; "
         f"{os.cpu_count()} cores; figures in MB/s per core (CPU time)"
     )
-    rows = []
-    clean, floor = bench_clean(files, out, sample)
-    rows.append(("clean", clean, "read+parse+write floor", floor))
-    ours, baseline = bench_minhash(files, sample)
-    rows.append(("minhash signatures", ours, "datasketch", baseline))
-    tokenize = bench_tokenize(files, out, tokenizer, sample)
-    for name in ("megatron-lm (HF tokenizer)", "megatron-lm (SentencePiece)"):
-        rows.append(("tokenize", tokenize["ours"], name, tokenize[name]))
+    out.mkdir(parents=True, exist_ok=True)
+    for kind, texts in sorted(by_language(sample).items()):
+        if kind in ("zh", "en", "code"):
+            mine, sp_rate, hf_rate = (
+                isolated(tokenizer_call_only, texts, tokenizer, k) for k in ("ours", "sp", "hf")
+            )
+            print(
+                f"  tokenizer call only, {kind:>4} ({nbytes(texts) / 1e6:4.1f} MB): ours {mine:6.2f}  "
+                f"SentencePiece {sp_rate:6.2f} ({mine / sp_rate:4.2f}x)  "
+                f"HF __call__ {hf_rate:6.2f} ({mine / hf_rate:4.2f}x)"
+            )
+    tokenize = isolated(tokenize_ours, files, out, tokenizer)
+    rows = [
+        (
+            "clean",
+            isolated(clean_ours, files, out),
+            "read+parse+write floor",
+            isolated(clean_floor, sample, out),
+        ),
+        (
+            "minhash signatures",
+            isolated(minhash_ours, files),
+            "datasketch",
+            isolated(minhash_datasketch, sample),
+        ),
+        (
+            "tokenize",
+            tokenize,
+            "megatron-lm (HF tokenizer)",
+            isolated(tokenize_megatron_lm, sample, out, tokenizer, "hf"),
+        ),
+        (
+            "tokenize",
+            tokenize,
+            "megatron-lm (SentencePiece)",
+            isolated(tokenize_megatron_lm, sample, out, tokenizer, "sp"),
+        ),
+    ]
     print(f"{'stage':<20}{'ours':>10}  {'baseline':<30}{'baseline':>10}{'ratio':>8}")
     for stage, mine, name, theirs in rows:
         ratio = f"{mine / theirs:7.2f}x" if theirs else "      -"
