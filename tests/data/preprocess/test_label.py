@@ -74,6 +74,22 @@ def test_hf_classifier_scorer(tmp_path, tokenizer_dir):
     assert values == pytest.approx(score(texts[::-1])[::-1], abs=1e-5)
 
 
+def test_fasttext_scorer(tmp_path):
+    fasttext = pytest.importorskip("fasttext")
+    rng = random.Random(10)
+    lines = []
+    for _ in range(200):
+        lines.append("__label__hq " + synth.en_doc(rng, 3).replace("\n", " "))
+        lines.append("__label__lq " + " ".join(["buy cheap watches now"] * 5))
+    (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
+    fasttext.train_supervised(str(tmp_path / "train.txt"), epoch=5, verbose=0, seed=1, thread=1).save_model(
+        str(tmp_path / "quality.bin")
+    )
+    score = load_scorer({"kind": "fasttext", "path": str(tmp_path / "quality.bin"), "label": "__label__hq"})
+    good, spam = score([synth.en_doc(rng, 3), "buy cheap watches now\nbuy cheap watches now"])
+    assert good > 0.5 > spam
+
+
 def test_bad_scorer_specs_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_scorer({"kind": "fasttext", "path": str(tmp_path / "missing.bin")})
