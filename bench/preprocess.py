@@ -1,0 +1,300 @@
+"""Throughput per core of clean, dedup signatures and tokenize, beside same-run baselines.
+
+    pip install -e '.[bench]'            # datasketch, the MinHash baseline
+    python bench/preprocess.py --mb 200  # generates (and caches) a mixed zh/en/code corpus
+
+Every figure is megabytes of JSONL text per CPU-second of one process (`time.process_time`, so other
+load on a shared machine does not count), measured in this run:
+
+* clean      ours: the clean stage (read, rules, PII masking, write) on one core;
+             floor: read + json.loads + json.dumps + write, the least any stage can do.
+* minhash    ours: `MinHasher.signature` (numpy, 128 permutations, character 5-grams);
+             baseline: `datasketch.MinHash(num_perm=128).update_batch` on the same 5-gram shingles.
+* tokenize   ours: the tokenize stage (read, encode with the segment cache, EOD, .bin/.idx parts);
+             baselines: what Megatron-LM's tools/preprocess_data.py does per document, i.e.
+             json.loads, the tokenizer call (HF: `tokenizer(text).input_ids` as Megatron's
+             HuggingFaceTokenizer; SentencePiece: `encode_as_ids` as GPTSentencePieceTokenizer),
+             `IndexedDatasetBuilder.add_item(torch.tensor(ids))` + `end_document`.
+Baselines run on the first `--baseline-mb` megabytes (their per-core rate does not depend on size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import random
+import sys
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from data.demo import synth  # noqa: E402
+from data.preprocess.config import load_config  # noqa: E402
+from data.preprocess.dedup.hashing import MinHasher, normalize, shingle_hashes  # noqa: E402
+from data.preprocess.engines.local import Progress  # noqa: E402
+from data.preprocess.label import LabelConfig, content_kind, language  # noqa: E402
+from data.preprocess.stage import FileTask  # noqa: E402
+from data.preprocess.steps import clean_file  # noqa: E402
+from data.preprocess.tokenize import TokenizeTask, tokenize_file  # noqa: E402
+from data.preprocess.tokenizer.encode import load_encoder  # noqa: E402
+
+FILE_MB = 25
+
+
+def _documents(rng: random.Random):
+    """zh / en / code documents, each kind chosen to keep the bytes at 40 / 40 / 20 percent."""
+    sources = synth.stdlib_sources()
+    makers = (lambda: synth.zh_doc(rng), lambda: synth.en_doc(rng), lambda: synth.code_doc(rng, sources))
+    budget, done = (0.4, 0.4, 0.2), [0, 0, 0]
+    while True:
+        kind = min(range(3), key=lambda k: done[k] / budget[k])
+        text = makers[kind]()
+        done[kind] += len(text.encode())
+        yield text
+
+
+def make_corpus(directory: Path, mb: int) -> list[Path]:
+    """`mb` megabytes of JSONL in files of FILE_MB megabytes; reused when already there."""
+    files = sorted(directory.glob("part-*.jsonl"))
+    if files and size(files) >= mb * 1e6 * 0.98:
+        return files
+    directory.mkdir(parents=True, exist_ok=True)
+    documents, index, written = _documents(random.Random(0)), 0, 0
+    for part in range(-(-mb // FILE_MB)):
+        with open(directory / f"part-{part:03d}.jsonl", "w", encoding="utf-8") as handle:
+            in_file = 0
+            while in_file < min(FILE_MB, mb - part * FILE_MB) * 1e6:
+                line = json.dumps({"id": f"b{index}", "text": next(documents)}, ensure_ascii=False) + "\n"
+                handle.write(line)
+                in_file += len(line.encode())
+                index += 1
+            written += in_file
+    return sorted(directory.glob("part-*.jsonl"))
+
+
+def cpu_rate(fn, nbytes: int) -> float:
+    start = time.process_time()
+    fn()
+    return nbytes / max(time.process_time() - start, 1e-9) / 1e6
+
+
+def isolated(fn, *args) -> float:
+    """Run one measurement in a fresh process, so no contender inherits another's heap or caches."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def first_bytes(files: list[Path], mb: float) -> list[str]:
+    lines, total = [], 0
+    for path in files:
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                lines.append(line)
+                total += len(line.encode())
+                if total >= mb * 1e6:
+                    return lines
+    return lines
+
+
+def size(files: list[Path]) -> int:
+    return sum(p.stat().st_size for p in files)
+
+
+def texts_of(lines: list[str]) -> list[str]:
+    return [json.loads(line)["text"] for line in lines]
+
+
+def nbytes(texts: list[str]) -> int:
+    return sum(len(t.encode()) for t in texts)
+
+
+def clean_ours(files: list[Path], out: Path) -> float:
+    config = load_config(None, {"workers": 1, "shard_docs": 10**9})
+    (out / "clean").mkdir(parents=True, exist_ok=True)
+
+    def run():
+        for i, path in enumerate(files):
+            clean_file(FileTask(i, path, out / "clean", config), Progress(lambda d, b: None))
+
+    return cpu_rate(run, size(files))
+
+
+def clean_floor(sample: list[str], out: Path) -> float:
+    def run():
+        with open(out / "floor.jsonl", "w", encoding="utf-8") as handle:
+            for line in sample:
+                handle.write(json.dumps(json.loads(line), ensure_ascii=False) + "\n")
+
+    return cpu_rate(run, sum(len(s.encode()) for s in sample))
+
+
+def minhash_ours(files: list[Path]) -> float:
+    texts = texts_of(first_bytes(files, 10**9))
+    hasher = MinHasher(num_perm=128, ngram=5)
+    return cpu_rate(lambda: [hasher.signature(t) for t in texts], nbytes(texts))
+
+
+def minhash_datasketch(sample: list[str]) -> float | None:
+    try:
+        from datasketch import MinHash
+    except ImportError:
+        print("datasketch is not installed: pip install -e '.[bench]' for the MinHash baseline")
+        return None
+    texts = texts_of(sample)
+    assert shingle_hashes("abcdef", 5).size == 2  # the same 5-gram definition on both sides
+
+    def run():
+        for text in texts:
+            norm = normalize(text)
+            shingles = {norm[i : i + 5].encode() for i in range(max(1, len(norm) - 4))}
+            MinHash(num_perm=128).update_batch(list(shingles))
+
+    return cpu_rate(run, nbytes(texts))
+
+
+def tokenize_ours(files: list[Path], out: Path, tokenizer: Path) -> float:
+    config = load_config(None, {"workers": 1})
+    (out / "tok").mkdir(parents=True, exist_ok=True)
+
+    def run():
+        for i, path in enumerate(files):
+            task = TokenizeTask(i, path, out / "tok", config, tokenizer, "uint16")
+            tokenize_file(task, Progress(lambda d, b: None))
+
+    return cpu_rate(run, size(files))
+
+
+def _tokenizer_call(tokenizer: Path, kind: str):
+    if kind == "ours":
+        encoder = load_encoder(tokenizer)
+        return lambda texts: [encoder.encode_batch(texts[i : i + 256]) for i in range(0, len(texts), 256)]
+    if kind == "hf":
+        from transformers import AutoTokenizer
+
+        hf = AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True)
+        return lambda texts: [hf(t).input_ids for t in texts]
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer / "tokenizer.model"))
+    return lambda texts: [sp.encode_as_ids(t) for t in texts]
+
+
+def tokenize_megatron_lm(sample: list[str], out: Path, tokenizer: Path, kind: str) -> float:
+    """json.loads, the tokenizer call, IndexedDatasetBuilder.add_item + end_document, per document."""
+    import numpy as np
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    torch.set_num_threads(1)
+    encode = _tokenizer_call(tokenizer, kind)
+
+    def run():
+        builder = IndexedDatasetBuilder(str(out / f"baseline-{kind}.bin"), dtype=np.uint16)
+        for line in sample:
+            ids = encode([json.loads(line)["text"]])[0]
+            ids.append(2)
+            builder.add_item(torch.tensor(ids))
+            builder.end_document()
+        builder.finalize(str(out / f"baseline-{kind}.idx"))
+
+    return cpu_rate(run, sum(len(s.encode()) for s in sample))
+
+
+def tokenizer_call_only(texts: list[str], tokenizer: Path, kind: str) -> float:
+    encode = _tokenizer_call(tokenizer, kind)
+    return cpu_rate(lambda: encode(texts), nbytes(texts))
+
+
+def by_language(sample: list[str]) -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = {}
+    for text in texts_of(sample):
+        kind = "code" if content_kind(text, LabelConfig()) == "code" else language(text)
+        groups.setdefault(kind, []).append(text)
+    return groups
+
+
+def train_tokenizer(files: list[Path], directory: Path, vocab: int) -> Path:
+    from data.preprocess.tokenizer.train import run_train_tokenizer
+
+    target = directory / f"tokenizer-{vocab}"
+    if not (target / "report.json").is_file():
+        settings = {
+            "tokenizer.vocab_size": vocab,
+            "tokenizer.sample_mb": 20.0,
+            "tokenizer.reserved_tokens": 1000,
+        }
+        run_train_tokenizer(load_config(None, settings), files[:2], target, overwrite=True)
+    return target
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mb", type=int, default=200, help="corpus size in MB (default 200)")
+    parser.add_argument("--baseline-mb", type=float, default=20.0, help="MB the baselines run on")
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--workdir", type=Path, default=ROOT / "bench" / ".cache")
+    args = parser.parse_args()
+    os.environ.setdefault("RAYON_NUM_THREADS", "1")
+    warnings.filterwarnings("ignore")  # megatron-core's notes about optional GPU packages
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")  # and in the measuring processes
+    files = make_corpus(args.workdir / f"corpus-{args.mb}mb", args.mb)
+    tokenizer = train_tokenizer(files, args.workdir, args.vocab)
+    sample = first_bytes(files, args.baseline_mb)
+    out = args.workdir / "out"
+    print(
+        f"corpus: {size(files) / 1e6:.0f} MB in {len(files)} files; baselines on {args.baseline_mb:g} MB; "
+        f"{os.cpu_count()} cores; figures in MB/s per core (CPU time)"
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    for kind, texts in sorted(by_language(sample).items()):
+        if kind in ("zh", "en", "code"):
+            mine, sp_rate, hf_rate = (
+                isolated(tokenizer_call_only, texts, tokenizer, k) for k in ("ours", "sp", "hf")
+            )
+            print(
+                f"  tokenizer call only, {kind:>4} ({nbytes(texts) / 1e6:4.1f} MB): ours {mine:6.2f}  "
+                f"SentencePiece {sp_rate:6.2f} ({mine / sp_rate:4.2f}x)  "
+                f"HF __call__ {hf_rate:6.2f} ({mine / hf_rate:4.2f}x)"
+            )
+    tokenize = isolated(tokenize_ours, files, out, tokenizer)
+    rows = [
+        (
+            "clean",
+            isolated(clean_ours, files, out),
+            "read+parse+write floor",
+            isolated(clean_floor, sample, out),
+        ),
+        (
+            "minhash signatures",
+            isolated(minhash_ours, files),
+            "datasketch",
+            isolated(minhash_datasketch, sample),
+        ),
+        (
+            "tokenize",
+            tokenize,
+            "megatron-lm (HF tokenizer)",
+            isolated(tokenize_megatron_lm, sample, out, tokenizer, "hf"),
+        ),
+        (
+            "tokenize",
+            tokenize,
+            "megatron-lm (SentencePiece)",
+            isolated(tokenize_megatron_lm, sample, out, tokenizer, "sp"),
+        ),
+    ]
+    print(f"{'stage':<20}{'ours':>10}  {'baseline':<30}{'baseline':>10}{'ratio':>8}")
+    for stage, mine, name, theirs in rows:
+        ratio = f"{mine / theirs:7.2f}x" if theirs else "      -"
+        shown = f"{theirs:10.2f}" if theirs else "         -"
+        print(f"{stage:<20}{mine:10.2f}  {name:<30}{shown}{ratio}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The small shipped demo corpus and the deterministic generator it was made with."""

@@ -1,0 +1,235 @@
+"""Rule-based quality filters with per-channel thresholds.
+
+Each rule measures one number and compares it with a threshold; a rejected document is written to
+`rejected/<rule>.jsonl` with the measured value so a person can check what a rule drops. Code,
+markdown and math get their own defaults (`CHANNEL_DEFAULTS`): prose rules such as the symbol
+ratio or line repetition would wash them out. Any threshold set to null in the config is off.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+import numpy as np
+
+from megatron_patches.errors import ConfigError
+
+from . import repetition
+from .document import Document
+from .label import LabelConfig, infer_channel
+
+_URL = re.compile(r"(?:https?://|www\.)[^\s<>\"'\u3000-\u303f\uff00-\uffef]+", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    min_chars: int | None = 30
+    max_chars: int | None = 500_000
+    min_zh_ratio: float | None = None  # Han / non-space characters
+    min_en_ratio: float | None = None  # Latin letters / non-space characters
+    min_alpha_ratio: float | None = 0.5  # letters of any script / non-space characters
+    max_digit_ratio: float | None = 0.3
+    max_symbol_ratio: float | None = 0.3  # not letter, digit or space / non-space characters
+    max_url_ratio: float | None = 0.3  # characters inside URLs / all characters
+    max_dup_line_ratio: float | None = 0.3  # Gopher: duplicate lines / lines
+    max_dup_line_char_ratio: float | None = 0.2  # Gopher: characters in duplicate lines
+    max_top_ngram: dict[int, float] | None = field(default_factory=lambda: {2: 0.20, 3: 0.18, 4: 0.16})
+    max_dup_ngram: dict[int, float] | None = field(default_factory=lambda: {5: 0.15, 7: 0.13, 10: 0.10})
+    max_blocklist_hits: int | None = 0
+
+
+_NO_PROSE_RULES = dict(
+    min_alpha_ratio=None,
+    max_symbol_ratio=None,
+    max_dup_line_ratio=None,
+    max_dup_line_char_ratio=None,
+    max_top_ngram=None,
+    max_dup_ngram=None,
+)
+CHANNEL_DEFAULTS: dict[str, dict] = {
+    "code": dict(_NO_PROSE_RULES, min_alpha_ratio=0.25, max_symbol_ratio=0.6, max_digit_ratio=0.5),
+    "markdown": dict(_NO_PROSE_RULES, min_alpha_ratio=0.35, max_symbol_ratio=0.45, max_dup_ngram={10: 0.3}),
+    "math": dict(_NO_PROSE_RULES, min_alpha_ratio=0.25, max_symbol_ratio=0.5, max_digit_ratio=0.5),
+}
+
+
+def thresholds_from(values: dict, where: str, base: Thresholds | None = None) -> Thresholds:
+    """Build Thresholds from a config mapping; unknown keys are an error naming `where`."""
+    names = {f.name for f in fields(Thresholds)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown threshold(s) {unknown}; known: {sorted(names)}")
+    coerced = {}
+    for key, value in values.items():
+        if key in ("max_top_ngram", "max_dup_ngram") and value is not None:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}.{key} must map n to a fraction, got {value!r}")
+            value = {int(n): float(v) for n, v in value.items()}
+        coerced[key] = value
+    return replace(base or Thresholds(), **coerced)
+
+
+@dataclass
+class TextStats:
+    chars: int
+    zh_ratio: float
+    en_ratio: float
+    alpha_ratio: float
+    digit_ratio: float
+    symbol_ratio: float
+    url_ratio: float
+
+
+SYMBOL, SPACE, DIGIT, HAN, LATIN, LETTER = range(6)
+
+
+def _class_table() -> np.ndarray:
+    """Character class of every BMP code point, looked up with numpy instead of per-char Python."""
+    table = np.full(0x10000, SYMBOL, dtype=np.uint8)
+    for cp in range(0x10000):
+        ch = chr(cp)
+        if ch.isspace():
+            table[cp] = SPACE
+        elif ch.isdecimal():
+            table[cp] = DIGIT
+        elif ch.isalpha():
+            table[cp] = LETTER
+    for lo, hi in ((0x3040, 0x30FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF)):
+        table[lo : hi + 1][table[lo : hi + 1] == LETTER] = HAN
+    for lo, hi in ((0x41, 0x5A), (0x61, 0x7A), (0xC0, 0x24F), (0x1E00, 0x1EFF)):
+        table[lo : hi + 1][table[lo : hi + 1] == LETTER] = LATIN
+    return table
+
+
+_CLASS = _class_table()
+
+
+def char_classes(text: str) -> np.ndarray:
+    """Counts per class (SYMBOL, SPACE, DIGIT, HAN, LATIN, LETTER) of the characters of `text`."""
+    points = np.frombuffer(text.encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32)
+    classes = _CLASS[np.minimum(points, 0xFFFF)]
+    astral = points > 0xFFFF
+    if astral.any():  # CJK extension B and beyond are Han; emoji and the rest are symbols
+        classes[astral] = np.where((points[astral] >= 0x20000) & (points[astral] <= 0x3FFFF), HAN, SYMBOL)
+    return np.bincount(classes, minlength=6)
+
+
+def measure(text: str) -> TextStats:
+    counts = char_classes(text)
+    nonspace = max(1, len(text) - int(counts[SPACE]))
+    letters = int(counts[HAN] + counts[LATIN] + counts[LETTER])
+    has_url = "http" in text or "www." in text or "WWW." in text
+    url_chars = sum(len(m) for m in _URL.findall(text)) if has_url else 0
+    return TextStats(
+        chars=len(text),
+        zh_ratio=int(counts[HAN]) / nonspace,
+        en_ratio=int(counts[LATIN]) / nonspace,
+        alpha_ratio=letters / nonspace,
+        digit_ratio=int(counts[DIGIT]) / nonspace,
+        symbol_ratio=int(counts[SYMBOL]) / nonspace,
+        url_ratio=url_chars / max(1, len(text)),
+    )
+
+
+class Blocklist:
+    """Keywords from plain files (one per line, '#' comments); matching is case-insensitive."""
+
+    def __init__(self, paths: list[Path]):
+        words: set[str] = set()
+        for path in paths:
+            if not path.is_file():
+                raise ConfigError(f"clean.blocklists: {path} is not a file")
+            for line in path.read_text(encoding="utf-8").splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    words.add(line.lower())
+        longest_first = sorted(words, key=len, reverse=True)
+        self.pattern = re.compile("|".join(map(re.escape, longest_first))) if words else None
+
+    def hits(self, text: str) -> int:
+        return len(self.pattern.findall(text.lower())) if self.pattern else 0
+
+
+Verdict = tuple[bool, str | None, float | None]  # (keep, rule, measured value)
+_KEEP: Verdict = (True, None, None)
+
+
+def _over(value: float, limit: float | None) -> bool:
+    return limit is not None and value > limit
+
+
+def _under(value: float, limit: float | None) -> bool:
+    return limit is not None and value < limit
+
+
+def check(text: str, t: Thresholds, blocklist: Blocklist | None = None) -> Verdict:
+    """The first rule that rejects `text` under thresholds `t`, cheapest rules first."""
+    if _under(len(text), t.min_chars):
+        return False, "too_short", len(text)
+    if _over(len(text), t.max_chars):
+        return False, "too_long", len(text)
+    s = measure(text)
+    for rule, value, bad in (
+        ("zh_ratio", s.zh_ratio, _under(s.zh_ratio, t.min_zh_ratio)),
+        ("en_ratio", s.en_ratio, _under(s.en_ratio, t.min_en_ratio)),
+        ("url_ratio", s.url_ratio, _over(s.url_ratio, t.max_url_ratio)),
+        ("digit_ratio", s.digit_ratio, _over(s.digit_ratio, t.max_digit_ratio)),
+        ("symbol_ratio", s.symbol_ratio, _over(s.symbol_ratio, t.max_symbol_ratio)),
+        ("alpha_ratio", s.alpha_ratio, _under(s.alpha_ratio, t.min_alpha_ratio)),
+    ):
+        if bad:
+            return False, rule, round(value, 4)
+    if blocklist is not None and t.max_blocklist_hits is not None:
+        hits = blocklist.hits(text)
+        if hits > t.max_blocklist_hits:
+            return False, "blocklist", hits
+    return _check_repetition(text, t)
+
+
+def _check_repetition(text: str, t: Thresholds) -> Verdict:
+    if t.max_dup_line_ratio is not None or t.max_dup_line_char_ratio is not None:
+        lines, line_chars = repetition.duplicate_line_fractions(text)
+        if _over(lines, t.max_dup_line_ratio) or _over(line_chars, t.max_dup_line_char_ratio):
+            return False, "line_repetition", round(max(lines, line_chars), 4)
+    if not t.max_top_ngram and not t.max_dup_ngram:
+        return _KEEP
+    grams = repetition.Ngrams(repetition.words(text))
+    for n, limit in sorted((t.max_top_ngram or {}).items()):
+        value = grams.top_fraction(n)
+        if value > limit:
+            return False, "ngram_repetition", round(value, 4)
+    dup_limits = sorted((t.max_dup_ngram or {}).items())
+    for i, (n, limit) in enumerate(dup_limits):
+        value = grams.duplicate_fraction(n)
+        if value > limit:
+            return False, "ngram_repetition", round(value, 4)
+        # A repeated longer n-gram is made of repeated shorter ones, so coverage only falls with n.
+        if all(value <= later for _, later in dup_limits[i + 1 :]):
+            break
+    return _KEEP
+
+
+class Cleaner:
+    """The clean step: picks the thresholds of the document's channel and applies every rule."""
+
+    def __init__(
+        self,
+        default: Thresholds,
+        channels: dict[str, Thresholds],
+        blocklist: Blocklist | None,
+        label_config: LabelConfig,
+    ):
+        self.default, self.channels, self.blocklist, self.label_config = (
+            default,
+            channels,
+            blocklist,
+            label_config,
+        )
+
+    def channel_of(self, doc: Document) -> str:
+        return infer_channel(doc, self.label_config)
+
+    def __call__(self, doc: Document, channel: str) -> Verdict:
+        return check(doc.text, self.channels.get(channel, self.default), self.blocklist)

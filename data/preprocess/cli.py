@@ -1,0 +1,89 @@
+"""`python -m data.preprocess <stage> ...`: argument parsing for every stage and for `run`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from megatron_patches.errors import ConfigError
+
+from .config import load_config
+from .jsonl import expand_inputs
+from .pipeline import run_pipeline, run_stage
+
+PROG = "python -m data.preprocess"
+_HELP = {
+    "clean": "quality rules with per-channel thresholds, then PII masking",
+    "label": "assign channels (source rules, content heuristics) and optional quality scores",
+    "dedup": "exact + MinHash-LSH near-duplicate removal (local cores or Apache Spark)",
+    "train-tokenizer": "SentencePiece BPE + HF tokenizer directory",
+    "tokenize": "documents to Megatron <channel>_text_document.bin/.idx + blend.yaml",
+}
+
+
+def _common(parser: argparse.ArgumentParser, needs_input: bool) -> None:
+    parser.add_argument("--config", type=Path, help="YAML config (defaults for every setting if omitted)")
+    if needs_input:
+        parser.add_argument("--input", nargs="+", help="JSONL files or globs (.jsonl, .jsonl.gz, .jsonl.zst)")
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--workers", type=int, help="processes (default: all cores)")
+    parser.add_argument("--text-field", help="JSON key holding the text (default: text)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Raw JSONL to Megatron-Core .bin/.idx.")
+    sub = parser.add_subparsers(dest="stage", required=True)
+    for name, help_text in _HELP.items():
+        stage = sub.add_parser(name, help=help_text)
+        _common(stage, needs_input=True)
+        if name == "dedup":
+            stage.add_argument("--engine", choices=("local", "spark"))
+            stage.add_argument("--spark-master", help="e.g. local[2]; default: what spark-submit configured")
+        if name == "train-tokenizer":
+            stage.add_argument("--vocab-size", type=int)
+        if name == "tokenize":
+            stage.add_argument("--tokenizer", type=Path, help=".model file or HF tokenizer directory")
+    run = sub.add_parser("run", help="every stage in order, from one config (resumes complete stages)")
+    _common(run, needs_input=False)
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    pairs = {
+        "workers": args.workers,
+        "text_field": args.text_field,
+        "dedup.engine": getattr(args, "engine", None),
+        "dedup.spark_master": getattr(args, "spark_master", None),
+        "tokenizer.vocab_size": getattr(args, "vocab_size", None),
+    }
+    return {key: value for key, value in pairs.items() if value is not None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = load_config(args.config, _overrides(args))
+    if args.stage == "run":
+        if not config.input:
+            raise ConfigError("run: the config needs an `input:` list of JSONL files or globs")
+        reports = run_pipeline(config, args.out, overwrite=args.overwrite)
+        summary = {
+            name: {k: r.get(k) for k in ("docs_in", "docs_out", "seconds")} for name, r in reports.items()
+        }
+        print(json.dumps(summary, indent=1))
+        return 0
+    patterns = args.input or config.input
+    if not patterns:
+        raise ConfigError(f"{args.stage}: give --input or an `input:` list in the config")
+    inputs = expand_inputs(patterns, None if args.input else config.base_dir)
+    if args.stage == "tokenize":
+        tokenizer = args.tokenizer or config.path(config.tokenize.tokenizer)
+        if tokenizer is None:
+            raise ConfigError("tokenize: give --tokenizer (a .model file or a HF tokenizer directory)")
+        from .tokenize import run_tokenize
+
+        run_tokenize(config, inputs, args.out, tokenizer, overwrite=args.overwrite)
+        return 0
+    run_stage(args.stage, config, inputs, args.out, overwrite=args.overwrite)
+    return 0

@@ -1,0 +1,135 @@
+"""Dedup on Apache Spark (`pip install '.[spark]'`), for corpora one machine cannot hold.
+
+The same functions as the local engine do the work: executors read files with the project's reader
+and hash them with `MinHasher`; buckets are Spark groups whose star edges come from `lsh.star_edges`;
+verification runs on executors; only the verified edges (the duplicates, not the corpus) reach the
+driver, which clusters them with `lsh.UnionFind` and picks keepers with `lsh.removals`. The filter
+pass is again one task per input file, writing numbered parts into the output directory, which must
+therefore be on a filesystem every executor sees (local disk in `local[N]`, NFS/Lustre on a cluster).
+
+Cluster use: install this package on the executors (or ship it with `--py-files`) and run
+``spark-submit data/spark_submit.py dedup --engine spark --input ... --out ...``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from megatron_patches.errors import ConfigError
+
+from ..config import PipelineConfig
+from ..engines.local import Progress
+from ..report import Stats
+from ..stage import FileTask
+from .hashing import estimated_jaccard, exact_jaccard
+from .local import drop_lists
+from .lsh import DocInfo, UnionFind, removals, split_gid, star_edges
+from .tasks import FilterTask, filter_file, record_band_keys, shingles_for_lines, signature_records
+
+
+def spark_session(config: PipelineConfig):
+    try:
+        from pyspark.sql import SparkSession
+    except ImportError as err:
+        raise ConfigError("dedup.engine spark needs pyspark: pip install '.[spark]'") from err
+    # Executors must run this interpreter (it has this package installed), not whatever `python3` is.
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    builder = SparkSession.builder.appName("data.preprocess dedup").config("spark.ui.enabled", "false")
+    if config.dedup.spark_master:
+        builder = builder.master(config.dedup.spark_master)
+    for key, value in config.dedup.spark_conf.items():
+        builder = builder.config(str(key), str(value))
+    return builder.getOrCreate()
+
+
+def _keys(record, config: PipelineConfig) -> list:
+    d = config.dedup
+    keys = [((j, key), record.gid) for j, key in enumerate(record_band_keys([record], d)[0].tolist())]
+    if d.exact:
+        keys.append((("exact", record.exact), record.gid))
+    return keys
+
+
+def _verified(sc, candidates, records, files, config: PipelineConfig):
+    d = config.dedup
+    if d.verify == "none":
+        return candidates
+    if d.verify == "signature":
+        signatures = records.mapValues(lambda r: r.signature)
+    else:
+        wanted: dict[int, set[int]] = {}
+        for gid in candidates.flatMap(lambda e: e).distinct().collect():
+            index, line = split_gid(gid)
+            wanted.setdefault(index, set()).add(line)
+        lines = sc.broadcast(wanted)
+        signatures = files.flatMap(
+            lambda f: shingles_for_lines(f[0], Path(f[1]), lines.value.get(f[0], set()), config)
+        )
+    measure = estimated_jaccard if d.verify == "signature" else exact_jaccard
+    return (
+        candidates.join(signatures)  # (a, (b, sa))
+        .map(lambda kv: (kv[1][0], (kv[0], kv[1][1])))
+        .join(signatures)  # (b, ((a, sa), sb))
+        .filter(lambda kv: measure(kv[1][0][1], kv[1][1]) >= d.threshold)
+        .map(lambda kv: (kv[1][0][0], kv[0]))
+    )
+
+
+def run_spark(tasks: list[FileTask], config: PipelineConfig) -> Stats:
+    from pyspark.sql import SparkSession
+
+    owned = SparkSession.getActiveSession() is None
+    spark = spark_session(config)
+    try:
+        return _run(spark.sparkContext, tasks, config)
+    finally:
+        if owned:
+            spark.stop()
+
+
+def _run(sc, tasks: list[FileTask], config: PipelineConfig) -> Stats:
+    d = config.dedup
+    files = sc.parallelize([(t.index, str(t.path)) for t in tasks], max(1, len(tasks)))
+    records = (
+        files.flatMap(lambda f: signature_records(f[0], Path(f[1]), config)).keyBy(lambda r: r.gid).cache()
+    )
+    edges = (
+        records.values()
+        .flatMap(lambda r: _keys(r, config))
+        .groupByKey()
+        .flatMap(lambda kv: [(kv[0][0] == "exact", a, b) for a, b in star_edges(kv[1])])
+        .cache()
+    )
+    exact_edges = edges.filter(lambda e: e[0]).map(lambda e: (e[1], e[2])).distinct()
+    candidates = edges.filter(lambda e: not e[0]).map(lambda e: (e[1], e[2])).distinct()
+    stats = Stats({"edges/exact": exact_edges.count(), "edges/candidates": candidates.count()})
+    verified = _verified(sc, candidates, records, files, config).collect()
+    stats["edges/verified"] += len(verified)
+    uf = UnionFind()
+    for a, b in exact_edges.collect() + verified:
+        uf.union(a, b)
+    clusters = uf.clusters()
+    stats["clusters"] += len(clusters)
+    members = sc.broadcast({gid for group in clusters.values() for gid in group})
+    info = records.filter(lambda kv: kv[0] in members.value).collectAsMap()
+    infos = {gid: DocInfo(r.length, r.quality, r.exact) for gid, r in info.items()}
+    removal = removals(clusters, infos, d.keep)
+    drops = drop_lists(removal, tasks, lambda a, b: estimated_jaccard(info[a].signature, info[b].signature))
+    filters = [FilterTask(t.index, t.path, t.out, t.config, drops[t.index]) for t in tasks]
+    results = (
+        sc.parallelize(filters, max(1, len(filters)))
+        .map(lambda t: filter_file(t, Progress(_ignore)))
+        .collect()
+    )
+    records.unpersist()
+    edges.unpersist()
+    for result in results:
+        stats += result
+    return stats
+
+
+def _ignore(docs: int, nbytes: int) -> None:
+    """Spark draws its own progress bar; the per-task counters are not needed here."""

@@ -1,0 +1,1 @@
+"""Runners for the same step code: local multiprocessing (`local`) and Apache Spark (`dedup.spark`)."""

@@ -1,0 +1,101 @@
+"""Megatron-Core `IndexedDataset` files (`.bin` + `.idx`), written in constant memory.
+
+`megatron.core.datasets.indexed_dataset.IndexedDatasetBuilder` keeps every sequence length in a
+Python list until `finalize`, which is what makes Megatron-LM's preprocessing run out of memory on
+big inputs. Here each worker appends tokens to a `.bin` part and lengths to a `.len` part (int32),
+and :func:`merge_parts` concatenates the parts and streams the index in fixed-size chunks. The
+result is byte-for-byte what the builder writes for one `add_item` + `end_document` per document
+(one sequence per document), which the tests check against the builder itself.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Sequence
+from itertools import chain
+from pathlib import Path
+
+import numpy as np
+
+_HEADER = b"MMIDIDX\x00\x00"
+_VERSION = 1
+_DTYPE_CODES = {np.dtype(np.uint16): 8, np.dtype(np.int32): 4}  # megatron.core DType codes
+_CHUNK = 1 << 22  # index entries per streamed chunk
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The dtype Megatron's `DType.optimal_dtype(vocab_size)` picks."""
+    return np.dtype(np.uint16) if vocab_size < 65500 else np.dtype(np.int32)
+
+
+class PartWriter:
+    """Appends documents (lists of ids) to `<stem>.bin` and their lengths to `<stem>.len`."""
+
+    def __init__(self, stem: Path, dtype: np.dtype):
+        self.stem, self.dtype = stem, dtype
+        self._bin = open(f"{stem}.bin", "wb")  # noqa: SIM115
+        self._len = open(f"{stem}.len", "wb")  # noqa: SIM115
+        self.documents = self.tokens = 0
+
+    def add(self, docs: Sequence[Sequence[int]]) -> None:
+        lengths = np.fromiter(map(len, docs), dtype=np.int32, count=len(docs))
+        total = int(lengths.sum())
+        ids = np.fromiter(chain.from_iterable(docs), dtype=self.dtype, count=total)
+        self._bin.write(ids.tobytes())
+        self._len.write(lengths.tobytes())
+        self.documents += len(docs)
+        self.tokens += total
+
+    def close(self) -> None:
+        self._bin.close()
+        self._len.close()
+
+
+def _copy(src: Path, dst) -> None:
+    with open(src, "rb") as handle:
+        while chunk := handle.read(1 << 24):
+            dst.write(chunk)
+
+
+def merge_parts(stems: Sequence[Path], prefix: Path, dtype: np.dtype) -> tuple[int, int]:
+    """Concatenate parts (in order) into `<prefix>.bin/.idx`; returns (documents, tokens)."""
+    lengths_files = [Path(f"{s}.len") for s in stems]
+    count = sum(p.stat().st_size for p in lengths_files) // 4
+    bin_tmp, idx_tmp = Path(f"{prefix}.bin.tmp"), Path(f"{prefix}.idx.tmp")
+    with open(bin_tmp, "wb") as out:
+        for stem in stems:
+            _copy(Path(f"{stem}.bin"), out)
+    itemsize = dtype.itemsize
+    tokens = 0
+    with open(idx_tmp, "wb") as idx:
+        idx.write(_HEADER)
+        idx.write(struct.pack("<Q", _VERSION))
+        idx.write(struct.pack("<B", _DTYPE_CODES[dtype]))
+        idx.write(struct.pack("<Q", count))  # sequences
+        idx.write(struct.pack("<Q", count + 1))  # document_indices entries: 0, 1, ..., count
+        for path in lengths_files:
+            _copy(path, idx)
+        for path in lengths_files:  # byte offset of every sequence
+            for chunk in _chunks(path):
+                pointers = np.cumsum(chunk, dtype=np.int64) - chunk + tokens
+                idx.write((pointers * itemsize).astype(np.int64).tobytes())
+                tokens += int(chunk.sum(dtype=np.int64))
+        for start in range(0, count + 1, _CHUNK):
+            idx.write(np.arange(start, min(count + 1, start + _CHUNK), dtype=np.int64).tobytes())
+    expected = tokens * itemsize
+    if bin_tmp.stat().st_size != expected:
+        raise RuntimeError(f"{bin_tmp}: {bin_tmp.stat().st_size} bytes, index says {expected}")
+    os.replace(bin_tmp, f"{prefix}.bin")
+    os.replace(idx_tmp, f"{prefix}.idx")
+    return count, tokens
+
+
+def _chunks(lengths_file: Path):
+    data = (
+        np.memmap(lengths_file, dtype=np.int32, mode="r")
+        if lengths_file.stat().st_size
+        else np.zeros(0, np.int32)
+    )
+    for start in range(0, data.size, _CHUNK):
+        yield np.asarray(data[start : start + _CHUNK], dtype=np.int64)

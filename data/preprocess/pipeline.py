@@ -1,0 +1,92 @@
+"""`run`: every stage in order from one config, each into its own directory under `--out`.
+
+A stage whose directory is complete (has report.json) and was made from the same settings and
+inputs is skipped, so an interrupted run resumes where it stopped; if its settings changed it is
+redone, and so is every stage after it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+from .config import PipelineConfig
+from .dedup import run_dedup
+from .jsonl import expand_inputs
+from .report import write_json_atomic
+from .stage import is_complete, run_file_stage
+from .steps import clean_file, label_file
+from .tokenize import run_tokenize
+from .tokenizer.train import run_train_tokenizer
+
+STAGE_DIRS = {
+    "clean": "clean",
+    "label": "label",
+    "dedup": "dedup",
+    "train-tokenizer": "tokenizer",
+    "tokenize": "tokenized",
+}
+# The config sections each stage's output depends on.
+_SECTIONS = {
+    "clean": ("text_field", "clean", "label", "shard_docs", "compress_output"),
+    "label": ("text_field", "label", "shard_docs", "compress_output"),
+    "dedup": ("text_field", "dedup", "shard_docs", "compress_output"),
+    "train-tokenizer": ("text_field", "tokenizer"),
+    "tokenize": ("text_field", "tokenize", "blend"),
+}
+
+
+def fingerprint(config: PipelineConfig, stage: str, inputs: list[Path]) -> str:
+    values = {key: getattr(config, key) for key in _SECTIONS[stage]}
+    values = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in values.items()}
+    payload = json.dumps([stage, values, [str(p) for p in inputs]], sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _recorded(directory: Path) -> str | None:
+    path = directory / "fingerprint.json"
+    return json.loads(path.read_text())["fingerprint"] if path.is_file() else None
+
+
+def stage_outputs(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.name.startswith("part-") and ".jsonl" in p.name)
+
+
+def run_stage(name: str, config: PipelineConfig, inputs: list[Path], out: Path, overwrite: bool) -> dict:
+    if name in ("clean", "label"):
+        return run_file_stage(
+            name, config, inputs, out, overwrite, clean_file if name == "clean" else label_file
+        )
+    if name == "dedup":
+        return run_dedup(config, inputs, out, overwrite)
+    if name == "train-tokenizer":
+        return run_train_tokenizer(config, inputs, out, overwrite)
+    tokenizer = config.path(config.tokenize.tokenizer) or out.parent / STAGE_DIRS["train-tokenizer"]
+    return run_tokenize(config, inputs, out, tokenizer, overwrite)
+
+
+def run_pipeline(config: PipelineConfig, out: Path, overwrite: bool = False) -> dict[str, dict]:
+    inputs = expand_inputs(config.input, config.base_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    reports: dict[str, dict] = {}
+    redo = overwrite
+    documents = inputs  # what the next document stage reads
+    for name in STAGE_DIRS:
+        if name not in config.stages:
+            continue
+        stage_dir = out / STAGE_DIRS[name]
+        stage_inputs = documents
+        mark = fingerprint(config, name, stage_inputs)
+        if not redo and is_complete(stage_dir) and _recorded(stage_dir) == mark:
+            print(f"[{name}] complete in {stage_dir}, skipped", file=sys.stderr)
+            reports[name] = json.loads((stage_dir / "report.json").read_text())
+        else:
+            redo = True  # everything after a stage that ran must run again
+            reports[name] = run_stage(name, config, stage_inputs, stage_dir, overwrite=True)
+            write_json_atomic(stage_dir / "fingerprint.json", {"fingerprint": mark})
+        if name in ("clean", "label", "dedup"):
+            documents = stage_outputs(stage_dir)
+    return reports

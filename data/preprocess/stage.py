@@ -1,0 +1,135 @@
+"""What every stage shares: an output directory that appears only when complete, per-file tasks, and
+the document loop (read, count malformed lines, apply a step, write kept and rejected documents).
+
+A *step* takes a batch of documents and returns, for each, ``(keep, rule, value, channel)``; it may
+change the documents (masking, channel, quality) and add to the stats. Filters are steps whose
+``keep`` is sometimes False; their `rule` names `rejected/<rule>.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from megatron_patches.errors import ConfigError
+
+from .config import PipelineConfig
+from .document import Document, Malformed
+from .engines.local import Progress, run_tasks
+from .jsonl import RejectWriter, ShardWriter, merge_rejects, read_documents
+from .report import Stats, write_report
+
+StepResult = tuple[bool, str | None, Any, str]  # keep, rule, measured value, channel
+Step = Callable[[Sequence[Document], Stats], list[StepResult]]
+BATCH = 64
+
+
+def cpu_workers(requested: int) -> int:
+    return requested if requested > 0 else (os.cpu_count() or 1)
+
+
+def is_complete(directory: Path) -> bool:
+    return (directory / "report.json").is_file()
+
+
+@contextmanager
+def staged_dir(out: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield `<out>.tmp`; on success replace `out` with it. A failure leaves `out` untouched."""
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out} already exists; pass --overwrite to replace it")
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    yield tmp
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+@dataclass(frozen=True)
+class FileTask:
+    index: int
+    path: Path
+    out: Path
+    config: PipelineConfig
+
+
+def document_batches(
+    task: FileTask, stats: Stats, rejects: RejectWriter, progress: Progress, size: int = BATCH
+) -> Iterator[list[Document]]:
+    """Batches of good documents of one input file; malformed lines are counted and written aside."""
+    batch: list[Document] = []
+    for item, nbytes in read_documents(task.path, task.config.text_field):
+        progress.update(1, nbytes)
+        stats["bytes_in"] += nbytes
+        if isinstance(item, Malformed):
+            stats["malformed_lines"] += 1
+            stats[f"malformed/{item.reason}"] += 1
+            rejects.write("malformed", item.to_json())
+            continue
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def map_file(task: FileTask, progress: Progress, make_step: Callable[[PipelineConfig], Step]) -> Stats:
+    """Run one step over one input file: the body of clean and label."""
+    stats = Stats()
+    step = make_step(task.config)
+    writer = ShardWriter(
+        task.out, f"part-{task.index:05d}", task.config.shard_docs, task.config.compress_output
+    )
+    rejects = RejectWriter(task.out / "rejected", task.index)
+    text_field = task.config.text_field
+    try:
+        for batch in document_batches(task, stats, rejects, progress):
+            for doc, (keep, rule, value, channel) in zip(batch, step(batch, stats), strict=True):
+                stats["docs_in"] += 1
+                stats[f"channel/{channel}/docs_in"] += 1
+                if keep:
+                    stats["docs_out"] += 1
+                    stats["bytes_out"] += doc.nbytes
+                    stats[f"channel/{channel}/docs_out"] += 1
+                    writer.write(doc.to_json(text_field))
+                else:
+                    stats[f"rejected/{rule}"] += 1
+                    stats[f"channel/{channel}/rejected/{rule}"] += 1
+                    record = {"rule": rule, "value": value, "channel": channel, **doc.to_record(text_field)}
+                    rejects.write(str(rule), json.dumps(record, ensure_ascii=False))
+    finally:
+        writer.close()
+        rejects.close()
+    return stats
+
+
+def run_file_stage(
+    name: str,
+    config: PipelineConfig,
+    inputs: list[Path],
+    out: Path,
+    overwrite: bool,
+    task_fn: Callable[[FileTask, Progress], Stats],
+    extra_report: Callable[[Path], dict] | None = None,
+) -> dict:
+    """One task per input file on all workers, then rejects merged and report.json written."""
+    started = time.time()
+    with staged_dir(out, overwrite) as tmp:
+        tasks = [FileTask(i, path, tmp, config) for i, path in enumerate(inputs)]
+        stats = run_tasks(task_fn, tasks, cpu_workers(config.workers), desc=name)
+        merge_rejects(tmp / "rejected")
+        extra = extra_report(tmp) if extra_report else {}
+        outputs = sorted(p.name for p in tmp.iterdir() if p.name.startswith("part-"))
+        return write_report(
+            tmp, name, stats, started, inputs=[str(p) for p in inputs], outputs=outputs, **extra
+        )

@@ -1,0 +1,92 @@
+"""The clean and label steps, built from the config, and their file-level task functions."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from megatron_patches.errors import ConfigError
+
+from . import pii
+from .clean import CHANNEL_DEFAULTS, Blocklist, Cleaner, thresholds_from
+from .config import PipelineConfig
+from .document import Document
+from .engines.local import Progress
+from .label import Scorer, infer_channel, load_scorer
+from .report import Stats
+from .stage import FileTask, Step, StepResult, map_file
+
+
+def build_cleaner(config: PipelineConfig) -> Cleaner:
+    section = config.clean
+    default = thresholds_from(section.thresholds, "clean.thresholds")
+    channels = {}
+    for channel in sorted(set(CHANNEL_DEFAULTS) | set(section.channels)):
+        base = thresholds_from(CHANNEL_DEFAULTS.get(channel, {}), f"clean defaults for {channel}", default)
+        channels[channel] = thresholds_from(
+            section.channels.get(channel) or {}, f"clean.channels.{channel}", base
+        )
+    paths = [config.path(p) for p in section.blocklists]
+    blocklist = Blocklist([p for p in paths if p is not None]) if paths else None
+    return Cleaner(default, channels, blocklist, config.label)
+
+
+def pii_types(config: PipelineConfig) -> tuple[str, ...]:
+    chosen = tuple(config.clean.pii_types) if config.clean.pii_types is not None else pii.TYPES
+    unknown = sorted(set(chosen) - set(pii.TYPES))
+    if unknown:
+        raise ConfigError(f"clean.pii_types: unknown type(s) {unknown}; known: {list(pii.TYPES)}")
+    return chosen
+
+
+def clean_step(config: PipelineConfig) -> Step:
+    cleaner = build_cleaner(config)
+    types = pii_types(config) if config.clean.desensitize else ()
+
+    def step(batch: Sequence[Document], stats: Stats) -> list[StepResult]:
+        results: list[StepResult] = []
+        for doc in batch:
+            channel = cleaner.channel_of(doc)
+            keep, rule, value = cleaner(doc, channel)
+            if keep and types:
+                doc.text, counts = pii.desensitize(doc.text, types)
+                for kind, n in counts.items():
+                    stats[f"pii/{kind}"] += n
+            results.append((keep, rule, value, channel))
+        return results
+
+    return step
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_scorer(spec_json: str, base_dir: str) -> Scorer:
+    spec = json.loads(spec_json)
+    if spec.get("kind") != "python" and "path" in spec:
+        spec["path"] = str(Path(base_dir) / spec["path"])
+    return load_scorer(spec)
+
+
+def label_step(config: PipelineConfig) -> Step:
+    spec = config.label.scorer
+    scorer = _cached_scorer(json.dumps(spec, sort_keys=True), str(config.base_dir)) if spec else None
+
+    def step(batch: Sequence[Document], stats: Stats) -> list[StepResult]:
+        for doc in batch:
+            doc.channel = infer_channel(doc, config.label)
+        if scorer is not None:
+            for doc, score in zip(batch, scorer([d.text for d in batch]), strict=True):
+                doc.quality = float(score)
+            stats["scored"] += len(batch)
+        return [(True, None, None, doc.channel or config.label.default_channel) for doc in batch]
+
+    return step
+
+
+def clean_file(task: FileTask, progress: Progress) -> Stats:
+    return map_file(task, progress, clean_step)
+
+
+def label_file(task: FileTask, progress: Progress) -> Stats:
+    return map_file(task, progress, label_step)

@@ -1,0 +1,124 @@
+"""tokenize: documents to `<channel>_text_document.{bin,idx}` plus blend.yaml, on all cores.
+
+Each worker takes one input file, encodes documents in batches, appends EOD, and appends the ids of
+each channel to its own part files; the parent then merges the parts per channel in input order
+(see `indexed.py`). Nothing holds a per-document list longer than one batch.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .blend import SUFFIX, write_blend
+from .config import PipelineConfig
+from .engines.local import Progress, run_tasks
+from .indexed import PartWriter, merge_parts, token_dtype
+from .jsonl import RejectWriter, merge_rejects
+from .report import Stats, write_report
+from .stage import FileTask, cpu_workers, document_batches, staged_dir
+from .tokenizer.encode import Encoder, load_encoder
+
+_SAFE_CHANNEL = re.compile(r"[^A-Za-z0-9_.-]")
+_encoders: dict[str, Encoder] = {}
+
+
+@dataclass(frozen=True)
+class TokenizeTask(FileTask):
+    tokenizer: Path = Path()
+    dtype: str = "uint16"
+
+
+def channel_name(channel: str | None) -> str:
+    return _SAFE_CHANNEL.sub("_", channel) if channel else "unlabelled"
+
+
+def _encoder(path: Path) -> Encoder:
+    key = str(path)
+    if key not in _encoders:
+        _encoders[key] = load_encoder(path)
+    return _encoders[key]
+
+
+def tokenize_file(task: TokenizeTask, progress: Progress) -> Stats:
+    encoder = _encoder(task.tokenizer)
+    cfg = task.config
+    stats = Stats()
+    parts_dir = task.out / "_parts"
+    parts_dir.mkdir(exist_ok=True)
+    parts: dict[str, PartWriter] = {}
+    rejects = RejectWriter(task.out / "rejected", task.index)
+    eod = [encoder.eod_id] if cfg.tokenize.append_eod else []
+    try:
+        for batch in document_batches(task, stats, rejects, progress, size=cfg.tokenize.batch_docs):
+            by_channel: dict[str, list] = defaultdict(list)
+            for doc, ids in zip(batch, encoder.encode_batch([d.text for d in batch]), strict=True):
+                by_channel[channel_name(doc.channel)].append(ids + eod)
+            for channel, docs in by_channel.items():
+                if channel not in parts:
+                    parts[channel] = PartWriter(
+                        parts_dir / f"{channel}.{task.index:05d}", np.dtype(task.dtype)
+                    )
+                before = parts[channel].tokens
+                parts[channel].add(docs)
+                stats[f"channel/{channel}/docs_out"] += len(docs)
+                stats[f"channel/{channel}/tokens"] += parts[channel].tokens - before
+            stats["docs_in"] += len(batch)
+            stats["docs_out"] += len(batch)
+    finally:
+        for part in parts.values():
+            part.close()
+        rejects.close()
+    return stats
+
+
+def run_tokenize(
+    config: PipelineConfig, inputs: list[Path], out: Path, tokenizer: Path, overwrite: bool = False
+) -> dict:
+    started = time.time()
+    encoder = load_encoder(tokenizer)  # validates the tokenizer before any work starts
+    dtype = token_dtype(encoder.vocab_size)
+    with staged_dir(out, overwrite) as tmp:
+        tasks = [TokenizeTask(i, p, tmp, config, tokenizer, dtype.name) for i, p in enumerate(inputs)]
+        stats = run_tasks(tokenize_file, tasks, cpu_workers(config.workers), desc="tokenize")
+        documents, tokens = _merge(tmp, dtype)
+        shutil.rmtree(tmp / "_parts", ignore_errors=True)
+        merge_rejects(tmp / "rejected")
+        blend = write_blend(
+            tmp,
+            out,
+            documents,
+            tokens,
+            config.blend.ratios,
+            tokenizer,
+            encoder.eod_id,
+            encoder.vocab_size,
+            dtype.name,
+        )
+        return write_report(
+            tmp,
+            "tokenize",
+            stats,
+            started,
+            inputs=[str(p) for p in inputs],
+            tokenizer=encoder.name,
+            tokens=sum(tokens.values()),
+            blend=blend,
+        )
+
+
+def _merge(tmp: Path, dtype: np.dtype) -> tuple[dict[str, int], dict[str, int]]:
+    stems: dict[str, list[Path]] = defaultdict(list)
+    for path in sorted((tmp / "_parts").glob("*.bin")):
+        channel = path.name.rsplit(".", 2)[0]
+        stems[channel].append(path.with_suffix(""))
+    documents, tokens = {}, {}
+    for channel, channel_stems in sorted(stems.items()):
+        documents[channel], tokens[channel] = merge_parts(channel_stems, tmp / f"{channel}{SUFFIX}", dtype)
+    return documents, tokens

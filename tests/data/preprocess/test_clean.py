@@ -1,0 +1,101 @@
+"""Clean rules: junk goes with the right rule and value; prose, code and markdown stay."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from data.demo import synth
+from data.preprocess import clean, repetition
+from data.preprocess.document import Document
+from data.preprocess.stage import run_file_stage
+from data.preprocess.steps import build_cleaner, clean_file
+from megatron_patches.errors import ConfigError
+
+from .conftest import config_for, write_jsonl
+
+
+@pytest.fixture
+def cleaner(tmp_path):
+    (tmp_path / "block.txt").write_text("# spam words\n免费彩票\n", encoding="utf-8")
+    return build_cleaner(config_for(tmp_path, **{"clean.blocklists": [str(tmp_path / "block.txt")]}))
+
+
+def verdict(cleaner, text):
+    doc = Document(text=text, id="x")
+    return cleaner(doc, cleaner.channel_of(doc))
+
+
+def test_each_kind_of_junk_is_rejected_by_its_rule(cleaner):
+    for expected, text in synth.junk_docs(random.Random(5)):
+        keep, rule, value = verdict(cleaner, text)
+        assert not keep and rule == expected, (expected, rule, value, text[:80])
+        assert value is not None
+
+
+def test_good_prose_code_markdown_and_math_are_kept_in_every_language(cleaner):
+    rng = random.Random(6)
+    files = synth.stdlib_sources()
+    makers = {
+        "zh_web": lambda: synth.zh_doc(rng),
+        "en_web": lambda: synth.en_doc(rng),
+        "code": lambda: synth.code_doc(rng, files),
+        "markdown": lambda: synth.markdown_doc(rng),
+        "math": lambda: synth.math_doc(rng),
+    }
+    for channel, make in makers.items():
+        texts = [make() for _ in range(60)]
+        kept = 0
+        for text in texts:
+            doc = Document(text=text, id="x")
+            assert cleaner.channel_of(doc) == channel or channel == "code", (channel, text[:80])
+            kept += verdict(cleaner, text)[0]
+        assert kept >= 0.95 * len(texts), (channel, kept)
+
+
+def test_code_is_not_judged_by_prose_rules(cleaner):
+    code = "\n".join(["    }", "  }", "}", "x = {k: v for k, v in items}", "if (a && b) { return c; }"] * 12)
+    assert clean.check(code, cleaner.default)[0] is False  # prose thresholds would drop it
+    assert verdict(cleaner, code)[0] is True  # the code channel's thresholds keep it
+
+
+def test_measures():
+    stats = clean.measure("中文abc 123 !!")
+    assert (stats.zh_ratio, stats.en_ratio, stats.digit_ratio, stats.symbol_ratio) == (
+        2 / 10,
+        3 / 10,
+        3 / 10,
+        2 / 10,
+    )
+    assert clean.measure("see https://example.com/x now").url_ratio == pytest.approx(21 / 29)
+    assert repetition.duplicate_line_fractions("a\nb\na\na") == (0.5, 0.5)
+    tokens = repetition.words("one two one two one two three")
+    assert repetition.top_ngram_fraction(tokens, 2) == pytest.approx(3 * 6 / 23)  # "one two" x3
+    assert repetition.duplicate_ngram_fraction(tokens, 2) == pytest.approx(18 / 23)  # all but "three"
+    assert repetition.words("中文 text") == ["中", "文", "text"]
+
+
+def test_per_channel_thresholds_from_config(tmp_path):
+    config = config_for(tmp_path, **{"clean.channels": {"code": {"min_chars": 10_000}}})
+    code = synth.code_doc(random.Random(1), synth.stdlib_sources())
+    keep, rule, value = build_cleaner(config)(Document(text=code, id="c"), "code")
+    assert (keep, rule, value) == (False, "too_short", len(code))
+    with pytest.raises(ConfigError, match="unknown threshold"):
+        build_cleaner(config_for(tmp_path, **{"clean.thresholds": {"min_charz": 3}}))
+
+
+def test_rejected_files_hold_rule_value_and_document(tmp_path):
+    junk = [(rule, text) for rule, text in synth.junk_docs(random.Random(2)) if rule != "blocklist"]
+    records = [{"id": f"j{i}", "text": text} for i, (_, text) in enumerate(junk)]
+    records += [{"id": "good", "text": synth.en_doc(random.Random(3))}]
+    path = write_jsonl(tmp_path / "in.jsonl", records)
+    report = run_file_stage("clean", config_for(tmp_path), [path], tmp_path / "out", False, clean_file)
+    assert report["docs_out"] == 1 and report["channel"]["en_web"]["docs_out"] == 1
+    rejected = [
+        json.loads(line) for p in (tmp_path / "out" / "rejected").glob("*.jsonl") for line in p.open()
+    ]
+    assert {r["rule"] for r in rejected} == {rule for rule, _ in junk}
+    assert all(r["value"] is not None and r["id"].startswith("j") and r["text"] for r in rejected)
+    assert sum(report["rejected"].values()) == len(rejected) == len(junk)

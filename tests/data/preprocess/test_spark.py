@@ -1,0 +1,97 @@
+"""The Spark engine (local[2], Java 17) keeps exactly the documents the local engine keeps."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data.demo import synth
+from data.preprocess.dedup import run_dedup
+
+from .conftest import config_for, write_jsonl
+from .test_dedup import near_duplicate
+
+pytest.importorskip("pyspark")
+if shutil.which("java") is None:
+    pytest.skip("the Spark engine needs Java (17+)", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def spark():
+    from pyspark.sql import SparkSession
+
+    from data.preprocess.dedup.spark import spark_session
+
+    session = spark_session(config_for(None, **{"dedup.spark_master": "local[2]"}))
+    session.sparkContext.setLogLevel("ERROR")
+    yield session
+    session.stop()
+    assert SparkSession.getActiveSession() is None
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("spark_corpus")
+    rng = random.Random(21)
+    texts = [synth.zh_doc(rng, 12) if i % 2 else synth.en_doc(rng, 12) for i in range(120)]
+    records = [{"id": f"o{i}", "text": t, "quality": round(rng.random(), 3)} for i, t in enumerate(texts)]
+    records += [{"id": f"n{i}", "text": near_duplicate(rng, texts[i])} for i in range(30)]
+    records += [{"id": f"x{i}", "text": texts[40 + i]} for i in range(10)]
+    records.append({"id": "broken"})  # no text: malformed, counted by both engines
+    rng.shuffle(records)
+    for k in range(3):
+        write_jsonl(root / f"part{k}.jsonl", records[k::3])
+    return sorted(root.glob("*.jsonl"))
+
+
+def outcome(out):
+    kept = sorted(json.loads(line)["id"] for p in out.glob("part-*.jsonl") for line in p.open())
+    rejected = sorted(
+        (r["id"], r["rule"], r["duplicate_of"])
+        for p in (out / "rejected").glob("dedup_*.jsonl")
+        for r in map(json.loads, p.open())
+    )
+    return kept, rejected
+
+
+@pytest.mark.parametrize("verify", ["exact", "signature"])
+def test_spark_and_local_keep_the_same_documents(spark, corpus, tmp_path, verify):
+    local = run_dedup(config_for(tmp_path, **{"dedup.verify": verify}), corpus, tmp_path / "local")
+    settings = {"dedup.verify": verify, "dedup.engine": "spark", "dedup.spark_master": "local[2]"}
+    remote = run_dedup(config_for(tmp_path, **settings), corpus, tmp_path / "spark")
+    assert outcome(tmp_path / "spark") == outcome(tmp_path / "local")
+    kept, rejected = outcome(tmp_path / "local")
+    assert len(kept) + len(rejected) == 160 and len(rejected) >= 38
+    for key in ("docs_in", "docs_out", "rejected", "malformed", "clusters"):
+        assert remote[key] == local[key], key
+
+
+def test_spark_submit_entry_point(spark, corpus, tmp_path):
+    """What a cluster user runs: spark-submit on data/spark_submit.py, here with master local[2]."""
+    submit = Path(sys.executable).with_name("spark-submit")
+    if not submit.exists():
+        pytest.skip("pyspark's spark-submit is not next to this interpreter")
+    root = Path(__file__).resolve().parents[3]
+    run_dedup(config_for(tmp_path), corpus, tmp_path / "local")
+    args = [str(submit), "--master", "local[2]", str(root / "data" / "spark_submit.py"), "dedup"]
+    args += [
+        "--engine",
+        "spark",
+        "--input",
+        *map(str, corpus),
+        "--out",
+        str(tmp_path / "submitted"),
+        "--workers",
+        "1",
+    ]
+    env = dict(os.environ, PYSPARK_PYTHON=sys.executable)
+    result = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=240)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert outcome(tmp_path / "submitted") == outcome(tmp_path / "local")

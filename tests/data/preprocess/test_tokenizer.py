@@ -1,0 +1,108 @@
+"""The trained tokenizer: conventions, HF export with identical ids, exact segment-cache encoding."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+import sentencepiece as spm
+
+from data.preprocess.config import load_config
+from data.preprocess.tokenizer.encode import HFEncoder, SentencePieceEncoder, load_encoder
+from data.preprocess.tokenizer.hf import CONTROL, NORMAL, USER_DEFINED, load_proto
+from data.preprocess.tokenizer.train import run_train_tokenizer
+from megatron_patches.errors import ConfigError
+
+from .conftest import mixed_docs
+
+EDGE_CASES = [
+    "",
+    " ",
+    "   leading and trailing   ",
+    "tabs\tand\nnewlines\n\n\tdef f(x):\n        return x  # comment",
+    "价格 12345.67 元，电话 010-1234",
+    "emoji 😀🚀 and rare 𠀋 chars",
+    "mail <EMAIL> and x<tool_call>y and <tool_call> at start",
+    "<tool_call>first",
+    "C++ and C# and C++17",
+    "full width １２３ digits and e\u0301 combining",
+    "a literal ▁ block and ▁▁ two",
+    "日本語のテキスト、한국어 텍스트, русский текст",
+    "ing ring singing thing",
+]
+
+
+@pytest.fixture(scope="module")
+def sp(tokenizer_dir):
+    return spm.SentencePieceProcessor(model_file=str(tokenizer_dir / "tokenizer.model"))
+
+
+@pytest.fixture(scope="module")
+def texts():
+    return EDGE_CASES + [d["text"] for d in mixed_docs(99, 150)]
+
+
+def test_vocabulary_conventions(tokenizer_dir):
+    proto = load_proto(tokenizer_dir / "tokenizer.model")
+    pieces = list(proto.pieces)
+    info = json.loads((tokenizer_dir / "tokenizer_info.json").read_text())
+    assert len(pieces) % 128 == 0 and len(pieces) == info["vocab_size"] == 1024
+    assert [p.piece for p in pieces[:4]] == ["<unk>", "<s>", "</s>", "<pad>"] and info["eod_id"] == 2
+    reserved = [i for i, p in enumerate(pieces) if p.piece.startswith("<|reserved_")]
+    assert reserved[:40] == list(range(4, 44)) and all(pieces[i].type == CONTROL for i in reserved)
+    assert {p.piece for p in pieces if p.type == USER_DEFINED} == {"<EMAIL>", "<tool_call>", "C++"}
+    normal = [p.piece for p in pieces if p.type == NORMAL]
+    assert not [p for p in normal if re.search(r"\d", p) and len(p) > 1], "digits must be single tokens"
+    assert not [p for p in normal if "ing" in p] and info["forbidden_removed"]
+    assert len(reserved) >= 40 + len(info["forbidden_removed"])  # plus the padding to a multiple of 128
+
+
+def test_digits_bytes_domain_tokens_and_reserved_text(sp):
+    assert len(sp.encode("2024")) == 4
+    assert [sp.id_to_piece(i) for i in sp.encode("😀")] == ["<0xF0>", "<0x9F>", "<0x98>", "<0x80>"]
+    assert sp.decode(sp.encode("emoji 😀 ok")) == "emoji 😀 ok"
+    assert sp.encode("<EMAIL>") == [sp.piece_to_id("<EMAIL>")]
+    assert sp.piece_to_id("<|reserved_3|>") not in sp.encode("<|reserved_3|>")
+
+
+def test_hf_directory_gives_the_same_ids(tokenizer_dir, sp, texts):
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    assert len(hf) == sp.get_piece_size() and hf.eos_token_id == 2 and hf.pad_token_id == 3
+    for text in texts:
+        assert hf(text)["input_ids"] == sp.encode(text), text[:60]
+        if "▁" not in text:  # a literal "▁" is a space to SentencePiece, and decodes as one
+            assert hf.decode(sp.encode(text)) == sp.decode(sp.encode(text)) == text
+
+
+def test_segment_cache_encoder_is_exact(tokenizer_dir, sp, texts):
+    encoder = load_encoder(tokenizer_dir)
+    assert isinstance(encoder, SentencePieceEncoder) and encoder.cache is not None
+    assert encoder.encode_batch(texts) == sp.encode(texts)
+    assert encoder.encode_batch(texts[::-1]) == sp.encode(texts[::-1])  # warm cache, other order
+
+
+def test_any_hf_directory_can_tokenize(tokenizer_dir, sp, texts, tmp_path):
+    foreign = tmp_path / "hf"
+    shutil.copytree(tokenizer_dir, foreign)
+    (foreign / "tokenizer_info.json").unlink()  # not ours any more: the generic HF path is used
+    encoder = load_encoder(foreign)
+    assert isinstance(encoder, HFEncoder) and encoder.eod_id == 2
+    assert encoder.encode_batch(texts) == sp.encode(texts)
+    assert encoder.encode_batch(["</s>"]) == [sp.encode("</s>")]  # special text stays text
+
+
+def test_compression_report(tokenizer_dir):
+    report = json.loads((tokenizer_dir / "report.json").read_text())
+    ratio = report["compression"]["unlabelled"]
+    assert 0 < ratio["docs"] <= 20 and 1.0 < ratio["chars_per_token"] < 8.0
+    assert report["vocab_size"] == 1024
+
+
+def test_too_small_vocabulary_is_a_config_error(corpus_dir, tmp_path):
+    config = load_config(None, {"tokenizer.vocab_size": 400, "tokenizer.reserved_tokens": 1000})
+    with pytest.raises(ConfigError, match="too small"):
+        run_train_tokenizer(config, sorted(corpus_dir.glob("*.jsonl.gz")), tmp_path / "tok")
