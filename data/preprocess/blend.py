@@ -80,7 +80,18 @@ def write_blend(
 
 def load_blend(path: Path) -> dict:
     """Read a blend.yaml and resolve its prefixes and tokenizer against its directory."""
-    blend = yaml.safe_load(path.read_text(encoding="utf-8"))
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"blend file {path} does not exist")
+    try:
+        blend = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"blend file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    missing = [key for key in ("data_path", "channels", "tokenizer") if key not in (blend or {})]
+    if missing:
+        raise ConfigError(
+            f"blend file {path} lacks {missing}; write it with `python -m data.preprocess tokenize`"
+        )
     base = path.parent
     blend["data_path"] = [
         item if i % 2 == 0 else str(base / item) for i, item in enumerate(blend["data_path"])

@@ -65,6 +65,7 @@ def train(cfg: Config, plan: RunPlan) -> int:
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        _keep_tokenizer(plan)
     torch.distributed.barrier()
     parallel.initialize(plan.layout, cfg.seed, cfg.model)
     objects = builder.build(cfg)
@@ -79,6 +80,15 @@ def train(cfg: Config, plan: RunPlan) -> int:
     finally:
         writer.close()
         _shutdown()
+
+
+def _keep_tokenizer(plan: RunPlan) -> None:
+    """Copy the tokenizer beside the checkpoints, so `tools.convert mcore2hf` exports a complete HF dir."""
+    from tools.convert.hf_io import copy_side_files
+
+    if plan.data.tokenizer and not (plan.save_dir / "tokenizer_config.json").exists():
+        plan.save_dir.mkdir(parents=True, exist_ok=True)
+        copy_side_files(Path(plan.data.tokenizer), plan.save_dir)
 
 
 def _restore(cfg: Config, plan: RunPlan, objects) -> checkpoint.TrainState:
@@ -103,7 +113,7 @@ def _restore(cfg: Config, plan: RunPlan, objects) -> checkpoint.TrainState:
 def _phase_data(cfg: Config, plan: RunPlan) -> PhaseData:
     from megatron.core import parallel_state as ps
 
-    tokenizer = DatasetTokenizer(plan.eod_id, cfg.model.vocab_size)
+    tokenizer = DatasetTokenizer(plan.data.eod_id, cfg.model.vocab_size)
     cache = cfg.data.data_cache_path or str(Path(cfg.run_dir) / "data_cache")
     return PhaseData(
         plan.phases,

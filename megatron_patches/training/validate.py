@@ -13,8 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
+from data.preprocess.blend import load_blend
 from megatron_patches.errors import ConfigError
 from megatron_patches.hooks import Hook, build_hooks
 from megatron_patches.parallel import Layout, validate_layout
@@ -26,10 +25,18 @@ from megatron_patches.training.schedules import validate_schedule
 
 
 @dataclass
+class ResolvedData:
+    data_path: list  # [w1, prefix1, ...], prefixes resolved to paths and checked on disk
+    anneal_data_path: list
+    channels: dict  # channel name -> prefix
+    eod_id: int
+    tokenizer: str | None  # HF tokenizer directory, when known (copied beside checkpoints)
+
+
+@dataclass
 class RunPlan:
     layout: Layout
-    data_path: list  # prefixes resolved to paths
-    eod_id: int
+    data: ResolvedData
     phases: list[Phase]
     hooks: list[Hook]
     save_dir: Path
@@ -49,17 +56,19 @@ def plan_run(cfg: Config, world_size: int) -> RunPlan:
     validate_layout(layout, cfg.model)
     _check_train(cfg, layout)
     validate_schedule(cfg.optimizer, cfg.train.train_iters)
-    data_path, anneal_path, channels, eod_id = _resolve_data(cfg)
+    data = _resolve_data(cfg)
     phases = plan_phases(
         cfg.train.train_iters,
-        data_path,
+        data.data_path,
         cfg.data.seq_length,
         cfg.train.global_batch_size,
         cfg.train.micro_batch_size,
         cfg.data.anneal_fraction,
-        anneal_path,
+        data.anneal_data_path,
     )
-    phases = [dataclasses.replace(p, channels=tuple(channel_names(p.data_path, channels))) for p in phases]
+    phases = [
+        dataclasses.replace(p, channels=tuple(channel_names(p.data_path, data.channels))) for p in phases
+    ]
     hooks = build_hooks(cfg.patches, cfg)
     for hook in hooks:
         phases = hook.plan_phases(phases, cfg)
@@ -69,7 +78,7 @@ def plan_run(cfg: Config, world_size: int) -> RunPlan:
     for path in (resume_from, pretrained):
         if path is not None:
             checkpoint.check_architecture(path, cfg.model)
-    return RunPlan(layout, data_path, eod_id, phases, hooks, save_dir, resume_from, pretrained)
+    return RunPlan(layout, data, phases, hooks, save_dir, resume_from, pretrained)
 
 
 def _check_train(cfg: Config, layout: Layout) -> None:
@@ -110,48 +119,38 @@ def _check_seq(seq_length: int, cfg: Config) -> None:
         )
 
 
-def _resolve_data(cfg: Config) -> tuple[list, list, dict, int]:
-    """(data_path, anneal_data_path, channel name -> prefix, eod id), prefixes checked on disk."""
+def _resolve_data(cfg: Config) -> ResolvedData:
+    """Blend, channels, EOD id and tokenizer from the data section (and its blend.yaml)."""
     data = cfg.data
-    data_path, channels, eod_id = list(data.data_path), dict(data.channels), data.eod_id
+    data_path, channels, eod_id, tokenizer = (
+        list(data.data_path),
+        dict(data.channels),
+        data.eod_id,
+        data.tokenizer,
+    )
     if data.blend:
-        blend = _read_blend(Path(data.blend))
+        blend = load_blend(Path(data.blend))
         data_path = data_path or blend["data_path"]
         channels = channels or blend.get("channels", {})
         eod_id = eod_id if eod_id is not None else blend.get("eod_id")
+        tokenizer = tokenizer or blend["tokenizer"]
         vocab = blend.get("vocab_size")
         if vocab is not None and vocab > cfg.model.vocab_size:
             raise ConfigError(
                 f"blend {data.blend} needs vocab_size {vocab} but model.vocab_size is {cfg.model.vocab_size}"
             )
     if data.mock:
-        return [], [], {}, cfg.model.vocab_size - 1
+        return ResolvedData([], [], {}, cfg.model.vocab_size - 1, tokenizer)
     if not data_path:
         raise ConfigError("no training data: set data.data_path, data.blend, or data.mock=true")
     if eod_id is None:
-        eod_id = _tokenizer_eod(data.tokenizer)
+        eod_id = _tokenizer_eod(tokenizer)
     for path in (data_path, data.anneal_data_path):
         for prefix in parse_blend(path)[0] if path else []:
             check_prefix(prefix)
     if data.anneal_fraction > 0 and not data.anneal_data_path:
         raise ConfigError("data.anneal_fraction > 0 needs data.anneal_data_path")
-    return data_path, list(data.anneal_data_path), channels, eod_id
-
-
-def _read_blend(path: Path) -> dict:
-    """A ``blend.yaml`` from data/preprocess, with prefixes resolved against its directory."""
-    if not path.is_file():
-        raise ConfigError(f"blend file {path} does not exist")
-    blend = yaml.safe_load(path.read_text()) or {}
-    if "data_path" not in blend:
-        raise ConfigError(f"blend file {path} has no data_path")
-    items = list(blend["data_path"])
-    items[1::2] = [str((path.parent / p).resolve()) for p in items[1::2]]
-    blend["data_path"] = items
-    blend["channels"] = {
-        k: str((path.parent / v).resolve()) for k, v in (blend.get("channels") or {}).items()
-    }
-    return blend
+    return ResolvedData(data_path, list(data.anneal_data_path), channels, eod_id, tokenizer)
 
 
 def _tokenizer_eod(tokenizer_dir: str | None) -> int:

@@ -49,7 +49,7 @@ def _first_global_batch(args) -> list[dict]:
     data = PhaseData(
         plan.phases,
         cfg.data,
-        DatasetTokenizer(plan.eod_id, cfg.model.vocab_size),
+        DatasetTokenizer(plan.data.eod_id, cfg.model.vocab_size),
         cfg.seed,
         f"{cfg.run_dir}/data_cache",
         0,
