@@ -44,5 +44,10 @@ CONVERT_hf2hf       = --hf $(HF) --out $(OUT) --to $(TO)
 convert: install
 	$(PY) -m tools.convert $(DIRECTION) $(CONVERT_$(DIRECTION)) $(ARGS)
 
+# The whole pipeline on CPU: preprocess the shipped corpus, train on 2 gloo ranks, export to HF,
+# generate, plot per-channel loss. ARGS passes trainer overrides, e.g. ARGS="train.train_iters=100".
+demo: install
+	$(PY) launch/demo.py --out runs/demo $(ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

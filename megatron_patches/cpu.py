@@ -149,6 +149,10 @@ def quiet_expected_warnings() -> None:
     # fp32 (CPU) runs: DistributedOptimizer.zero_grad reads .grad of its shard views.
     warnings.filterwarnings("ignore", message=r"The .grad attribute of a Tensor that is not a leaf")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    # torch deprecations that Megatron-Core 0.16.1's dist_checkpointing triggers on every load.
+    warnings.filterwarnings(
+        "ignore", category=FutureWarning, message=r".*(`load_state_dict` is deprecated|DTensor)"
+    )
 
 
 def is_enabled() -> bool:

@@ -88,7 +88,8 @@ def _keep_tokenizer(plan: RunPlan) -> None:
 
     if plan.data.tokenizer and not (plan.save_dir / "tokenizer_config.json").exists():
         plan.save_dir.mkdir(parents=True, exist_ok=True)
-        copy_side_files(Path(plan.data.tokenizer), plan.save_dir)
+        # data/preprocess bookkeeping (stage report, cache fingerprint) is not part of a model export.
+        copy_side_files(Path(plan.data.tokenizer), plan.save_dir, skip=("report.json", "fingerprint.json"))
 
 
 def _restore(cfg: Config, plan: RunPlan, objects) -> checkpoint.TrainState:

@@ -14,7 +14,11 @@ import argparse
 import os
 import sys
 
-from megatron_patches.errors import ConfigError, run_cli
+from megatron_patches import cpu
+
+cpu.quiet_expected_warnings()  # before Megatron-Core is imported
+
+from megatron_patches.errors import ConfigError, run_cli  # noqa: E402
 
 PROG = "python -m tools.convert"
 
