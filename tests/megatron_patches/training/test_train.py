@@ -73,7 +73,7 @@ def test_dp2_tp2_pp2_learns_and_checkpoints(tmp_path):
     curve = losses(tmp_path / "run")
     assert sorted(curve) == list(range(1, 31))
     first, last = sum(curve[i] for i in range(1, 6)) / 5, sum(curve[i] for i in range(26, 31)) / 5
-    assert last < first - 1.0, (first, last)
+    assert last < first - 0.5, (first, last)  # from ln(128) = 4.85 at init; noise is ~0.05
     checkpoints = tmp_path / "run" / "checkpoints"
     assert (checkpoints / "latest_checkpointed_iteration.txt").read_text().strip() == "30"
     assert (checkpoints / "iter_0000030" / "metadata.json").is_file()
