@@ -53,7 +53,7 @@ def describe(cfg: Config, plan: RunPlan) -> str:
         for p in plan.phases
     ]
     lines.append(f"resume from: {plan.resume_from or plan.pretrained or 'scratch'}")
-    lines.append(f"force a checkpoint: touch {Path(cfg.run_dir).resolve() / 'save'}")
+    lines += [line for hook in plan.hooks for line in hook.describe()]  # e.g. the file to touch
     return "\n".join(lines)
 
 
