@@ -54,6 +54,12 @@ def latest_checkpoint(root: str | Path | None) -> Path | None:
     return path
 
 
+def iteration_of(path: Path) -> int | None:
+    """The iteration of an ``iter_XXXXXXX`` checkpoint directory; None for a ``release`` one."""
+    digits = Path(path).name.removeprefix("iter_")
+    return int(digits) if digits.isdigit() else None
+
+
 def check_architecture(path: Path, model: ModelConfig) -> None:
     """Stop with one line when the checkpoint at ``path`` holds another architecture."""
     saved = read_model_config(path)

@@ -20,7 +20,7 @@ from megatron_patches.hooks import Hook, build_hooks
 from megatron_patches.parallel import Layout, validate_layout
 from megatron_patches.training import checkpoint
 from megatron_patches.training.config import Config
-from megatron_patches.training.data import Phase, channel_names, parse_blend, plan_phases
+from megatron_patches.training.data import Phase, channel_names, parse_blend, phase_at, plan_phases
 from megatron_patches.training.indexed import check_prefix
 from megatron_patches.training.schedules import validate_schedule
 
@@ -64,9 +64,21 @@ def plan_run(cfg: Config, world_size: int) -> RunPlan:
     save_dir = Path(cfg.checkpoint.save or Path(cfg.run_dir) / "checkpoints")
     resume_from = checkpoint.latest_checkpoint(cfg.checkpoint.load or save_dir)
     if resume_from is not None:
-        checkpoint.check_architecture(resume_from, cfg.model)
+        checkpoint.check_architecture(resume_from, _model_at(resume_from, phases, cfg))
     pretrained = _check_pretrained(cfg) if resume_from is None else None
     return RunPlan(layout, data_path, eod_id, phases, hooks, save_dir, resume_from, pretrained)
+
+
+def _model_at(path: Path, phases: list[Phase], cfg: Config):
+    """The model config the checkpoint at ``path`` should hold: that of the phase that wrote it.
+
+    A phase may set its own rotary base (rope_schedule); a checkpoint records the
+    base its weights were trained with, i.e. that of the iteration before it.
+    """
+    iteration = checkpoint.iteration_of(path)
+    if iteration is None:
+        return cfg.model
+    return phase_at(phases, max(iteration - 1, 0)).model_config(cfg.model)
 
 
 def _check_train(cfg: Config, layout: Layout) -> None:
