@@ -92,6 +92,15 @@ def _touch_during_save(ctx, iteration: int, name: str) -> None:
     checkpoint.save = save
 
 
+def tensorboard_scalars(run_dir, tag: str) -> dict[int, float]:
+    """``{step: value}`` of one TensorBoard tag, read back from the run's event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    return {e.step: e.value for e in events.Scalars(tag)} if tag in events.Tags()["scalars"] else {}
+
+
 def enable(options: dict, config) -> Probe:
     return Probe(options)
 

@@ -11,7 +11,7 @@ from megatron_patches.rope_schedule import enable, parse_stages, plan_stages, sp
 from megatron_patches.training.config import load_config
 from megatron_patches.training.data import phase_sample_offset, plan_phases
 from tests.dist import run_on_ranks
-from tests.megatron_patches.probe import train_with_probe
+from tests.megatron_patches.probe import tensorboard_scalars, train_with_probe
 from tests.megatron_patches.training.test_train import losses, tiny_args, two_channels
 from tools.convert import mcore_io
 
@@ -160,14 +160,6 @@ def _resume_from(source, iteration, target, data):
     return [record for _, record in results]
 
 
-def _tensorboard(run_dir, tag):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run_dir / "tensorboard"))
-    events.Reload()
-    return {e.step: e.value for e in events.Scalars(tag)}
-
-
 def test_the_switch_at_700_tokens_and_resume_on_either_side(tmp_path):
     data = two_channels(tmp_path)
     full = tmp_path / "full"
@@ -189,8 +181,8 @@ def test_the_switch_at_700_tokens_and_resume_on_either_side(tmp_path):
         **{i: [(2, 32)] * 4 for i in (1, 2, 3)},
         **{i: [(2, 64)] * 2 for i in (4, 5, 6)},
     }
-    assert _tensorboard(full, "rope/base") == {1: 1e4, 2: 1e4, 3: 1e4, 4: 1e6, 5: 1e6, 6: 1e6}
-    assert _tensorboard(full, "seq_length") == {1: 32, 2: 32, 3: 32, 4: 64, 5: 64, 6: 64}
+    assert tensorboard_scalars(full, "rope/base") == {1: 1e4, 2: 1e4, 3: 1e4, 4: 1e6, 5: 1e6, 6: 1e6}
+    assert tensorboard_scalars(full, "seq_length") == {1: 32, 2: 32, 3: 32, 4: 64, 5: 64, 6: 64}
     # Each checkpoint records the base its weights were trained with (for the converters).
     from megatron_patches.training.checkpoint import read_model_config
 
