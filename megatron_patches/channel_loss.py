@@ -49,13 +49,24 @@ Totals = dict[str, tuple[float, float]]  # channel name -> (loss sum, loss token
 
 
 def channel_sums(
-    token_losses: torch.Tensor, loss_mask: torch.Tensor, dataset_ids: torch.Tensor, num_channels: int
+    token_losses: torch.Tensor,
+    loss_mask: torch.Tensor,
+    dataset_ids: torch.Tensor,
+    num_channels: int,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``[num_channels, 2]`` float64: (sum of masked token losses, loss tokens) per channel."""
-    mask = loss_mask.to(torch.float64)
-    per_sample = torch.stack([(token_losses.to(torch.float64) * mask).sum(dim=1), mask.sum(dim=1)], dim=1)
-    out = torch.zeros(num_channels, 2, dtype=torch.float64, device=per_sample.device)
-    return out.index_add_(0, dataset_ids.to(per_sample.device), per_sample)
+    """Add (sum of masked token losses, loss tokens) per channel to ``out``, ``[channels, 2]`` float64."""
+    if out is None:
+        out = torch.zeros(num_channels, 2, dtype=torch.float64, device=token_losses.device)
+    ids = dataset_ids.to(out.device, non_blocking=True)
+    out[:, 0].index_add_(0, ids, (token_losses * loss_mask).sum(dim=1, dtype=torch.float64))
+    out[:, 1].index_add_(0, ids, loss_mask.sum(dim=1, dtype=torch.float64))
+    return out
+
+
+def _add(totals: Totals, name: str, loss_sum: float, tokens: float) -> None:
+    old_sum, old_tokens = totals.get(name, (0.0, 0.0))
+    totals[name] = (old_sum + loss_sum, old_tokens + tokens)
 
 
 def named_totals(sums: torch.Tensor, names: tuple, into: Totals | None = None) -> Totals:
@@ -63,8 +74,7 @@ def named_totals(sums: torch.Tensor, names: tuple, into: Totals | None = None) -
     into = dict(into or {})
     for name, (loss_sum, tokens) in zip(names, sums.tolist(), strict=True):
         if tokens > 0:
-            old_sum, old_tokens = into.get(name, (0.0, 0.0))
-            into[name] = (old_sum + loss_sum, old_tokens + tokens)
+            _add(into, name, loss_sum, tokens)
     return into
 
 
@@ -73,8 +83,7 @@ def reduce_channels(parts: list[Totals]) -> dict[str, tuple[float, int]]:
     total: Totals = {}
     for part in parts:
         for name, (loss_sum, tokens) in part.items():
-            old_sum, old_tokens = total.get(name, (0.0, 0.0))
-            total[name] = (old_sum + loss_sum, old_tokens + tokens)
+            _add(total, name, loss_sum, tokens)
     return {name: (s / t, int(round(t))) for name, (s, t) in total.items() if t > 0}
 
 
@@ -115,8 +124,8 @@ class ChannelLoss(Hook):
         self.iteration = torch.zeros_like(self.window.sums)
 
     def on_micro_batch_loss(self, ctx, token_losses, loss_mask, batch, training: bool) -> None:
-        sums = channel_sums(token_losses, loss_mask, batch["dataset_id"], len(self.window.names))
-        (self.iteration if training else self.valid.sums).add_(sums)
+        target = self.iteration if training else self.valid.sums
+        channel_sums(token_losses, loss_mask, batch["dataset_id"], len(self.window.names), out=target)
 
     def after_step(self, ctx, report: StepReport, requests) -> None:
         if math.isfinite(report.loss):  # as the loop's Window: a non-finite iteration counts nowhere

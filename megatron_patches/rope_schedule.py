@@ -120,7 +120,10 @@ def _parse_stage(item: dict, where: str, last: bool) -> Stage:
     elif tokens is None and fraction is None:
         raise ConfigError(f"{where} needs until_tokens or until_fraction (only the last stage has neither)")
     elif tokens is not None:
-        number_option(f"{where}.until_tokens", tokens, integer=True)
+        tokens = number_option(f"{where}.until_tokens", tokens)  # 9e11 is a float (or a string) in YAML
+        if tokens != int(tokens):
+            raise ConfigError(f"{where}.until_tokens must be a whole number of tokens, got {tokens}")
+        tokens = int(tokens)
     else:
         fraction = number_option(f"{where}.until_fraction", fraction)
         if fraction >= 1:
@@ -277,7 +280,7 @@ class RopeSchedule(Hook):
 
     def after_step(self, ctx, report: StepReport, requests: Requests) -> None:
         if report.iteration in self.boundaries:
-            requests.save = requests.save or f"end of rope stage before iteration {report.iteration}"
+            requests.save = requests.save or f"rope stage ends, the next starts at {report.iteration}"
 
     def on_log(self, ctx, metrics: dict[str, float]) -> None:
         metrics["rope/base"] = float(ctx.phase.rotary_base)

@@ -101,6 +101,7 @@ def _reference(args: list[str], checkpoint: str, iterations: int, eval_iters: in
     return train, valid
 
 
+@pytest.mark.slow
 def test_channel_losses_at_tp2_pp2_dp2_equal_a_single_process_reference(tmp_path):
     zh = write_corpus(tmp_path / "data", "zh", 80, 128, seed=1, period=3)
     en = write_corpus(tmp_path / "data", "en", 80, 128, seed=2, period=6)

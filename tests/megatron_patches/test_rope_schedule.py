@@ -46,6 +46,9 @@ def test_until_tokens_switches_at_the_first_iteration_that_reaches_it():
     stages = "[{until_tokens: 700, seq_length: 32, rotary_base: 1e4}, {seq_length: 64, rotary_base: 1e6}]"
     spans = _spans(stages, train_iters=6, batch=8, seq=32)
     assert [(s.start, s.end, s.global_batch_size) for s in spans] == [(0, 3, 8), (3, 6, 4)]  # 3*256 >= 700
+    big = "[{until_tokens: 9e11, seq_length: 4096, rotary_base: 1e4}, {seq_length: 32768, rotary_base: 1e6}]"
+    spans = _spans(big, train_iters=10**6, batch=256, seq=4096)  # 2^20 tokens per iteration
+    assert [(s.start, s.end) for s in spans] == [(0, 858307), (858307, 10**6)]  # 858307 * 2^20 >= 9e11
 
 
 def test_fractions_of_tokens_hold_when_tokens_per_iteration_change():
