@@ -50,6 +50,7 @@ def describe(cfg: Config, plan: RunPlan) -> str:
     lines += [
         f"phase {p.name}: iterations {p.start_iteration}..{p.end_iteration - 1}, seq {p.seq_length}, "
         f"global batch {p.global_batch_size}, channels {list(p.channels)}"
+        + (f", rotary base {p.rotary_base:g}" if p.rotary_base is not None else "")
         for p in plan.phases
     ]
     lines.append(f"resume from: {plan.resume_from or plan.pretrained or 'scratch'}")
