@@ -10,8 +10,10 @@ order, so a patch may run a collective inside them; the others are rank-local.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from megatron_patches.errors import ConfigError
@@ -53,6 +55,10 @@ class Hook:
 
     name = "hook"
 
+    def describe(self) -> list[str]:
+        """Lines for the start-up summary (``--dry-run`` and the first log lines), e.g. a path to touch."""
+        return []
+
     def plan_phases(self, phases: list, config) -> list:
         """Before anything is built: return the run's data phases, possibly split or changed."""
         return phases
@@ -88,6 +94,33 @@ class Hook:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+def patch_options(patch: str, options: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """``defaults`` updated with ``options``; an option the patch does not know is a ConfigError."""
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise ConfigError(f"patches.{patch}: unknown option(s) {unknown}; known: {sorted(defaults)}")
+    return {**defaults, **options}
+
+
+def number_option(where: str, value: Any, integer: bool = False, minimum: float = 0.0) -> float | int:
+    """A numeric option above ``minimum`` (YAML 1.1 reads ``1e6`` as a string; accept that too)."""
+    if isinstance(value, str) and not integer:
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or value <= minimum:
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(f"{where} must be {kind} above {minimum:g}, got {value!r}")
+    return value
+
+
+def run_dir_file(patch: str, key: str, name: Any, run_dir: str) -> Path:
+    """Option ``key`` of ``patch`` as a file inside ``run_dir`` (absolute); anything else is a ConfigError."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise ConfigError(f"patches.{patch}.{key} must be a file name inside run_dir, got {name!r}")
+    return Path(run_dir).resolve() / name
 
 
 def build_hooks(patches: dict[str, Any], config) -> list[Hook]:

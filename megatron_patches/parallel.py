@@ -10,8 +10,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megatron_patches.compat import require_signature
 from megatron_patches.errors import ConfigError
 from megatron_patches.training.model import ModelConfig
+
+
+def _check_pinned_api() -> None:
+    from megatron.core import parallel_state
+
+    require_signature(parallel_state.get_data_parallel_group, ["with_context_parallel"])
+
+
+_check_pinned_api()
 
 
 @dataclass(frozen=True)
@@ -124,3 +134,24 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def gather_on_last_stage(obj):
+    """``all_gather_object`` of ``obj`` over the data-parallel group of the last pipeline stage.
+
+    That group includes the context-parallel ranks (Megatron-Core's
+    ``with_context_parallel``), so with CP > 1 each rank's partial sums still
+    meet once. Returns the list (one entry per DP x CP rank) on last-stage
+    ranks, which hold the losses and the logging rank; ``None`` elsewhere,
+    where nothing is called. Each TP rank of the last stage gathers in its own
+    group and gets the same list.
+    """
+    import torch
+    from megatron.core import parallel_state
+
+    if not parallel_state.is_pipeline_last_stage():
+        return None
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    gathered = [None] * torch.distributed.get_world_size(group)
+    torch.distributed.all_gather_object(gathered, obj, group=group)
+    return gathered

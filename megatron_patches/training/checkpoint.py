@@ -49,9 +49,15 @@ def latest_checkpoint(root: str | Path | None) -> Path | None:
     return mcore_io.iteration_dir(root)
 
 
+def iteration_of(path: Path) -> int | str:
+    """The iteration of an ``iter_XXXXXXX`` checkpoint directory, or ``"release"``."""
+    name = Path(path).name
+    return name if name == mcore_io.RELEASE else int(name.removeprefix("iter_"))
+
+
 def check_architecture(path: Path, model: ModelConfig) -> None:
     """Stop with one line when the checkpoint at ``path`` holds another architecture."""
-    saved = mcore_io.read_model_config(path.parent, _iteration_of(path)).to_dict()
+    saved = mcore_io.read_model_config(path.parent, iteration_of(path)).to_dict()
     mine = model.to_dict()
     keys = [k for k in sorted(set(saved) | set(mine)) if k not in RUNTIME_ONLY_FIELDS]
     diffs = [
@@ -65,14 +71,9 @@ def check_architecture(path: Path, model: ModelConfig) -> None:
 
 def model_config_from(path: Path, current: ModelConfig) -> ModelConfig:
     """The checkpoint's architecture, keeping ``current``'s runtime-only choices (kernels, dropout)."""
-    saved = mcore_io.read_model_config(path.parent, _iteration_of(path))
+    saved = mcore_io.read_model_config(path.parent, iteration_of(path))
     runtime = {name: getattr(current, name) for name in RUNTIME_ONLY_FIELDS}
     return dataclasses.replace(saved, **runtime)
-
-
-def _iteration_of(path: Path) -> int | str:
-    name = path.name
-    return name if name == mcore_io.RELEASE else int(name.removeprefix("iter_"))
 
 
 def rng_state() -> dict[str, Any]:
@@ -253,7 +254,7 @@ def load_pretrained(path: Path, model, model_cfg: ModelConfig) -> None:
         ps.get_tensor_model_parallel_rank(),
         ps.get_pipeline_model_parallel_rank(),
         pp_size,
-        iteration=_iteration_of(path),
+        iteration=iteration_of(path),
         spec="te" if model_cfg.transformer_impl == "transformer_engine" else "local",
     )
     model.load_state_dict(state, strict=True)

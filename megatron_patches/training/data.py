@@ -51,6 +51,12 @@ class Phase:
     def tokens_per_iteration(self) -> int:
         return self.global_batch_size * self.seq_length
 
+    def model_config(self, model):
+        """The model this phase trains: ``model`` (a ModelConfig) with the phase's rotary base, if any."""
+        if self.rotary_base is None:
+            return model
+        return dataclasses.replace(model, rotary_base=self.rotary_base)
+
 
 def parse_blend(data_path: list | tuple) -> tuple[list[str], list[float]]:
     """Split Megatron's ``[w1, p1, w2, p2, ...]`` (or a bare ``[p]``) into prefixes and weights."""

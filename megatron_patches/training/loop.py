@@ -263,7 +263,7 @@ class Trainer:
             objs.optimizer,
             objs.scheduler,
             ctx.state,
-            ctx.cfg.model,
+            ctx.phase.model_config(ctx.cfg.model),  # the rotary base the weights were trained with
             ctx.cfg.checkpoint.keep_last,
         )
         self.last_save_time = time.monotonic()

@@ -50,10 +50,11 @@ def describe(cfg: Config, plan: RunPlan) -> str:
     lines += [
         f"phase {p.name}: iterations {p.start_iteration}..{p.end_iteration - 1}, seq {p.seq_length}, "
         f"global batch {p.global_batch_size}, channels {list(p.channels)}"
+        + (f", rotary base {p.rotary_base:g}" if p.rotary_base is not None else "")
         for p in plan.phases
     ]
     lines.append(f"resume from: {plan.resume_from or plan.pretrained or 'scratch'}")
-    lines.append(f"force a checkpoint: touch {Path(cfg.run_dir).resolve() / 'save'}")
+    lines += [line for hook in plan.hooks for line in hook.describe()]  # e.g. the file to touch
     return "\n".join(lines)
 
 

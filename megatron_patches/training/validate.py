@@ -19,7 +19,7 @@ from megatron_patches.hooks import Hook, build_hooks
 from megatron_patches.parallel import Layout, validate_layout
 from megatron_patches.training import checkpoint
 from megatron_patches.training.config import Config
-from megatron_patches.training.data import Phase, channel_names, parse_blend, plan_phases
+from megatron_patches.training.data import Phase, channel_names, parse_blend, phase_at, plan_phases
 from megatron_patches.training.indexed import check_prefix
 from megatron_patches.training.schedules import validate_schedule
 
@@ -75,10 +75,23 @@ def plan_run(cfg: Config, world_size: int) -> RunPlan:
     for phase in phases:
         _check_batch(phase.global_batch_size, phase.micro_batch_size, layout, f"phase {phase.name!r}")
         _check_seq(phase.seq_length, cfg)
-    for path in (resume_from, pretrained):
-        if path is not None:
-            checkpoint.check_architecture(path, cfg.model)
+    if resume_from is not None:
+        checkpoint.check_architecture(resume_from, _model_at(resume_from, phases, cfg))
+    if pretrained is not None:
+        checkpoint.check_architecture(pretrained, cfg.model)
     return RunPlan(layout, data, phases, hooks, save_dir, resume_from, pretrained)
+
+
+def _model_at(path: Path, phases: list[Phase], cfg: Config):
+    """The model config the checkpoint at ``path`` should hold: that of the phase that wrote it.
+
+    A phase may set its own rotary base (rope_schedule); a checkpoint records the
+    base its weights were trained with, i.e. that of the iteration before it.
+    """
+    iteration = checkpoint.iteration_of(path)
+    if not isinstance(iteration, int):  # a release: written by the converter, not by a phase
+        return cfg.model
+    return phase_at(phases, max(iteration - 1, 0)).model_config(cfg.model)
 
 
 def _check_train(cfg: Config, layout: Layout) -> None:

@@ -1,0 +1,221 @@
+"""Iteration time of the tiny CPU config with all four patches on vs all off, in one run.
+
+``python bench/patches_overhead.py [--iters 400] [--reps 2] [--ranks 2]`` starts
+``--ranks`` gloo ranks (torchrun) that train ``launch/configs/tiny.yaml`` with
+one bench hook that owns the four patches and calls them on odd iterations
+only: patches on and off alternate every iteration, so both see the same
+machine load (this VM is shared; load drifts over seconds). The time from one
+``after_step`` to the next is one iteration: its logging, checkpoint checks,
+forward/backward with the per-micro-batch hooks, update, and ``after_step``
+hooks. The first iterations are dropped (warm-up). Printed: medians and means
+on/off and their ratios (the mean includes costs paid every ``log_interval``,
+such as the channel-loss exchange; the median shows the common iteration), the
+median ratio of neighbouring on/off iterations, and the time spent inside the
+patches' hooks themselves (on iterations, mean).
+
+"On" is: ``channel_loss``; ``save_trigger`` (rank 0 stats two files, one
+broadcast per iteration); ``rope_schedule`` with one stage at the config's
+length and base, so both kinds of iteration do the same arithmetic;
+``loss_spike`` (action ``continue``). The save trigger's per-iteration check
+is also timed alone (``--probes`` calls).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "launch" / "configs" / "tiny.yaml"
+WARMUP = 10
+PATCHES_ON = {
+    "channel_loss": {},
+    "save_trigger": {},
+    "rope_schedule": {"stages": [{"seq_length": 64, "rotary_base": 10000}]},
+    "loss_spike": {"action": "continue", "warmup": 5, "window": 50},
+}
+INTERVALS: list[tuple[int, float]] = []  # (0-based iteration, time its after_step hooks finished)
+HOOK_SECONDS: dict[int, float] = {}  # 0-based 'on' iteration -> seconds spent inside the patches
+
+
+def enable(options: dict, config):
+    """The ``bench_toggle`` patch: the patches in ``options``, called on odd iterations only."""
+    from megatron_patches.hooks import Hook, build_hooks
+
+    inner = build_hooks(options, config)
+
+    def on(index: int) -> bool:
+        return index % 2 == 1
+
+    def call(index: int, method: str, *args):
+        """Call ``method`` of every patch if iteration ``index`` is an 'on' one; time it."""
+        if not on(index):
+            return []
+        start = time.perf_counter()
+        results = [getattr(hook, method)(*args) for hook in inner]
+        HOOK_SECONDS[index] = HOOK_SECONDS.get(index, 0.0) + time.perf_counter() - start
+        return results
+
+    class Toggle(Hook):
+        name = "bench_toggle"
+
+        def plan_phases(self, phases, cfg):
+            for hook in inner:
+                phases = hook.plan_phases(phases, cfg)
+            return phases
+
+        def on_train_start(self, ctx) -> None:
+            for hook in inner:
+                hook.on_train_start(ctx)
+
+        def on_phase_start(self, ctx, phase) -> None:
+            for hook in inner:
+                hook.on_phase_start(ctx, phase)
+
+        def on_micro_batch_loss(self, ctx, *args) -> None:
+            call(ctx.state.iteration, "on_micro_batch_loss", ctx, *args)
+
+        def skip_update(self, ctx, loss, grad_norm) -> bool:
+            return any(call(ctx.state.iteration, "skip_update", ctx, loss, grad_norm))
+
+        def after_step(self, ctx, report, requests) -> None:
+            call(report.iteration - 1, "after_step", ctx, report, requests)
+            INTERVALS.append((report.iteration - 1, time.perf_counter()))
+
+        def on_log(self, ctx, metrics) -> None:
+            call(ctx.state.iteration, "on_log", ctx, metrics)  # before 0-based `state.iteration` runs
+
+        def after_save(self, ctx, path) -> None:
+            for hook in inner:
+                hook.after_save(ctx, path)
+
+    return Toggle()
+
+
+def _iteration_times(run_dir: Path, iters: int, patches: dict) -> dict[str, list[float]]:
+    from megatron_patches.training import run
+
+    INTERVALS.clear()
+    HOOK_SECONDS.clear()
+    common = [f"run_dir={run_dir}", f"train.train_iters={iters}", "checkpoint.save_interval=null"]
+    args = ["--config", str(CONFIG), *common, "logging.eval_interval=null", "patches={}"]
+    run.main([*args, f"patches.bench_toggle={json.dumps(patches)}"])
+    times = {"off": [], "on": [], "pairs": [], "hooks": []}
+    previous_off = None
+    for (_, start), (index, end) in zip(INTERVALS[WARMUP:], INTERVALS[WARMUP + 1 :], strict=False):
+        seconds = end - start
+        if index % 2 == 0:
+            times["off"].append(seconds)
+            previous_off = seconds
+            continue
+        times["on"].append(seconds)
+        times["hooks"].append(HOOK_SECONDS.get(index, 0.0))
+        if previous_off is not None:  # neighbours share the machine's load of the moment
+            times["pairs"].append(seconds / previous_off)
+    return times
+
+
+def _trigger_check_seconds(probes: int, run_dir: Path) -> float:
+    import torch
+
+    from megatron_patches.save_trigger import requested
+
+    save, stop = run_dir / "save", run_dir / "stop"
+    torch.distributed.barrier()
+    start = time.perf_counter()
+    for _ in range(probes):
+        flags = requested(save, stop) if torch.distributed.get_rank() == 0 else [0, 0]
+        flags = torch.tensor(flags, dtype=torch.int32)
+        torch.distributed.broadcast(flags, src=0)
+        flags.tolist()
+    return (time.perf_counter() - start) / probes
+
+
+def worker(out: Path, reps: int, iters: int, probes: int, names: list[str]) -> None:
+    import torch
+
+    from megatron_patches import hooks, parallel
+
+    hooks.PATCHES["bench_toggle"] = "__main__"
+    rank, _ = parallel.init_distributed()
+    result = {"off": [], "on": [], "pairs": [], "hooks": []}
+    for rep in range(reps):
+        times = _iteration_times(out / f"run{rep}", iters, {name: PATCHES_ON[name] for name in names})
+        for key, values in times.items():
+            result[key] += values
+        torch.distributed.barrier()
+    result["trigger_check"] = _trigger_check_seconds(probes, out)
+    if rank == 0:
+        (out / "times.json").write_text(json.dumps(result))
+    torch.distributed.destroy_process_group()
+
+
+def report(result: dict) -> str:
+    off, on = result["off"], result["on"]
+    med_off, med_on = statistics.median(off), statistics.median(on)
+    mean_off, mean_on = statistics.fmean(off), statistics.fmean(on)
+    pair = statistics.median(result["pairs"])
+    hooks = statistics.fmean(result["hooks"])
+    check = result["trigger_check"]
+
+    def pct(ratio: float) -> str:
+        return f"{ratio:.4f} ({(ratio - 1) * 100:+.2f}%)"
+
+    return "\n".join(
+        [
+            f"iterations timed: {len(off)} off, {len(on)} on (alternating)",
+            f"median: off {med_off * 1e3:.2f} ms, on {med_on * 1e3:.2f} ms: {pct(med_on / med_off)}",
+            f"mean:   off {mean_off * 1e3:.2f} ms, on {mean_on * 1e3:.2f} ms: {pct(mean_on / mean_off)}",
+            f"median of on/off ratios of neighbouring iterations: {pct(pair)}",
+            f"time inside the patches' hooks: {hooks * 1e6:.0f} us per iteration (mean), "
+            f"{hooks / med_off * 100:.2f}% of a median iteration",
+            f"save_trigger check alone (stat + broadcast): {check * 1e6:.0f} us "
+            f"({check / med_off * 100:.2f}% of a median iteration)",
+        ]
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iters", type=int, default=400)
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--probes", type=int, default=2000)
+    parser.add_argument("--patches", default=",".join(PATCHES_ON), help="the 'on' set (default: all four)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    names = args.patches.split(",")
+    if args.worker:
+        worker(Path(args.worker), args.reps, args.iters, args.probes, names)
+        return 0
+    unknown = sorted(set(names) - set(PATCHES_ON))
+    if unknown:
+        parser.error(f"unknown patches {unknown}; choose from {sorted(PATCHES_ON)}")
+    with tempfile.TemporaryDirectory() as tmp:
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={args.ranks}",
+            __file__,
+            *("--reps", str(args.reps), "--iters", str(args.iters), "--probes", str(args.probes)),
+            f"--patches={args.patches}",
+            f"--worker={tmp}",
+        ]
+        env = {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
+        subprocess.run(command, check=True, cwd=REPO, env=env, stdout=subprocess.DEVNULL)
+        print(f"on: {args.patches}")
+        print(report(json.loads((Path(tmp) / "times.json").read_text())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""Loss-spike guard: notice an iteration whose loss jumps, record its batch, and act.
+
+What it changes: Megatron-Core's ``MegatronOptimizer.step`` refuses an update
+only when fp16 loss scaling finds an overflow; Megatron-LM stops on a NaN loss
+(``--check-for-nan-in-loss-and-grad``) but does nothing about a finite spike,
+the usual first sign of bad data or optimizer trouble. The trainer already
+never applies an update on a non-finite loss or grad norm
+(``training.step.optimizer_step``); this patch adds the policy for spikes:
+
+* A rolling window of recent finite, non-spike losses gives a mean and a std.
+  After ``warmup`` losses, an iteration is a spike when its loss exceeds both
+  ``mean + std_factor * std`` and ``min_ratio * mean`` (the ratio keeps a
+  near-zero std late in training from flagging noise). A non-finite loss or
+  grad norm is always one. Spikes stay out of the window, so one spike does
+  not hide the next.
+* On a spike: TensorBoard ``spike/score`` (``(loss - mean) / std``), one line
+  in ``<run_dir>/<file>`` (JSONL) with the iteration, loss, statistics, phase,
+  and every sample of the global batch (sample id in the phase's blended
+  dataset, ``dataset_id``, channel), gathered from all data-parallel ranks of
+  the last pipeline stage; then the ``action``:
+  ``continue`` (update as usual), ``skip`` (no update; the data moves on), or
+  ``stop`` (no update, checkpoint, exit 0: the checkpoint holds the weights
+  that produced the spike and the data position after it, so one can inspect
+  the batch, resume past it, or roll back further).
+* The decision is taken in ``skip_update`` from the all-reduced loss, so every
+  rank takes the same one without another collective; only a spike gathers.
+
+The window is saved in checkpoints (``state_dict``), so a resumed run judges as
+the uninterrupted one would. This patch calls no Megatron-Core function itself;
+the gather uses :func:`megatron_patches.parallel.gather_on_last_stage`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import deque
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from megatron_patches.errors import ConfigError
+from megatron_patches.hooks import (
+    Hook,
+    Requests,
+    StepReport,
+    number_option,
+    patch_options,
+    run_dir_file,
+)
+from megatron_patches.parallel import gather_on_last_stage
+
+ACTIONS = ("continue", "skip", "stop")
+DEFAULTS = {
+    "window": 100,
+    "warmup": 20,
+    "std_factor": 4.0,
+    "min_ratio": 1.1,
+    "action": "continue",
+    "file": "loss_spikes.jsonl",
+}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    spike: bool
+    score: float | None  # (loss - mean) / std; None before warmup or for a non-finite value
+    mean: float | None
+    std: float | None
+    reason: str = ""
+
+
+def mean_std(values) -> tuple[float, float]:
+    """Mean and sample std in floats (``statistics.stdev`` is exact but ~100x slower)."""
+    n = len(values)
+    mean = math.fsum(values) / n
+    return mean, math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
+
+
+class SpikeDetector:
+    """The rolling statistics and the rule; pure, no processes."""
+
+    def __init__(self, window: int, warmup: int, std_factor: float, min_ratio: float) -> None:
+        self.history: deque[float] = deque(maxlen=window)
+        self.warmup, self.std_factor, self.min_ratio = warmup, std_factor, min_ratio
+
+    def judge(self, loss: float, grad_norm: float | None = None) -> Verdict:
+        if not math.isfinite(loss):
+            return Verdict(True, None, None, None, "non-finite loss")
+        if grad_norm is not None and not math.isfinite(grad_norm):
+            return Verdict(True, None, None, None, "non-finite grad norm")
+        if len(self.history) < max(self.warmup, 2):
+            return Verdict(False, None, None, None)
+        mean, std = mean_std(self.history)
+        score = (loss - mean) / std if std > 0 else (math.inf if loss > mean else 0.0)
+        spike = loss > mean + self.std_factor * std and loss > self.min_ratio * mean
+        return Verdict(spike, score, mean, std, "loss spike" if spike else "")
+
+    def observe(self, loss: float, grad_norm: float | None = None) -> Verdict:
+        """Judge ``loss``, then add it to the window unless it is a spike."""
+        verdict = self.judge(loss, grad_norm)
+        if not verdict.spike:
+            self.history.append(loss)
+        return verdict
+
+
+def refuses_update(verdict: Verdict, action: str) -> bool:
+    return verdict.spike and action in ("skip", "stop")
+
+
+def spike_record(report: StepReport, verdict: Verdict, action: str, phase, gathered: list) -> dict:
+    """The JSONL line for a spike: the iteration, the statistics, and every sample of the batch."""
+    samples = [
+        {"sample_id": s, "dataset_id": d, "channel": phase.channels[d] if d < len(phase.channels) else None}
+        for sample_ids, dataset_ids in gathered
+        for s, d in zip(sample_ids, dataset_ids, strict=True)
+    ]
+    samples.sort(key=lambda item: item["sample_id"])
+    numbers = {"loss": report.loss, "grad_norm": report.grad_norm, **asdict(verdict)}
+    numbers = {k: _json_number(v) for k, v in numbers.items() if k != "spike"}
+    return {
+        "iteration": report.iteration,
+        **numbers,
+        "action": action,
+        "phase": phase.name,
+        "seq_length": phase.seq_length,
+        "samples": samples,
+    }
+
+
+def _json_number(value):
+    """JSON has no NaN or infinity: write those as strings."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class LossSpikeGuard(Hook):
+    name = "loss_spike"
+
+    def __init__(self, detector: SpikeDetector, action: str, path: Path) -> None:
+        self.detector, self.action, self.path = detector, action, path
+        self.verdict: tuple[int, Verdict] | None = None  # (iteration, verdict) judged before the update
+
+    def skip_update(self, ctx, loss: float, grad_norm: float | None) -> bool:
+        verdict = self.detector.observe(loss, grad_norm)
+        self.verdict = (ctx.state.iteration + 1, verdict)
+        return refuses_update(verdict, self.action)
+
+    def after_step(self, ctx, report: StepReport, requests: Requests) -> None:
+        if self.verdict is None or self.verdict[0] != report.iteration:
+            # fp16 overflow: the optimizer returned before asking the hooks
+            self.verdict = (report.iteration, self.detector.observe(report.loss, report.grad_norm))
+        verdict = self.verdict[1]
+        if not verdict.spike:
+            return
+        gathered = gather_on_last_stage((report.sample_ids, report.dataset_ids))
+        if ctx.writer.enabled:  # the logging rank, on the last stage: it has the gathered ids
+            self._record(ctx, report, verdict, gathered)
+        if self.action == "stop":
+            requests.stop = requests.stop or f"{verdict.reason} at iteration {report.iteration}"
+
+    def _record(self, ctx, report: StepReport, verdict: Verdict, gathered: list) -> None:
+        record = spike_record(report, verdict, self.action, ctx.phase, gathered)
+        with self.path.open("a") as out:
+            out.write(json.dumps(record) + "\n")
+        if verdict.score is not None and math.isfinite(verdict.score):
+            ctx.writer.scalars({"spike/score": verdict.score}, report.iteration)
+        ctx.writer.console(
+            f"{verdict.reason} at iteration {report.iteration}: loss {report.loss:.4f}"
+            + (f", mean {verdict.mean:.4f} std {verdict.std:.4f}" if verdict.mean is not None else "")
+            + f"; action {self.action}; batch written to {self.path}"
+        )
+
+    def state_dict(self) -> dict:
+        return {"history": list(self.detector.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.detector.history.clear()
+        self.detector.history.extend(state.get("history", []))
+
+
+def enable(options: dict, config) -> LossSpikeGuard:
+    opts = patch_options("loss_spike", options, DEFAULTS)
+    window = number_option("patches.loss_spike.window", opts["window"], integer=True, minimum=1)
+    warmup = number_option("patches.loss_spike.warmup", opts["warmup"], integer=True, minimum=1)
+    if warmup > window:
+        raise ConfigError(f"patches.loss_spike.warmup ({warmup}) exceeds window ({window})")
+    std_factor = number_option("patches.loss_spike.std_factor", opts["std_factor"])
+    min_ratio = number_option("patches.loss_spike.min_ratio", opts["min_ratio"])
+    if opts["action"] not in ACTIONS:
+        raise ConfigError(f"patches.loss_spike.action must be one of {ACTIONS}, got {opts['action']!r}")
+    path = run_dir_file("loss_spike", "file", opts["file"], config.run_dir)
+    detector = SpikeDetector(window, warmup, float(std_factor), float(min_ratio))
+    return LossSpikeGuard(detector, opts["action"], path)

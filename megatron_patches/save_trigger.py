@@ -1,0 +1,103 @@
+"""File-triggered checkpoints: ``touch <run_dir>/save`` saves now, ``touch <run_dir>/stop`` saves and exits.
+
+What it changes: Megatron-LM's training loop writes a checkpoint only at
+``--save-interval``, at ``--exit-interval`` / ``--exit-duration-in-mins``, or on
+a signal (``--exit-signal-handler``); there is no way to ask a running job for a
+checkpoint now (before a risky change, a node drain, a deadline) without
+killing it. Here, at the end of every iteration:
+
+* Only global rank 0 looks at the file system (two ``stat`` calls), and its
+  answer is broadcast to every rank: one collective of two integers per
+  iteration. Every rank therefore saves (or stops) after the same iteration; a
+  rank that saw the file one iteration later than another would enter the
+  checkpoint's collectives alone and hang the job. Rank 0 looks once the
+  iteration's gradients are ready (the ``skip_update`` point, which every rank
+  reaches) and the broadcast runs asynchronously while the optimizer updates;
+  ranks wait for it at the end of the iteration, where the decision applies.
+  (Should fp16 overflow skip that point, the look happens at the end instead.)
+* ``save`` asks the loop for a checkpoint at the end of this iteration. The
+  file is removed by rank 0 once a checkpoint is complete on every rank (after
+  the loop's last barrier of the save). Saves are synchronous, so a touch that
+  lands while a checkpoint is being written is absorbed by that checkpoint:
+  it never starts a second, overlapping save.
+* ``stop`` asks for a checkpoint and a clean exit (status 0); its file is
+  removed once that checkpoint is complete, so a requeued job does not stop
+  again. A ``stop`` present when a run starts is honoured after its first
+  iteration (the job was asked to stop before it could see the file).
+
+The start-up summary (``--dry-run``, and the first lines of the log) prints the
+exact paths to touch. This patch calls no Megatron-Core function.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from megatron_patches.errors import ConfigError
+from megatron_patches.hooks import Hook, Requests, StepReport, patch_options, run_dir_file
+
+DEFAULTS = {"save_file": "save", "stop_file": "stop"}
+
+
+def requested(save_path: Path, stop_path: Path) -> list[int]:
+    """``[save?, stop?]`` as the file system shows them now."""
+    return [int(save_path.exists()), int(stop_path.exists())]
+
+
+class SaveTrigger(Hook):
+    name = "save_trigger"
+
+    def __init__(self, save_path: Path, stop_path: Path) -> None:
+        self.save_path, self.stop_path = save_path, stop_path
+        self.stopping = False
+        self.device = None
+        self.pending: tuple | None = None  # (async work, flags) of this iteration's look
+
+    def describe(self) -> list[str]:
+        return [
+            f"force a checkpoint: touch {self.save_path}",
+            f"checkpoint and stop: touch {self.stop_path}",
+        ]
+
+    def on_train_start(self, ctx) -> None:
+        self.device = next(ctx.objects.gpt.parameters()).device
+
+    def skip_update(self, ctx, loss: float, grad_norm: float | None) -> bool:
+        self._look()
+        return False
+
+    def _look(self) -> None:
+        """Rank 0 stats the files; the broadcast of its answer starts and runs in the background."""
+        local = requested(self.save_path, self.stop_path) if torch.distributed.get_rank() == 0 else [0, 0]
+        flags = torch.tensor(local, dtype=torch.int32, device=self.device)
+        self.pending = (torch.distributed.broadcast(flags, src=0, async_op=True), flags)
+
+    def after_step(self, ctx, report: StepReport, requests: Requests) -> None:
+        if self.pending is None:
+            self._look()
+        work, flags = self.pending
+        self.pending = None
+        work.wait()
+        save, stop = flags.tolist()
+        if save:
+            requests.save = requests.save or f"{self.save_path} exists"
+        if stop:
+            requests.stop = requests.stop or f"{self.stop_path} exists"
+            self.stopping = True
+
+    def after_save(self, ctx, path) -> None:
+        if torch.distributed.get_rank() != 0:
+            return
+        self.save_path.unlink(missing_ok=True)  # any complete checkpoint answers a pending `save`
+        if self.stopping:
+            self.stop_path.unlink(missing_ok=True)
+
+
+def enable(options: dict, config) -> SaveTrigger:
+    opts = patch_options("save_trigger", options, DEFAULTS)
+    paths = [run_dir_file("save_trigger", k, opts[k], config.run_dir) for k in ("save_file", "stop_file")]
+    if paths[0] == paths[1]:
+        raise ConfigError(f"patches.save_trigger: save_file and stop_file are the same file {paths[0]}")
+    return SaveTrigger(*paths)
