@@ -86,7 +86,7 @@ def _reference(args: list[str], checkpoint: str, iterations: int, eval_iters: in
     model = build_model_for_this_rank(cfg.model)
     model.load_state_dict(dist_checkpointing.load({"model": model.sharded_state_dict()}, checkpoint)["model"])
     model.eval()
-    tokenizer = DatasetTokenizer(plan.eod_id, cfg.model.vocab_size)
+    tokenizer = DatasetTokenizer(plan.data.eod_id, cfg.model.vocab_size)
     cache = str(Path(cfg.run_dir) / "data_cache")
     data = PhaseData(plan.phases, cfg.data, tokenizer, cfg.seed, cache, eval_iters, 0, 1)
     train = {}

@@ -187,9 +187,9 @@ def test_the_switch_at_700_tokens_and_resume_on_either_side(tmp_path):
     assert tensorboard_scalars(full, "rope/base") == {1: 1e4, 2: 1e4, 3: 1e4, 4: 1e6, 5: 1e6, 6: 1e6}
     assert tensorboard_scalars(full, "seq_length") == {1: 32, 2: 32, 3: 32, 4: 64, 5: 64, 6: 64}
     # Each checkpoint records the base its weights were trained with (for the converters).
-    from megatron_patches.training.checkpoint import read_model_config
+    from tools.convert.mcore_io import read_model_config
 
-    bases = [read_model_config(full / "checkpoints" / f"iter_000000{i}")["rotary_base"] for i in (2, 3, 4)]
+    bases = [read_model_config(full / "checkpoints", i).rotary_base for i in (2, 3, 4)]
     assert bases == [1e4, 1e4, 1e6]
 
     expected = losses(full)
