@@ -138,3 +138,46 @@ def test_bad_options_are_refused_at_enable(probe_options, options, overrides, me
     with pytest.raises(ConfigError) as err:
         probes.enable({**probe_options, **options}, cfg)
     assert message in str(err.value)
+
+
+def _megatron_scores_of_converted(mcore_dir: str, options: dict) -> dict:
+    from tools.convert import mcore_io
+
+    model_cfg = mcore_io.read_model_config(mcore_dir)
+    cfg = Config(model=model_cfg, logging=LoggingConfig(eval_interval=1))
+    initialize(Layout(torch.distributed.get_world_size(), 2, 2), seed=0, model=model_cfg)
+    model = build_model_for_this_rank(model_cfg)
+    from megatron.core import parallel_state as ps
+
+    state, _ = mcore_io.load_model_for_rank(
+        mcore_dir, ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(), 2
+    )
+    model.load_state_dict(state, strict=True)
+    hook = probes.enable(options, cfg)
+    sums, counts = probes.score_rows(model, hook.batch, hook.vocab_size, micro_batch_size=2)
+    return probe_scores(hook.probes, sums, counts)
+
+
+def test_megatron_and_hf_scores_agree_on_a_converted_checkpoint(tmp_path, probe_options):
+    import transformers
+
+    from megatron_patches.probe_scoring import load_probes
+    from tests.tiny_hf import build_model
+    from tests.tools.convert.tiny import randomize
+    from tools.convert import commands
+    from tools.eval.hf import load_model, load_tokenizer
+    from tools.eval.probes import score_hf
+
+    hf_dir = build_model(tmp_path / "hf", "llama", num_hidden_layers=4)
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
+    randomize(model, seed=5).save_pretrained(hf_dir)  # O(1) activations: scores far from uniform
+    commands.hf2mcore(str(hf_dir), str(tmp_path / "mcore"), tp=2, pp=2, quiet=True)
+    options = {**probe_options, "tokenizer": str(hf_dir)}
+
+    per_rank = run_on_ranks(_megatron_scores_of_converted, 4, str(tmp_path / "mcore"), options)
+    hf = score_hf(load_model(hf_dir, "float32", "cpu"), load_tokenizer(hf_dir), load_probes(options["file"]))
+    assert len({json.dumps(s, sort_keys=True) for s in per_rank}) == 1  # every rank got the same numbers
+    assert set(per_rank[0]) == set(hf) and len(hf) >= 3
+    assert len({round(v, 3) for v in hf.values()}) > 1, hf
+    for name, value in hf.items():
+        assert per_rank[0][name] == pytest.approx(value, rel=1e-5, abs=1e-4), name
