@@ -138,10 +138,19 @@ def test_corrupt_idx_and_foreign_checkpoint_are_named(tmp_path):
         run.main(tiny_args(tmp_path / "run", data))
 
 
-def test_checkpoint_of_another_architecture_is_refused(tmp_path):
+def test_wall_clock_saves_keep_the_newest_and_another_architecture_is_refused(tmp_path):
     data = [1, write_corpus(tmp_path / "data", "zh", 40, 128, seed=1)]
-    args = tiny_args(tmp_path / "run", data, "train.train_iters=3")
+    # A save every 0.06 ms of wall time is a save after every iteration; keep the newest 2.
+    args = tiny_args(
+        tmp_path / "run",
+        data,
+        "train.train_iters=3",
+        "checkpoint.save_interval_minutes=1e-6",
+        "checkpoint.keep_last=2",
+    )
     assert run_on_ranks(_train, 1, args, timeout=300) == [0]
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("iter_*")) == ["iter_0000002", "iter_0000003"]
     with pytest.raises(ConfigError) as err:
         run.main(tiny_args(tmp_path / "run", data, "train.train_iters=6", "model.num_layers=2"))
     assert "is another architecture (num_layers: checkpoint 4 vs config 2)" in str(err.value)
