@@ -74,18 +74,6 @@ def test_hf_classifier_scorer(tmp_path, tokenizer_dir):
     assert values == pytest.approx(score(texts[::-1])[::-1], abs=1e-5)
 
 
-def _train_fasttext(fasttext, path):
-    """The fixture model. fastText's trainer (this wheel) hits "Encountered NaN" for some seeds on
-    tiny corpora, deterministically per seed; the scorer under test only loads a model."""
-    for seed in range(1, 21):
-        try:
-            return fasttext.train_supervised(str(path), epoch=5, verbose=0, seed=seed, thread=1)
-        except RuntimeError as err:
-            if "NaN" not in str(err):
-                raise
-    raise AssertionError("fastText could not train the fixture model with any of 20 seeds")
-
-
 def test_fasttext_scorer(tmp_path):
     fasttext = pytest.importorskip("fasttext")
     rng = random.Random(10)
@@ -94,7 +82,8 @@ def test_fasttext_scorer(tmp_path):
         lines.append("__label__hq " + synth.en_doc(rng, 3).replace("\n", " "))
         lines.append("__label__lq " + " ".join(["buy cheap watches now"] * 5))
     (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
-    _train_fasttext(fasttext, tmp_path / "train.txt").save_model(str(tmp_path / "quality.bin"))
+    model = fasttext.train_supervised(str(tmp_path / "train.txt"), epoch=5, verbose=0, seed=1, thread=1)
+    model.save_model(str(tmp_path / "quality.bin"))
     score = load_scorer({"kind": "fasttext", "path": str(tmp_path / "quality.bin"), "label": "__label__hq"})
     good, spam = score([synth.en_doc(rng, 3), "buy cheap watches now\nbuy cheap watches now"])
     assert good > 0.5 > spam
