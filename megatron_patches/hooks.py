@@ -40,6 +40,7 @@ class StepReport:
     skipped: bool
     sample_ids: list = field(default_factory=list)  # this DP rank's sample ids, last stage only
     dataset_ids: list = field(default_factory=list)  # blend component of each of those samples
+    flags: dict = field(default_factory=dict)  # "<patch>.<flag>" -> sum over all ranks (iteration_flags)
 
 
 @dataclass
@@ -71,6 +72,15 @@ class Hook:
 
     def on_micro_batch_loss(self, ctx, token_losses, loss_mask, batch, training: bool) -> None:
         """Last pipeline stage, each micro-batch: per-token losses ``[b, s]`` before reduction."""
+
+    def iteration_flags(self, ctx) -> dict[str, float]:
+        """Every rank, every iteration, after forward/backward: scalars to sum over all ranks.
+
+        They ride in the loop's all-reduce of the loss (no collective of their
+        own) and reach ``after_step`` as ``report.flags["<patch>.<flag>"]``.
+        Return the same keys on every rank.
+        """
+        return {}
 
     def skip_update(self, ctx, loss: float, grad_norm: float | None) -> bool:
         """Collective. After forward/backward, before ``optimizer.step``: True skips the update."""

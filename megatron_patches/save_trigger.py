@@ -6,15 +6,12 @@ a signal (``--exit-signal-handler``); there is no way to ask a running job for a
 checkpoint now (before a risky change, a node drain, a deadline) without
 killing it. Here, at the end of every iteration:
 
-* Only global rank 0 looks at the file system (two ``stat`` calls), and its
-  answer is broadcast to every rank: one collective of two integers per
-  iteration. Every rank therefore saves (or stops) after the same iteration; a
-  rank that saw the file one iteration later than another would enter the
-  checkpoint's collectives alone and hang the job. Rank 0 looks once the
-  iteration's gradients are ready (the ``skip_update`` point, which every rank
-  reaches) and the broadcast runs asynchronously while the optimizer updates;
-  ranks wait for it at the end of the iteration, where the decision applies.
-  (Should fp16 overflow skip that point, the look happens at the end instead.)
+* Only global rank 0 looks at the file system (two ``stat`` calls), once the
+  iteration's forward/backward is done; its answer reaches every rank inside
+  the loop's all-reduce of the loss (``Hook.iteration_flags``), so the trigger
+  adds no collective at all. Every rank therefore saves (or stops) after the
+  same iteration; a rank that saw the file one iteration later than another
+  would enter the checkpoint's collectives alone and hang the job.
 * ``save`` asks the loop for a checkpoint at the end of this iteration. The
   file is removed by rank 0 once a checkpoint is complete on every rank (after
   the loop's last barrier of the save). Saves are synchronous, so a touch that
@@ -52,8 +49,6 @@ class SaveTrigger(Hook):
     def __init__(self, save_path: Path, stop_path: Path) -> None:
         self.save_path, self.stop_path = save_path, stop_path
         self.stopping = False
-        self.device = None
-        self.pending: tuple | None = None  # (async work, flags) of this iteration's look
 
     def describe(self) -> list[str]:
         return [
@@ -61,29 +56,16 @@ class SaveTrigger(Hook):
             f"checkpoint and stop: touch {self.stop_path}",
         ]
 
-    def on_train_start(self, ctx) -> None:
-        self.device = next(ctx.objects.gpt.parameters()).device
-
-    def skip_update(self, ctx, loss: float, grad_norm: float | None) -> bool:
-        self._look()
-        return False
-
-    def _look(self) -> None:
-        """Rank 0 stats the files; the broadcast of its answer starts and runs in the background."""
-        local = requested(self.save_path, self.stop_path) if torch.distributed.get_rank() == 0 else [0, 0]
-        flags = torch.tensor(local, dtype=torch.int32, device=self.device)
-        self.pending = (torch.distributed.broadcast(flags, src=0, async_op=True), flags)
+    def iteration_flags(self, ctx) -> dict[str, float]:
+        if torch.distributed.get_rank() != 0:
+            return {"save": 0.0, "stop": 0.0}
+        save, stop = requested(self.save_path, self.stop_path)
+        return {"save": float(save), "stop": float(stop)}
 
     def after_step(self, ctx, report: StepReport, requests: Requests) -> None:
-        if self.pending is None:
-            self._look()
-        work, flags = self.pending
-        self.pending = None
-        work.wait()
-        save, stop = flags.tolist()
-        if save:
+        if report.flags[f"{self.name}.save"]:
             requests.save = requests.save or f"{self.save_path} exists"
-        if stop:
+        if report.flags[f"{self.name}.stop"]:
             requests.stop = requests.stop or f"{self.stop_path} exists"
             self.stopping = True
 

@@ -124,7 +124,8 @@ class Trainer:
             self.hooks,
             ctx,
         )
-        loss, total_tokens = global_loss(loss_sum, tokens, self.device)
+        flag_names, flag_values = self._iteration_flags()
+        loss, total_tokens, flag_sums = global_loss(loss_sum, tokens, self.device, flag_values)
         lr = objs.optimizer.param_groups[0]["lr"]
 
         def veto(grad_norm: float) -> bool:
@@ -143,8 +144,18 @@ class Trainer:
             skipped=not updated,
             sample_ids=[int(i) for b in batches for i in b["sample_id"]],
             dataset_ids=[int(i) for b in batches for i in b["dataset_id"]],
+            flags=dict(zip(flag_names, flag_sums, strict=True)),
         )
         return report, time.perf_counter() - start
+
+    def _iteration_flags(self) -> tuple[list[str], list[float]]:
+        """The hooks' per-iteration flags, named ``<patch>.<flag>``, in hook order (same on every rank)."""
+        names, values = [], []
+        for hook in self.hooks:
+            for key, value in hook.iteration_flags(self.ctx).items():
+                names.append(f"{hook.name}.{key}")
+                values.append(float(value))
+        return names, values
 
     # -- logging ---------------------------------------------------------------------------
     def _after_iteration(self, report: StepReport, seconds: float) -> None:
@@ -226,7 +237,7 @@ class Trainer:
                 )
                 loss_sum, tokens = loss_sum + s, tokens + t
         ctx.objects.model.train()
-        loss, _ = global_loss(loss_sum, tokens, self.device)
+        loss, _, _ = global_loss(loss_sum, tokens, self.device)
         metrics = {"lm loss validation": loss, "lm loss validation ppl": math.exp(min(loss, 50.0))}
         for hook in self.hooks:
             hook.on_eval(ctx, metrics)

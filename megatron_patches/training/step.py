@@ -97,19 +97,24 @@ def forward_backward(
     return float(total[0]), float(total[1])
 
 
-def global_loss(loss_sum: float, tokens: float, device) -> tuple[float, int]:
+def global_loss(
+    loss_sum: float, tokens: float, device, extra: list[float] = ()
+) -> tuple[float, int, list[float]]:
     """Token-weighted mean loss of the global batch, known to every rank afterwards.
 
     Only last-stage ranks hold non-zero sums; summing over the whole world counts
-    each DP replica's tokens once per TP rank, so divide by TP.
+    each DP replica's tokens once per TP rank, so divide by TP. ``extra`` values
+    ride along in the same all-reduce (summed over all ranks, undivided): the
+    hooks' per-iteration flags cost no collective of their own.
     """
     from megatron.core import parallel_state as ps
 
-    pair = torch.tensor([loss_sum, tokens], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(pair)
-    pair /= ps.get_tensor_model_parallel_world_size()
-    total_tokens = int(round(pair[1].item()))
-    return (pair[0].item() / total_tokens if total_tokens else float("nan")), total_tokens
+    values = torch.tensor([loss_sum, tokens, *extra], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(values)
+    values[:2] /= ps.get_tensor_model_parallel_world_size()
+    total_tokens = int(round(values[1].item()))
+    loss = values[0].item() / total_tokens if total_tokens else float("nan")
+    return loss, total_tokens, values[2:].tolist()
 
 
 def optimizer_step(optimizer, loss: float, veto) -> tuple[bool, float | None]:
