@@ -59,9 +59,10 @@ def channel_sums(
     if out is None:
         out = torch.zeros(num_channels, 2, dtype=torch.float64, device=token_losses.device)
     ids = dataset_ids.to(out.device, non_blocking=True)
-    out[:, 0].index_add_(0, ids, (token_losses * loss_mask).sum(dim=1, dtype=torch.float64))
-    out[:, 1].index_add_(0, ids, loss_mask.sum(dim=1, dtype=torch.float64))
-    return out
+    # One [b, 2] (loss sum, tokens) per sample, one index_add: few ops, as this runs per micro-batch.
+    sums = (token_losses * loss_mask).sum(dim=1, dtype=torch.float64)
+    per_sample = torch.stack((sums, loss_mask.sum(dim=1, dtype=torch.float64)), dim=1)
+    return out.index_add_(0, ids, per_sample)
 
 
 def _add(totals: Totals, name: str, loss_sum: float, tokens: float) -> None:

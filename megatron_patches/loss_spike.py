@@ -38,6 +38,8 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
 from megatron_patches.errors import ConfigError
 from megatron_patches.hooks import (
     Hook,
@@ -70,10 +72,9 @@ class Verdict:
 
 
 def mean_std(values) -> tuple[float, float]:
-    """Mean and sample std in floats (``statistics.stdev`` is exact but ~100x slower)."""
-    n = len(values)
-    mean = math.fsum(values) / n
-    return mean, math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
+    """Mean and sample std (numpy's pairwise sums: ~10 us for a 100-loss window, every iteration)."""
+    array = np.fromiter(values, dtype=np.float64, count=len(values))
+    return float(array.mean()), float(array.std(ddof=1))
 
 
 class SpikeDetector:
