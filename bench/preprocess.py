@@ -2,6 +2,7 @@
 
     pip install -e '.[bench]'            # datasketch, the MinHash baseline
     python bench/preprocess.py --mb 200  # generates (and caches) a mixed zh/en/code corpus
+    python bench/preprocess.py --only tokenize --repeat 3   # tokenize rows only, 3 rounds in turn
 
 Every figure is megabytes of JSONL text per CPU-second of one process (`time.process_time`, so other
 load on a shared machine does not count), measured in this run:
@@ -10,12 +11,17 @@ load on a shared machine does not count), measured in this run:
              floor: read + json.loads + json.dumps + write, the least any stage can do.
 * minhash    ours: `MinHasher.signature` (numpy, 128 permutations, character 5-grams);
              baseline: `datasketch.MinHash(num_perm=128).update_batch` on the same 5-gram shingles.
-* tokenize   ours: the tokenize stage (read, encode with the segment cache, EOD, .bin/.idx parts);
+* tokenize   ours: the tokenize stage (read, encode with the segment cache, EOD, .bin/.idx parts)
+             over the whole corpus, starting from an empty cache;
              baselines: what Megatron-LM's tools/preprocess_data.py does per document, i.e.
              json.loads, the tokenizer call (HF: `tokenizer(text).input_ids` as Megatron's
              HuggingFaceTokenizer; SentencePiece: `encode_as_ids` as GPTSentencePieceTokenizer),
              `IndexedDatasetBuilder.add_item(torch.tensor(ids))` + `end_document`.
 Baselines run on the first `--baseline-mb` megabytes (their per-core rate does not depend on size).
+With `--repeat N` the three tokenize contenders run in turn N times (a shared machine's load then
+hits all of them); figures are the median (min-max) and each ratio compares one round's figures.
+"The tokenizer call only" lines time `encode_packed` (ours: what the stage calls, ids packed as
+bytes) against `encode_as_ids` and `tokenizer(text).input_ids` on each language's documents alone.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import json
 import multiprocessing as mp
 import os
 import random
+import statistics
 import sys
 import time
 import warnings
@@ -45,6 +52,7 @@ from data.preprocess.tokenize import TokenizeTask, tokenize_file  # noqa: E402
 from data.preprocess.tokenizer.encode import load_encoder  # noqa: E402
 
 FILE_MB = 25
+STAGES = ("clean", "minhash", "tokenize")
 
 
 def _documents(rng: random.Random):
@@ -164,7 +172,7 @@ def tokenize_ours(files: list[Path], out: Path, tokenizer: Path) -> float:
 
     def run():
         for i, path in enumerate(files):
-            task = TokenizeTask(i, path, out / "tok", config, tokenizer, "uint16")
+            task = TokenizeTask(i, path, out / "tok", config, tokenizer)
             tokenize_file(task, Progress(lambda d, b: None))
 
     return cpu_rate(run, size(files))
@@ -173,7 +181,7 @@ def tokenize_ours(files: list[Path], out: Path, tokenizer: Path) -> float:
 def _tokenizer_call(tokenizer: Path, kind: str):
     if kind == "ours":
         encoder = load_encoder(tokenizer)
-        return lambda texts: [encoder.encode_batch(texts[i : i + 256]) for i in range(0, len(texts), 256)]
+        return lambda texts: [encoder.encode_packed(texts[i : i + 256]) for i in range(0, len(texts), 256)]
     if kind == "hf":
         from transformers import AutoTokenizer
 
@@ -233,13 +241,67 @@ def train_tokenizer(files: list[Path], directory: Path, vocab: int) -> Path:
     return target
 
 
+def tokenizer_calls(sample: list[str], tokenizer: Path) -> None:
+    for kind, texts in sorted(by_language(sample).items()):
+        if kind in ("zh", "en", "code"):
+            mine, sp_rate, hf_rate = (
+                isolated(tokenizer_call_only, texts, tokenizer, k) for k in ("ours", "sp", "hf")
+            )
+            print(
+                f"  tokenizer call only, {kind:>4} ({nbytes(texts) / 1e6:4.1f} MB): ours {mine:6.2f}  "
+                f"SentencePiece {sp_rate:6.2f} ({mine / sp_rate:4.2f}x)  "
+                f"HF __call__ {hf_rate:6.2f} ({mine / hf_rate:4.2f}x)"
+            )
+
+
+def tokenize_rows(files: list[Path], sample: list[str], out: Path, tokenizer: Path, repeat: int) -> list:
+    """Ours and both baselines, measured in turn `repeat` times so that load changes hit all three;
+    each ratio compares the figures of one round."""
+    rounds = []
+    for k in range(repeat):
+        mine = isolated(tokenize_ours, files, out, tokenizer)
+        hf = isolated(tokenize_megatron_lm, sample, out, tokenizer, "hf")
+        sp = isolated(tokenize_megatron_lm, sample, out, tokenizer, "sp")
+        print(
+            f"  tokenize round {k + 1}: ours {mine:.2f}  megatron-lm HF {hf:.2f} ({mine / hf:.2f}x)  "
+            f"SentencePiece {sp:.2f} ({mine / sp:.2f}x)"
+        )
+        rounds.append((mine, hf, sp))
+    ours = [r[0] for r in rounds]
+    return [
+        ("tokenize", ours, "megatron-lm (HF tokenizer)", [r[1] for r in rounds]),
+        ("tokenize", ours, "megatron-lm (SentencePiece)", [r[2] for r in rounds]),
+    ]
+
+
+def _shown(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def print_rows(rows: list) -> None:
+    print(f"{'stage':<20}{'ours':>22}  {'baseline':<30}{'baseline':>22}{'ratio':>22}")
+    for stage, mine, name, theirs in rows:
+        mine = mine if isinstance(mine, list) else [mine]
+        if theirs is None:
+            print(f"{stage:<20}{_shown(mine):>22}  {name:<30}{'-':>22}{'-':>22}")
+            continue
+        theirs = theirs if isinstance(theirs, list) else [theirs]
+        ratios = [m / t for m, t in zip(mine, theirs, strict=True)]
+        print(f"{stage:<20}{_shown(mine):>22}  {name:<30}{_shown(theirs):>22}{_shown(ratios) + 'x':>22}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=int, default=200, help="corpus size in MB (default 200)")
     parser.add_argument("--baseline-mb", type=float, default=20.0, help="MB the baselines run on")
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--workdir", type=Path, default=ROOT / "bench" / ".cache")
+    parser.add_argument("--only", choices=STAGES, action="append", help="measure only these (repeatable)")
+    parser.add_argument("--repeat", type=int, default=1, help="tokenize rounds; median (min-max) shown")
     args = parser.parse_args()
+    stages = args.only or STAGES
     os.environ.setdefault("RAYON_NUM_THREADS", "1")
     warnings.filterwarnings("ignore")  # megatron-core's notes about optional GPU packages
     os.environ.setdefault("PYTHONWARNINGS", "ignore")  # and in the measuring processes
@@ -252,48 +314,18 @@ def main() -> None:
         f"{os.cpu_count()} cores; figures in MB/s per core (CPU time)"
     )
     out.mkdir(parents=True, exist_ok=True)
-    for kind, texts in sorted(by_language(sample).items()):
-        if kind in ("zh", "en", "code"):
-            mine, sp_rate, hf_rate = (
-                isolated(tokenizer_call_only, texts, tokenizer, k) for k in ("ours", "sp", "hf")
-            )
-            print(
-                f"  tokenizer call only, {kind:>4} ({nbytes(texts) / 1e6:4.1f} MB): ours {mine:6.2f}  "
-                f"SentencePiece {sp_rate:6.2f} ({mine / sp_rate:4.2f}x)  "
-                f"HF __call__ {hf_rate:6.2f} ({mine / hf_rate:4.2f}x)"
-            )
-    tokenize = isolated(tokenize_ours, files, out, tokenizer)
-    rows = [
-        (
-            "clean",
-            isolated(clean_ours, files, out),
-            "read+parse+write floor",
-            isolated(clean_floor, sample, out),
-        ),
-        (
-            "minhash signatures",
-            isolated(minhash_ours, files),
-            "datasketch",
-            isolated(minhash_datasketch, sample),
-        ),
-        (
-            "tokenize",
-            tokenize,
-            "megatron-lm (HF tokenizer)",
-            isolated(tokenize_megatron_lm, sample, out, tokenizer, "hf"),
-        ),
-        (
-            "tokenize",
-            tokenize,
-            "megatron-lm (SentencePiece)",
-            isolated(tokenize_megatron_lm, sample, out, tokenizer, "sp"),
-        ),
-    ]
-    print(f"{'stage':<20}{'ours':>10}  {'baseline':<30}{'baseline':>10}{'ratio':>8}")
-    for stage, mine, name, theirs in rows:
-        ratio = f"{mine / theirs:7.2f}x" if theirs else "      -"
-        shown = f"{theirs:10.2f}" if theirs else "         -"
-        print(f"{stage:<20}{mine:10.2f}  {name:<30}{shown}{ratio}")
+    rows = []
+    if "tokenize" in stages:
+        tokenizer_calls(sample, tokenizer)
+    if "clean" in stages:
+        floor = isolated(clean_floor, sample, out)
+        rows.append(("clean", isolated(clean_ours, files, out), "read+parse+write floor", floor))
+    if "minhash" in stages:
+        theirs = isolated(minhash_datasketch, sample)
+        rows.append(("minhash signatures", isolated(minhash_ours, files), "datasketch", theirs))
+    if "tokenize" in stages:
+        rows += tokenize_rows(files, sample, out, tokenizer, max(1, args.repeat))
+    print_rows(rows)
 
 
 if __name__ == "__main__":

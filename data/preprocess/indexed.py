@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import os
 import struct
+from array import array
 from collections.abc import Sequence
-from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 class PartWriter:
-    """Appends documents (lists of ids) to `<stem>.bin` and their lengths to `<stem>.len`."""
+    """Appends documents to `<stem>.bin` and their lengths (in tokens) to `<stem>.len`."""
 
     def __init__(self, stem: Path, dtype: np.dtype):
         self.stem, self.dtype = stem, dtype
@@ -38,14 +38,22 @@ class PartWriter:
         self._len = open(f"{stem}.len", "wb")  # noqa: SIM115
         self.documents = self.tokens = 0
 
-    def add(self, docs: Sequence[Sequence[int]]) -> None:
-        lengths = np.fromiter(map(len, docs), dtype=np.int32, count=len(docs))
-        total = int(lengths.sum())
-        ids = np.fromiter(chain.from_iterable(docs), dtype=self.dtype, count=total)
-        self._bin.write(ids.tobytes())
+    def add(self, docs: Sequence[bytes], suffix: bytes = b"") -> int:
+        """Append documents given packed (the bytes of their ids in this writer's dtype), each followed
+        by `suffix` (the packed EOD, or nothing); returns the number of tokens written."""
+        sizes = [len(doc) + len(suffix) for doc in docs]
+        itemsize = self.dtype.itemsize
+        if any(size % itemsize for size in sizes):
+            raise ValueError(f"{self.stem}: a packed document is not a whole number of {self.dtype}")
+        lengths = array("i", [size // itemsize for size in sizes])
+        if docs:
+            self._bin.write(suffix.join(docs))
+            self._bin.write(suffix)
         self._len.write(lengths.tobytes())
+        tokens = sum(sizes) // itemsize
         self.documents += len(docs)
-        self.tokens += total
+        self.tokens += tokens
+        return tokens
 
     def close(self) -> None:
         self._bin.close()

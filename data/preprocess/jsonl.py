@@ -13,9 +13,11 @@ import json
 import os
 import re
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
+
+import orjson
 
 from megatron_patches.errors import ConfigError
 
@@ -23,6 +25,8 @@ from .document import Document, Malformed
 
 _RAW_PREVIEW = 2000  # characters of a bad line kept in rejected/malformed.jsonl
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_ID_TYPES = (str, int, type(None))  # types of "id" and "channel" that parse_text_line keeps
+_CHANNEL_TYPES = (str, type(None))
 
 
 def expand_inputs(patterns: list[str], base: Path | None = None) -> list[Path]:
@@ -144,13 +148,39 @@ def parse_line(
     return Document.from_record(record, text_field, f"{name or Path(path).name}:{lineno}", lineno)
 
 
-def read_documents(path: Path, text_field: str = "text") -> Iterator[tuple[Document | Malformed, int]]:
+def parse_text_line(
+    raw: bytes, text_field: str, path: str, lineno: int, name: str | None = None
+) -> Document | Malformed | None:
+    """:func:`parse_line` for stages that read only the text, id and channel (tokenize), fast.
+
+    orjson is several times faster than json, accepts no line that json rejects, and reads strings
+    and 64-bit integers the same; so a line it parses with plain-typed text, id and channel becomes
+    a Document with those fields (the others are not kept), and any other line goes to
+    :func:`parse_line`, which classifies it as before."""
+    try:
+        record = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        record = None
+    if type(record) is dict:
+        text, doc_id, channel = record.get(text_field), record.get("id"), record.get("channel")
+        if type(text) is str and type(doc_id) in _ID_TYPES and type(channel) in _CHANNEL_TYPES:
+            doc_id = f"{name or Path(path).name}:{lineno}" if doc_id is None else str(doc_id)
+            return Document(text, doc_id, channel=channel, line=lineno)
+    return parse_line(raw, text_field, path, lineno, name)
+
+
+Parser = Callable[[bytes, str, str, int, str | None], Document | Malformed | None]
+
+
+def read_documents(
+    path: Path, text_field: str = "text", parse: Parser = parse_line
+) -> Iterator[tuple[Document | Malformed, int]]:
     """(document or malformed record, raw byte length) for every non-blank line of `path`."""
     for lineno, raw in iter_lines(path):
         if raw is None:
             yield Malformed("truncated_input", str(path), lineno, ""), 0
             return
-        item = parse_line(raw, text_field, str(path), lineno, path.name)
+        item = parse(raw, text_field, str(path), lineno, path.name)
         if item is not None:
             yield item, len(raw) + 1
 

@@ -23,7 +23,7 @@ from megatron_patches.errors import ConfigError
 from .config import PipelineConfig
 from .document import Document, Malformed
 from .engines.local import Progress, run_tasks
-from .jsonl import RejectWriter, ShardWriter, merge_rejects, read_documents
+from .jsonl import Parser, RejectWriter, ShardWriter, merge_rejects, parse_line, read_documents
 from .report import Stats, write_report
 
 StepResult = tuple[bool, str | None, Any, str]  # keep, rule, measured value, channel
@@ -63,13 +63,20 @@ class FileTask:
 
 
 def document_batches(
-    task: FileTask, stats: Stats, rejects: RejectWriter, progress: Progress, size: int = BATCH
+    task: FileTask,
+    stats: Stats,
+    rejects: RejectWriter,
+    progress: Progress,
+    size: int = BATCH,
+    parse: Parser = parse_line,
 ) -> Iterator[list[Document]]:
-    """Batches of good documents of one input file; malformed lines are counted and written aside."""
+    """Batches of good documents of one input file; malformed lines are counted and written aside.
+    Lines and bytes read are counted (stats, progress) once per batch."""
     batch: list[Document] = []
-    for item, nbytes in read_documents(task.path, task.config.text_field):
-        progress.update(1, nbytes)
-        stats["bytes_in"] += nbytes
+    lines = nbytes = 0
+    for item, item_bytes in read_documents(task.path, task.config.text_field, parse):
+        lines += 1
+        nbytes += item_bytes
         if isinstance(item, Malformed):
             stats["malformed_lines"] += 1
             stats[f"malformed/{item.reason}"] += 1
@@ -77,8 +84,13 @@ def document_batches(
             continue
         batch.append(item)
         if len(batch) >= size:
+            stats["bytes_in"] += nbytes
+            progress.update(lines, nbytes)
+            lines = nbytes = 0
             yield batch
             batch = []
+    stats["bytes_in"] += nbytes
+    progress.update(lines, nbytes)
     if batch:
         yield batch
 

@@ -12,6 +12,7 @@ import shutil
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,8 @@ import numpy as np
 from .blend import SUFFIX, write_blend
 from .config import PipelineConfig
 from .engines.local import Progress, run_tasks
-from .indexed import PartWriter, merge_parts, token_dtype
-from .jsonl import RejectWriter, merge_rejects
+from .indexed import PartWriter, merge_parts
+from .jsonl import RejectWriter, merge_rejects, parse_text_line
 from .report import Stats, write_report
 from .stage import FileTask, cpu_workers, document_batches, staged_dir
 from .tokenizer.encode import Encoder, load_encoder
@@ -32,9 +33,9 @@ _encoders: dict[str, Encoder] = {}
 @dataclass(frozen=True)
 class TokenizeTask(FileTask):
     tokenizer: Path = Path()
-    dtype: str = "uint16"
 
 
+@lru_cache(maxsize=4096)
 def channel_name(channel: str | None) -> str:
     return _SAFE_CHANNEL.sub("_", channel) if channel else "unlabelled"
 
@@ -54,21 +55,20 @@ def tokenize_file(task: TokenizeTask, progress: Progress) -> Stats:
     parts_dir.mkdir(exist_ok=True)
     parts: dict[str, PartWriter] = {}
     rejects = RejectWriter(task.out / "rejected", task.index)
-    eod = [encoder.eod_id] if cfg.tokenize.append_eod else []
+    eod = encoder.pack([encoder.eod_id]) if cfg.tokenize.append_eod else b""
+    batches = document_batches(
+        task, stats, rejects, progress, size=cfg.tokenize.batch_docs, parse=parse_text_line
+    )
     try:
-        for batch in document_batches(task, stats, rejects, progress, size=cfg.tokenize.batch_docs):
-            by_channel: dict[str, list] = defaultdict(list)
-            for doc, ids in zip(batch, encoder.encode_batch([d.text for d in batch]), strict=True):
-                by_channel[channel_name(doc.channel)].append(ids + eod)
+        for batch in batches:
+            by_channel: dict[str, list[bytes]] = defaultdict(list)
+            for doc, packed in zip(batch, encoder.encode_packed([d.text for d in batch]), strict=True):
+                by_channel[channel_name(doc.channel)].append(packed)
             for channel, docs in by_channel.items():
                 if channel not in parts:
-                    parts[channel] = PartWriter(
-                        parts_dir / f"{channel}.{task.index:05d}", np.dtype(task.dtype)
-                    )
-                before = parts[channel].tokens
-                parts[channel].add(docs)
+                    parts[channel] = PartWriter(parts_dir / f"{channel}.{task.index:05d}", encoder.dtype)
+                stats[f"channel/{channel}/tokens"] += parts[channel].add(docs, eod)
                 stats[f"channel/{channel}/docs_out"] += len(docs)
-                stats[f"channel/{channel}/tokens"] += parts[channel].tokens - before
             stats["docs_in"] += len(batch)
             stats["docs_out"] += len(batch)
     finally:
@@ -83,9 +83,9 @@ def run_tokenize(
 ) -> dict:
     started = time.time()
     encoder = load_encoder(tokenizer)  # validates the tokenizer before any work starts
-    dtype = token_dtype(encoder.vocab_size)
+    dtype = encoder.dtype
     with staged_dir(out, overwrite) as tmp:
-        tasks = [TokenizeTask(i, p, tmp, config, tokenizer, dtype.name) for i, p in enumerate(inputs)]
+        tasks = [TokenizeTask(i, p, tmp, config, tokenizer) for i, p in enumerate(inputs)]
         stats = run_tasks(tokenize_file, tasks, cpu_workers(config.workers), desc="tokenize")
         documents, tokens = _merge(tmp, dtype)
         shutil.rmtree(tmp / "_parts", ignore_errors=True)

@@ -11,7 +11,7 @@ import zstandard
 
 from data.demo import synth
 from data.preprocess.document import Document, Malformed
-from data.preprocess.jsonl import ShardWriter, expand_inputs, read_documents
+from data.preprocess.jsonl import ShardWriter, expand_inputs, parse_line, parse_text_line, read_documents
 from data.preprocess.stage import run_file_stage
 from data.preprocess.steps import clean_file
 from megatron_patches.errors import ConfigError
@@ -49,6 +49,31 @@ def test_reader_yields_every_line_as_document_or_malformed(tmp_path):
     assert [d.id for d in docs] == [r["id"] for r in GOOD]
     assert sorted(b.reason for b in bad) == sorted(reason for _, reason in BAD_LINES)
     assert all(b.line > 0 for b in bad)
+
+
+ODD_BUT_VALID = [  # json reads these; orjson refuses or reads them otherwise, so parse_line decides
+    b'{"id": "nan", "text": "x", "score": NaN}',
+    b'{"id": 123456789012345678901234567890, "text": "a huge integer id"}',
+    b'{"id": 1.5, "text": "a float id", "channel": 7}',
+    b'{"id": 18446744073709551615, "text": "the largest 64-bit id", "channel": null}',
+    b'{"text": "first", "text": "last wins", "channel": "zh_web"}',
+    b'{"text": "escaped pair \\ud83d\\ude00 and \\u00e9"}',
+    b'{"text": "big float", "f": 1e400}',
+    b"  \t ",
+    b"\xef\xbb\xbf" + b'{"text": "a byte order mark"}',
+]
+
+
+def test_fast_text_parser_reads_every_line_as_parse_line_does():
+    """tokenize's orjson parser keeps text, id and channel exactly, and every reason for a bad line."""
+    lines = [bad.rstrip(b"\n") for bad, _ in BAD_LINES] + [raw.rstrip(b"\n") for raw in _lines(GOOD)]
+    for n, raw in enumerate(lines + ODD_BUT_VALID, start=1):
+        slow, fast = parse_line(raw, "text", "in.jsonl", n), parse_text_line(raw, "text", "in.jsonl", n)
+        assert type(fast) is type(slow), raw
+        if isinstance(slow, Malformed):
+            assert (fast.reason, fast.line, fast.raw) == (slow.reason, slow.line, slow.raw)
+        elif slow is not None:
+            assert (fast.text, fast.id, fast.channel, fast.line) == (slow.text, slow.id, slow.channel, n)
 
 
 def test_truncated_gzip_keeps_what_was_readable_and_reports_the_cut(tmp_path):

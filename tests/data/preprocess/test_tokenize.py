@@ -78,12 +78,27 @@ def test_merge_of_many_parts_and_int32_tokens(tmp_path):
     stems = []
     for k in range(3):
         writer = PartWriter(tmp_path / f"p{k}", np.dtype(np.int32))
-        writer.add(docs[k * 10 : (k + 1) * 10])
+        writer.add([np.asarray(d, np.int32).tobytes() for d in docs[k * 10 : (k + 1) * 10]])
         writer.close()
         stems.append(tmp_path / f"p{k}")
     assert merge_parts(stems, tmp_path / "all", np.dtype(np.int32)) == (30, sum(map(len, docs)))
     dataset = IndexedDataset(str(tmp_path / "all"))
     assert [dataset[i].tolist() for i in range(30)] == docs
+
+
+def test_part_writer_ends_every_packed_document_with_the_suffix(tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    writer = PartWriter(tmp_path / "p", np.dtype(np.uint16))
+    eod = np.asarray([2], np.uint16).tobytes()
+    assert writer.add([np.asarray(d, np.uint16).tobytes() for d in ([5, 6], [], [7])], eod) == 6
+    assert writer.add([], eod) == 0
+    with pytest.raises(ValueError, match="whole number"):
+        writer.add([b"\x01"])  # half a uint16
+    writer.close()
+    assert merge_parts([tmp_path / "p"], tmp_path / "all", np.dtype(np.uint16)) == (3, 6)
+    dataset = IndexedDataset(str(tmp_path / "all"))
+    assert [dataset[i].tolist() for i in range(3)] == [[5, 6, 2], [2], [7, 2]]
 
 
 def test_blend_yaml_and_data_path(tokenized, tokenizer_dir):

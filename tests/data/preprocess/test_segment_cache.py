@@ -1,0 +1,129 @@
+"""The segment cache gives SentencePiece's own ids, id for id, on text built to break it."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import sentencepiece as spm
+
+from data.preprocess.tokenizer import segment_cache
+from data.preprocess.tokenizer.encode import SentencePieceEncoder
+from data.preprocess.tokenizer.hf import BYTE, CONTROL, NORMAL, UNUSED, USER_DEFINED, load_proto
+from data.preprocess.tokenizer.segment_cache import SEGMENT, cut
+
+ADVERSARIAL = [
+    "",
+    " ",
+    "  ",
+    "\t",
+    "   leading spaces",
+    "trailing spaces   ",
+    "single spaced words only, with punctuation. And a trailing space ",
+    " one leading space and one trailing ",
+    "mixed 中文English混合text, русский и 日本語のテキスト, 한국어 텍스트",
+    "digits 2024年12月31日, 3.14159, 1,000,000, 0x1F and ０１２３ full-width digits",
+    "byte fallback 𠀋𠀌 𪚥 \x00 nul \x7f del \u200b zero width \ufeff bom",
+    "emoji 😀🚀 👨\u200d👩\u200d👧 ❤️ 🇨🇳 and 😀😀😀",
+    "whitespace   runs \t\ttabs\t \n\n newlines  \r\n crlf \x0b\x0c   ",
+    "full-width\u3000space，标点！？ＡＢＣ　ａｂｃ and\xa0nbsp",
+    "domain <EMAIL> and <tool_call>x and x<tool_call> and C++ and C++17 and C+ +",
+    "a literal ▁ block, ▁▁ two, ▁word, word▁ and ▁ ▁ mixed with spaces",
+    "def f(x):\n    return {'a': [1, 2]}  # comment\n\n\tif x  ==  y:\n\t\tpass",
+    "e\u0301 combining, \u0915\u093f Devanagari, \u0e01\u0e34 Thai",
+    "ing ring singing thing",
+]
+ALPHABET = " " * 6 + "\u2581\t\n" + "abcxyz" + "ing" + "中文，。" + "0123" + "😀" + "<>+C" + "\u3000\u0301"
+
+
+def random_texts(seed: int, n: int) -> list[str]:
+    rng = random.Random(seed)
+    return ["".join(rng.choice(ALPHABET) for _ in range(rng.randint(0, 60))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def model_path(tokenizer_dir):
+    return tokenizer_dir / "tokenizer.model"
+
+
+@pytest.fixture(scope="module")
+def sp(model_path):
+    return spm.SentencePieceProcessor(model_file=str(model_path))
+
+
+def variant(model_path, tmp_path, change) -> tuple[SentencePieceEncoder, spm.SentencePieceProcessor]:
+    """The test model with `change(proto)` applied: our encoder and SentencePiece itself on it."""
+    proto = load_proto(model_path)
+    change(proto)
+    path = tmp_path / "variant.model"
+    path.write_bytes(proto.SerializeToString())
+    return SentencePieceEncoder(path), spm.SentencePieceProcessor(model_file=str(path))
+
+
+def test_cut_gives_exactly_the_regex_segments():
+    """The str.split path and the regex cut a text at the same points into the same segments."""
+    tables = ({}, {})
+    prefixes = {id(tables[0]): "", id(tables[1]): " "}
+    for text in ADVERSARIAL + random_texts(1, 2000):
+        groups = cut(text, *tables)
+        assert [prefixes[id(table)] + key for table, keys in groups for key in keys] == SEGMENT.findall(text)
+
+
+def test_adversarial_and_random_text_gives_sentencepiece_ids(model_path, sp):
+    texts = ADVERSARIAL + random_texts(2, 1500)
+    encoder = SentencePieceEncoder(model_path)
+    assert encoder.cache is not None
+    for batch in (texts, texts[::-1], texts[::7]):  # cold cache, warm cache, another order
+        assert encoder.encode_batch(batch) == sp.encode(batch)
+    for text in ADVERSARIAL:  # one text per call: no batch neighbour to hide a wrong entry
+        assert encoder.encode_batch([text]) == [sp.encode(text)], text
+
+
+def test_long_segments_and_a_full_cache_start_over_exactly(model_path, sp, monkeypatch):
+    monkeypatch.setattr(segment_cache, "MAX_ENTRIES", 50)
+    texts = [" " * 80 + "deep indent", "x" * 200 + " y", "a b c d e f g h i j k l m n"] + random_texts(3, 300)
+    encoder = SentencePieceEncoder(model_path)
+    for _ in range(2):
+        for start in range(0, len(texts), 20):
+            assert encoder.encode_batch(texts[start : start + 20]) == sp.encode(texts[start : start + 20])
+    distinct = {segment for text in texts for segment in SEGMENT.findall(text)}
+    assert len(encoder.cache) < len(distinct) / 2  # it started over instead of growing
+    assert all(len(key) <= segment_cache.MAX_SEGMENT for key in encoder.cache.segments)
+
+
+def test_domain_token_that_spans_a_cut_sends_its_texts_whole(model_path, tmp_path):
+    """A domain token with a space ("new york") would be cut in two; SentencePiece matches it
+    whether the text spells the space " " or "▁", so both spellings must go whole."""
+    encoder, sp = variant(
+        model_path, tmp_path, lambda p: p.pieces.add(piece="new\u2581york", type=USER_DEFINED)
+    )
+    texts = ["in new york city", "in new\u2581york city", "new york", "new  york", "new yorkers"]
+    assert encoder.cache is not None
+    assert encoder.encode_batch(texts) == sp.encode(texts)
+    assert sp.piece_to_id("new\u2581york") in sp.encode("in new\u2581york city")
+
+
+def without_byte_fallback(proto) -> None:
+    proto.trainer_spec.byte_fallback = False
+    for piece in proto.pieces:
+        if piece.type == BYTE:
+            piece.type = CONTROL  # SentencePiece refuses byte pieces without byte fallback
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        without_byte_fallback,  # a run of unknown characters becomes one <unk>, across any cut
+        lambda p: setattr(p.trainer_spec, "model_type", 1),  # unigram: a search over the whole text
+        lambda p: setattr(p.normalizer_spec, "add_dummy_prefix", True),
+        lambda p: setattr(p.normalizer_spec, "escape_whitespaces", False),
+        lambda p: setattr(next(q for q in p.pieces if q.type == NORMAL), "type", UNUSED),
+        lambda p: p.pieces.add(piece="a\u2581b", type=NORMAL, score=-1e9),  # a piece across a cut
+    ],
+    ids=["no-byte-fallback", "unigram", "dummy-prefix", "raw-spaces", "unused-piece", "piece-across-cut"],
+)
+def test_models_the_cache_cannot_be_exact_for_get_none(model_path, tmp_path, change):
+    encoder, sp = variant(model_path, tmp_path, change)
+    assert encoder.cache is None
+    texts = ADVERSARIAL + random_texts(4, 50)
+    assert encoder.encode_batch(texts) == sp.encode(texts)
