@@ -1,6 +1,7 @@
 """Training throughput of the real trainer, per attention backend, measured in one run.
 
     python bench/train_throughput.py                    # tiny config on CPU, 2 gloo ranks
+    python bench/train_throughput.py --preset tiny-long # the same at 1024-token sequences
     python bench/train_throughput.py --preset 1b        # ~1.1B Llama on the local GPUs (bf16)
 
 Each backend trains the same config for --iters iterations through torchrun;
@@ -25,6 +26,15 @@ sys.path.insert(0, str(REPO))
 
 PRESETS = {
     "tiny": ["--config", str(REPO / "launch/configs/tiny.yaml"), "data.mock=true"],
+    # The same model on 1024-token sequences, where attention is a large share of the work on CPU.
+    "tiny-long": [
+        "--config",
+        str(REPO / "launch/configs/tiny.yaml"),
+        "data.mock=true",
+        "data.seq_length=1024",
+        "model.max_position_embeddings=1024",
+        "train.micro_batch_size=1",
+    ],
     # TinyLlama-1.1B shape: 22 layers, 2048 hidden, 32 heads / 4 KV groups, 5632 FFN.
     "1b": [
         "--config",
@@ -74,7 +84,7 @@ def run_backend(preset: str, backend: str, iters: int, nproc: int, workdir: Path
 
 
 def global_batch(preset: str, nproc: int) -> int:
-    return 8 if preset == "tiny" else 4 * nproc * 8
+    return {"tiny": 8, "tiny-long": 4}.get(preset, 4 * nproc * 8)
 
 
 def main() -> None:
