@@ -1,21 +1,17 @@
 """The YAML config of `python -m data.preprocess run` (and of each stage), validated up front.
 
-Every section is a dataclass; unknown keys and wrong types are a :class:`ConfigError` naming the
-key path (``dedup.bands: expected int, got 'x'``). Relative paths are resolved against the
-directory of the config file.
+Every section is a dataclass, read by the loader the trainer uses too
+(``megatron_patches.config_io``): unknown keys and wrong types are a :class:`ConfigError` naming
+the key path (``config key 'dedup.bands' expects int, got 'x'``). Relative paths are resolved
+against the directory of the config file.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import yaml
-
+from megatron_patches.config_io import from_dict, read_yaml, set_dotted
 from megatron_patches.errors import ConfigError
 
 from .label import LabelConfig
@@ -91,51 +87,14 @@ class PipelineConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     blend: BlendConfig = field(default_factory=BlendConfig)
-    base_dir: Path = field(default_factory=Path.cwd)
+    # Relative paths in the file resolve against its directory; set by load_config, not by the file.
+    base_dir: Path = field(default_factory=Path.cwd, metadata={"config": False})
 
     def path(self, value: str | None) -> Path | None:
         return None if value is None else (self.base_dir / value).resolve()
 
 
 STAGES = ("clean", "label", "dedup", "train-tokenizer", "tokenize")
-
-
-def _check_type(value: Any, annotation: Any, where: str) -> Any:
-    hint = annotation
-    args = typing.get_args(hint)
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        if value is None and type(None) in args:
-            return None
-        hint = next(a for a in args if a is not type(None))
-    base = typing.get_origin(hint) or hint
-    if base is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if base in (int, float, str, bool, list, dict) and not (
-        isinstance(value, base) and not (base is int and isinstance(value, bool))
-    ):
-        raise ConfigError(f"{where}: expected {base.__name__}, got {value!r}")
-    return value
-
-
-def from_mapping(cls: type, mapping: Any, where: str) -> Any:
-    if mapping is None:
-        mapping = {}
-    if not isinstance(mapping, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {mapping!r}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls) if f.name != "base_dir"}
-    unknown = sorted(set(mapping) - known)
-    if unknown:
-        raise ConfigError(f"{where or 'config'}: unknown key(s) {unknown}; known: {sorted(known)}")
-    values = {}
-    for key, value in mapping.items():
-        sub = f"{where}.{key}" if where else key
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            values[key] = from_mapping(hint, value, sub)
-        else:
-            values[key] = _check_type(value, hint, sub)
-    return cls(**values)
 
 
 def validate(config: PipelineConfig) -> PipelineConfig:
@@ -165,22 +124,9 @@ def validate(config: PipelineConfig) -> PipelineConfig:
 
 def load_config(path: Path | None, overrides: dict | None = None) -> PipelineConfig:
     """Read a YAML file (or nothing: all defaults) and apply `overrides` (CLI flags) on top."""
-    mapping: dict = {}
-    base = Path.cwd()
-    if path is not None:
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            mapping = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from err
-        base = path.resolve().parent
+    mapping = read_yaml(path) if path is not None else {}
     for dotted, value in (overrides or {}).items():
-        node = mapping
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    config = from_mapping(PipelineConfig, mapping, "")
-    config.base_dir = base
+        set_dotted(mapping, dotted, value)
+    config = from_dict(PipelineConfig, mapping)
+    config.base_dir = path.resolve().parent if path is not None else Path.cwd()
     return validate(config)

@@ -11,15 +11,13 @@ Megatron user would, by its bare name when exactly one section has it
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from megatron_patches.config_io import config_fields, field_type, from_dict, read_yaml, set_dotted, suggest
 from megatron_patches.errors import ConfigError
 from megatron_patches.training.model import ModelConfig
 
@@ -117,17 +115,7 @@ class Config:
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read ``path`` (YAML), apply ``key=value`` overrides, build the typed config."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}".splitlines()[0]) from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    raw: dict[str, Any] = read_yaml(path) if path is not None else {}
     for item in overrides:
         apply_override(raw, item)
     return from_dict(Config, raw)
@@ -139,95 +127,21 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     if not sep or not key:
         raise ConfigError(f"override {item!r} is not of the form key=value")
     dotted = key if "." in key else _section_of(key)
-    value = yaml.safe_load(text) if text else ""
-    node = raw
-    *parents, leaf = dotted.split(".")
-    for name in parents:
-        node = node.setdefault(name, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {item!r}: {name} is not a section")
-    node[leaf] = value
+    set_dotted(raw, dotted, yaml.safe_load(text) if text else "")
+
+
+def _sections() -> list[str]:
+    return [name for name in config_fields(Config) if dataclasses.is_dataclass(field_type(Config, name))]
 
 
 def _section_of(name: str) -> str:
-    if name in _fields(Config):
+    if name in config_fields(Config):
         return name
-    sections = [
-        s.name for s in dataclasses.fields(Config) if dataclasses.is_dataclass(_field_type(Config, s.name))
-    ]
-    owners = [s for s in sections if name in _fields(_field_type(Config, s))]
+    owners = [s for s in _sections() if name in config_fields(field_type(Config, s))]
     if len(owners) == 1:
         return f"{owners[0]}.{name}"
     if len(owners) > 1:
         raise ConfigError(f"override key {name!r} is ambiguous: use one of {[f'{o}.{name}' for o in owners]}")
     # patches.<name>.<option> has no fixed schema here; anything else is a typo.
-    raise ConfigError(f"unknown config key {name!r}{_suggest(name, _all_leaf_names())}")
-
-
-def from_dict(cls: type, values: dict[str, Any], where: str = "") -> Any:
-    """Build dataclass ``cls`` from ``values``, checking names and types recursively."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"config section {where or cls.__name__} must be a mapping, got {values!r}")
-    names = _fields(cls)
-    kwargs = {}
-    for key, value in values.items():
-        path = f"{where}{key}"
-        if key not in names:
-            raise ConfigError(f"unknown config key {path!r}{_suggest(key, names)}")
-        kind = _field_type(cls, key)
-        if dataclasses.is_dataclass(kind):
-            kwargs[key] = from_dict(kind, value or {}, f"{path}.")
-        else:
-            kwargs[key] = _coerce(value, kind, path)
-    return cls(**kwargs)
-
-
-def _coerce(value: Any, kind: Any, path: str) -> Any:
-    allowed = _allowed_types(kind)
-    if value is None and type(None) in allowed:
-        return None
-    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if float in allowed and isinstance(value, str):
-        # YAML 1.1 reads 3e-4 (no dot) as a string; every Megatron user writes it so.
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if isinstance(value, tuple(t for t in allowed if t is not type(None))):
-        if isinstance(value, bool) and bool not in allowed:
-            raise ConfigError(f"config key {path!r} expects {_type_name(kind)}, got {value!r}")
-        return value
-    raise ConfigError(f"config key {path!r} expects {_type_name(kind)}, got {value!r}")
-
-
-def _allowed_types(kind: Any) -> tuple[type, ...]:
-    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
-        return tuple(t for arg in typing.get_args(kind) for t in _allowed_types(arg))
-    origin = typing.get_origin(kind)
-    return (origin or kind,)
-
-
-def _type_name(kind: Any) -> str:
-    return " or ".join("null" if t is type(None) else t.__name__ for t in _allowed_types(kind))
-
-
-def _fields(cls: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls)]
-
-
-def _field_type(cls: type, name: str) -> Any:
-    return typing.get_type_hints(cls)[name]
-
-
-def _all_leaf_names() -> list[str]:
-    names = []
-    for section in dataclasses.fields(Config):
-        kind = _field_type(Config, section.name)
-        names += _fields(kind) if dataclasses.is_dataclass(kind) else [section.name]
-    return names
-
-
-def _suggest(name: str, candidates: list[str]) -> str:
-    close = difflib.get_close_matches(name, candidates, n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    leaves = [leaf for s in _sections() for leaf in config_fields(field_type(Config, s))]
+    raise ConfigError(f"unknown config key {name!r}{suggest(name, leaves + config_fields(Config))}")

@@ -20,9 +20,15 @@ DEMO = ROOT / "data" / "demo" / "config.yaml"
 @pytest.mark.parametrize(
     "config_text,message",
     [
-        ("input: [x.jsonl]\ndedup: {bands: 4, rowz: 2}\n", "dedup: unknown key(s) ['rowz']"),
+        (
+            "input: [x.jsonl]\ndedup: {bands: 4, rowz: 2}\n",
+            "unknown config key 'dedup.rowz'; did you mean 'rows'?",
+        ),
         ("input: [x.jsonl]\ndedup: {engine: hadoop}\n", "dedup.engine must be one of"),
-        ("input: [x.jsonl]\ntokenizer: {vocab_size: many}\n", "tokenizer.vocab_size: expected int"),
+        (
+            "input: [x.jsonl]\ntokenizer: {vocab_size: many}\n",
+            "config key 'tokenizer.vocab_size' expects int, got 'many'",
+        ),
         ("input: [x.jsonl\n", "is not valid YAML"),
         ("input: [nothing-here-*.jsonl]\n", "matches no file"),
     ],
