@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,7 +39,6 @@ class TrainContext:
     writer: MetricsWriter
     state: checkpoint.TrainState
     phase: Phase | None = None
-    extra: dict = field(default_factory=dict)  # per-patch scratch space, keyed by patch name
 
 
 @dataclass
