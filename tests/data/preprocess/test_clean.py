@@ -99,3 +99,37 @@ def test_rejected_files_hold_rule_value_and_document(tmp_path):
     assert {r["rule"] for r in rejected} == {rule for rule, _ in junk}
     assert all(r["value"] is not None and r["id"].startswith("j") and r["text"] for r in rejected)
     assert sum(report["rejected"].values()) == len(rejected) == len(junk)
+
+
+@pytest.fixture
+def english_blocklist(tmp_path):
+    (tmp_path / "words.txt").write_text("sex\nass\nc++\n彩票\n", encoding="utf-8")
+    return clean.Blocklist([tmp_path / "words.txt"])
+
+
+@pytest.mark.parametrize(
+    "text,hits",
+    [
+        ("Essex class assessment passed", 0),  # substrings of English words are not hits
+        ("Sussex bypass compass embassy", 0),
+        ("SEX sells; ass.", 2),  # whole words, any case, next to punctuation
+        ("look: sex\nass", 2),
+        ("看sex视频", 1),  # a Latin keyword inside Chinese text (no spaces) still counts
+        ("c++ and c++17", 2),  # a keyword edge that is a symbol needs no word boundary
+    ],
+)
+def test_latin_keywords_match_whole_words_only(english_blocklist, text, hits):
+    assert english_blocklist.hits(text) == hits
+
+
+@pytest.mark.parametrize("text,hits", [("买彩票吗", 1), ("彩票彩票", 2), ("体育彩票中心", 1)])
+def test_cjk_keywords_match_as_substrings(english_blocklist, text, hits):
+    assert english_blocklist.hits(text) == hits
+
+
+def test_english_prose_with_keyword_substrings_is_kept(tmp_path):
+    (tmp_path / "words.txt").write_text("sex\nass\n", encoding="utf-8")
+    cleaner = build_cleaner(config_for(tmp_path, **{"clean.blocklists": [str(tmp_path / "words.txt")]}))
+    text = "The Essex class assessment passed on Monday, and the team went home early to rest well."
+    assert verdict(cleaner, text) == (True, None, None)
+    assert verdict(cleaner, text + " Sex ads everywhere.")[:2] == (False, "blocklist")
