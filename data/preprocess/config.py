@@ -23,7 +23,7 @@ class CleanConfig:
     thresholds: dict = field(default_factory=dict)  # overrides of clean.Thresholds for every channel
     channels: dict = field(default_factory=dict)  # channel -> overrides on top of its defaults
     blocklists: list = field(default_factory=list)  # plain keyword files
-    desensitize: bool = True
+    desensitize: bool = True  # mask PII in kept and rejected documents and malformed-line previews
     pii_types: list | None = None  # default: every type in pii.TYPES
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+
+from megatron_patches.errors import ConfigError
 
 PLACEHOLDERS = {
     "email": "<EMAIL>",
@@ -107,6 +109,15 @@ _RULES: tuple[tuple[str, Callable[[str], bool], re.Pattern, Callable[[str], bool
     ("ipv6", lambda t: _IPV6_HINT.search(t) is not None, _IPV6, _valid_ipv6),
 )
 TYPES = tuple(rule[0] for rule in _RULES) + ("repost_line",)
+
+
+def selected_types(chosen: Sequence[str] | None) -> tuple[str, ...]:
+    """The configured `clean.pii_types` (None: all of them), checked against TYPES."""
+    types = tuple(chosen) if chosen is not None else TYPES
+    unknown = sorted(set(types) - set(TYPES))
+    if unknown:
+        raise ConfigError(f"clean.pii_types: unknown type(s) {unknown}; known: {list(TYPES)}")
+    return types
 
 
 def desensitize(text: str, types: tuple[str, ...] = TYPES) -> tuple[str, Counter]:

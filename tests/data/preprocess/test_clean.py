@@ -133,3 +133,28 @@ def test_english_prose_with_keyword_substrings_is_kept(tmp_path):
     text = "The Essex class assessment passed on Monday, and the team went home early to rest well."
     assert verdict(cleaner, text) == (True, None, None)
     assert verdict(cleaner, text + " Sex ads everywhere.")[:2] == (False, "blocklist")
+
+
+def test_rejected_and_malformed_outputs_hold_no_pii(tmp_path):
+    good = synth.en_doc(random.Random(3))
+    path = tmp_path / "in.jsonl"
+    write_jsonl(path, [{"id": "short", "text": "电话 13812345678"}, {"id": "good", "text": good}])
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write('{"text": "mail zhang.san@example.com, call 13912345678" broken\n')
+    report = run_file_stage("clean", config_for(tmp_path), [path], tmp_path / "out", False, clean_file)
+    rejected = (tmp_path / "out" / "rejected" / "too_short.jsonl").read_text(encoding="utf-8")
+    assert json.loads(rejected)["text"] == "电话 <PHONE>"
+    malformed = json.loads((tmp_path / "out" / "rejected" / "malformed.jsonl").read_text(encoding="utf-8"))
+    assert malformed["reason"] == "invalid_json"
+    assert "zhang.san" not in malformed["raw"] and "13912345678" not in malformed["raw"]
+    assert "<EMAIL>" in malformed["raw"] and "<PHONE>" in malformed["raw"]
+    assert report["pii_in_rejected"] == {"phone": 2, "email": 1}
+    assert report["malformed_lines"] == 1 and report["docs_out"] == 1
+
+
+def test_desensitize_off_leaves_rejected_text_as_written(tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"id": "short", "text": "电话 13812345678"}])
+    config = config_for(tmp_path, **{"clean.desensitize": False})
+    run_file_stage("clean", config, [path], tmp_path / "out", False, clean_file)
+    rejected = (tmp_path / "out" / "rejected" / "too_short.jsonl").read_text(encoding="utf-8")
+    assert json.loads(rejected)["text"] == "电话 13812345678"
