@@ -35,7 +35,7 @@ class DedupConfig:
     rows: int = 5
     num_perm: int | None = None  # default bands * rows
     threshold: float = 0.8  # Jaccard similarity above which two documents are duplicates
-    verify: str = "exact"  # exact | signature | none
+    verify: str = "exact"  # exact | signature | none (none: threshold unused, LSH bands decide)
     keep: str = "quality"  # quality (then longest) | longest
     exact: bool = True  # also drop exact duplicates of the normalized text
     seed: int = 1

@@ -43,7 +43,7 @@ def signature_task(task: FileTask, progress: Progress) -> Stats:
     try:
         for record in signature_records(task.index, task.path, task.config):
             chunk.append(record)
-            progress.update(1, record.length)
+            progress.update(1, record.nbytes)
             if len(chunk) >= _CHUNK:
                 _flush(chunk, handles, task.config)
                 chunk = []
