@@ -158,3 +158,43 @@ def test_desensitize_off_leaves_rejected_text_as_written(tmp_path):
     run_file_stage("clean", config, [path], tmp_path / "out", False, clean_file)
     rejected = (tmp_path / "out" / "rejected" / "too_short.jsonl").read_text(encoding="utf-8")
     assert json.loads(rejected)["text"] == "电话 13812345678"
+
+
+@pytest.mark.parametrize(
+    "overrides,text,rule,value",
+    [
+        ({"max_chars": 50}, "a sentence of plain words " * 3, "too_long", 78),
+        ({"min_zh_ratio": 0.5}, "这是中文 and these are English words here", "zh_ratio", round(4 / 31, 4)),
+        (
+            {"min_en_ratio": 0.5},
+            "这是一段比较长的中文文本，里面只有少量的 English 单词而已。",
+            "en_ratio",
+            round(7 / 32, 4),
+        ),
+        ({"min_alpha_ratio": 0.5}, "+= -> :: || && ... abc == !! ?? ##", "alpha_ratio", round(3 / 24, 4)),
+    ],
+)
+def test_length_and_script_ratio_rules(overrides, text, rule, value):
+    thresholds = clean.thresholds_from(
+        {"max_digit_ratio": None, "max_symbol_ratio": None, **overrides}, "test"
+    )
+    assert clean.check(text, thresholds) == (False, rule, value)
+    relaxed = clean.thresholds_from({k: None for k in overrides}, "test", thresholds)
+    assert clean.check(text, relaxed)[1] != rule  # the rule, not another one, made the verdict
+
+
+def test_a_custom_text_field_is_read_and_written_back(tmp_path):
+    good = synth.en_doc(random.Random(4))
+    records = [{"id": "g", "body": good, "text": "other field"}, {"id": "s", "body": "short"}]
+    records.append({"id": "no-body", "text": good})
+    path = write_jsonl(tmp_path / "in.jsonl", records)
+    config = config_for(tmp_path, text_field="body")
+    report = run_file_stage("clean", config, [path], tmp_path / "out", False, clean_file)
+    assert (report["docs_in"], report["docs_out"], report["malformed_lines"]) == (2, 1, 1)
+    [part] = (tmp_path / "out").glob("part-*.jsonl")
+    kept = json.loads(part.read_text(encoding="utf-8"))
+    assert kept["body"] == good and kept["text"] == "other field"  # other keys ride along untouched
+    short = json.loads((tmp_path / "out" / "rejected" / "too_short.jsonl").read_text(encoding="utf-8"))
+    assert short["body"] == "short" and short["rule"] == "too_short"
+    malformed = json.loads((tmp_path / "out" / "rejected" / "malformed.jsonl").read_text(encoding="utf-8"))
+    assert malformed["reason"] == "missing_text"
