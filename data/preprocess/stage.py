@@ -81,9 +81,7 @@ def document_batches(
         lines += 1
         nbytes += item_bytes
         if isinstance(item, Malformed):
-            stats["malformed_lines"] += 1
-            stats[f"malformed/{item.reason}"] += 1
-            rejects.write("malformed", masked_preview(item, pii_types, stats).to_json())
+            set_aside(item, stats, rejects, pii_types)
             continue
         batch.append(item)
         if len(batch) >= size:
@@ -96,6 +94,13 @@ def document_batches(
     progress.update(lines, nbytes)
     if batch:
         yield batch
+
+
+def set_aside(item: Malformed, stats: Stats, rejects: RejectWriter, pii_types: tuple[str, ...]) -> None:
+    """Count a malformed line and write it, PII masked, to rejected/malformed.jsonl."""
+    stats["malformed_lines"] += 1
+    stats[f"malformed/{item.reason}"] += 1
+    rejects.write("malformed", masked_preview(item, pii_types, stats).to_json())
 
 
 def preview_pii_types(config: PipelineConfig) -> tuple[str, ...]:

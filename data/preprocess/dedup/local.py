@@ -10,6 +10,7 @@ without its duplicates.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,7 +167,7 @@ def _verify(
 
 
 def drop_lists(
-    removal: dict[int, Removal], tasks: list[FileTask], similarity
+    removal: dict[int, Removal], tasks: list[FileTask], similarity: Callable[[int, int], float]
 ) -> dict[int, dict[int, tuple[Removal, str, float]]]:
     """Per file index: line -> (removal, keeper as 'file:line', similarity to the keeper)."""
     names = {t.index: t.path.name for t in tasks}

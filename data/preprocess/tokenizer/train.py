@@ -19,6 +19,7 @@ import io
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from megatron_patches.errors import ConfigError
 
@@ -29,6 +30,9 @@ from ..jsonl import RejectWriter, merge_rejects
 from ..report import Stats, write_json_atomic, write_report
 from ..stage import FileTask, cpu_workers, document_batches, staged_dir
 from .hf import CONTROL, NORMAL, export_hf, load_proto
+
+if TYPE_CHECKING:
+    from sentencepiece.sentencepiece_model_pb2 import ModelProto
 
 SPECIAL = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>"}
 MAX_SENTENCE_BYTES = 1 << 16  # SentencePiece skips longer "sentences"; longer documents are cut
@@ -197,7 +201,7 @@ def finalize(model: bytes, config: PipelineConfig, forbidden: list[str]) -> tupl
     return proto.SerializeToString(), removed
 
 
-def load_proto_bytes(model: bytes):
+def load_proto_bytes(model: bytes) -> ModelProto:
     from sentencepiece import sentencepiece_model_pb2
 
     proto = sentencepiece_model_pb2.ModelProto()
