@@ -6,11 +6,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from megatron_patches import cpu
 from megatron_patches.errors import ConfigError, run_cli
 from tools.eval.hf import DTYPES, load_model, load_tokenizer
 from tools.eval.rewrites import REWRITES
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 PROG = "python -m tools.eval"
 
@@ -20,12 +24,14 @@ def _model_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--tokenizer", help="HF tokenizer directory (default: the model directory)")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run modeling code shipped with the export (Baichuan2); only for exports you trust",
+    )
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _ppl_args(sub) -> None:
     ppl = sub.add_parser("ppl", help="loss and perplexity per held-out channel")
     _model_args(ppl, required=False)
     ppl.add_argument("--checkpoints", type=Path, help="a run directory: evaluate every export/checkpoint")
@@ -44,12 +50,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--convert", action="store_true", help="--checkpoints: convert Megatron-only checkpoints"
     )
 
+
+def _probes_args(sub) -> None:
     probes = sub.add_parser("probes", help="the training probe file on an HF model")
     _model_args(probes)
     probes.add_argument("--probes", required=True, type=Path, help="probe file (YAML or JSONL)")
     probes.add_argument("--vocab-size", type=int, help="real vocabulary when the export kept padding rows")
     probes.add_argument("--json", type=Path, help="also write {probe/<name>: score} here")
 
+
+def _bench_args(sub) -> None:
     bench = sub.add_parser("bench", help="rewritten multiple-choice benchmark, scored generatively")
     _model_args(bench)
     bench.add_argument(
@@ -63,6 +73,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bench.add_argument("--none-text", default=None, help="the none-correct rewrite's option text")
     bench.add_argument("--out", type=Path, help="per-item records (JSONL)")
 
+
+def _inspect_args(sub) -> None:
     inspect = sub.add_parser("inspect", help="lenses: layer cosine distance, logit lens, attention")
     _model_args(inspect)
     inspect.add_argument("--text", required=True)
@@ -76,6 +88,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="print the weight of token QUERY on token KEY at LAYER/HEAD (0-based; negative: from the end)",
     )
     inspect.add_argument("--plot", type=Path, help="also draw heat maps into this PNG")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add_subcommand in (_ppl_args, _probes_args, _bench_args, _inspect_args):
+        add_subcommand(sub)
     return parser.parse_args(argv)
 
 
@@ -87,8 +106,15 @@ def main(argv: list[str] | None = None) -> int:
     )
 
 
-def _load(args, **kwargs):
-    return load_model(args.hf, args.dtype, args.device, **kwargs), load_tokenizer(args.tokenizer or args.hf)
+def _load(args: argparse.Namespace, hf_dir: str | Path | None = None, **kwargs) -> tuple:
+    """(model, tokenizer) of ``hf_dir`` (default ``--hf``) as the command line asks."""
+    hf_dir = hf_dir or args.hf
+    model = load_model(hf_dir, args.dtype, args.device, trust_remote_code=args.trust_remote_code, **kwargs)
+    return model, _tokenizer(args, hf_dir)
+
+
+def _tokenizer(args: argparse.Namespace, hf_dir: str | Path | None = None) -> PreTrainedTokenizerBase:
+    return load_tokenizer(args.tokenizer or hf_dir or args.hf, args.trust_remote_code)
 
 
 def run_ppl(args) -> int:
@@ -112,8 +138,7 @@ def run_ppl(args) -> int:
     )
     rows = []
     for iteration, hf_dir in ready:
-        model = load_model(hf_dir, args.dtype, args.device)
-        tokenizer = load_tokenizer(args.tokenizer or hf_dir)
+        model, tokenizer = _load(args, hf_dir)
         results = ppl.evaluate_channels(model, tokenizer, channels, _seq_length(args, model), **options)
         print(f"iteration {iteration} ({hf_dir})\n{ppl.format_table(results)}", flush=True)
         rows += [(iteration, r) for r in results]
@@ -152,7 +177,7 @@ def run_probes(args) -> int:
     from tools.eval.probes import score_hf
 
     probes = load_probes(args.probes)
-    probe_rows(probes, load_tokenizer(args.tokenizer or args.hf))  # bad probes fail before the model loads
+    probe_rows(probes, _tokenizer(args))  # bad probes fail before the model loads
     model, tokenizer = _load(args)
     scores = {f"probe/{k}": v for k, v in score_hf(model, tokenizer, probes, args.vocab_size).items()}
     for name, value in scores.items():

@@ -1,5 +1,7 @@
 """Lenses for debugging an HF model (Llama, Qwen2, Qwen3, Mistral), from Python or the CLI.
 
+Baichuan2 is refused (``hf.UNSUPPORTED_FAMILIES`` says why); its ``hf2hf --to llama`` export works.
+
 - :func:`cosine_distances`: per layer and token, 1 - cos(input, output) of the
   decoder layer's hidden state: how much each layer changes the residual stream
   (near 0: the layer does almost nothing).

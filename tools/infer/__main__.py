@@ -42,6 +42,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--stop", help="end each generation at this string (e.g. a newline)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run modeling code shipped with the model (Baichuan2); only for models you trust",
+    )
     return parser.parse_args(argv)
 
 
@@ -49,20 +54,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.stop, args.seed)
     check_sampling(sampling)
-    model_type(args.model)  # a readable HF directory, checked before any replica starts
+    model_type(
+        args.model, args.trust_remote_code
+    )  # a readable HF directory, checked before any replica starts
     devices = parse_devices(args.devices)
     dtype = args.dtype or ("float32" if devices == ["cpu"] else "bfloat16")
     tokenizer_dir = args.tokenizer or args.model
     if args.prompt is not None:
         device = "cpu" if devices == ["cpu"] else f"cuda:{devices[0]}"
-        stream(load_model(args.model, dtype, device), load_tokenizer(tokenizer_dir), args.prompt, sampling)
+        model = load_model(args.model, dtype, device, trust_remote_code=args.trust_remote_code)
+        stream(model, load_tokenizer(tokenizer_dir, args.trust_remote_code), args.prompt, sampling)
         return 0
     if not (args.data and args.out):
         raise ConfigError("batch inference needs --data and --out (or --prompt for one prompt)")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     groups = device_groups(devices, args.replicas)
-    load_tokenizer(tokenizer_dir)
+    load_tokenizer(tokenizer_dir, args.trust_remote_code)
     records = read_inputs(args.data, args.prompt_key)
     done = recover_output(args.out)
     unknown = done - {json.dumps(r["id"]) for r in records}
@@ -75,7 +83,16 @@ def main(argv: list[str] | None = None) -> int:
     if not pending:
         return 0
     threads = max(1, (os.cpu_count() or 1) // len(groups)) if devices == ["cpu"] else 4
-    spec = ReplicaSpec(args.model, tokenizer_dir, dtype, sampling, args.batch_size, args.prompt_key, threads)
+    spec = ReplicaSpec(
+        args.model,
+        tokenizer_dir,
+        dtype,
+        sampling,
+        args.batch_size,
+        args.prompt_key,
+        threads,
+        args.trust_remote_code,
+    )
     writer = OrderedWriter(args.out, [json.dumps(r["id"]) for r in pending])
     try:
         run_replicas(spec, groups, pending, writer)

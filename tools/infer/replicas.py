@@ -18,12 +18,16 @@ import queue
 import sys
 import traceback
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from megatron_patches.errors import ConfigError
 from tools.infer.generation import Sampling, generate
 from tools.infer.records import OrderedWriter
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,7 @@ class ReplicaSpec:
     batch_size: int
     prompt_key: str
     threads: int
+    trust_remote_code: bool = False
 
 
 def parse_devices(text: str | None) -> list[str]:
@@ -60,15 +65,18 @@ def device_groups(devices: list[str], replicas: int) -> list[tuple[str, ...]]:
     return [tuple(devices[i * size : (i + 1) * size]) for i in range(replicas)]
 
 
-def load_replica(spec: ReplicaSpec, gpus: int):
+def load_replica(spec: ReplicaSpec, gpus: int) -> PreTrainedModel:
     """The model on this process's devices: CPU, one GPU, or spread over ``gpus`` GPUs."""
     from transformers import AutoModelForCausalLM
 
     from tools.eval.hf import DTYPES, load_model
 
     if gpus <= 1:
-        return load_model(spec.model, spec.dtype, "cuda:0" if gpus else "cpu")
-    model = AutoModelForCausalLM.from_pretrained(spec.model, dtype=DTYPES[spec.dtype], device_map="auto")
+        device = "cuda:0" if gpus else "cpu"
+        return load_model(spec.model, spec.dtype, device, trust_remote_code=spec.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        spec.model, dtype=DTYPES[spec.dtype], device_map="auto", trust_remote_code=spec.trust_remote_code
+    )
     return model.eval()
 
 
@@ -77,7 +85,8 @@ def _replica_main(spec: ReplicaSpec, gpus: int, tasks, results, parent_pid: int)
         from tools.eval.hf import load_tokenizer
 
         torch.set_num_threads(spec.threads)
-        model, tokenizer = load_replica(spec, gpus), load_tokenizer(spec.tokenizer)
+        model = load_replica(spec, gpus)
+        tokenizer = load_tokenizer(spec.tokenizer, spec.trust_remote_code)
         while True:
             try:
                 batch = tasks.get(timeout=2)
