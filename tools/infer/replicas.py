@@ -43,7 +43,11 @@ class ReplicaSpec:
 
 
 def parse_devices(text: str | None) -> list[str]:
-    """``"0,1,2,3"`` -> GPU indices; ``"cpu"`` (the default without CUDA) -> ``["cpu"]``."""
+    """``"0,1,2,3"`` -> GPU indices; ``"cpu"`` (the default without CUDA) -> ``["cpu"]``.
+
+    Indices count the GPUs this process sees, as ``cuda:N`` does: with
+    ``CUDA_VISIBLE_DEVICES=4,5,6,7`` set, ``0`` is physical GPU 4 (see :func:`physical_group`).
+    """
     if text is None:
         return [str(i) for i in range(torch.cuda.device_count())] or ["cpu"]
     if text.strip() == "cpu":
@@ -63,6 +67,25 @@ def device_groups(devices: list[str], replicas: int) -> list[tuple[str, ...]]:
         raise ConfigError(f"{len(devices)} devices cannot be split evenly into {replicas} replicas")
     size = len(devices) // replicas
     return [tuple(devices[i * size : (i + 1) * size]) for i in range(replicas)]
+
+
+def physical_group(group: tuple[str, ...], visible: str | None) -> tuple[str, ...]:
+    """The entries a child's ``CUDA_VISIBLE_DEVICES`` needs for ``group`` (indices this process sees).
+
+    A child's ``CUDA_VISIBLE_DEVICES`` names devices as the driver does, so index ``i`` becomes the
+    parent's i-th visible entry (a physical index or a ``GPU-``/``MIG-`` UUID) when the parent
+    has a ``CUDA_VISIBLE_DEVICES`` of its own, and stays ``i`` when it has none.
+    """
+    if group == ("cpu",) or visible is None:
+        return group
+    entries = [entry.strip() for entry in visible.split(",") if entry.strip()]
+    beyond = [index for index in group if int(index) >= len(entries)]
+    if beyond:
+        raise ConfigError(
+            f"--devices names GPU {beyond[0]} but CUDA_VISIBLE_DEVICES={visible!r} shows "
+            f"{len(entries)} GPU(s); indices count the visible GPUs from 0"
+        )
+    return tuple(entries[int(index)] for index in group)
 
 
 def load_replica(spec: ReplicaSpec, gpus: int) -> PreTrainedModel:
@@ -108,7 +131,7 @@ def _visible_devices(group: tuple[str, ...]):
     """Spawned children inherit the environment at start: show them only their group."""
     old = os.environ.get("CUDA_VISIBLE_DEVICES")
     if group != ("cpu",):
-        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(group)
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(physical_group(group, old))
     try:
         yield
     finally:
@@ -122,6 +145,9 @@ def run_replicas(
     spec: ReplicaSpec, groups: list[tuple[str, ...]], pending: list[dict], writer: OrderedWriter
 ) -> None:
     """Generate for every pending record with one process per device group; write in order."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    for group in groups:  # an index beyond the visible GPUs fails before any replica starts
+        physical_group(group, visible)
     ctx = mp.get_context("spawn")
     tasks, results = ctx.Queue(), ctx.Queue()
     for start in range(0, len(pending), spec.batch_size):
