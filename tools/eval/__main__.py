@@ -16,6 +16,8 @@ from tools.eval.rewrites import REWRITES
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from tools.eval.ppl import Channel, ChannelResult
+
 PROG = "python -m tools.eval"
 
 
@@ -117,29 +119,36 @@ def _tokenizer(args: argparse.Namespace, hf_dir: str | Path | None = None) -> Pr
     return load_tokenizer(args.tokenizer or hf_dir or args.hf, args.trust_remote_code)
 
 
-def run_ppl(args) -> int:
-    from tools.eval import ppl, trends
+def run_ppl(args: argparse.Namespace) -> int:
+    from tools.eval import ppl
 
     if bool(args.hf) == bool(args.checkpoints):
         raise ConfigError("ppl needs exactly one of --hf DIR or --checkpoints RUN_DIR")
     _require_positive(args, "seq_length", "batch_size", "max_tokens")
     channels = ppl.find_channels(args.data)
-    options = dict(batch_size=args.batch_size, max_tokens=args.max_tokens, text_key=args.text_key)
-    if args.hf:
-        model, tokenizer = _load(args)
-        results = ppl.evaluate_channels(model, tokenizer, channels, _seq_length(args, model), **options)
-        print(ppl.format_table(results))
-        _print_skipped(results)
-        if args.csv:
-            trends.write_csv([(0, r) for r in results], args.csv)
-        return 0
-    ready, skipped = trends.resolve_hf_dirs(
-        trends.find_snapshots(args.checkpoints), args.checkpoints / "hf", args.convert
-    )
+    return _ppl_trend(args, channels) if args.checkpoints else _ppl_single(args, channels)
+
+
+def _ppl_single(args: argparse.Namespace, channels: list[Channel]) -> int:
+    from tools.eval import ppl, trends
+
+    results = _evaluate_export(args, args.hf, channels)
+    print(ppl.format_table(results))
+    _print_skipped(results)
+    if args.csv:
+        trends.write_csv([(0, r) for r in results], args.csv)
+    return 0
+
+
+def _ppl_trend(args: argparse.Namespace, channels: list[Channel]) -> int:
+    from tools.eval import ppl, trends
+
+    tokenizer = Path(args.tokenizer) if args.tokenizer else None
+    snapshots = trends.find_snapshots(args.checkpoints)
+    ready, skipped = trends.resolve_hf_dirs(snapshots, args.checkpoints / "hf", args.convert, tokenizer)
     rows = []
     for iteration, hf_dir in ready:
-        model, tokenizer = _load(args, hf_dir)
-        results = ppl.evaluate_channels(model, tokenizer, channels, _seq_length(args, model), **options)
+        results = _evaluate_export(args, hf_dir, channels)
         print(f"iteration {iteration} ({hf_dir})\n{ppl.format_table(results)}", flush=True)
         rows += [(iteration, r) for r in results]
     out_dir = args.out_dir or args.checkpoints / "eval"
@@ -150,6 +159,18 @@ def run_ppl(args) -> int:
         print(f"skipped {note}")
     print(f"wrote {out_dir / 'ppl.csv'} and {out_dir / 'ppl.png'}")
     return 0
+
+
+def _evaluate_export(
+    args: argparse.Namespace, hf_dir: str | Path, channels: list[Channel]
+) -> list[ChannelResult]:
+    """Per-channel results of one export. The model lives only in this call, so the trend loop
+    frees one checkpoint before it loads the next instead of holding two at its peak."""
+    from tools.eval import ppl
+
+    model, tokenizer = _load(args, hf_dir)
+    options = dict(batch_size=args.batch_size, max_tokens=args.max_tokens, text_key=args.text_key)
+    return ppl.evaluate_channels(model, tokenizer, channels, _seq_length(args, model), **options)
 
 
 def _seq_length(args, model) -> int:
