@@ -9,7 +9,9 @@ stops as soon as every sequence has met it or ``max_new_tokens`` is reached.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TextIO
 
 import torch
 
@@ -75,26 +77,52 @@ def generate(model, tokenizer, prompts: list[str], sampling: Sampling, batch_siz
     return outputs
 
 
-def stream(model, tokenizer, prompt: str, sampling: Sampling, out=sys.stdout) -> str:
-    """Generate for one prompt, writing text to ``out`` as tokens arrive; returns the text."""
+def stream(model, tokenizer, prompt: str, sampling: Sampling, out: TextIO = sys.stdout) -> str:
+    """Generate for one prompt, writing text to ``out`` as tokens arrive (cut at ``sampling.stop``
+    like :func:`generate`); returns the text."""
     from threading import Thread
 
-    from transformers import TextIteratorStreamer
+    from transformers import StoppingCriteriaList, TextIteratorStreamer
 
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     batch = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
-    kwargs = {**batch, "streamer": streamer, **sampling.generate_kwargs(tokenizer)}
+    length = batch["input_ids"].shape[1]
+    stopping = StoppingCriteriaList([_StopString(tokenizer, sampling.stop, length)] if sampling.stop else [])
+    kwargs = {
+        **batch,
+        "streamer": streamer,
+        "stopping_criteria": stopping,
+        **sampling.generate_kwargs(tokenizer),
+    }
     torch.manual_seed(sampling.seed)
     worker = Thread(target=lambda: _generate_no_grad(model, kwargs), daemon=True)
     worker.start()
-    pieces = []
-    for piece in streamer:
-        pieces.append(piece)
-        out.write(piece)
-        out.flush()
+    text = relay_until_stop(streamer, out, sampling.stop)
     worker.join()
     out.write("\n")
-    return "".join(pieces)
+    return text
+
+
+def relay_until_stop(pieces: Iterable[str], out: TextIO, stop: str | None) -> str:
+    """Write ``pieces`` to ``out`` as they come, ending before the first ``stop``; returns the text.
+
+    The last ``len(stop) - 1`` characters are held back until the next piece shows they do not
+    begin a stop string split across pieces.
+    """
+    text, written = "", 0
+    hold = len(stop) - 1 if stop else 0
+    for piece in pieces:
+        text += piece
+        if stop and stop in text:
+            text = text.split(stop, 1)[0]
+            break
+        if len(text) - hold > written:
+            out.write(text[written : len(text) - hold])
+            out.flush()
+            written = len(text) - hold
+    out.write(text[written:])
+    out.flush()
+    return text
 
 
 def _generate_no_grad(model, kwargs: dict) -> None:

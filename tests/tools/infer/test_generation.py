@@ -8,7 +8,7 @@ import torch
 from megatron_patches.errors import ConfigError
 from tests.tiny_hf import build_model
 from tools.eval.hf import load_model, load_tokenizer
-from tools.infer.generation import Sampling, check_sampling, generate, stream
+from tools.infer.generation import Sampling, check_sampling, generate, relay_until_stop, stream
 
 PROMPTS = ["the capital of france is", "cats", "中国的首都是北京。 water boils at"]
 
@@ -50,6 +50,37 @@ def test_streaming_writes_the_same_text(tiny):
     text = stream(model, tokenizer, PROMPTS[0], Sampling(max_new_tokens=6), out=out)
     assert text == tokenizer.decode(greedy_by_hand(model, tokenizer, PROMPTS[0], 6))
     assert out.getvalue() == text + "\n"
+
+
+def test_streaming_ends_at_the_stop_string_like_batched_generation(tiny):
+    model, tokenizer = tiny
+    full = tokenizer.decode(greedy_by_hand(model, tokenizer, PROMPTS[0], 12))
+    stop = full[len(full) // 2 : len(full) // 2 + 2]  # two characters the continuation reaches half-way
+    sampling = Sampling(max_new_tokens=12, stop=stop)
+    out = io.StringIO()
+    text = stream(model, tokenizer, PROMPTS[0], sampling, out=out)
+    assert text == full.split(stop, 1)[0] == generate(model, tokenizer, PROMPTS[:1], sampling)[0]
+    assert out.getvalue() == text + "\n"
+
+
+class _Recorder(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+
+def test_a_stop_string_split_across_pieces_is_never_written():
+    out = _Recorder()
+    assert relay_until_stop(["Paris is", " lovely\n", "\nQuestion"], out, "\n\n") == "Paris is lovely"
+    assert out.getvalue() == "Paris is lovely"
+    assert all("\n" not in w for w in out.writes)
+    out = _Recorder()
+    assert relay_until_stop(["ab", "cd", "e"], out, None) == "abcde"
+    assert out.writes[:3] == ["ab", "cd", "e"]  # without a stop nothing is held back
 
 
 @pytest.mark.parametrize(
