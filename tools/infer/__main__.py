@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(
             f"{args.out} holds ids not in {args.data} (e.g. {sorted(unknown)[0]}); another run's output?"
         )
-    pending = [r for r in records if json.dumps(r["id"]) not in done]
+    pending = [(i, r) for i, r in enumerate(records) if json.dumps(r["id"]) not in done]
     print(f"{len(records)} prompts, {len(done)} already in {args.out}, {len(pending)} to generate")
     if not pending:
         return 0
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         threads,
         args.trust_remote_code,
     )
-    writer = OrderedWriter(args.out, [json.dumps(r["id"]) for r in pending])
+    writer = OrderedWriter(args.out, [json.dumps(r["id"]) for _, r in pending])
     try:
         run_replicas(spec, groups, pending, writer)
     finally:

@@ -119,9 +119,10 @@ def _replica_main(spec: ReplicaSpec, gpus: int, tasks, results, parent_pid: int)
                 continue
             if batch is None:
                 return
-            prompts = [record[spec.prompt_key] for record in batch]
-            outputs = generate(model, tokenizer, prompts, spec.sampling, spec.batch_size)
-            results.put(("done", [{**r, "output": o} for r, o in zip(batch, outputs, strict=True)]))
+            positions, records = zip(*batch, strict=True)
+            prompts = [record[spec.prompt_key] for record in records]
+            outputs = generate(model, tokenizer, prompts, spec.sampling, spec.batch_size, positions)
+            results.put(("done", [{**r, "output": o} for r, o in zip(records, outputs, strict=True)]))
     except BaseException:  # noqa: BLE001 - the parent must learn why a replica stopped
         results.put(("error", traceback.format_exc()))
 
@@ -142,9 +143,13 @@ def _visible_devices(group: tuple[str, ...]):
 
 
 def run_replicas(
-    spec: ReplicaSpec, groups: list[tuple[str, ...]], pending: list[dict], writer: OrderedWriter
+    spec: ReplicaSpec,
+    groups: list[tuple[str, ...]],
+    pending: list[tuple[int, dict]],
+    writer: OrderedWriter,
 ) -> None:
-    """Generate for every pending record with one process per device group; write in order."""
+    """Generate for every pending (position in the whole input, record) with one process per
+    device group; write in order. Positions seed sampling, so outputs do not depend on groups."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     for group in groups:  # an index beyond the visible GPUs fails before any replica starts
         physical_group(group, visible)

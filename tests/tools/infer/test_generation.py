@@ -63,6 +63,31 @@ def test_streaming_ends_at_the_stop_string_like_batched_generation(tiny):
     assert out.getvalue() == text + "\n"
 
 
+def test_sampled_outputs_depend_on_seed_and_position_not_on_batching(tiny):
+    model, tokenizer = tiny
+    prompts = [p for p in PROMPTS for _ in range(3)]  # repeats: same prompt, different positions
+    sampling = Sampling(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=5)
+    whole = generate(model, tokenizer, prompts, sampling, batch_size=4)
+    assert generate(model, tokenizer, prompts, sampling, batch_size=1) == whole
+    # A second replica (or a resumed run) gets the tail with its positions in the whole input.
+    assert generate(model, tokenizer, prompts[5:], sampling, batch_size=3, positions=range(5, 9)) == whole[5:]
+    assert len(set(whole[:3])) > 1  # positions seed differently
+    reseeded = generate(model, tokenizer, prompts, Sampling(max_new_tokens=8, temperature=1.0, seed=6))
+    assert reseeded != whole
+    greedy = generate(model, tokenizer, prompts, Sampling(max_new_tokens=8))
+    assert greedy != whole and len(set(greedy[:3])) == 1
+
+
+def test_the_nucleus_keeps_the_smallest_set_reaching_top_p():
+    from tools.infer.seeded import nucleus
+
+    probs = torch.tensor([[0.1, 0.5, 0.3, 0.1]])
+    assert (nucleus(probs, 0.7) > 0).tolist() == [[False, True, True, False]]
+    assert (nucleus(probs, 0.4) > 0).tolist() == [[False, True, False, False]]
+    assert torch.equal(nucleus(probs, 0.7)[0, 1:3], probs[0, 1:3])
+    assert nucleus(probs, 1.0) is probs
+
+
 class _Recorder(io.StringIO):
     def __init__(self) -> None:
         super().__init__()
