@@ -84,9 +84,16 @@ def load_probes(path: str | Path) -> list[Probe]:
     return probes
 
 
+def _looks_like_jsonl(text: str) -> bool:
+    """One JSON object a line, whatever the file is called (YAML would read it as one mapping)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return bool(lines) and all(line.startswith("{") and line.endswith("}") for line in lines)
+
+
 def _read_entries(path: Path) -> list:
+    """The entries of a JSONL (by suffix or by content) or YAML probe file."""
     text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
+    if path.suffix == ".jsonl" or _looks_like_jsonl(text):
         entries = []
         for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
