@@ -14,7 +14,7 @@ from tools.eval.hf import DTYPES, load_model, load_tokenizer
 from tools.eval.rewrites import REWRITES
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from tools.eval.ppl import Channel, ChannelResult
 
@@ -33,7 +33,7 @@ def _model_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     )
 
 
-def _ppl_args(sub) -> None:
+def _ppl_args(sub: argparse._SubParsersAction) -> None:
     ppl = sub.add_parser("ppl", help="loss and perplexity per held-out channel")
     _model_args(ppl, required=False)
     ppl.add_argument("--checkpoints", type=Path, help="a run directory: evaluate every export/checkpoint")
@@ -53,7 +53,7 @@ def _ppl_args(sub) -> None:
     )
 
 
-def _probes_args(sub) -> None:
+def _probes_args(sub: argparse._SubParsersAction) -> None:
     probes = sub.add_parser("probes", help="the training probe file on an HF model")
     _model_args(probes)
     probes.add_argument("--probes", required=True, type=Path, help="probe file (YAML or JSONL)")
@@ -61,7 +61,7 @@ def _probes_args(sub) -> None:
     probes.add_argument("--json", type=Path, help="also write {probe/<name>: score} here")
 
 
-def _bench_args(sub) -> None:
+def _bench_args(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="rewritten multiple-choice benchmark, scored generatively")
     _model_args(bench)
     bench.add_argument(
@@ -76,7 +76,7 @@ def _bench_args(sub) -> None:
     bench.add_argument("--out", type=Path, help="per-item records (JSONL)")
 
 
-def _inspect_args(sub) -> None:
+def _inspect_args(sub: argparse._SubParsersAction) -> None:
     inspect = sub.add_parser("inspect", help="lenses: layer cosine distance, logit lens, attention")
     _model_args(inspect)
     inspect.add_argument("--text", required=True)
@@ -173,19 +173,19 @@ def _evaluate_export(
     return ppl.evaluate_channels(model, tokenizer, channels, _seq_length(args, model), **options)
 
 
-def _seq_length(args, model) -> int:
+def _seq_length(args: argparse.Namespace, model: PreTrainedModel) -> int:
     limit = getattr(model.config, "max_position_embeddings", args.seq_length)
     return min(args.seq_length, limit)
 
 
-def _require_positive(args, *names: str) -> None:
+def _require_positive(args: argparse.Namespace, *names: str) -> None:
     for name in names:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
 
-def _print_skipped(results) -> None:
+def _print_skipped(results: list[ChannelResult]) -> None:
     for result in results:
         for reason in result.skipped[:5]:
             print(f"skipped {reason}", file=sys.stderr)
@@ -193,7 +193,7 @@ def _print_skipped(results) -> None:
             print(f"skipped {len(result.skipped) - 5} more lines of {result.channel}", file=sys.stderr)
 
 
-def run_probes(args) -> int:
+def run_probes(args: argparse.Namespace) -> int:
     from megatron_patches.probe_scoring import load_probes, probe_rows
     from tools.eval.probes import score_hf
 
@@ -208,7 +208,7 @@ def run_probes(args) -> int:
     return 0
 
 
-def run_bench(args) -> int:
+def run_bench(args: argparse.Namespace) -> int:
     from tools.eval import bench
     from tools.eval.rewrites import NONE_CORRECT
     from tools.infer.generation import Sampling, check_sampling, generate
@@ -231,7 +231,7 @@ def run_bench(args) -> int:
     return 0
 
 
-def run_inspect(args) -> int:
+def run_inspect(args: argparse.Namespace) -> int:
     from tools.eval import inspect
     from tools.eval.hf import require_family
 

@@ -54,32 +54,33 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.stop, args.seed)
     check_sampling(sampling)
-    model_type(
-        args.model, args.trust_remote_code
-    )  # a readable HF directory, checked before any replica starts
+    model_type(args.model, args.trust_remote_code)  # a loadable HF directory, before any replica starts
     devices = parse_devices(args.devices)
     dtype = args.dtype or ("float32" if devices == ["cpu"] else "bfloat16")
-    tokenizer_dir = args.tokenizer or args.model
     if args.prompt is not None:
-        device = "cpu" if devices == ["cpu"] else f"cuda:{devices[0]}"
-        model = load_model(args.model, dtype, device, trust_remote_code=args.trust_remote_code)
-        stream(model, load_tokenizer(tokenizer_dir, args.trust_remote_code), args.prompt, sampling)
-        return 0
+        return stream_one(args, devices[0], dtype, sampling)
+    return run_batch(args, devices, dtype, sampling)
+
+
+def stream_one(args: argparse.Namespace, device: str, dtype: str, sampling: Sampling) -> int:
+    """``--prompt``: one generation, streamed to stdout, on ``device`` (``cpu`` or a GPU index)."""
+    device = "cpu" if device == "cpu" else f"cuda:{device}"
+    model = load_model(args.model, dtype, device, trust_remote_code=args.trust_remote_code)
+    tokenizer = load_tokenizer(args.tokenizer or args.model, args.trust_remote_code)
+    stream(model, tokenizer, args.prompt, sampling)
+    return 0
+
+
+def run_batch(args: argparse.Namespace, devices: list[str], dtype: str, sampling: Sampling) -> int:
+    """``--data``/``--out``: every pending prompt through the replicas, resuming a previous run."""
     if not (args.data and args.out):
         raise ConfigError("batch inference needs --data and --out (or --prompt for one prompt)")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     groups = device_groups(devices, args.replicas)
-    load_tokenizer(tokenizer_dir, args.trust_remote_code)
-    records = read_inputs(args.data, args.prompt_key)
-    done = recover_output(args.out)
-    unknown = done - {json.dumps(r["id"]) for r in records}
-    if unknown:
-        raise ConfigError(
-            f"{args.out} holds ids not in {args.data} (e.g. {sorted(unknown)[0]}); another run's output?"
-        )
-    pending = [(i, r) for i, r in enumerate(records) if json.dumps(r["id"]) not in done]
-    print(f"{len(records)} prompts, {len(done)} already in {args.out}, {len(pending)} to generate")
+    tokenizer_dir = args.tokenizer or args.model
+    load_tokenizer(tokenizer_dir, args.trust_remote_code)  # fails here, not in every replica
+    pending = pending_records(args.data, args.out, args.prompt_key)
     if not pending:
         return 0
     threads = max(1, (os.cpu_count() or 1) // len(groups)) if devices == ["cpu"] else 4
@@ -99,6 +100,18 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         writer.close()
     return 0
+
+
+def pending_records(data: Path, out: Path, prompt_key: str) -> list[tuple[int, dict]]:
+    """(position in ``data``, record) of every input whose id is not yet in ``out``."""
+    records = read_inputs(data, prompt_key)
+    done = recover_output(out)
+    unknown = done - {json.dumps(r["id"]) for r in records}
+    if unknown:
+        raise ConfigError(f"{out} holds ids not in {data} (e.g. {sorted(unknown)[0]}); another run's output?")
+    pending = [(i, r) for i, r in enumerate(records) if json.dumps(r["id"]) not in done]
+    print(f"{len(records)} prompts, {len(done)} already in {out}, {len(pending)} to generate")
+    return pending
 
 
 if __name__ == "__main__":

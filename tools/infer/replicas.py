@@ -159,13 +159,7 @@ def run_replicas(
         tasks.put(pending[start : start + spec.batch_size])
     for _ in groups:
         tasks.put(None)
-    procs = []
-    for group in groups:
-        gpus = 0 if group == ("cpu",) else len(group)
-        with _visible_devices(group):
-            proc = ctx.Process(target=_replica_main, args=(spec, gpus, tasks, results, os.getpid()))
-            proc.start()
-        procs.append(proc)
+    procs = [_start_replica(ctx, spec, group, tasks, results) for group in groups]
     try:
         _collect(procs, results, writer, len(pending))
     finally:
@@ -173,6 +167,15 @@ def run_replicas(
             if proc.is_alive():
                 proc.kill()
             proc.join(timeout=10)
+
+
+def _start_replica(ctx, spec: ReplicaSpec, group: tuple[str, ...], tasks, results) -> mp.Process:
+    """One replica process that sees only ``group``'s devices."""
+    gpus = 0 if group == ("cpu",) else len(group)
+    with _visible_devices(group):
+        proc = ctx.Process(target=_replica_main, args=(spec, gpus, tasks, results, os.getpid()))
+        proc.start()
+    return proc
 
 
 def _collect(procs, results, writer: OrderedWriter, total: int) -> None:
