@@ -30,7 +30,7 @@ import dataclasses
 import os
 import re
 import shutil
-import tempfile
+import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -238,7 +238,10 @@ def atomic_output_dir(target: str | Path, force: bool = False) -> Iterator[Path]
     if target.exists() and not force:
         raise ConfigError(f"output {target} already exists; pass --force to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    # Not tempfile.mkdtemp: its 0700 mode would survive the rename and lock other
+    # users of a shared cluster out of the checkpoint; mkdir honours the umask.
+    tmp = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()
     try:
         yield tmp
     except BaseException:
