@@ -175,12 +175,17 @@ class RowParallel(Entry):
         return torch.cat(shards, dim=1)
 
 
+def vocab_rows(full: torch.Tensor, tp: int, rank: int, cfg: ModelConfig) -> tuple[torch.Tensor, int]:
+    """(the unpadded vocabulary rows TP ``rank`` holds, as a view; the padded rows per rank)."""
+    rows = cfg.padded_vocab_size(tp) // tp
+    return full[rank * rows : (rank + 1) * rows], rows
+
+
 class VocabParallel(Entry):
     """Embedding / output layer: padded to Megatron-LM's vocabulary size, then row split."""
 
     def split(self, full, tp, cfg):
-        rows = cfg.padded_vocab_size(tp) // tp
-        return [pad_rows(full[rank * rows : (rank + 1) * rows], rows) for rank in range(tp)]
+        return [pad_rows(*vocab_rows(full, tp, rank, cfg)) for rank in range(tp)]
 
     def merge(self, shards, cfg):
         full = torch.cat(shards, dim=0)
@@ -194,6 +199,13 @@ class NormHead(VocabParallel):
 
     def to_mcore(self, hf, cfg):
         return normalize_rows(hf[0])
+
+    def shard(self, hf, cfg, tp, rank):
+        # Normalizing the whole head in fp32 for every rank would cost several
+        # times one shard (7B: 2 GiB); rows normalize independently, so
+        # normalizing only this rank's rows gives bit-identical values.
+        mine, rows = vocab_rows(hf[0], tp, rank, cfg)
+        return pad_rows(normalize_rows(mine), rows)
 
 
 class QKV(ColumnParallel):
