@@ -18,9 +18,9 @@ state dict, layer numbers local to its stage), ``model_config``
 
 Public API: :func:`read_tracker`, :func:`write_tracker`, :func:`iteration_dir_name`,
 :func:`iteration_dir`, :func:`resolve`, :func:`rank_dir_name`, :func:`rank_file`,
-:func:`checkpoint_format`, :func:`save_rank`, :func:`load_rank`,
-:func:`read_model_config`, :func:`load_model_for_rank`, :func:`atomic_output_dir`, :func:`save_torch_dist`,
-:func:`load_torch_dist`, :func:`stop_dist_checkpoint_workers`.
+:func:`checkpoint_format`, :func:`legacy_layout`, :func:`pipeline_layers`, :func:`save_rank`,
+:func:`load_rank`, :func:`read_model_config`, :func:`load_model_for_rank`, :func:`atomic_output_dir`,
+:func:`save_torch_dist`, :func:`load_torch_dist`, :func:`stop_dist_checkpoint_workers`.
 """
 
 from __future__ import annotations
@@ -132,6 +132,14 @@ def legacy_layout(iter_dir: str | Path) -> tuple[int, int]:
                     f"incomplete checkpoint: {rank_file(iter_dir, tp_rank, pp_rank, pp)} is missing"
                 )
     return tp, pp
+
+
+def pipeline_layers(iter_dir: str | Path, pp_size: int) -> list[int]:
+    """Layers per pipeline stage of a legacy checkpoint, as its rank files record them."""
+    state = load_rank(iter_dir, 0, 0, pp_size, mmap=True)
+    if "pipeline_layers" not in state:
+        raise ConfigError(f"{iter_dir} records no pipeline_layers; it was not written by this project")
+    return list(state["pipeline_layers"])
 
 
 def save_rank(
