@@ -48,7 +48,8 @@ def read_config(config: dict) -> ModelConfig:
 
 
 def write_config(cfg: ModelConfig, base: dict, dtype: torch.dtype) -> dict:
-    if cfg.groups != cfg.num_attention_heads or cfg.rotary_base != ROTARY_BASE or cfg.use_rope_scaling:
+    scaled = cfg.use_rope_scaling or cfg.rotary_seq_len_interpolation_factor
+    if cfg.groups != cfg.num_attention_heads or cfg.rotary_base != ROTARY_BASE or scaled:
         raise ConfigError("a Baichuan2 model has multi-head attention and rope base 10000 without scaling")
     if not cfg.untie_embeddings_and_output_weights:
         raise ConfigError(TIED_REFUSED)
