@@ -190,3 +190,11 @@ def test_tied_model_is_not_exported_as_baichuan2(tmp_path):
         commands.mcore2hf, tmp_path / "mcore", tmp_path / "out", family="baichuan2",
     )  # fmt: skip
     _nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize(("case", "family"), [("qwen2", "Qwen2"), ("qwen3", "Qwen3")])
+def test_qwen_sliding_window_is_refused(case, family, tmp_path):
+    hf = tiny.save_hf(case, tmp_path / "hf")
+    _edit_config(hf, use_sliding_window=True, sliding_window=16)
+    _fails(f"{family} use_sliding_window=true is not supported", commands.hf2mcore, hf, tmp_path / "out")
+    _nothing_written(tmp_path)

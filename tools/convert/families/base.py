@@ -128,6 +128,14 @@ CONFIG_FIELDS = {
 }
 
 
+def refuse_sliding_window(config: dict, family: str) -> None:
+    """Qwen's ``use_sliding_window`` changes attention, which Megatron-Core's GPTModel would not do."""
+    if config.get("use_sliding_window"):
+        raise ConfigError(
+            f"{family} use_sliding_window=true is not supported (Megatron-Core has no sliding window here)"
+        )
+
+
 def read_llama_like(config: dict, **overrides: Any) -> ModelConfig:
     """The fields every Llama-style HF config shares."""
     require(config, *(key for key, (_, default) in CONFIG_FIELDS.items() if default is None))
