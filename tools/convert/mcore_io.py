@@ -286,13 +286,28 @@ def _single_rank_megatron(cfg: ModelConfig) -> Iterator[None]:
             torch.distributed.destroy_process_group()
 
 
-def _whole_model(cfg: ModelConfig, dtype: torch.dtype):
+def _whole_model(cfg: ModelConfig, dtype: torch.dtype) -> torch.nn.Module:
     """The TP=1/PP=1 GPTModel (local spec, uninitialized memory) whose sharded state dict is the format."""
     from megatron_patches.training.model import build_model_for_this_rank
 
     local = dataclasses.replace(cfg, transformer_impl="local")
     model = build_model_for_this_rank(local, dtype, perform_initialization=False, use_cpu_initialization=True)
     return model.to(dtype)  # norms too, as Megatron's Float16Module holds them when training in bf16/fp16
+
+
+def _fill(model: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Copy streamed ``(name, tensor)`` pairs into ``model``; every parameter must get one."""
+    params = model.state_dict(keep_vars=True)
+    filled = set()
+    for name, tensor in tensors:
+        if name.endswith("._extra_state"):
+            continue
+        with torch.no_grad():
+            params[name].copy_(tensor)
+        filled.add(name)
+    unfilled = [n for n in params if n not in filled and not n.endswith("._extra_state")]
+    if unfilled:
+        raise ConfigError(f"no tensor for {unfilled[0]} while writing torch_dist")
 
 
 def save_torch_dist(
@@ -310,17 +325,7 @@ def save_torch_dist(
 
     with _single_rank_megatron(cfg):
         model = _whole_model(cfg, dtype)
-        params = model.state_dict(keep_vars=True)
-        filled = set()
-        for name, tensor in tensors:
-            if name.endswith("._extra_state"):
-                continue
-            with torch.no_grad():
-                params[name].copy_(tensor)
-            filled.add(name)
-        unfilled = [n for n in params if n not in filled and not n.endswith("._extra_state")]
-        if unfilled:
-            raise ConfigError(f"no tensor for {unfilled[0]} while writing torch_dist")
+        _fill(model, tensors)
         Path(iter_dir).mkdir(parents=True, exist_ok=True)
         state = {
             "model": model.sharded_state_dict(),
