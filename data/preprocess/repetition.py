@@ -57,22 +57,25 @@ class Ngrams:
         return h
 
     def top_fraction(self, n: int) -> float:
-        """Characters covered by the most frequent n-gram (all its occurrences) over all characters."""
+        """Characters covered by the most frequent n-gram (all its occurrences) over all characters.
+        Among equally frequent n-grams the one with the most characters counts, so that the value
+        does not depend on the order of the word hashes (Python's str hash differs per process)."""
         if self.size < n:
             return 0.0
         grams = self._grams(n)
-        ordered = np.sort(grams)
+        order = np.argsort(grams, kind="stable")
+        ordered = grams[order]
         boundary = np.empty(ordered.size, dtype=bool)
         boundary[0] = True
         np.not_equal(ordered[1:], ordered[:-1], out=boundary[1:])
         starts = np.flatnonzero(boundary)
         counts = np.diff(np.append(starts, ordered.size))
-        best = int(np.argmax(counts))
-        if counts[best] <= 1:
+        if counts.max() <= 1:
             return 0.0
-        first = int(np.argmax(grams == ordered[starts[best]]))
-        gram_chars = int(self.lengths[first : first + n].sum())
-        return min(1.0, int(counts[best]) * gram_chars / max(1, self.total_chars))
+        cumulative = np.concatenate(([0], np.cumsum(self.lengths)))
+        chars = (cumulative[n:] - cumulative[:-n])[order[starts]]  # of each n-gram's first occurrence
+        best = int(np.lexsort((chars, counts))[-1])
+        return min(1.0, int(counts[best]) * int(chars[best]) / max(1, self.total_chars))
 
     def duplicate_fraction(self, n: int) -> float:
         """Characters of words inside an n-gram that occurs more than once, over all characters."""

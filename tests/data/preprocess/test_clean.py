@@ -77,6 +77,14 @@ def test_measures():
     assert repetition.words("中文 text") == ["中", "文", "text"]
 
 
+def test_top_ngram_ties_go_to_the_longest_whatever_the_hash_seed():
+    """Python's str hash differs per process; a tie must not be broken by it, or the clean report
+    (and a threshold decision) would depend on which worker read the document."""
+    tokens = ["x", "y", "x", "y", "x", "y", "long", "words", "long", "words", "long", "words"]
+    # "x y" and "long words" both occur 3 times; the longer one counts: 3 * 9 of 33 characters
+    assert repetition.top_ngram_fraction(tokens, 2) == pytest.approx(27 / 33)
+
+
 def test_per_channel_thresholds_from_config(tmp_path):
     config = config_for(tmp_path, **{"clean.channels": {"code": {"min_chars": 10_000}}})
     code = synth.code_doc(random.Random(1), synth.stdlib_sources())
