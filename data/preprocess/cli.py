@@ -28,6 +28,9 @@ def _common(parser: argparse.ArgumentParser, needs_input: bool) -> None:
         parser.add_argument("--input", nargs="+", help="JSONL files or globs (.jsonl, .jsonl.gz, .jsonl.zst)")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--workers", type=int, help="processes (default: all cores)")
+    parser.add_argument(
+        "--range-mb", type=float, help="read plain JSONL larger than this as ranges, one task each (0: off)"
+    )
     parser.add_argument("--text-field", help="JSON key holding the text (default: text)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
 
@@ -53,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _overrides(args: argparse.Namespace) -> dict:
     pairs = {
         "workers": args.workers,
+        "range_mb": args.range_mb,
         "text_field": args.text_field,
         "dedup.engine": getattr(args, "engine", None),
         "dedup.spark_master": getattr(args, "spark_master", None),

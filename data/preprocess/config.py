@@ -78,6 +78,9 @@ class PipelineConfig:
     input: list = field(default_factory=list)
     text_field: str = "text"
     workers: int = 0  # 0: all cores
+    # Plain JSONL files larger than this are read as ranges of about this size, one task each, so
+    # one big file uses every core; 0: one task per file. Outputs do not depend on it.
+    range_mb: float = 128.0
     shard_docs: int = 100_000
     compress_output: bool = False
     stages: list = field(default_factory=lambda: list(STAGES))
@@ -119,6 +122,8 @@ def validate(config: PipelineConfig) -> PipelineConfig:
         raise ConfigError(f"stages: unknown stage(s) {unknown}; known: {list(STAGES)}")
     if config.shard_docs < 1 or config.workers < 0 or config.tokenize.batch_docs < 1:
         raise ConfigError("shard_docs and tokenize.batch_docs must be >= 1 and workers >= 0")
+    if config.range_mb < 0:
+        raise ConfigError(f"range_mb must be >= 0 (0: one task per file), got {config.range_mb}")
     return config
 
 

@@ -22,6 +22,7 @@ import orjson
 from megatron_patches.errors import ConfigError
 
 from .document import Document, Malformed
+from .ranges import WHOLE_FILE, Span, is_compressed
 
 _RAW_PREVIEW = 2000  # characters of a bad line kept in rejected/malformed.jsonl
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -47,9 +48,16 @@ def expand_inputs(patterns: list[str], base: Path | None = None) -> list[Path]:
 _CHUNK = 1 << 16
 
 
-def _plain_chunks(path: Path) -> Iterator[bytes]:
+def _plain_chunks(path: Path, span: Span = WHOLE_FILE) -> Iterator[bytes]:
     with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
+        handle.seek(span.start)
+        remaining = span.end - span.start if span.end is not None else None
+        while remaining is None or remaining > 0:
+            chunk = handle.read(_CHUNK if remaining is None else min(_CHUNK, remaining))
+            if not chunk:
+                return
+            if remaining is not None:
+                remaining -= len(chunk)
             yield chunk
 
 
@@ -87,21 +95,24 @@ def _zstd_chunks(path: Path) -> Iterator[bytes]:
         raise EOFError(f"{path}: zstd stream ends inside a frame")
 
 
-def _chunks(path: Path) -> Iterator[bytes]:
+def _chunks(path: Path, span: Span) -> Iterator[bytes]:
+    if is_compressed(path) and not span.is_whole_file:
+        raise ValueError(f"{path}: a compressed file cannot be read from the middle ({span})")
     if path.name.endswith(".gz"):
         return _gzip_chunks(path)
     if path.name.endswith(".zst"):
         return _zstd_chunks(path)
-    return _plain_chunks(path)
+    return _plain_chunks(path, span)
 
 
-def iter_lines(path: Path) -> Iterator[tuple[int, bytes | None]]:
-    """(1-based line number, raw bytes without the newline); (n, None) once if the stream breaks."""
+def iter_lines(path: Path, span: Span = WHOLE_FILE) -> Iterator[tuple[int, bytes | None]]:
+    """(1-based line number in the file, raw bytes without the newline) for the lines of `span`;
+    (n, None) once if the stream breaks."""
     if not path.is_file():
         raise ConfigError(f"cannot read {path}: not a file")
-    lineno, pending = 0, b""
+    lineno, pending = span.first_line - 1, b""
     try:
-        for chunk in _chunks(path):
+        for chunk in _chunks(path, span):
             lines = (pending + chunk).split(b"\n")
             pending = lines.pop()
             for line in lines:
@@ -173,10 +184,10 @@ Parser = Callable[[bytes, str, str, int, str | None], Document | Malformed | Non
 
 
 def read_documents(
-    path: Path, text_field: str = "text", parse: Parser = parse_line
+    path: Path, text_field: str = "text", parse: Parser = parse_line, span: Span = WHOLE_FILE
 ) -> Iterator[tuple[Document | Malformed, int]]:
-    """(document or malformed record, raw byte length) for every non-blank line of `path`."""
-    for lineno, raw in iter_lines(path):
+    """(document or malformed record, raw byte length) for every non-blank line of `span` of `path`."""
+    for lineno, raw in iter_lines(path, span):
         if raw is None:
             yield Malformed("truncated_input", str(path), lineno, ""), 0
             return
@@ -225,9 +236,10 @@ class ShardWriter:
 
 
 class RejectWriter:
-    """One `rejected/<rule>.<task>.jsonl` per rule and task; :func:`merge_rejects` joins them per rule."""
+    """One `rejected/<rule>.<task>.part` per rule and task; :func:`merge_rejects` joins them per rule.
+    `task` names the task so that its files sort in input order (`<file>-<range>`, zero-padded)."""
 
-    def __init__(self, directory: Path, task: int):
+    def __init__(self, directory: Path, task: str):
         self.directory, self.task = directory, task
         self._handles: dict[str, IO[str]] = {}
 
@@ -235,7 +247,7 @@ class RejectWriter:
         handle = self._handles.get(rule)
         if handle is None:
             self.directory.mkdir(parents=True, exist_ok=True)
-            handle = open(self.directory / f"{rule}.{self.task:05d}.part", "w", encoding="utf-8")  # noqa: SIM115
+            handle = open(self.directory / f"{rule}.{self.task}.part", "w", encoding="utf-8")  # noqa: SIM115
             self._handles[rule] = handle
         handle.write(line)
         handle.write("\n")

@@ -1,5 +1,6 @@
-"""What every stage shares: an output directory that appears only when complete, per-file tasks, and
-the document loop (read, count malformed lines, apply a step, write kept and rejected documents).
+"""What every stage shares: an output directory that appears only when complete, tasks (one per
+input file, or per byte range of a large plain file: see `ranges.py`), and the document loop (read,
+count malformed lines, apply a step, write kept and rejected documents).
 
 A *step* takes a batch of documents and returns, for each, ``(keep, rule, value, channel)``; it may
 change the documents (masking, channel, quality) and add to the stats. Filters are steps whose
@@ -26,7 +27,9 @@ from .config import PipelineConfig
 from .document import Document, Malformed
 from .engines.local import Progress, run_tasks
 from .jsonl import Parser, RejectWriter, ShardWriter, merge_rejects, parse_line, read_documents
+from .ranges import WHOLE_FILE, Span, range_bytes, split_files
 from .report import Stats, write_report
+from .spool import SPOOL_DIR, LineSpool, assemble_parts
 
 StepResult = tuple[bool, str | None, Any, str]  # keep, rule, measured value, channel
 Step = Callable[[Sequence[Document], Stats], list[StepResult]]
@@ -58,10 +61,39 @@ def staged_dir(out: Path, overwrite: bool) -> Iterator[Path]:
 
 @dataclass(frozen=True)
 class FileTask:
+    """Read `span` of input file number `index`; write into `out`. Output names follow `index`."""
+
     index: int
     path: Path
     out: Path
     config: PipelineConfig
+    span: Span = WHOLE_FILE
+
+    @property
+    def tag(self) -> str:
+        """Names this task's temporary files so that they sort in input order."""
+        return f"{self.index:05d}-{self.span.part:05d}"
+
+
+def file_tasks(
+    inputs: list[Path], out: Path, config: PipelineConfig, desc: str, make: Callable[..., FileTask] = FileTask
+) -> list[FileTask]:
+    """One task per input file, or per range of a plain file larger than `config.range_mb`."""
+    spans = split_files(inputs, range_bytes(config.range_mb), cpu_workers(config.workers), f"{desc}: ranges")
+    return [
+        make(index, path, out, config, span)
+        for index, (path, file_spans) in enumerate(zip(inputs, spans, strict=True))
+        for span in file_spans
+    ]
+
+
+def output_writer(task: FileTask) -> ShardWriter | LineSpool:
+    """Where a task writes kept documents: the file's parts directly, or a spool when the file is
+    split into ranges (cut into the same parts by :func:`assemble_parts` once all have run)."""
+    if task.span.is_whole_file:
+        cfg = task.config
+        return ShardWriter(task.out, f"part-{task.index:05d}", cfg.shard_docs, cfg.compress_output)
+    return LineSpool(task.out / SPOOL_DIR, task.tag)
 
 
 def document_batches(
@@ -72,12 +104,12 @@ def document_batches(
     size: int = BATCH,
     parse: Parser = parse_line,
 ) -> Iterator[list[Document]]:
-    """Batches of good documents of one input file; malformed lines are counted and written aside.
+    """Batches of good documents of one task's span; malformed lines are counted and written aside.
     Lines and bytes read are counted (stats, progress) once per batch."""
     batch: list[Document] = []
     lines = nbytes = 0
     pii_types = preview_pii_types(task.config)
-    for item, item_bytes in read_documents(task.path, task.config.text_field, parse):
+    for item, item_bytes in read_documents(task.path, task.config.text_field, parse, task.span):
         lines += 1
         nbytes += item_bytes
         if isinstance(item, Malformed):
@@ -123,13 +155,11 @@ def masked_preview(item: Malformed, pii_types: tuple[str, ...], stats: Stats) ->
 
 
 def map_file(task: FileTask, progress: Progress, make_step: Callable[[PipelineConfig], Step]) -> Stats:
-    """Run one step over one input file: the body of clean and label."""
+    """Run one step over one task's documents: the body of clean and label."""
     stats = Stats()
     step = make_step(task.config)
-    writer = ShardWriter(
-        task.out, f"part-{task.index:05d}", task.config.shard_docs, task.config.compress_output
-    )
-    rejects = RejectWriter(task.out / "rejected", task.index)
+    writer = output_writer(task)
+    rejects = RejectWriter(task.out / "rejected", task.tag)
     text_field = task.config.text_field
     try:
         for batch in document_batches(task, stats, rejects, progress):
@@ -161,11 +191,12 @@ def run_file_stage(
     task_fn: Callable[[FileTask, Progress], Stats],
     extra_report: Callable[[Path], dict] | None = None,
 ) -> dict:
-    """One task per input file on all workers, then rejects merged and report.json written."""
+    """Tasks (files or ranges) on all workers, then parts assembled, rejects merged, report written."""
     started = time.time()
     with staged_dir(out, overwrite) as tmp:
-        tasks = [FileTask(i, path, tmp, config) for i, path in enumerate(inputs)]
+        tasks = file_tasks(inputs, tmp, config, name)
         stats = run_tasks(task_fn, tasks, cpu_workers(config.workers), desc=name)
+        assemble_parts(tasks, cpu_workers(config.workers))
         merge_rejects(tmp / "rejected")
         extra = extra_report(tmp) if extra_report else {}
         outputs = sorted(p.name for p in tmp.iterdir() if p.name.startswith("part-"))

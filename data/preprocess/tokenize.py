@@ -1,8 +1,10 @@
 """tokenize: documents to `<channel>_text_document.{bin,idx}` plus blend.yaml, on all cores.
 
-Each worker takes one input file, encodes documents in batches, appends EOD, and appends the ids of
-each channel to its own part files; the parent then merges the parts per channel in input order
-(see `indexed.py`). Nothing holds a per-document list longer than one batch.
+Each worker takes one input file (or one byte range of a large plain file), encodes documents in
+batches, appends EOD, and appends the ids of each channel to its own part files, named
+`<channel>.<file>-<range>`; the parent then merges the parts per channel in that order, which is
+input order (see `indexed.py`), so the result does not depend on how files were split. Nothing
+holds a per-document list longer than one batch.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import shutil
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +25,7 @@ from .engines.local import Progress, run_tasks
 from .indexed import PartWriter, merge_parts
 from .jsonl import RejectWriter, merge_rejects, parse_text_line
 from .report import Stats, write_report
-from .stage import FileTask, cpu_workers, document_batches, staged_dir
+from .stage import FileTask, cpu_workers, document_batches, file_tasks, staged_dir
 from .tokenizer.encode import Encoder, load_encoder
 
 _SAFE_CHANNEL = re.compile(r"[^A-Za-z0-9_.-]")
@@ -54,7 +56,7 @@ def tokenize_file(task: TokenizeTask, progress: Progress) -> Stats:
     parts_dir = task.out / "_parts"
     parts_dir.mkdir(exist_ok=True)
     parts: dict[str, PartWriter] = {}
-    rejects = RejectWriter(task.out / "rejected", task.index)
+    rejects = RejectWriter(task.out / "rejected", task.tag)
     eod = encoder.pack([encoder.eod_id]) if cfg.tokenize.append_eod else b""
     batches = document_batches(
         task, stats, rejects, progress, size=cfg.tokenize.batch_docs, parse=parse_text_line
@@ -66,7 +68,7 @@ def tokenize_file(task: TokenizeTask, progress: Progress) -> Stats:
                 by_channel[channel_name(doc.channel)].append(packed)
             for channel, docs in by_channel.items():
                 if channel not in parts:
-                    parts[channel] = PartWriter(parts_dir / f"{channel}.{task.index:05d}", encoder.dtype)
+                    parts[channel] = PartWriter(parts_dir / f"{channel}.{task.tag}", encoder.dtype)
                 stats[f"channel/{channel}/tokens"] += parts[channel].add(docs, eod)
                 stats[f"channel/{channel}/docs_out"] += len(docs)
             stats["docs_in"] += len(batch)
@@ -85,7 +87,7 @@ def run_tokenize(
     encoder = load_encoder(tokenizer)  # validates the tokenizer before any work starts
     facts = TokenizerFacts(tokenizer, encoder.eod_id, encoder.vocab_size, encoder.dtype.name)
     with staged_dir(out, overwrite) as tmp:
-        tasks = [TokenizeTask(i, p, tmp, config, tokenizer) for i, p in enumerate(inputs)]
+        tasks = file_tasks(inputs, tmp, config, "tokenize", partial(TokenizeTask, tokenizer=tokenizer))
         stats = run_tasks(tokenize_file, tasks, cpu_workers(config.workers), desc="tokenize")
         documents, tokens = _merge(tmp, encoder.dtype)
         shutil.rmtree(tmp / "_parts", ignore_errors=True)

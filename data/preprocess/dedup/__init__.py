@@ -1,7 +1,8 @@
 """Exact and MinHash-LSH near-duplicate removal, on one machine or on Apache Spark.
 
-Both engines run the same per-file code (`tasks.py`) and the same cluster logic (`lsh.py`), so for
-the same input and config they keep exactly the same documents.
+Both engines run the same per-task code (`tasks.py`; a task is a file or a byte range of one) and
+the same cluster logic (`lsh.py`), so for the same input and config they keep exactly the same
+documents.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from pathlib import Path
 from ..config import DedupConfig, PipelineConfig
 from ..jsonl import merge_rejects
 from ..report import write_report
-from ..stage import FileTask, staged_dir
+from ..spool import assemble_parts
+from ..stage import cpu_workers, file_tasks, staged_dir
 
 
 def warn_if_threshold_unused(d: DedupConfig) -> None:
@@ -34,7 +36,7 @@ def run_dedup(config: PipelineConfig, inputs: list[Path], out: Path, overwrite: 
     started = time.time()
     warn_if_threshold_unused(config.dedup)
     with staged_dir(out, overwrite) as tmp:
-        tasks = [FileTask(i, path, tmp, config) for i, path in enumerate(inputs)]
+        tasks = file_tasks(inputs, tmp, config, "dedup")
         if config.dedup.engine == "spark":
             from .spark import run_spark
 
@@ -43,6 +45,7 @@ def run_dedup(config: PipelineConfig, inputs: list[Path], out: Path, overwrite: 
             from .local import run_local
 
             stats = run_local(tasks, config)
+        assemble_parts(tasks, cpu_workers(config.workers))
         merge_rejects(tmp / "rejected")
         outputs = sorted(p.name for p in tmp.iterdir() if p.name.startswith("part-"))
         params = dataclasses.asdict(config.dedup)

@@ -1,14 +1,15 @@
 """Dedup on one machine with all cores: signatures (parallel) -> clusters (one process) -> filter (parallel).
 
-Pass 1 writes, per input file, flat binary arrays under `_work/` (line numbers, lengths, quality,
-exact hashes, signatures, one file per LSH band), appended in chunks so a worker's memory does not
-grow with its file. Pass 2 reads one band at a time across all files: memory is about 16 bytes per
-document, plus the shingles of candidate documents when `verify: exact`. Pass 3 rewrites each file
-without its duplicates.
+Pass 1 writes, per task (input file or byte range of one), flat binary arrays under `_work/` (line
+numbers, lengths, quality, exact hashes, signatures, one file per LSH band), appended in chunks so a
+worker's memory does not grow with its input. Pass 2 reads one band at a time across all tasks:
+memory is about 16 bytes per document, plus the shingles of candidate documents when
+`verify: exact`. Pass 3 rewrites each task's documents without the duplicates.
 """
 
 from __future__ import annotations
 
+import bisect
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,18 +23,25 @@ from ..report import Stats
 from ..stage import FileTask, cpu_workers
 from .hashing import estimated_jaccard, exact_jaccard
 from .lsh import DocInfo, Removal, UnionFind, bucket_edges, removals, split_gid
-from .tasks import FilterTask, filter_file, record_band_keys, shingles_for_lines, signature_records
+from .tasks import (
+    filter_file,
+    filter_tasks,
+    lines_in_span,
+    record_band_keys,
+    shingles_for_lines,
+    signature_records,
+)
 
 _CHUNK = 4096
 _COLUMNS = (("lines", np.int64), ("length", np.int64), ("quality", np.float64), ("exact", np.int64))
 
 
 def _work_dir(task: FileTask) -> Path:
-    return task.out / "_work" / f"{task.index:05d}"
+    return task.out / "_work" / task.tag
 
 
 def signature_task(task: FileTask, progress: Progress) -> Stats:
-    """Pass 1 for one file: append signatures and band keys to `_work/<index>/`."""
+    """Pass 1 for one task: append signatures and band keys to `_work/<file>-<range>/`."""
     work = _work_dir(task)
     work.mkdir(parents=True, exist_ok=True)
     d = task.config.dedup
@@ -42,7 +50,7 @@ def signature_task(task: FileTask, progress: Progress) -> Stats:
     handles.update({f"band{j}": open(work / f"band{j}.bin", "wb") for j in range(d.bands)})  # noqa: SIM115
     stats, chunk = Stats(), []
     try:
-        for record in signature_records(task.index, task.path, task.config):
+        for record in signature_records(task.index, task.path, task.config, task.span):
             chunk.append(record)
             progress.update(1, record.nbytes)
             if len(chunk) >= _CHUNK:
@@ -74,7 +82,7 @@ def _flush(chunk: list, handles: dict, config: PipelineConfig) -> None:
 
 @dataclass
 class _Arrays:
-    """Pass-1 output of one file, memory-mapped where it is large."""
+    """Pass-1 output of one task, memory-mapped where it is large."""
 
     index: int
     lines: np.ndarray
@@ -105,14 +113,43 @@ def _concat(parts: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
+class _Corpus:
+    """Pass-1 output of every task, in task order; finds a document's row from its gid."""
+
+    def __init__(self, tasks: list[FileTask], perms: int):
+        self.arrays = [_Arrays.load(_work_dir(t), t.index, perms) for t in tasks]
+        self._by_file: dict[int, tuple[list[int], list[_Arrays]]] = {}
+        for task, arrays in zip(tasks, self.arrays, strict=True):
+            first_lines, file_arrays = self._by_file.setdefault(task.index, ([], []))
+            first_lines.append(task.span.first_line)
+            file_arrays.append(arrays)
+
+    def locate(self, gid: int) -> tuple[_Arrays, int]:
+        index, line = split_gid(gid)
+        first_lines, file_arrays = self._by_file[index]
+        arrays = file_arrays[bisect.bisect_right(first_lines, line) - 1]
+        return arrays, arrays.row(line)
+
+    def signature(self, gid: int) -> np.ndarray:
+        arrays, row = self.locate(gid)
+        return np.asarray(arrays.sig[row])
+
+    def info(self, gid: int) -> DocInfo:
+        arrays, row = self.locate(gid)
+        return DocInfo(int(arrays.length[row]), float(arrays.quality[row]), int(arrays.exact[row]))
+
+    def similarity(self, a: int, b: int) -> float:
+        return estimated_jaccard(self.signature(a), self.signature(b))
+
+
 def find_removals(tasks: list[FileTask], config: PipelineConfig, stats: Stats) -> dict[int, Removal]:
     """Pass 2: candidate edges per band, verification, clusters, one keeper per cluster."""
     d = config.dedup
-    arrays = {t.index: _Arrays.load(_work_dir(t), t.index, d.perms) for t in tasks}
-    gids = _concat([a.gids() for a in arrays.values()])
+    corpus = _Corpus(tasks, d.perms)
+    gids = _concat([a.gids() for a in corpus.arrays])
     uf = UnionFind()
     if d.exact:
-        left, right = bucket_edges(_concat([a.exact for a in arrays.values()]), gids)
+        left, right = bucket_edges(_concat([a.exact for a in corpus.arrays]), gids)
         stats["edges/exact"] += left.size
         for a, b in zip(left.tolist(), right.tolist(), strict=True):
             uf.union(a, b)
@@ -122,54 +159,39 @@ def find_removals(tasks: list[FileTask], config: PipelineConfig, stats: Stats) -
         left, right = bucket_edges(keys, gids)
         candidates.update(zip(left.tolist(), right.tolist(), strict=True))
     stats["edges/candidates"] += len(candidates)
-    verified = _verify(sorted(candidates), arrays, tasks, config)
+    verified = _verify(sorted(candidates), corpus, tasks, config)
     stats["edges/verified"] += len(verified)
     for a, b in verified:
         uf.union(a, b)
     clusters = uf.clusters()
-    infos = {}
-    for members in clusters.values():
-        for gid in members:
-            arr = arrays[split_gid(gid)[0]]
-            row = arr.row(split_gid(gid)[1])
-            infos[gid] = DocInfo(int(arr.length[row]), float(arr.quality[row]), int(arr.exact[row]))
+    infos = {gid: corpus.info(gid) for members in clusters.values() for gid in members}
     stats["clusters"] += len(clusters)
     return removals(clusters, infos, d.keep)
 
 
-def _signature(arrays: dict[int, _Arrays], gid: int) -> np.ndarray:
-    index, line = split_gid(gid)
-    arr = arrays[index]
-    return np.asarray(arr.sig[arr.row(line)])
-
-
 def _verify(
-    pairs: list[tuple[int, int]], arrays: dict[int, _Arrays], tasks: list[FileTask], config: PipelineConfig
+    pairs: list[tuple[int, int]], corpus: _Corpus, tasks: list[FileTask], config: PipelineConfig
 ) -> list:
     d = config.dedup
     if d.verify == "none":
         return pairs
     if d.verify == "signature":
-        return [
-            (a, b)
-            for a, b in pairs
-            if estimated_jaccard(_signature(arrays, a), _signature(arrays, b)) >= d.threshold
-        ]
-    wanted: dict[int, set[int]] = {}
-    for gid in {g for pair in pairs for g in pair}:
+        return [(a, b) for a, b in pairs if corpus.similarity(a, b) >= d.threshold]
+    wanted: dict[int, list[int]] = {}
+    for gid in sorted({g for pair in pairs for g in pair}):
         index, line = split_gid(gid)
-        wanted.setdefault(index, set()).add(line)
+        wanted.setdefault(index, []).append(line)
     shingles = {}
     for task in tasks:
-        if task.index in wanted:
-            shingles.update(shingles_for_lines(task.index, task.path, wanted[task.index], config))
+        lines = set(lines_in_span(wanted.get(task.index, []), task.span))
+        shingles.update(shingles_for_lines(task.index, task.path, lines, config, task.span))
     return [(a, b) for a, b in pairs if exact_jaccard(shingles[a], shingles[b]) >= d.threshold]
 
 
 def drop_lists(
     removal: dict[int, Removal], tasks: list[FileTask], similarity: Callable[[int, int], float]
 ) -> dict[int, dict[int, tuple[Removal, str, float]]]:
-    """Per file index: line -> (removal, keeper as 'file:line', similarity to the keeper)."""
+    """Per file index: line -> (removal, keeper as 'file:line', similarity to the keeper), by line."""
     names = {t.index: t.path.name for t in tasks}
     out: dict[int, dict] = {t.index: {} for t in tasks}
     for gid, rem in sorted(removal.items()):
@@ -184,11 +206,7 @@ def run_local(tasks: list[FileTask], config: PipelineConfig) -> Stats:
     run_tasks(signature_task, tasks, workers, desc="dedup: signatures")
     stats = Stats()
     removal = find_removals(tasks, config, stats)
-    arrays = {t.index: _Arrays.load(_work_dir(t), t.index, config.dedup.perms) for t in tasks}
-    drops = drop_lists(
-        removal, tasks, lambda a, b: estimated_jaccard(_signature(arrays, a), _signature(arrays, b))
-    )
-    filters = [FilterTask(t.index, t.path, t.out, t.config, drops[t.index]) for t in tasks]
-    stats += run_tasks(filter_file, filters, workers, desc="dedup: filter")
+    drops = drop_lists(removal, tasks, _Corpus(tasks, config.dedup.perms).similarity)
+    stats += run_tasks(filter_file, filter_tasks(tasks, drops), workers, desc="dedup: filter")
     shutil.rmtree(tasks[0].out / "_work", ignore_errors=True) if tasks else None
     return stats

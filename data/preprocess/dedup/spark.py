@@ -1,11 +1,13 @@
 """Dedup on Apache Spark (`pip install '.[spark]'`), for corpora one machine cannot hold.
 
-The same functions as the local engine do the work: executors read files with the project's reader
+The same functions as the local engine do the work: executors read the tasks (files, or byte ranges
+of large plain files, one partition each) with the project's reader
 and hash them with `MinHasher`; buckets are Spark groups whose star edges come from `lsh.star_edges`;
 verification runs on executors; only the verified edges (the duplicates, not the corpus) reach the
 driver, which clusters them with `lsh.UnionFind` and picks keepers with `lsh.removals`. The filter
-pass is again one task per input file, writing numbered parts into the output directory, which must
-therefore be on a filesystem every executor sees (local disk in `local[N]`, NFS/Lustre on a cluster).
+pass is again one partition per task, writing numbered parts (or, for ranges, spools that the
+driver cuts into the same parts) into the output directory, which must therefore be on a filesystem
+every executor sees (local disk in `local[N]`, NFS/Lustre on a cluster).
 
 Cluster use: install this package on the executors (or ship it with `--py-files`) and run
 ``spark-submit data/spark_submit.py dedup --engine spark --input ... --out ...``.
@@ -27,7 +29,7 @@ from ..stage import FileTask
 from .hashing import estimated_jaccard, exact_jaccard
 from .local import drop_lists
 from .lsh import DocInfo, UnionFind, removals, split_gid, star_edges
-from .tasks import FilterTask, filter_file, record_band_keys, shingles_for_lines, signature_records
+from .tasks import filter_file, filter_tasks, record_band_keys, shingles_for_lines, signature_records
 
 if TYPE_CHECKING:
     from pyspark import RDD, SparkContext
@@ -71,7 +73,7 @@ def _verified(sc, candidates, records, files, config: PipelineConfig):
             wanted.setdefault(index, set()).add(line)
         lines = sc.broadcast(wanted)
         signatures = files.flatMap(
-            lambda f: shingles_for_lines(f[0], Path(f[1]), lines.value.get(f[0], set()), config)
+            lambda f: shingles_for_lines(f[0], Path(f[1]), lines.value.get(f[0], set()), config, f[2])
         )
     measure = estimated_jaccard if d.verify == "signature" else exact_jaccard
     return (
@@ -96,9 +98,11 @@ def run_spark(tasks: list[FileTask], config: PipelineConfig) -> Stats:
 
 
 def _run(sc: SparkContext, tasks: list[FileTask], config: PipelineConfig) -> Stats:
-    files = sc.parallelize([(t.index, str(t.path)) for t in tasks], max(1, len(tasks)))
+    files = sc.parallelize([(t.index, str(t.path), t.span) for t in tasks], max(1, len(tasks)))
     records = (
-        files.flatMap(lambda f: signature_records(f[0], Path(f[1]), config)).keyBy(lambda r: r.gid).cache()
+        files.flatMap(lambda f: signature_records(f[0], Path(f[1]), config, f[2]))
+        .keyBy(lambda r: r.gid)
+        .cache()
     )
     edges = _bucket_edges(records, config)
     exact_edges = edges.filter(lambda e: e[0]).map(lambda e: (e[1], e[2])).distinct()
@@ -148,7 +152,7 @@ def _drop_lists(
 
 
 def _filter_files(sc: SparkContext, tasks: list[FileTask], drops: dict[int, dict]) -> list[Stats]:
-    filters = [FilterTask(t.index, t.path, t.out, t.config, drops[t.index]) for t in tasks]
+    filters = filter_tasks(tasks, drops)
     return (
         sc.parallelize(filters, max(1, len(filters)))
         .map(lambda t: filter_file(t, Progress(_ignore)))

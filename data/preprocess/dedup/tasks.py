@@ -1,8 +1,10 @@
-"""Per-file dedup work that both engines run unchanged: signatures, shingles for verification, and the
-final filter pass that writes kept documents and `rejected/dedup_{exact,near}.jsonl`."""
+"""Per-task dedup work that both engines run unchanged: signatures, shingles for verification, and
+the final filter pass that writes kept documents and `rejected/dedup_{exact,near}.jsonl`. A task is
+one input file or one byte range of one (`ranges.py`); documents keep their file's line numbers."""
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 from collections.abc import Iterator
@@ -15,8 +17,10 @@ from ..config import DedupConfig, PipelineConfig
 from ..document import Document
 from ..engines.local import Progress
 from ..jsonl import RejectWriter, ShardWriter, read_documents
+from ..ranges import WHOLE_FILE, Span
 from ..report import Stats
-from ..stage import FileTask, document_batches
+from ..spool import LineSpool
+from ..stage import FileTask, document_batches, output_writer
 from .hashing import MinHasher, band_keys, exact_hash, shingle_hashes
 from .lsh import Removal, make_gid
 
@@ -35,9 +39,11 @@ def hasher_for(d: DedupConfig) -> MinHasher:
     return MinHasher(num_perm=d.perms, ngram=d.ngram, seed=d.seed)
 
 
-def signature_records(file_index: int, path: Path, config: PipelineConfig) -> Iterator[SigRecord]:
+def signature_records(
+    file_index: int, path: Path, config: PipelineConfig, span: Span = WHOLE_FILE
+) -> Iterator[SigRecord]:
     hasher = hasher_for(config.dedup)
-    for doc, nbytes in good_documents(path, config.text_field):
+    for doc, nbytes in good_documents(path, config.text_field, span):
         yield SigRecord(
             gid=make_gid(file_index, doc.line),
             length=len(doc.text),
@@ -48,10 +54,10 @@ def signature_records(file_index: int, path: Path, config: PipelineConfig) -> It
         )
 
 
-def good_documents(path: Path, text_field: str) -> Iterator[tuple[Document, int]]:
+def good_documents(path: Path, text_field: str, span: Span = WHOLE_FILE) -> Iterator[tuple[Document, int]]:
     """(document, bytes of its line) for the good lines; malformed ones are counted by the filter
     pass, which reads through :func:`document_batches`."""
-    for item, nbytes in read_documents(path, text_field):
+    for item, nbytes in read_documents(path, text_field, span=span):
         if isinstance(item, Document):
             yield item, nbytes
 
@@ -63,26 +69,50 @@ def record_band_keys(records: list[SigRecord], d: DedupConfig) -> np.ndarray:
 
 
 def shingles_for_lines(
-    file_index: int, path: Path, lines: set[int], config: PipelineConfig
+    file_index: int, path: Path, lines: set[int], config: PipelineConfig, span: Span = WHOLE_FILE
 ) -> Iterator[tuple[int, np.ndarray]]:
-    """(gid, unique 64-bit shingle hashes) for the given lines of one file: exact verification."""
-    for doc, _ in good_documents(path, config.text_field):
+    """(gid, unique 64-bit shingle hashes) for the given lines within `span` of one file: exact
+    verification."""
+    if not lines:
+        return
+    for doc, _ in good_documents(path, config.text_field, span):
         if doc.line in lines:
             yield make_gid(file_index, doc.line), np.unique(shingle_hashes(doc.text, config.dedup.ngram))
 
 
+Drop = tuple[Removal, str, float]  # removal, keeper's 'path:line', similarity to the keeper
+
+
 @dataclass(frozen=True)
 class FilterTask(FileTask):
-    """A file task plus what to drop from it: line -> (removal, keeper's 'path:line', similarity)."""
+    """A file task plus what to drop from its span: line -> Drop."""
 
-    drop: dict[int, tuple[Removal, str, float]] = field(default_factory=dict)
+    drop: dict[int, Drop] = field(default_factory=dict)
+
+
+def filter_tasks(tasks: list[FileTask], drops: dict[int, dict[int, Drop]]) -> list[FilterTask]:
+    """One filter task per task, each carrying only the drops of its own lines."""
+    lines = {index: sorted(file_drops) for index, file_drops in drops.items()}
+    out = []
+    for t in tasks:
+        wanted = lines_in_span(lines[t.index], t.span)
+        own = {line: drops[t.index][line] for line in wanted}
+        out.append(FilterTask(t.index, t.path, t.out, t.config, t.span, own))
+    return out
+
+
+def lines_in_span(sorted_lines: list[int], span: Span) -> list[int]:
+    """The lines of `sorted_lines` that `span` holds."""
+    low = bisect.bisect_left(sorted_lines, span.first_line)
+    high = len(sorted_lines) if span.end_line is None else bisect.bisect_left(sorted_lines, span.end_line)
+    return sorted_lines[low:high]
 
 
 def filter_file(task: FilterTask, progress: Progress) -> Stats:
     stats = Stats()
     cfg = task.config
-    writer = ShardWriter(task.out, f"part-{task.index:05d}", cfg.shard_docs, cfg.compress_output)
-    rejects = RejectWriter(task.out / "rejected", task.index)
+    writer = output_writer(task)
+    rejects = RejectWriter(task.out / "rejected", task.tag)
     try:
         for batch in document_batches(task, stats, rejects, progress):
             for doc in batch:
@@ -94,7 +124,12 @@ def filter_file(task: FilterTask, progress: Progress) -> Stats:
 
 
 def _emit(
-    doc: Document, drop, stats: Stats, writer: ShardWriter, rejects: RejectWriter, text_field: str
+    doc: Document,
+    drop: Drop | None,
+    stats: Stats,
+    writer: ShardWriter | LineSpool,
+    rejects: RejectWriter,
+    text_field: str,
 ) -> None:
     channel = doc.channel or "unlabelled"
     stats["docs_in"] += 1

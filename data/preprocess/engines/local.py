@@ -1,4 +1,4 @@
-"""Run one function over many tasks (usually one input file each) on all cores of this machine.
+"""Run one function over many tasks (one input file, or one byte range of one, each) on all cores.
 
 Workers are spawned processes; each reports (docs, bytes) increments through a queue so that the
 parent can draw one progress bar with docs/s and MB/s. A task function returns a :class:`Stats`;
@@ -86,42 +86,56 @@ def progress_bar(desc: str) -> Iterator[Progress]:
 
 def run_tasks(fn: Callable[[Any, Progress], Stats], tasks: Sequence[Any], workers: int, desc: str) -> Stats:
     """Run `fn(task, progress)` for every task on `workers` processes and add up the returned stats."""
-    bar = _Bar(desc, None)
     total = Stats()
+    for stats in map_tasks(fn, tasks, workers, desc):
+        total += stats
+    return total
+
+
+def map_tasks(
+    fn: Callable[[Any, Progress], Stats], tasks: Sequence[Any], workers: int, desc: str
+) -> list[Stats]:
+    """Run `fn(task, progress)` for every task on `workers` processes; the stats of each, in task order."""
+    bar = _Bar(desc, None)
     try:
         if workers <= 1 or len(tasks) <= 1:
-            for task in tasks:
-                progress = Progress(bar.update, every_s=0.2)
-                total += fn(task, progress)
-                progress.flush()
-            return total
+            return [_run_here(fn, task, bar) for task in tasks]
         return _run_pool(fn, tasks, workers, bar)
     finally:
         bar.close()
 
 
-def _run_pool(fn: Callable[[Any, Progress], Stats], tasks: Sequence[Any], workers: int, bar: _Bar) -> Stats:
+def _run_here(fn: Callable[[Any, Progress], Stats], task: Any, bar: _Bar) -> Stats:
+    progress = Progress(bar.update, every_s=0.2)
+    stats = fn(task, progress)
+    progress.flush()
+    return stats
+
+
+def _run_pool(
+    fn: Callable[[Any, Progress], Stats], tasks: Sequence[Any], workers: int, bar: _Bar
+) -> list[Stats]:
     ctx = mp.get_context("spawn")
     progress_queue = ctx.Queue()
-    total = Stats()
     with ProcessPoolExecutor(
         max_workers=min(workers, len(tasks)),
         mp_context=ctx,
         initializer=_init_worker,
         initargs=(progress_queue,),
     ) as pool:
-        pending = {pool.submit(_call_in_worker, fn, task) for task in tasks}
+        futures = [pool.submit(_call_in_worker, fn, task) for task in tasks]
+        pending = set(futures)
         try:
             while pending:
                 done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
                 _drain(progress_queue, bar)
                 for future in done:
-                    total += future.result()  # re-raises a worker's exception, ConfigError included
+                    future.result()  # re-raises a worker's exception, ConfigError included
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
         _drain(progress_queue, bar)
-    return total
+    return [future.result() for future in futures]
 
 
 def _drain(progress_queue: Any, bar: _Bar) -> None:

@@ -102,7 +102,7 @@ class TrainingSample:
 
 
 def _sample_file(task: FileTask, sample: TrainingSample, stats: Stats, progress: Progress) -> None:
-    rejects = RejectWriter(task.out / "rejected", task.index)
+    rejects = RejectWriter(task.out / "rejected", task.tag)
     try:
         for batch in document_batches(task, stats, rejects, progress):
             stats["docs_in"] += len(batch)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from data.preprocess.cli import main
+from data.preprocess.cli import _overrides, build_parser, main
 
 ROOT = Path(__file__).resolve().parents[3]
 DEMO = ROOT / "data" / "demo" / "config.yaml"
@@ -30,6 +30,7 @@ DEMO = ROOT / "data" / "demo" / "config.yaml"
             "config key 'tokenizer.vocab_size' expects int, got 'many'",
         ),
         ("input: [x.jsonl\n", "is not valid YAML"),
+        ("input: [x.jsonl]\nrange_mb: -1\n", "range_mb must be >= 0"),
         ("input: [nothing-here-*.jsonl]\n", "matches no file"),
     ],
 )
@@ -82,3 +83,8 @@ def test_demo_run_end_to_end_and_resume(tmp_path, capsys):
     assert main(args) == 0
     assert capsys.readouterr().err.count("skipped") == 4  # only tokenize reran
     assert yaml.safe_load((out / "tokenized" / "blend.yaml").read_text())["data_path"][0] == 0.2
+
+
+def test_range_mb_flag_sets_the_config():
+    args = build_parser().parse_args(["clean", "--input", "x.jsonl", "--out", "o", "--range-mb", "0.5"])
+    assert _overrides(args) == {"range_mb": 0.5}

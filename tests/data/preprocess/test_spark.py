@@ -61,12 +61,16 @@ def outcome(out):
     return kept, rejected
 
 
-@pytest.mark.parametrize("verify", ["exact", "signature"])
-def test_spark_and_local_keep_the_same_documents(spark, corpus, tmp_path, verify):
+@pytest.mark.parametrize(("verify", "range_mb"), [("exact", 0.01), ("signature", 0)])
+def test_spark_and_local_keep_the_same_documents(spark, corpus, tmp_path, verify, range_mb):
+    """With range_mb 0.01 Spark reads each file as several ranges (partitions), local reads it whole."""
     local = run_dedup(config_for(tmp_path, **{"dedup.verify": verify}), corpus, tmp_path / "local")
     settings = {"dedup.verify": verify, "dedup.engine": "spark", "dedup.spark_master": "local[2]"}
-    remote = run_dedup(config_for(tmp_path, **settings), corpus, tmp_path / "spark")
+    remote = run_dedup(config_for(tmp_path, range_mb=range_mb, **settings), corpus, tmp_path / "spark")
     assert outcome(tmp_path / "spark") == outcome(tmp_path / "local")
+    assert sorted(p.name for p in (tmp_path / "spark").glob("part-*")) == sorted(
+        p.name for p in (tmp_path / "local").glob("part-*")
+    )
     kept, rejected = outcome(tmp_path / "local")
     assert len(kept) + len(rejected) == 160 and len(rejected) >= 38
     for key in ("docs_in", "docs_out", "rejected", "malformed", "clusters"):
