@@ -4,7 +4,7 @@
 2. train a small Llama on 2 gloo ranks (pipeline parallel) with per-channel loss (launch/pretrain_tiny.sh)
 3. tools/convert mcore2hf: the last checkpoint -> a HuggingFace directory
 4. generate a continuation per channel with `transformers`
-5. plot the per-channel loss curves from TensorBoard to a PNG
+5. plot the per-channel loss curves from TensorBoard to a PNG; print the probe scores per evaluation
 
     python launch/demo.py [--out runs/demo] [key=value ...]   # overrides go to the trainer
 """
@@ -51,8 +51,15 @@ def preprocess(out: Path) -> Path:
 
 def train(blend: Path, run_dir: Path, overrides: list[str]) -> None:
     step("2/5 train: Megatron-Core GPTModel on 2 gloo ranks (PP=2), channel loss on")
-    vocab = yaml.safe_load(blend.read_text())["vocab_size"]
-    args = [f"data.blend={blend}", f"model.vocab_size={vocab}", f"run_dir={run_dir}", *overrides]
+    info = yaml.safe_load(blend.read_text())
+    tokenizer = (blend.parent / info["tokenizer"]).resolve()  # the probes patch tokenizes its file with it
+    args = [
+        f"data.blend={blend}",
+        f"model.vocab_size={info['vocab_size']}",
+        f"run_dir={run_dir}",
+        f"patches.probes.tokenizer={tokenizer}",
+        *overrides,
+    ]
     env = {"NPROC": "2", "RUN_DIR": str(run_dir), "CONFIG": str(REPO / "launch/configs/demo.yaml")}
     run(["bash", "launch/pretrain_tiny.sh", *args], env=env)
 
@@ -91,7 +98,7 @@ def generate(hf_dir: Path) -> None:
 
 
 def plot(run_dir: Path, png: Path) -> None:
-    step("5/5 plot per-channel loss")
+    step("5/5 plot per-channel loss; probe scores at each evaluation")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -117,6 +124,10 @@ def plot(run_dir: Path, png: Path) -> None:
     tmp = png.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=120)
     tmp.rename(png)
+    for tag in sorted(t for t in events.Tags()["scalars"] if t.startswith("probe/")):
+        points = events.Scalars(tag)
+        trend = " -> ".join(f"{p.value:.2f}" for p in points)
+        print(f"{tag} (iterations {points[0].step}..{points[-1].step}): {trend}")
 
 
 def main() -> None:

@@ -49,10 +49,11 @@ def test_yaml_and_jsonl_files_give_the_same_probes(tmp_path):
     assert load_probes(tmp_path / "probes.txt") == expected
 
 
-def test_the_shipped_example_probe_file_loads():
+@pytest.mark.parametrize("name", ["probes.yaml", "demo_probes.yaml"])
+def test_the_shipped_probe_files_load(name):
     from pathlib import Path
 
-    example = Path(__file__).resolve().parents[2] / "launch" / "configs" / "probes.yaml"
+    example = Path(__file__).resolve().parents[2] / "launch" / "configs" / name
     probes = load_probes(example)
     assert {p.kind for p in probes} == {"target", "ppl", "margin"}
 
