@@ -109,6 +109,10 @@ def _restore(cfg: Config, plan: RunPlan, objects) -> checkpoint.TrainState:
         return state
     if plan.pretrained is not None:
         checkpoint.load_pretrained(plan.pretrained, objects.gpt, cfg.model)
+        # The distributed optimizer took its fp32 main params from the random init when it was
+        # built; re-copy them from the loaded weights (MegatronOptimizer.reload_model_params, as
+        # Megatron-LM's load_checkpoint does when it loads no optimizer state).
+        objects.optimizer.reload_model_params()
     return checkpoint.TrainState()
 
 
