@@ -2,8 +2,9 @@
 
 A checkpoint is ``<save>/iter_XXXXXXX/``, written by
 ``megatron.core.dist_checkpointing.save`` from the model's and the distributed
-optimizer's sharded state dicts plus the scheduler, every rank's RNG streams,
-the iteration, consumed samples and ``model_config``. It is written as
+optimizer's sharded state dicts plus the scheduler, every rank's RNG streams
+(sharded by PP/TP position, see :func:`rng_shard`), the iteration, consumed
+samples and ``model_config``. It is written as
 ``iter_XXXXXXX.tmp`` and renamed once every rank has finished; the tracker file
 ``latest_checkpointed_iteration.txt`` is replaced last, and only then are
 checkpoints beyond ``keep_last`` deleted. An interrupted save therefore leaves
@@ -102,20 +103,55 @@ def restore_rng(state: dict[str, Any]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _sharded_state(
-    model, optimizer, scheduler, train_state: TrainState, model_cfg: ModelConfig, loading: bool
-):
+def rng_shard(loading: bool):
+    """The RNG streams of this rank's DP group, sharded as Megatron-LM's ``get_rng_state`` does.
+
+    One ``ShardedObject`` per (PP, TP) position holds the list of its DP
+    replicas' states, written once (``replica_id`` = DP rank, so DP rank 0
+    writes it). A resume at another DP size (another node count) therefore
+    still finds every shard it asks for; one indexed by global rank would not.
+    """
+    from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    states = None
+    if not loading:
+        states = [None] * ps.get_data_parallel_world_size()
+        torch.distributed.all_gather_object(states, rng_state(), group=ps.get_data_parallel_group())
+    return ShardedObject(
+        "rng_state",
+        states,
+        (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()),
+        (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
+        replica_id=ps.get_data_parallel_rank(),
+    )
+
+
+def restore_dp_rank_rng(states: list[dict[str, Any]]) -> None:
+    """Restore this DP rank's streams; after a DP-size change every rank takes DP rank 0's."""
+    from megatron.core import parallel_state as ps
+
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    if len(states) == dp_size:
+        restore_rng(states[dp_rank])
+        return
+    if torch.distributed.get_rank() == 0:
+        print(
+            f"note: checkpoint saved at DP={len(states)}, resuming at DP={dp_size}: every rank restarts "
+            "from DP rank 0's RNG streams, so losses are not bit-exact with an unchanged layout"
+        )
+    restore_rng(states[0])
+
+
+def _sharded_state(
+    model, optimizer, scheduler, train_state: TrainState, model_cfg: ModelConfig, loading: bool
+) -> dict[str, Any]:
     model_sd = model.sharded_state_dict()
     return {
         "model": model_sd,
         "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=loading, metadata=OPTIMIZER_SHARDING),
         "opt_param_scheduler": scheduler.state_dict(),
-        "rng_state": ShardedObject(
-            "rng_state", None if loading else rng_state(), (world,), (rank,), replica_id=0
-        ),
+        "rng_state": rng_shard(loading),
         "iteration": train_state.iteration,
         "consumed_samples": train_state.consumed_samples,
         "patch_state": train_state.patch_state or {},
@@ -182,7 +218,7 @@ def load(path: Path, model, optimizer, scheduler, model_cfg: ModelConfig) -> Tra
         optimizer.load_state_dict(state["optimizer"])
     restore_adam_steps(optimizer, steps)
     scheduler.load_state_dict(state["opt_param_scheduler"])
-    restore_rng(state["rng_state"])
+    restore_dp_rank_rng(state["rng_state"])
     return TrainState(state["iteration"], state["consumed_samples"], state.get("patch_state") or {})
 
 
@@ -233,6 +269,39 @@ def restore_adam_steps(optimizer, steps: list[float | None]) -> None:
             continue
         for param_state in inner.optimizer.state.values():
             param_state["step"] = torch.tensor(step, dtype=torch.float32)
+
+
+def saved_progress(path: Path) -> TrainState:
+    """Iteration and consumed samples of the checkpoint at ``path``, from its common state only."""
+    from megatron.core import dist_checkpointing
+
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    return TrainState(int(common.get("iteration", 0)), int(common.get("consumed_samples", 0)))
+
+
+def start_from_pretrained(path: Path, model, optimizer, model_cfg: ModelConfig) -> None:
+    """Fill the model with a release's weights (fresh optimizer state), in either format."""
+    if mcore_io.checkpoint_format(path) == "torch_dist":
+        load_pretrained_torch_dist(path, model)
+    else:
+        load_pretrained(path, model, model_cfg)
+    # The distributed optimizer took its fp32 main params from the random init when it was
+    # built; re-copy them from the loaded weights (MegatronOptimizer.reload_model_params, as
+    # Megatron-LM's load_checkpoint does when it loads no optimizer state).
+    optimizer.reload_model_params()
+
+
+def load_pretrained_torch_dist(path: Path, model) -> None:
+    """Weights only, from a ``torch_dist`` checkpoint (``hf2mcore --format torch_dist``, or a run's).
+
+    ``dist_checkpointing.load`` re-shards to this run's TP/PP and either spec,
+    so unlike a legacy release it needs no ``mcore2mcore`` step; only the
+    ``model`` entries are read (a trainer checkpoint's optimizer state is not).
+    """
+    from megatron.core import dist_checkpointing
+
+    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
+    model.load_state_dict(state["model"])
 
 
 def load_pretrained(path: Path, model, model_cfg: ModelConfig) -> None:

@@ -74,6 +74,19 @@ def parse_blend(data_path: list | tuple) -> tuple[list[str], list[float]]:
     return list(prefixes), [float(w) for w in weights]
 
 
+def split_weights(split: str) -> list[float]:
+    """``data.split`` (``"99,1,0"``) as Megatron-Core reads it: train, valid, test weights."""
+    try:
+        weights = [float(w) for w in str(split).split(",")]
+    except ValueError:
+        weights = []
+    if not 1 <= len(weights) <= 3 or min(weights) < 0 or weights[0] <= 0:
+        raise ConfigError(
+            f"data.split must be 'train,valid,test' weights with a positive train share, got {split!r}"
+        )
+    return weights + [0.0] * (3 - len(weights))
+
+
 def channel_names(data_path: list | tuple, channels: dict) -> list[str]:
     """Name of each blend component: from ``channels`` (name -> prefix) or the prefix's basename."""
     by_prefix = {str(Path(prefix)): name for name, prefix in channels.items()}
@@ -212,7 +225,7 @@ def build_phase_datasets(
         path_to_cache=cache_dir,
         tokenizer=tokenizer,
         reset_position_ids=data_cfg.reset_position_ids,
-        reset_attention_mask=data_cfg.reset_attention_mask,
+        reset_attention_mask=False,  # no attention mask reaches the model (validation refuses true)
         eod_mask_loss=data_cfg.eod_mask_loss,
         create_attention_mask=False,
     )

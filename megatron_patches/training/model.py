@@ -95,7 +95,14 @@ class ModelConfig:
         return cls(**values)
 
     def validate(self) -> None:
-        positive = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size")
+        positive = (
+            "num_layers",
+            "hidden_size",
+            "ffn_hidden_size",
+            "num_attention_heads",
+            "vocab_size",
+            "make_vocab_size_divisible_by",
+        )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")

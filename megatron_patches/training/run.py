@@ -18,7 +18,7 @@ import yaml
 from megatron_patches import parallel
 from megatron_patches.training import builder, checkpoint
 from megatron_patches.training.config import Config, load_config
-from megatron_patches.training.data import DatasetTokenizer, PhaseData, samples_before
+from megatron_patches.training.data import DatasetTokenizer, PhaseData
 from megatron_patches.training.loop import TrainContext, Trainer
 from megatron_patches.training.metrics import MetricsWriter
 from megatron_patches.training.validate import RunPlan, plan_run
@@ -98,21 +98,11 @@ def _restore(cfg: Config, plan: RunPlan, objects) -> checkpoint.TrainState:
         state = checkpoint.load(
             plan.resume_from, objects.gpt, objects.optimizer, objects.scheduler, cfg.model
         )
-        expected = samples_before(plan.phases, state.iteration)
-        if state.consumed_samples != expected:
-            print(
-                f"warning: checkpoint consumed {state.consumed_samples} samples, the config's phases "
-                f"imply {expected} at iteration {state.iteration}; data continues from the config's position"
-            )
         for hook in plan.hooks:
             hook.load_state_dict((state.patch_state or {}).get(hook.name, {}))
         return state
     if plan.pretrained is not None:
-        checkpoint.load_pretrained(plan.pretrained, objects.gpt, cfg.model)
-        # The distributed optimizer took its fp32 main params from the random init when it was
-        # built; re-copy them from the loaded weights (MegatronOptimizer.reload_model_params, as
-        # Megatron-LM's load_checkpoint does when it loads no optimizer state).
-        objects.optimizer.reload_model_params()
+        checkpoint.start_from_pretrained(plan.pretrained, objects.gpt, objects.optimizer, cfg.model)
     return checkpoint.TrainState()
 
 

@@ -108,6 +108,22 @@ def test_interrupted_and_resumed_run_repeats_the_uninterrupted_losses(tmp_path, 
     assert [got[i] for i in range(5, 11)] == [expected[i] for i in range(5, 11)]
 
 
+def test_resume_at_another_data_parallel_size_and_a_changed_batch_size_is_refused(tmp_path, capfd):
+    data = [1, write_corpus(tmp_path / "data", "zh", 40, 128, seed=1)]
+    common = ("train.train_iters=4", "checkpoint.save_interval=100")
+    first = tiny_args(tmp_path / "run", data, *common, "train.exit_interval=2")
+    assert run_on_ranks(_train, 2, first, timeout=300) == [0, 0]  # DP = 2
+    with pytest.raises(ConfigError) as err:
+        run.main(tiny_args(tmp_path / "run", data, *common, "train.global_batch_size=16"))
+    assert "consumed 16 samples in 2 iterations but this config's batch sizes put that iteration at " in (
+        str(err.value)
+    )
+    capfd.readouterr()
+    assert run_on_ranks(_train, 1, tiny_args(tmp_path / "run", data, *common), timeout=300) == [0]
+    assert sorted(losses(tmp_path / "run")) == [1, 2, 3, 4]
+    assert capfd.readouterr().out.count("checkpoint saved at DP=2, resuming at DP=1") == 1
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
