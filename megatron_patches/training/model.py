@@ -18,7 +18,8 @@ from megatron_patches import cpu
 from megatron_patches.compat import require_signature
 from megatron_patches.errors import ConfigError
 
-TRANSFORMER_IMPLS = ("local", "transformer_engine")
+# "auto": Transformer Engine's spec where it imports and CUDA is present, else the local spec.
+TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
 
 
 def _check_pinned_api() -> None:
@@ -128,6 +129,25 @@ class ModelConfig:
 
 def transformer_engine_available() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
+
+
+def transformer_engine_usable() -> bool:
+    """CUDA is present and ``transformer_engine.pytorch`` imports (a build for another torch may not)."""
+    if not (torch.cuda.is_available() and transformer_engine_available()):
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # noqa: BLE001 - a mismatched TE build fails with assorted errors
+        return False
+    return True
+
+
+def resolve_transformer_impl(cfg: ModelConfig) -> ModelConfig:
+    """``cfg`` with ``transformer_impl: auto`` replaced by the spec this machine runs."""
+    if cfg.transformer_impl != "auto":
+        return cfg
+    impl = "transformer_engine" if transformer_engine_usable() else "local"
+    return dataclasses.replace(cfg, transformer_impl=impl)
 
 
 def transformer_config(
@@ -251,6 +271,7 @@ def build_model_for_this_rank(cfg: ModelConfig, params_dtype: torch.dtype = torc
     """The stage of ``cfg`` this rank owns under the initialized parallel state."""
     from megatron.core import parallel_state as ps
 
+    cfg = resolve_transformer_impl(cfg)  # plan_run already did, unless called from elsewhere
     config = transformer_config(
         cfg,
         ps.get_tensor_model_parallel_world_size(),

@@ -46,7 +46,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def describe(cfg: Config, plan: RunPlan) -> str:
-    lines = [f"layout: {plan.layout.describe()}", f"run dir: {Path(cfg.run_dir).resolve()}"]
+    model = cfg.model
+    spec = model.transformer_impl + (
+        f" ({model.attention_backend} attention)" if model.transformer_impl == "local" else ""
+    )
+    lines = [
+        f"layout: {plan.layout.describe()}",
+        f"transformer: {spec}",
+        f"run dir: {Path(cfg.run_dir).resolve()}",
+    ]
     lines += [
         f"phase {p.name}: iterations {p.start_iteration}..{p.end_iteration - 1}, seq {p.seq_length}, "
         f"global batch {p.global_batch_size}, channels {list(p.channels)}"

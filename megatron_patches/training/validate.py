@@ -30,6 +30,7 @@ from megatron_patches.training.data import (
     split_weights,
 )
 from megatron_patches.training.indexed import check_prefix
+from megatron_patches.training.model import resolve_transformer_impl
 from megatron_patches.training.schedules import validate_schedule
 from tools.convert import mcore_io
 
@@ -58,6 +59,7 @@ def plan_run(cfg: Config, world_size: int) -> RunPlan:
     save_dir, resume_from, pretrained = _find_checkpoints(cfg)
     if cfg.checkpoint.use_checkpoint_args and (resume_from or pretrained):
         cfg.model = checkpoint.model_config_from(resume_from or pretrained, cfg.model)
+    cfg.model = resolve_transformer_impl(cfg.model)  # every later step sees local or transformer_engine
     layout = Layout(
         world_size, cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
     )

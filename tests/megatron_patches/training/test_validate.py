@@ -1,5 +1,7 @@
 """Configs that used to pass validation and fail (or do nothing) later: plan_run stops them, one line."""
 
+from pathlib import Path
+
 import pytest
 
 from megatron_patches.errors import ConfigError
@@ -61,3 +63,23 @@ def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(args, tmp_path)
     tok = tmp_path / "tok"
     assert str(err.value) == f"tokenizer {tok} needs vocab_size {VOCAB} but model.vocab_size is 128"
     _plan(args, f"data.tokenizer={tmp_path / 'tok'}", f"model.vocab_size={VOCAB}")
+
+
+def test_transformer_impl_auto_takes_te_only_where_it_runs(monkeypatch):
+    from megatron_patches.training import model
+
+    cfg = model.ModelConfig(transformer_impl="auto")
+    assert model.resolve_transformer_impl(cfg).transformer_impl == "local"  # this CPU machine
+    monkeypatch.setattr(model, "transformer_engine_usable", lambda: True)
+    assert model.resolve_transformer_impl(cfg).transformer_impl == "transformer_engine"
+    explicit = model.ModelConfig(transformer_impl="local")
+    assert model.resolve_transformer_impl(explicit) is explicit
+
+
+def test_the_7b_config_validates_on_this_machine_with_auto(tmp_path):
+    from megatron_patches.training.run import describe
+
+    config = Path(__file__).resolve().parents[3] / "launch" / "configs" / "llama2_7b.yaml"
+    cfg = load_config(config, ["data.mock=true", f"run_dir={tmp_path}"])
+    plan = plan_run(cfg, world_size=16)
+    assert "transformer: local (auto attention)" in describe(cfg, plan)
