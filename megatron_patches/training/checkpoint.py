@@ -19,9 +19,10 @@ from __future__ import annotations
 import dataclasses
 import random
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -29,6 +30,13 @@ import torch
 from megatron_patches.errors import ConfigError
 from megatron_patches.training.model import RUNTIME_ONLY_FIELDS, ModelConfig
 from tools.convert import mcore_io
+
+if TYPE_CHECKING:
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.optimizer import MegatronOptimizer
+
+    from megatron_patches.training.schedules import PretrainScheduler
 
 CHECKPOINT_VERSION = 3.0
 OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
@@ -103,7 +111,7 @@ def restore_rng(state: dict[str, Any]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def rng_shard(loading: bool):
+def rng_shard(loading: bool) -> ShardedObject:
     """The RNG streams of this rank's DP group, sharded as Megatron-LM's ``get_rng_state`` does.
 
     One ``ShardedObject`` per (PP, TP) position holds the list of its DP
@@ -144,7 +152,12 @@ def restore_dp_rank_rng(states: list[dict[str, Any]]) -> None:
 
 
 def _sharded_state(
-    model, optimizer, scheduler, train_state: TrainState, model_cfg: ModelConfig, loading: bool
+    model: GPTModel,
+    optimizer: MegatronOptimizer,
+    scheduler: PretrainScheduler,
+    train_state: TrainState,
+    model_cfg: ModelConfig,
+    loading: bool,
 ) -> dict[str, Any]:
     model_sd = model.sharded_state_dict()
     return {
@@ -162,9 +175,9 @@ def _sharded_state(
 
 def save(
     save_dir: str | Path,
-    model,
-    optimizer,
-    scheduler,
+    model: GPTModel,
+    optimizer: MegatronOptimizer,
+    scheduler: PretrainScheduler,
     train_state: TrainState,
     model_cfg: ModelConfig,
     keep_last: int,
@@ -205,7 +218,13 @@ def _prune(root: Path, keep_last: int) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def load(path: Path, model, optimizer, scheduler, model_cfg: ModelConfig) -> TrainState:
+def load(
+    path: Path,
+    model: GPTModel,
+    optimizer: MegatronOptimizer,
+    scheduler: PretrainScheduler,
+    model_cfg: ModelConfig,
+) -> TrainState:
     """Restore model, optimizer, scheduler and RNG from ``path``; return the train state."""
     from megatron.core import dist_checkpointing
 
@@ -222,13 +241,13 @@ def load(path: Path, model, optimizer, scheduler, model_cfg: ModelConfig) -> Tra
     return TrainState(state["iteration"], state["consumed_samples"], state.get("patch_state") or {})
 
 
-def _torch_adams(optimizer):
+def _torch_adams(optimizer: MegatronOptimizer) -> Iterator[MegatronOptimizer]:
     for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
         if isinstance(inner.optimizer, (torch.optim.Adam, torch.optim.AdamW)):
             yield inner
 
 
-def allocate_adam_state(optimizer) -> None:
+def allocate_adam_state(optimizer: MegatronOptimizer) -> None:
     """Create ``torch.optim.AdamW`` state (moments and ``step``) before a load.
 
     ``DistributedOptimizer.sharded_state_dict(is_loading=True)`` reads
@@ -242,7 +261,7 @@ def allocate_adam_state(optimizer) -> None:
             param_state.setdefault("step", torch.zeros((), dtype=torch.float32))
 
 
-def saved_adam_steps(optimizer, loaded: dict) -> list[float | None]:
+def saved_adam_steps(optimizer: MegatronOptimizer, loaded: dict) -> list[float | None]:
     """The Adam ``step`` each inner optimizer saved (in its ``param_groups``, non-apex path)."""
     inners = list(getattr(optimizer, "chained_optimizers", [optimizer]))
     parts = [loaded] if len(inners) == 1 else [loaded[i] for i in range(len(inners))]
@@ -253,7 +272,7 @@ def saved_adam_steps(optimizer, loaded: dict) -> list[float | None]:
     return steps
 
 
-def restore_adam_steps(optimizer, steps: list[float | None]) -> None:
+def restore_adam_steps(optimizer: MegatronOptimizer, steps: list[float | None]) -> None:
     """Give every parameter its own, correct Adam ``step`` tensor after a load.
 
     Without apex or Transformer Engine, ``DistributedOptimizer.load_state_dict``
@@ -279,7 +298,9 @@ def saved_progress(path: Path) -> TrainState:
     return TrainState(int(common.get("iteration", 0)), int(common.get("consumed_samples", 0)))
 
 
-def start_from_pretrained(path: Path, model, optimizer, model_cfg: ModelConfig) -> None:
+def start_from_pretrained(
+    path: Path, model: GPTModel, optimizer: MegatronOptimizer, model_cfg: ModelConfig
+) -> None:
     """Fill the model with a release's weights (fresh optimizer state), in either format."""
     if mcore_io.checkpoint_format(path) == "torch_dist":
         load_pretrained_torch_dist(path, model)
@@ -291,7 +312,7 @@ def start_from_pretrained(path: Path, model, optimizer, model_cfg: ModelConfig) 
     optimizer.reload_model_params()
 
 
-def load_pretrained_torch_dist(path: Path, model) -> None:
+def load_pretrained_torch_dist(path: Path, model: GPTModel) -> None:
     """Weights only, from a ``torch_dist`` checkpoint (``hf2mcore --format torch_dist``, or a run's).
 
     ``dist_checkpointing.load`` re-shards to this run's TP/PP and either spec,
