@@ -39,7 +39,9 @@ if TYPE_CHECKING:
     from megatron_patches.training.schedules import PretrainScheduler
 
 CHECKPOINT_VERSION = 3.0
+# The distributed optimizer's format re-shards across DP sizes only; TP/PP must match on resume.
 OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
+PARALLEL_LAYOUT = "parallel_layout"  # [TP, PP] of the run that wrote the checkpoint
 
 
 @dataclass
@@ -111,17 +113,21 @@ def restore_rng(state: dict[str, Any]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def rng_shard(loading: bool) -> ShardedObject:
+def rng_shard(loading: bool, per_global_rank: bool = False) -> ShardedObject:
     """The RNG streams of this rank's DP group, sharded as Megatron-LM's ``get_rng_state`` does.
 
     One ``ShardedObject`` per (PP, TP) position holds the list of its DP
     replicas' states, written once (``replica_id`` = DP rank, so DP rank 0
     writes it). A resume at another DP size (another node count) therefore
     still finds every shard it asks for; one indexed by global rank would not.
+    ``per_global_rank`` reads checkpoints written before (one dict per rank).
     """
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+    if per_global_rank:
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return ShardedObject("rng_state", None, (world,), (rank,), replica_id=0)
     states = None
     if not loading:
         states = [None] * ps.get_data_parallel_world_size()
@@ -158,13 +164,20 @@ def _sharded_state(
     train_state: TrainState,
     model_cfg: ModelConfig,
     loading: bool,
+    rng_per_global_rank: bool = False,
 ) -> dict[str, Any]:
+    from megatron.core import parallel_state as ps
+
     model_sd = model.sharded_state_dict()
     return {
         "model": model_sd,
         "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=loading, metadata=OPTIMIZER_SHARDING),
         "opt_param_scheduler": scheduler.state_dict(),
-        "rng_state": rng_shard(loading),
+        "rng_state": rng_shard(loading, rng_per_global_rank),
+        PARALLEL_LAYOUT: [
+            ps.get_tensor_model_parallel_world_size(),
+            ps.get_pipeline_model_parallel_world_size(),
+        ],
         "iteration": train_state.iteration,
         "consumed_samples": train_state.consumed_samples,
         "patch_state": train_state.patch_state or {},
@@ -229,7 +242,8 @@ def load(
     from megatron.core import dist_checkpointing
 
     allocate_adam_state(optimizer)
-    template = _sharded_state(model, optimizer, scheduler, TrainState(), model_cfg, loading=True)
+    older = saved_layout(path) is None  # written before the RNG state was sharded by (PP, TP)
+    template = _sharded_state(model, optimizer, scheduler, TrainState(), model_cfg, True, older)
     state = dist_checkpointing.load(template, str(path))
     model.load_state_dict(state["model"])
     steps = saved_adam_steps(optimizer, state["optimizer"])
@@ -237,7 +251,10 @@ def load(
         optimizer.load_state_dict(state["optimizer"])
     restore_adam_steps(optimizer, steps)
     scheduler.load_state_dict(state["opt_param_scheduler"])
-    restore_dp_rank_rng(state["rng_state"])
+    if older:
+        restore_rng(state["rng_state"])
+    else:
+        restore_dp_rank_rng(state["rng_state"])
     return TrainState(state["iteration"], state["consumed_samples"], state.get("patch_state") or {})
 
 
@@ -290,12 +307,22 @@ def restore_adam_steps(optimizer: MegatronOptimizer, steps: list[float | None]) 
             param_state["step"] = torch.tensor(step, dtype=torch.float32)
 
 
-def saved_progress(path: Path) -> TrainState:
-    """Iteration and consumed samples of the checkpoint at ``path``, from its common state only."""
+def _common_state(path: Path) -> dict[str, Any]:
     from megatron.core import dist_checkpointing
 
-    common = dist_checkpointing.load_common_state_dict(str(path))
+    return dist_checkpointing.load_common_state_dict(str(path))
+
+
+def saved_progress(path: Path) -> TrainState:
+    """Iteration and consumed samples of the checkpoint at ``path``, from its common state only."""
+    common = _common_state(path)
     return TrainState(int(common.get("iteration", 0)), int(common.get("consumed_samples", 0)))
+
+
+def saved_layout(path: Path) -> tuple[int, int] | None:
+    """(TP, PP) the checkpoint at ``path`` was written at; None for checkpoints that predate the record."""
+    layout = _common_state(path).get(PARALLEL_LAYOUT)
+    return None if layout is None else (int(layout[0]), int(layout[1]))
 
 
 def start_from_pretrained(

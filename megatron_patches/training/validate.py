@@ -75,6 +75,7 @@ def plan_run(cfg: Config, world_size: int) -> RunPlan:
         _check_seq(phase.seq_length, cfg)
     if resume_from is not None:
         checkpoint.check_architecture(resume_from, _model_at(resume_from, phases, cfg))
+        _check_resume_layout(resume_from, layout)
         _check_data_position(resume_from, phases)
     if pretrained is not None:
         checkpoint.check_architecture(pretrained, cfg.model)
@@ -116,6 +117,18 @@ def _plan_phases(cfg: Config, data: ResolvedData, hooks: list[Hook]) -> list[Pha
     for hook in hooks:
         phases = hook.plan_phases(phases, cfg)
     return phases
+
+
+def _check_resume_layout(path: Path, layout: Layout) -> None:
+    """A resume may change DP (nodes), not TP/PP: the optimizer state is only DP-reshardable."""
+    saved = checkpoint.saved_layout(path)
+    mine = (layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size)
+    if saved is not None and saved != mine:
+        raise ConfigError(
+            f"checkpoint {path} was saved at TP={saved[0]} PP={saved[1]}; a resume needs the same TP/PP "
+            f"(this run: TP={mine[0]} PP={mine[1]}), or start a new run from its weights with "
+            f"checkpoint.pretrained_checkpoint"
+        )
 
 
 def _check_data_position(path: Path, phases: list[Phase]) -> None:
