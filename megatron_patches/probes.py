@@ -47,7 +47,7 @@ from megatron_patches.probe_scoring import (
     row_totals,
     token_logprobs,
 )
-from megatron_patches.training.checkpoint import restore_rng, rng_state
+from megatron_patches.training import rng_state
 
 OPTIONS = ("file", "tokenizer", "micro_batch_size")
 
@@ -186,8 +186,8 @@ def eval_mode(model):
 @contextlib.contextmanager
 def preserved_rng():
     """Leave every RNG stream exactly as found, whatever runs inside."""
-    saved = rng_state()
+    saved = rng_state.capture()
     try:
         yield
     finally:
-        restore_rng(saved)
+        rng_state.restore(saved)

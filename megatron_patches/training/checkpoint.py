@@ -3,7 +3,7 @@
 A checkpoint is ``<save>/iter_XXXXXXX/``, written by
 ``megatron.core.dist_checkpointing.save`` from the model's and the distributed
 optimizer's sharded state dicts plus the scheduler, every rank's RNG streams
-(sharded by PP/TP position, see :func:`rng_shard`), the iteration, consumed
+(sharded by PP/TP position, see :func:`rng_state.sharded`), the iteration, consumed
 samples and ``model_config``. It is written as
 ``iter_XXXXXXX.tmp`` and renamed once every rank has finished; the tracker file
 ``latest_checkpointed_iteration.txt`` is replaced last, and only then are
@@ -17,22 +17,20 @@ The on-disk names (tracker file, iteration directories) belong to
 from __future__ import annotations
 
 import dataclasses
-import random
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from megatron_patches.errors import ConfigError
+from megatron_patches.training import rng_state
 from megatron_patches.training.model import RUNTIME_ONLY_FIELDS, ModelConfig
 from tools.convert import mcore_io
 
 if TYPE_CHECKING:
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
     from megatron.core.models.gpt import GPTModel
     from megatron.core.optimizer import MegatronOptimizer
 
@@ -87,76 +85,6 @@ def model_config_from(path: Path, current: ModelConfig) -> ModelConfig:
     return dataclasses.replace(saved, **runtime)
 
 
-def rng_state() -> dict[str, Any]:
-    """Every RNG stream of this rank: Python, NumPy, torch CPU/CUDA, Megatron's CUDA-RNG tracker."""
-    from megatron.core import tensor_parallel
-
-    state = {
-        "random": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    from megatron.core import tensor_parallel
-
-    random.setstate(state["random"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
-
-
-def rng_shard(loading: bool, per_global_rank: bool = False) -> ShardedObject:
-    """The RNG streams of this rank's DP group, sharded as Megatron-LM's ``get_rng_state`` does.
-
-    One ``ShardedObject`` per (PP, TP) position holds the list of its DP
-    replicas' states, written once (``replica_id`` = DP rank, so DP rank 0
-    writes it). A resume at another DP size (another node count) therefore
-    still finds every shard it asks for; one indexed by global rank would not.
-    ``per_global_rank`` reads checkpoints written before (one dict per rank).
-    """
-    from megatron.core import parallel_state as ps
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
-    if per_global_rank:
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return ShardedObject("rng_state", None, (world,), (rank,), replica_id=0)
-    states = None
-    if not loading:
-        states = [None] * ps.get_data_parallel_world_size()
-        torch.distributed.all_gather_object(states, rng_state(), group=ps.get_data_parallel_group())
-    return ShardedObject(
-        "rng_state",
-        states,
-        (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()),
-        (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
-        replica_id=ps.get_data_parallel_rank(),
-    )
-
-
-def restore_dp_rank_rng(states: list[dict[str, Any]]) -> None:
-    """Restore this DP rank's streams; after a DP-size change every rank takes DP rank 0's."""
-    from megatron.core import parallel_state as ps
-
-    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    if len(states) == dp_size:
-        restore_rng(states[dp_rank])
-        return
-    if torch.distributed.get_rank() == 0:
-        print(
-            f"note: checkpoint saved at DP={len(states)}, resuming at DP={dp_size}: every rank restarts "
-            "from DP rank 0's RNG streams, so losses are not bit-exact with an unchanged layout"
-        )
-    restore_rng(states[0])
-
-
 def _sharded_state(
     model: GPTModel,
     optimizer: MegatronOptimizer,
@@ -173,7 +101,7 @@ def _sharded_state(
         "model": model_sd,
         "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=loading, metadata=OPTIMIZER_SHARDING),
         "opt_param_scheduler": scheduler.state_dict(),
-        "rng_state": rng_shard(loading, rng_per_global_rank),
+        "rng_state": rng_state.sharded(loading, rng_per_global_rank),
         PARALLEL_LAYOUT: [
             ps.get_tensor_model_parallel_world_size(),
             ps.get_pipeline_model_parallel_world_size(),
@@ -252,9 +180,9 @@ def load(
     restore_adam_steps(optimizer, steps)
     scheduler.load_state_dict(state["opt_param_scheduler"])
     if older:
-        restore_rng(state["rng_state"])
+        rng_state.restore(state["rng_state"])
     else:
-        restore_dp_rank_rng(state["rng_state"])
+        rng_state.restore_dp_rank(state["rng_state"])
     return TrainState(state["iteration"], state["consumed_samples"], state.get("patch_state") or {})
 
 
