@@ -47,9 +47,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def describe(cfg: Config, plan: RunPlan) -> str:
     model = cfg.model
-    spec = model.transformer_impl + (
-        f" ({model.attention_backend} attention)" if model.transformer_impl == "local" else ""
-    )
+    attention = "sdpa" if model.attention_backend == "auto" else model.attention_backend  # model.layer_spec
+    spec = model.transformer_impl + (f" ({attention} attention)" if model.transformer_impl == "local" else "")
     lines = [
         f"layout: {plan.layout.describe()}",
         f"transformer: {spec}",

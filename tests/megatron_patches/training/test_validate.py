@@ -82,4 +82,4 @@ def test_the_7b_config_validates_on_this_machine_with_auto(tmp_path):
     config = Path(__file__).resolve().parents[3] / "launch" / "configs" / "llama2_7b.yaml"
     cfg = load_config(config, ["data.mock=true", f"run_dir={tmp_path}"])
     plan = plan_run(cfg, world_size=16)
-    assert "transformer: local (auto attention)" in describe(cfg, plan)
+    assert "transformer: local (sdpa attention)" in describe(cfg, plan)
