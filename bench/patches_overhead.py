@@ -43,7 +43,7 @@ PATCHES_ON = {
     "loss_spike": {"action": "continue", "warmup": 5, "window": 50},
 }
 INTERVALS: list[tuple[int, float]] = []  # (0-based iteration, time its after_step hooks finished)
-HOOK_SECONDS: dict[int, float] = {}  # 0-based 'on' iteration -> seconds spent inside the patches
+HOOK_SECONDS: dict[int, dict[str, float]] = {}  # 0-based 'on' iteration -> {patch: seconds inside its hooks}
 
 
 def enable(options: dict, config):
@@ -59,9 +59,11 @@ def enable(options: dict, config):
         """Call ``method`` of every patch if iteration ``index`` is an 'on' one; time it."""
         if not on(index):
             return []
-        start = time.perf_counter()
-        results = [getattr(hook, method)(*args) for hook in inner]
-        HOOK_SECONDS[index] = HOOK_SECONDS.get(index, 0.0) + time.perf_counter() - start
+        results, seconds = [], HOOK_SECONDS.setdefault(index, {})
+        for hook in inner:
+            start = time.perf_counter()
+            results.append(getattr(hook, method)(*args))
+            seconds[hook.name] = seconds.get(hook.name, 0.0) + time.perf_counter() - start
         return results
 
     class Toggle(Hook):
@@ -116,6 +118,7 @@ def _iteration_times(run_dir: Path, iters: int, patches: dict) -> dict[str, list
     args = ["--config", str(CONFIG), *common, "logging.eval_interval=null", "patches={}"]
     run.main([*args, f"patches.bench_toggle={json.dumps(patches)}"])
     times = {"off": [], "on": [], "pairs": [], "hooks": []}
+    times.update({name: [] for name in patches})
     previous_off = None
     for (_, start), (index, end) in zip(INTERVALS[WARMUP:], INTERVALS[WARMUP + 1 :], strict=False):
         seconds = end - start
@@ -124,7 +127,10 @@ def _iteration_times(run_dir: Path, iters: int, patches: dict) -> dict[str, list
             previous_off = seconds
             continue
         times["on"].append(seconds)
-        times["hooks"].append(HOOK_SECONDS.get(index, 0.0))
+        inside = HOOK_SECONDS.get(index, {})
+        times["hooks"].append(sum(inside.values()))
+        for name in patches:
+            times[name].append(inside.get(name, 0.0))
         if previous_off is not None:  # neighbours share the machine's load of the moment
             times["pairs"].append(seconds / previous_off)
     return times
@@ -148,7 +154,7 @@ def worker(out: Path, reps: int, iters: int, probes: int, names: list[str]) -> N
 
     hooks.PATCHES["bench_toggle"] = "__main__"
     rank, _ = parallel.init_distributed()
-    result = {"off": [], "on": [], "pairs": [], "hooks": []}
+    result = {"off": [], "on": [], "pairs": [], "hooks": [], **{name: [] for name in names}}
     for rep in range(reps):
         times = _iteration_times(out / f"run{rep}", iters, {name: PATCHES_ON[name] for name in names})
         for key, values in times.items():
@@ -179,6 +185,12 @@ def report(result: dict) -> str:
             f"median of on/off ratios of neighbouring iterations: {pct(pair)}",
             f"time inside the patches' hooks: {hooks * 1e6:.0f} us per iteration (mean), "
             f"{hooks / med_off * 100:.2f}% of a median iteration",
+            *(
+                f"  {name}: mean {statistics.fmean(result[name]) * 1e6:.0f} us, "
+                f"median {statistics.median(result[name]) * 1e6:.0f} us"
+                for name in PATCHES_ON
+                if name in result
+            ),
             f"save_trigger check alone (two stat calls on rank 0): {check * 1e6:.0f} us "
             f"({check / med_off * 100:.2f}% of a median iteration)",
         ]

@@ -28,11 +28,15 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import yaml
 
 from megatron_patches.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 KINDS = {"target": ("prefix", "target"), "ppl": ("text",), "margin": ("better", "worse")}
 OPTIONAL = {"margin": ("prefix",)}
@@ -84,9 +88,16 @@ def load_probes(path: str | Path) -> list[Probe]:
     return probes
 
 
+def _looks_like_jsonl(text: str) -> bool:
+    """One JSON object a line, whatever the file is called (YAML would read it as one mapping)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return bool(lines) and all(line.startswith("{") and line.endswith("}") for line in lines)
+
+
 def _read_entries(path: Path) -> list:
+    """The entries of a JSONL (by suffix or by content) or YAML probe file."""
     text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
+    if path.suffix == ".jsonl" or _looks_like_jsonl(text):
         entries = []
         for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
@@ -126,7 +137,7 @@ def _parse_entry(entry, where: str) -> Probe:
     )
 
 
-def start_token(tokenizer) -> int:
+def start_token(tokenizer: PreTrainedTokenizerBase) -> int:
     """The context every probe sequence starts from: BOS, else EOS (a document boundary)."""
     for token_id in (tokenizer.bos_token_id, tokenizer.eos_token_id):
         if token_id is not None:
@@ -134,7 +145,7 @@ def start_token(tokenizer) -> int:
     raise ConfigError("the probe tokenizer has neither a BOS nor an EOS token to start sequences from")
 
 
-def probe_rows(probes: list[Probe], tokenizer) -> list[Row]:
+def probe_rows(probes: list[Probe], tokenizer: PreTrainedTokenizerBase) -> list[Row]:
     """Tokenize every probe into its rows (1 for target/ppl, 2 for margin), in order."""
     start = start_token(tokenizer)
     rows = []
@@ -199,7 +210,7 @@ def row_totals(logprobs: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor
     return (logprobs.double() * mask).sum(-1), mask.sum(-1)
 
 
-def probe_scores(probes: list[Probe], sums, counts) -> dict[str, float]:
+def probe_scores(probes: list[Probe], sums: torch.Tensor, counts: torch.Tensor) -> dict[str, float]:
     """One number per probe from its rows' totals (rows in :func:`probe_rows` order)."""
     sums, counts = [float(x) for x in sums], [float(x) for x in counts]
     scores, i = {}, 0

@@ -29,8 +29,10 @@ CUDA-RNG tracker states) is saved before and restored after the probe forward.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -48,6 +50,13 @@ from megatron_patches.probe_scoring import (
     token_logprobs,
 )
 from megatron_patches.training import rng_state
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from megatron_patches.probe_scoring import Probe
+    from megatron_patches.training.config import Config
+    from megatron_patches.training.loop import TrainContext
 
 OPTIONS = ("file", "tokenizer", "micro_batch_size")
 
@@ -73,19 +82,21 @@ _check_pinned_api()
 class ProbesHook(Hook):
     name = "probes"
 
-    def __init__(self, probes, batch: ProbeBatch, vocab_size: int, micro_batch_size: int) -> None:
+    def __init__(
+        self, probes: list[Probe], batch: ProbeBatch, vocab_size: int, micro_batch_size: int
+    ) -> None:
         self.probes = probes
         self.batch = batch
         self.vocab_size = vocab_size
         self.micro_batch_size = micro_batch_size
 
-    def on_eval(self, ctx, metrics: dict[str, float]) -> None:
+    def on_eval(self, ctx: TrainContext, metrics: dict[str, float]) -> None:
         sums, counts = score_rows(ctx.objects.model, self.batch, self.vocab_size, self.micro_batch_size)
         for name, value in probe_scores(self.probes, sums, counts).items():
             metrics[f"probe/{name}"] = value
 
 
-def enable(options: dict, config) -> ProbesHook:
+def enable(options: dict, config: Config) -> ProbesHook:
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise ConfigError(f"patches.probes: unknown options {unknown}; known: {list(OPTIONS)}")
@@ -107,7 +118,7 @@ def enable(options: dict, config) -> ProbesHook:
     return ProbesHook(probes, batch, config.model.vocab_size, micro_batch_size)
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     if not Path(path).is_dir():
         raise ConfigError(f"tokenizer directory {path} does not exist")
     from transformers import AutoTokenizer
@@ -115,7 +126,9 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def score_rows(model, batch: ProbeBatch, vocab_size: int, micro_batch_size: int):
+def score_rows(
+    model: torch.nn.Module, batch: ProbeBatch, vocab_size: int, micro_batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Collective over the model-parallel world: (per-row log-prob sums, scored-token counts).
 
     ``model`` is this rank's stage (wrapped or not); every rank returns the same
@@ -174,7 +187,7 @@ def _from_last_stage(totals: torch.Tensor) -> None:
 
 
 @contextlib.contextmanager
-def eval_mode(model):
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
     was_training = model.training
     model.eval()
     try:
@@ -184,7 +197,7 @@ def eval_mode(model):
 
 
 @contextlib.contextmanager
-def preserved_rng():
+def preserved_rng() -> Iterator[None]:
     """Leave every RNG stream exactly as found, whatever runs inside."""
     saved = rng_state.capture()
     try:

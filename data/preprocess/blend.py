@@ -9,6 +9,7 @@ absolute prefixes, ready for Megatron-LM's `--data-path $(cat data_path.txt)`.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -38,24 +39,30 @@ def blend_weights(tokens: dict[str, int], ratios: dict | None) -> dict[str, floa
     return {c: ratios[c] / total for c in sorted(present) if ratios[c] > 0}
 
 
-def write_blend(
-    directory: Path,
+@dataclass(frozen=True)
+class TokenizerFacts:
+    """What blend.yaml records about the tokenizer that made the ids."""
+
+    path: Path
+    eod_id: int
+    vocab_size: int
+    dtype: str  # numpy dtype name of the .bin files
+
+
+def blend_mapping(
     final_dir: Path,
     documents: dict[str, int],
     tokens: dict[str, int],
     ratios: dict | None,
-    tokenizer: Path,
-    eod_id: int,
-    vocab_size: int,
-    dtype: str,
+    tok: TokenizerFacts,
 ) -> dict:
-    """Write blend.yaml and data_path.txt into `directory` (which becomes `final_dir`)."""
+    """The content of blend.yaml: prefixes relative to `final_dir`, weights, counts, tokenizer."""
     weights = blend_weights(tokens, ratios)
     prefixes = {c: f"{c}{SUFFIX}" for c in sorted(tokens)}
     data_path: list = []
     for channel, weight in weights.items():
         data_path += [round(weight, 8), prefixes[channel]]
-    blend = {
+    return {
         "format": "megatron-core-indexed-dataset",
         "paths_relative_to": "this file's directory",
         "data_path": data_path,
@@ -63,14 +70,27 @@ def write_blend(
         "channels": prefixes,
         "tokens": {c: int(tokens[c]) for c in sorted(tokens)},
         "documents": {c: int(documents[c]) for c in sorted(documents)},
-        "tokenizer": os.path.relpath(tokenizer.resolve(), final_dir.resolve()),
-        "eod_id": int(eod_id),
-        "vocab_size": int(vocab_size),
-        "dtype": dtype,
+        "tokenizer": os.path.relpath(tok.path.resolve(), final_dir.resolve()),
+        "eod_id": int(tok.eod_id),
+        "vocab_size": int(tok.vocab_size),
+        "dtype": tok.dtype,
     }
+
+
+def write_blend(
+    directory: Path,
+    final_dir: Path,
+    documents: dict[str, int],
+    tokens: dict[str, int],
+    ratios: dict | None,
+    tokenizer: TokenizerFacts,
+) -> dict:
+    """Write blend.yaml and data_path.txt into `directory` (which becomes `final_dir`)."""
+    blend = blend_mapping(final_dir, documents, tokens, ratios, tokenizer)
     with open(directory / "blend.yaml.tmp", "w", encoding="utf-8") as handle:
         yaml.safe_dump(blend, handle, sort_keys=False, allow_unicode=True)
     os.replace(directory / "blend.yaml.tmp", directory / "blend.yaml")
+    data_path = blend["data_path"]
     absolute = " ".join(
         f"{w} {final_dir.resolve() / p}" for w, p in zip(data_path[::2], data_path[1::2], strict=True)
     )

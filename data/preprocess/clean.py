@@ -133,8 +133,31 @@ def measure(text: str) -> TextStats:
     )
 
 
+# Scripts written without spaces between words: a keyword in them can only be found as a substring.
+_UNSPACED = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
+_UNSPACED_CHAR = re.compile(f"[{_UNSPACED}]")
+# A keyword edge that is a letter or digit of a spaced script (Latin, Cyrillic, ...) must be a word
+# edge: "sex" must not hit "Essex", "ass" not "class". A CJK neighbour counts as a word edge.
+_WORD_START = f"(?:(?<!\\w)|(?<=[{_UNSPACED}]))"
+_WORD_END = f"(?:(?!\\w)|(?=[{_UNSPACED}]))"
+
+
+def _is_spaced_word_char(ch: str) -> bool:
+    return (ch.isalnum() or ch == "_") and not _UNSPACED_CHAR.match(ch)
+
+
+def keyword_pattern(keyword: str) -> str:
+    """Regex for one lower-case keyword: word boundaries on its spaced-script edges only."""
+    start = _WORD_START if _is_spaced_word_char(keyword[0]) else ""
+    end = _WORD_END if _is_spaced_word_char(keyword[-1]) else ""
+    return f"{start}{re.escape(keyword)}{end}"
+
+
 class Blocklist:
-    """Keywords from plain files (one per line, '#' comments); matching is case-insensitive."""
+    """Keywords from plain files (one per line, '#' comments); matching is case-insensitive.
+
+    Latin-script (and other space-delimited) keywords match whole words only; CJK keywords match as
+    substrings, since those scripts put no spaces between words."""
 
     def __init__(self, paths: list[Path]):
         words: set[str] = set()
@@ -145,8 +168,8 @@ class Blocklist:
                 line = line.strip()
                 if line and not line.startswith("#"):
                     words.add(line.lower())
-        longest_first = sorted(words, key=len, reverse=True)
-        self.pattern = re.compile("|".join(map(re.escape, longest_first))) if words else None
+        longest_first = sorted(words, key=lambda w: (-len(w), w))
+        self.pattern = re.compile("|".join(map(keyword_pattern, longest_first))) if words else None
 
     def hits(self, text: str) -> int:
         return len(self.pattern.findall(text.lower())) if self.pattern else 0

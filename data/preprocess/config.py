@@ -23,7 +23,7 @@ class CleanConfig:
     thresholds: dict = field(default_factory=dict)  # overrides of clean.Thresholds for every channel
     channels: dict = field(default_factory=dict)  # channel -> overrides on top of its defaults
     blocklists: list = field(default_factory=list)  # plain keyword files
-    desensitize: bool = True
+    desensitize: bool = True  # mask PII in kept and rejected documents and malformed-line previews
     pii_types: list | None = None  # default: every type in pii.TYPES
 
 
@@ -35,7 +35,7 @@ class DedupConfig:
     rows: int = 5
     num_perm: int | None = None  # default bands * rows
     threshold: float = 0.8  # Jaccard similarity above which two documents are duplicates
-    verify: str = "exact"  # exact | signature | none
+    verify: str = "exact"  # exact | signature | none (none: threshold unused, LSH bands decide)
     keep: str = "quality"  # quality (then longest) | longest
     exact: bool = True  # also drop exact duplicates of the normalized text
     seed: int = 1

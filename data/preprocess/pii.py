@@ -2,8 +2,12 @@
 
 Numbers are only masked when they validate: PRC resident ID numbers by their ISO 7064 MOD 11-2
 check character, bank cards by the Luhn sum, IP addresses by `ipaddress`. That keeps years, prices
-and order numbers intact while every real identifier goes. Matching order matters: ID numbers and
-cards are taken before phone numbers so a card's digits are never half-masked as a phone.
+and order numbers intact while every real identifier goes. Four dotted numbers are an IPv4 address
+unless they continue a dotted chain or follow a version marker ("v1.0.0.1", "version 1.0.0.1").
+Phone formats: mainland China, +country and 00country, and North American (415) 555-2671 /
+415-555-2671; bare digit runs separated by spaces only are never phones. Matching order matters:
+ID numbers and cards are taken before phone numbers so a card's digits are never half-masked as a
+phone.
 """
 
 from __future__ import annotations
@@ -11,7 +15,9 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+
+from megatron_patches.errors import ConfigError
 
 PLACEHOLDERS = {
     "email": "<EMAIL>",
@@ -34,10 +40,21 @@ _PHONE = re.compile(
     r"(?:\+?86[ -]?)?1[3-9]\d[ -]?\d{4}[ -]?\d{4}"  # mainland mobile, optional +86
     r"|(?:\(0\d{2,3}\)|0\d{2,3})[ -]?\d{3,4}[ -]?\d{4}"  # mainland landline with area code
     r"|\+(?:[1-9]\d{0,2})(?:[ -]?\(?\d{1,4}\)?){2,5}"  # international E.164-style
+    # international with the 00 prefix; separators required, so a bare run of digits is not taken
+    r"|00[1-9]\d{0,2}(?:[ -]\(?\d{1,4}\)?){2,5}"
+    # North American: (415) 555-2671, 415-555-2671, 415.555.2671 (one separator throughout)
+    r"|(?:1[ .-]?)?(?:\([2-9]\d{2}\) ?[2-9]\d{2}[-. ]|[2-9]\d{2}(?P<sep>[-.])[2-9]\d{2}(?P=sep))\d{4}"
     r")(?![0-9A-Za-z])"
 )
+# An IPv4 address is four dotted numbers that are not part of a longer dotted chain (1.2.3.4.5)
+# or a word (v1.0.0.1); a trailing sentence period is allowed.
 _IPV4 = re.compile(
-    r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\d.])"
+    r"(?<![0-9A-Za-z.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+    r"(?![0-9A-Za-z]|\.\d)"
+)
+# Words after which four dotted numbers are a version, not an address: "version 1.0.0.1", "==1.2.3.4".
+_VERSION_BEFORE = re.compile(
+    r"(?:\b(?:version|ver|release|build|rev|v)\.?|版本号?|[=<>~]=)[\s:：=]*$", re.IGNORECASE
 )
 _IPV6 = re.compile(r"(?<![0-9A-Za-z:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![0-9A-Za-z:])")
 _REPOST = re.compile(
@@ -63,24 +80,39 @@ def luhn_ok(digits: str) -> bool:
     return total % 10 == 0
 
 
-def _valid_card(match: str) -> bool:
-    digits = re.sub(r"[ -]", "", match)
+def _valid_id_number(match: re.Match) -> bool:
+    return valid_id_number(match.group(0))
+
+
+def _valid_card(match: re.Match) -> bool:
+    digits = re.sub(r"[ -]", "", match.group(0))
     if _ID_NUMBER.fullmatch(digits):  # an ID number whose check digit failed is not a card either
         return False
     return 13 <= len(digits) <= 19 and luhn_ok(digits)
 
 
-def _valid_phone(match: str) -> bool:
-    digits = re.sub(r"\D", "", match)
-    return 7 <= len(digits) <= 15 if match.startswith("+") else len(digits) >= 10
+def _valid_phone(match: re.Match) -> bool:
+    text = match.group(0)
+    digits = re.sub(r"\D", "", text)
+    if text.startswith("+"):
+        return 7 <= len(digits) <= 15
+    if text.startswith("00"):  # 00 is the international call prefix, not part of the number
+        return 7 <= len(digits) - 2 <= 15
+    return len(digits) >= 10
 
 
-def _valid_ipv6(match: str) -> bool:
-    groups = [g for g in match.split(":") if g]
-    if len(groups) < 3 or not any(ch.isdigit() for ch in match):  # not `a::b` in C++ code
+def _not_a_version(match: re.Match) -> bool:
+    before = match.string[max(0, match.start() - 12) : match.start()]
+    return _VERSION_BEFORE.search(before) is None
+
+
+def _valid_ipv6(match: re.Match) -> bool:
+    text = match.group(0)
+    groups = [g for g in text.split(":") if g]
+    if len(groups) < 3 or not any(ch.isdigit() for ch in text):  # not `a::b` in C++ code
         return False
     try:
-        ipaddress.IPv6Address(match)
+        ipaddress.IPv6Address(text)
     except ValueError:
         return False
     return True
@@ -98,15 +130,24 @@ def _has(needle: str) -> Callable[[str], bool]:
 
 # (type, cheap necessary condition, pattern, validator) in matching order; the condition skips the
 # regex scan for the many documents that cannot contain a match.
-_RULES: tuple[tuple[str, Callable[[str], bool], re.Pattern, Callable[[str], bool] | None], ...] = (
+_RULES: tuple[tuple[str, Callable[[str], bool], re.Pattern, Callable[[re.Match], bool] | None], ...] = (
     ("email", _has("@"), _EMAIL, None),
-    ("id_number", lambda t: _DIGITS3.search(t) is not None, _ID_NUMBER, valid_id_number),
+    ("id_number", lambda t: _DIGITS3.search(t) is not None, _ID_NUMBER, _valid_id_number),
     ("bank_card", lambda t: _DIGITS3.search(t) is not None, _CARD, _valid_card),
     ("phone", lambda t: _DIGITS3.search(t) is not None, _PHONE, _valid_phone),
-    ("ipv4", lambda t: _IPV4_HINT.search(t) is not None, _IPV4, None),
+    ("ipv4", lambda t: _IPV4_HINT.search(t) is not None, _IPV4, _not_a_version),
     ("ipv6", lambda t: _IPV6_HINT.search(t) is not None, _IPV6, _valid_ipv6),
 )
 TYPES = tuple(rule[0] for rule in _RULES) + ("repost_line",)
+
+
+def selected_types(chosen: Sequence[str] | None) -> tuple[str, ...]:
+    """The configured `clean.pii_types` (None: all of them), checked against TYPES."""
+    types = tuple(chosen) if chosen is not None else TYPES
+    unknown = sorted(set(types) - set(TYPES))
+    if unknown:
+        raise ConfigError(f"clean.pii_types: unknown type(s) {unknown}; known: {list(TYPES)}")
+    return types
 
 
 def desensitize(text: str, types: tuple[str, ...] = TYPES) -> tuple[str, Counter]:
@@ -121,7 +162,7 @@ def desensitize(text: str, types: tuple[str, ...] = TYPES) -> tuple[str, Counter
         placeholder = PLACEHOLDERS[name]
 
         def replace(match: re.Match, name: str = name, validator=validator, placeholder=placeholder) -> str:
-            if validator is not None and not validator(match.group(0)):
+            if validator is not None and not validator(match):
                 return match.group(0)
             counts[name] += 1
             return placeholder

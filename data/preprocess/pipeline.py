@@ -1,8 +1,9 @@
 """`run`: every stage in order from one config, each into its own directory under `--out`.
 
-A stage whose directory is complete (has report.json) and was made from the same settings and
-inputs is skipped, so an interrupted run resumes where it stopped; if its settings changed it is
-redone, and so is every stage after it.
+A stage whose directory is complete (has report.json) and was made from the same settings, inputs
+and referenced files (blocklists, token lists, scorer model, tokenizer) is skipped, so an
+interrupted run resumes where it stopped; if any of them changed it is redone, and so is every
+stage after it. Files are compared by content when small and by size and mtime otherwise.
 """
 
 from __future__ import annotations
@@ -39,10 +40,48 @@ _SECTIONS = {
 }
 
 
-def fingerprint(config: PipelineConfig, stage: str, inputs: list[Path]) -> str:
+HASHED_BYTES = 1 << 20  # files up to this size are fingerprinted by content, larger by size+mtime
+
+
+def file_state(path: Path) -> list:
+    """What identifies the content of `path` cheaply; a directory is the states of its files."""
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        return [[str(p.relative_to(path)), *file_state(p)] for p in files]
+    if not path.exists():
+        return ["missing"]
+    stat = path.stat()
+    if stat.st_size <= HASHED_BYTES:
+        return [stat.st_size, hashlib.sha256(path.read_bytes()).hexdigest()]
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def tokenizer_for(config: PipelineConfig, run_dir: Path) -> Path:
+    """The configured tokenizer, or the one the train-tokenizer stage writes under `run_dir`."""
+    return config.path(config.tokenize.tokenizer) or run_dir / STAGE_DIRS["train-tokenizer"]
+
+
+def referenced_files(config: PipelineConfig, stage: str, run_dir: Path) -> list[Path]:
+    """Files besides its inputs that a stage's output depends on."""
+    if stage == "clean":
+        names = list(config.clean.blocklists)
+    elif stage == "label":
+        scorer = config.label.scorer or {}
+        names = [scorer.get("path")] if scorer.get("kind") != "python" else []  # python: a module
+    elif stage == "train-tokenizer":
+        names = [config.tokenizer.domain_tokens, config.tokenizer.forbidden_tokens]
+    elif stage == "tokenize":
+        return [tokenizer_for(config, run_dir)]
+    else:
+        names = []
+    return [path for path in map(config.path, names) if path is not None]
+
+
+def fingerprint(config: PipelineConfig, stage: str, inputs: list[Path], references: list[Path]) -> str:
     values = {key: getattr(config, key) for key in _SECTIONS[stage]}
     values = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in values.items()}
-    payload = json.dumps([stage, values, [str(p) for p in inputs]], sort_keys=True, default=str)
+    files = [[str(p), *file_state(p)] for p in [*inputs, *references]]
+    payload = json.dumps([stage, values, files], sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -64,8 +103,7 @@ def run_stage(name: str, config: PipelineConfig, inputs: list[Path], out: Path, 
         return run_dedup(config, inputs, out, overwrite)
     if name == "train-tokenizer":
         return run_train_tokenizer(config, inputs, out, overwrite)
-    tokenizer = config.path(config.tokenize.tokenizer) or out.parent / STAGE_DIRS["train-tokenizer"]
-    return run_tokenize(config, inputs, out, tokenizer, overwrite)
+    return run_tokenize(config, inputs, out, tokenizer_for(config, out.parent), overwrite)
 
 
 def run_pipeline(config: PipelineConfig, out: Path, overwrite: bool = False) -> dict[str, dict]:
@@ -79,7 +117,7 @@ def run_pipeline(config: PipelineConfig, out: Path, overwrite: bool = False) -> 
             continue
         stage_dir = out / STAGE_DIRS[name]
         stage_inputs = documents
-        mark = fingerprint(config, name, stage_inputs)
+        mark = fingerprint(config, name, stage_inputs, referenced_files(config, name, out))
         if not redo and is_complete(stage_dir) and _recorded(stage_dir) == mark:
             print(f"[{name}] complete in {stage_dir}, skipped", file=sys.stderr)
             reports[name] = json.loads((stage_dir / "report.json").read_text())

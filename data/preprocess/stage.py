@@ -8,6 +8,7 @@ change the documents (masking, channel, quality) and add to the stats. Filters a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ from typing import Any
 
 from megatron_patches.errors import ConfigError
 
+from . import pii
 from .config import PipelineConfig
 from .document import Document, Malformed
 from .engines.local import Progress, run_tasks
@@ -74,13 +76,12 @@ def document_batches(
     Lines and bytes read are counted (stats, progress) once per batch."""
     batch: list[Document] = []
     lines = nbytes = 0
+    pii_types = preview_pii_types(task.config)
     for item, item_bytes in read_documents(task.path, task.config.text_field, parse):
         lines += 1
         nbytes += item_bytes
         if isinstance(item, Malformed):
-            stats["malformed_lines"] += 1
-            stats[f"malformed/{item.reason}"] += 1
-            rejects.write("malformed", item.to_json())
+            set_aside(item, stats, rejects, pii_types)
             continue
         batch.append(item)
         if len(batch) >= size:
@@ -93,6 +94,32 @@ def document_batches(
     progress.update(lines, nbytes)
     if batch:
         yield batch
+
+
+def set_aside(item: Malformed, stats: Stats, rejects: RejectWriter, pii_types: tuple[str, ...]) -> None:
+    """Count a malformed line and write it, PII masked, to rejected/malformed.jsonl."""
+    stats["malformed_lines"] += 1
+    stats[f"malformed/{item.reason}"] += 1
+    rejects.write("malformed", masked_preview(item, pii_types, stats).to_json())
+
+
+def preview_pii_types(config: PipelineConfig) -> tuple[str, ...]:
+    """What to mask in the raw preview of a malformed line: `clean`'s PII types when desensitizing
+    is on (in every stage, since any stage may read raw input), but no repost-line stripping, which
+    is about boilerplate and would cut a one-line preview away."""
+    if not config.clean.desensitize:
+        return ()
+    return tuple(t for t in pii.selected_types(config.clean.pii_types) if t != "repost_line")
+
+
+def masked_preview(item: Malformed, pii_types: tuple[str, ...], stats: Stats) -> Malformed:
+    """`item` with PII masked in its preview, so rejected/malformed.jsonl holds none either."""
+    if not pii_types or not item.raw:
+        return item
+    raw, counts = pii.desensitize(item.raw, pii_types)
+    for kind, n in counts.items():
+        stats[f"pii_in_rejected/{kind}"] += n
+    return dataclasses.replace(item, raw=raw)
 
 
 def map_file(task: FileTask, progress: Progress, make_step: Callable[[PipelineConfig], Step]) -> Stats:

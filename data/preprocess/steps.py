@@ -7,8 +7,6 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from megatron_patches.errors import ConfigError
-
 from . import pii
 from .clean import CHANNEL_DEFAULTS, Blocklist, Cleaner, thresholds_from
 from .config import PipelineConfig
@@ -33,27 +31,20 @@ def build_cleaner(config: PipelineConfig) -> Cleaner:
     return Cleaner(default, channels, blocklist, config.label)
 
 
-def pii_types(config: PipelineConfig) -> tuple[str, ...]:
-    chosen = tuple(config.clean.pii_types) if config.clean.pii_types is not None else pii.TYPES
-    unknown = sorted(set(chosen) - set(pii.TYPES))
-    if unknown:
-        raise ConfigError(f"clean.pii_types: unknown type(s) {unknown}; known: {list(pii.TYPES)}")
-    return chosen
-
-
 def clean_step(config: PipelineConfig) -> Step:
     cleaner = build_cleaner(config)
-    types = pii_types(config) if config.clean.desensitize else ()
+    types = pii.selected_types(config.clean.pii_types) if config.clean.desensitize else ()
 
     def step(batch: Sequence[Document], stats: Stats) -> list[StepResult]:
         results: list[StepResult] = []
         for doc in batch:
             channel = cleaner.channel_of(doc)
-            keep, rule, value = cleaner(doc, channel)
-            if keep and types:
+            keep, rule, value = cleaner(doc, channel)  # the rules measure the text as written
+            if types:  # rejected documents too: rejected/<rule>.jsonl must not leak what we mask
                 doc.text, counts = pii.desensitize(doc.text, types)
+                section = "pii" if keep else "pii_in_rejected"
                 for kind, n in counts.items():
-                    stats[f"pii/{kind}"] += n
+                    stats[f"{section}/{kind}"] += n
             results.append((keep, rule, value, channel))
         return results
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .blend import SUFFIX, write_blend
+from .blend import SUFFIX, TokenizerFacts, write_blend
 from .config import PipelineConfig
 from .engines.local import Progress, run_tasks
 from .indexed import PartWriter, merge_parts
@@ -83,24 +83,14 @@ def run_tokenize(
 ) -> dict:
     started = time.time()
     encoder = load_encoder(tokenizer)  # validates the tokenizer before any work starts
-    dtype = encoder.dtype
+    facts = TokenizerFacts(tokenizer, encoder.eod_id, encoder.vocab_size, encoder.dtype.name)
     with staged_dir(out, overwrite) as tmp:
         tasks = [TokenizeTask(i, p, tmp, config, tokenizer) for i, p in enumerate(inputs)]
         stats = run_tasks(tokenize_file, tasks, cpu_workers(config.workers), desc="tokenize")
-        documents, tokens = _merge(tmp, dtype)
+        documents, tokens = _merge(tmp, encoder.dtype)
         shutil.rmtree(tmp / "_parts", ignore_errors=True)
         merge_rejects(tmp / "rejected")
-        blend = write_blend(
-            tmp,
-            out,
-            documents,
-            tokens,
-            config.blend.ratios,
-            tokenizer,
-            encoder.eod_id,
-            encoder.vocab_size,
-            dtype.name,
-        )
+        blend = write_blend(tmp, out, documents, tokens, config.blend.ratios, facts)
         return write_report(
             tmp,
             "tokenize",

@@ -280,20 +280,37 @@ def load_pretrained_torch_dist(path: Path, model: GPTModel) -> None:
     model.load_state_dict(state["model"])
 
 
+def check_pretrained_layout(path: Path, tp: int, pp: int, num_layers: int) -> None:
+    """Stop with one line unless a legacy ``release`` at ``path`` has this run's TP, PP and stage split.
+
+    The trainer builds ``num_layers / PP`` layers on every stage; a release
+    converted with uneven first/last stages would otherwise fail the strict
+    load with a screenful of missing and unexpected keys. ``torch_dist``
+    checkpoints are parallelism-independent and pass.
+    """
+    if mcore_io.checkpoint_format(path) != "torch":
+        return
+    tp_ckpt, pp_ckpt = mcore_io.legacy_layout(path)
+    reshard = f"re-shard it with `python -m tools.convert mcore2mcore --tp {tp} --pp {pp}`"
+    if (tp_ckpt, pp_ckpt) != (tp, pp):
+        raise ConfigError(
+            f"{path} was converted for TP={tp_ckpt} PP={pp_ckpt} but this run is TP={tp} PP={pp}; {reshard}"
+        )
+    stored = mcore_io.pipeline_layers(path, pp)
+    built = [num_layers // pp] * pp
+    if stored != built:
+        raise ConfigError(
+            f"{path} holds {stored} layers per pipeline stage but this run builds {built} "
+            f"(num_layers={num_layers}, PP={pp}); {reshard}"
+        )
+
+
 def load_pretrained(path: Path, model, model_cfg: ModelConfig) -> None:
     """Weights only, from a ``tools/convert hf2mcore`` checkpoint converted at this TP/PP."""
     from megatron.core import parallel_state as ps
 
     pp_size = ps.get_pipeline_model_parallel_world_size()
-    if mcore_io.checkpoint_format(path) == "torch":
-        tp_ckpt, pp_ckpt = mcore_io.legacy_layout(path)
-        mine = (ps.get_tensor_model_parallel_world_size(), pp_size)
-        if (tp_ckpt, pp_ckpt) != mine:
-            raise ConfigError(
-                f"{path} was converted for TP={tp_ckpt} PP={pp_ckpt} but this run is "
-                f"TP={mine[0]} PP={mine[1]}; re-shard it with "
-                f"`python -m tools.convert mcore2mcore --tp {mine[0]} --pp {mine[1]}`"
-            )
+    check_pretrained_layout(path, ps.get_tensor_model_parallel_world_size(), pp_size, model_cfg.num_layers)
     state, _ = mcore_io.load_model_for_rank(
         path.parent,
         ps.get_tensor_model_parallel_rank(),

@@ -63,6 +63,8 @@ class ModelConfig:
     rotary_percent: float = 1.0
     use_rope_scaling: bool = False  # Llama-3.1 style frequency scaling
     rope_scaling_factor: float = 8.0
+    # Linear RoPE scaling (HF rope_type "linear", e.g. DeepSeek-Coder): positions divided by this factor.
+    rotary_seq_len_interpolation_factor: float | None = None
     normalization: str = "RMSNorm"
     norm_epsilon: float = 1e-5
     swiglu: bool = True
@@ -122,6 +124,9 @@ class ModelConfig:
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
                 f"({self.num_attention_heads}) unless kv_channels is given"
             )
+        factor = self.rotary_seq_len_interpolation_factor
+        if factor is not None and factor <= 0:
+            raise ConfigError(f"model.rotary_seq_len_interpolation_factor must be positive, got {factor}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ConfigError(
                 f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}"
@@ -256,6 +261,7 @@ def build_gpt_model(
         rotary_base=cfg.rotary_base,
         rope_scaling=cfg.use_rope_scaling,
         rope_scaling_factor=cfg.rope_scaling_factor,
+        seq_len_interpolation_factor=cfg.rotary_seq_len_interpolation_factor,
         vp_stage=vp_stage,
     )
 

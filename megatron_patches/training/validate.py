@@ -79,6 +79,8 @@ def plan_run(cfg: Config, world_size: int) -> RunPlan:
         _check_data_position(resume_from, phases)
     if pretrained is not None:
         checkpoint.check_architecture(pretrained, cfg.model)
+        tp, pp = layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size
+        checkpoint.check_pretrained_layout(pretrained, tp, pp, cfg.model.num_layers)
     return RunPlan(layout, data, phases, hooks, save_dir, resume_from, pretrained)
 
 

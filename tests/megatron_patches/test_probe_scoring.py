@@ -45,6 +45,16 @@ def test_yaml_and_jsonl_files_give_the_same_probes(tmp_path):
     ]
     assert load_probes(tmp_path / "p.yaml") == expected
     assert load_probes(tmp_path / "p.jsonl") == expected
+    (tmp_path / "p.jsonl").rename(tmp_path / "probes.txt")  # JSONL by content, whatever its name
+    assert load_probes(tmp_path / "probes.txt") == expected
+
+
+def test_the_shipped_example_probe_file_loads():
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "launch" / "configs" / "probes.yaml"
+    probes = load_probes(example)
+    assert {p.kind for p in probes} == {"target", "ppl", "margin"}
 
 
 def test_rows_start_from_eos_and_score_exactly_the_continuation(tokenizer):

@@ -57,47 +57,58 @@ def _common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar (the summary line stays)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG, description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+def _mcore_arg(parser: argparse.ArgumentParser, verb: str) -> None:
+    parser.add_argument(
+        "--mcore", required=True, help="checkpoint root (with the tracker file) or one iteration dir"
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--iteration", type=_iteration, help=f"iteration to {verb} (default: the tracker's)")
 
+
+def _hf_output_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="output HF directory")
+    parser.add_argument("--dtype", help="bf16, fp16 or fp32 (default: as stored)")
+    parser.add_argument("--max-shard-size", type=_size, default=5 << 30, help="e.g. 5GB (default)")
+
+
+def _add_hf2mcore(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("hf2mcore", help="HF directory -> Megatron-Core release checkpoint")
     p.add_argument("--hf", required=True, help="HF model directory (config.json + safetensors)")
     _layout_args(p)
-    _common_args(p)
 
+
+def _add_mcore2hf(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("mcore2hf", help="Megatron-Core checkpoint (torch or torch_dist) -> HF directory")
-    p.add_argument(
-        "--mcore", required=True, help="checkpoint root (with the tracker file) or one iteration dir"
-    )
-    p.add_argument("--out", required=True, help="output HF directory")
-    p.add_argument("--iteration", type=_iteration, help="iteration to export (default: the tracker's)")
+    _mcore_arg(p, "export")
     p.add_argument(
         "--hf-config", help="directory whose config.json (and generation_config.json) is the template"
     )
     p.add_argument("--tokenizer", help="HF tokenizer directory to ship with the export")
     p.add_argument("--family", help="export as this family (llama, mistral, qwen2, qwen3, baichuan2)")
-    p.add_argument("--dtype", help="bf16, fp16 or fp32 (default: as stored)")
-    p.add_argument("--max-shard-size", type=_size, default=5 << 30, help="e.g. 5GB (default)")
-    _common_args(p)
+    _hf_output_args(p)
 
+
+def _add_mcore2mcore(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("mcore2mcore", help="re-shard a Megatron-Core checkpoint to another TP/PP")
-    p.add_argument(
-        "--mcore", required=True, help="checkpoint root (with the tracker file) or one iteration dir"
-    )
-    p.add_argument("--iteration", type=_iteration, help="iteration to read (default: the tracker's)")
+    _mcore_arg(p, "read")
     _layout_args(p)
-    _common_args(p)
 
+
+def _add_hf2hf(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("hf2hf", help="save one family's HF checkpoint as another family")
     p.add_argument("--hf", required=True, help="source HF directory")
-    p.add_argument("--out", required=True, help="output HF directory")
     p.add_argument("--to", required=True, help="target family: llama, qwen2, ...")
-    p.add_argument("--dtype", help="bf16, fp16 or fp32 (default: as stored)")
-    p.add_argument("--max-shard-size", type=_size, default=5 << 30, help="e.g. 5GB (default)")
-    _common_args(p)
+    _hf_output_args(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_hf2mcore, _add_mcore2hf, _add_mcore2mcore, _add_hf2hf):
+        add(sub)
+    for command in sub.choices.values():
+        _common_args(command)
     return parser
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,7 +20,7 @@ from tools.convert import layout, mcore_io
 from tools.convert.families import Family, default_family, family_named, family_of
 from tools.convert.hf_io import copy_side_files, read_json
 from tools.convert.progress import Progress
-from tools.convert.sources import HFSource, McoreSource
+from tools.convert.sources import HFSource, McoreSource, Source
 from tools.convert.writers import model_dtype, rank_count, write_hf, write_mcore
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -70,7 +71,7 @@ class MegatronTarget:
         return layout.plan_layout(cfg, self.tp, self.pp, self.first, self.last)
 
 
-def _to_mcore(source, side_dir: Path, run: Run, target: MegatronTarget) -> str:
+def _to_mcore(source: Source, side_dir: Path, run: Run, target: MegatronTarget) -> str:
     pipeline = target.pipeline(source.cfg)
     source.check()
     iteration = getattr(source, "iteration", 0)  # a re-shard keeps the number; "release" reads as 0
@@ -88,7 +89,9 @@ def _to_mcore(source, side_dir: Path, run: Run, target: MegatronTarget) -> str:
     return progress.summary()
 
 
-def hf2mcore(hf, out, *, force: bool = False, quiet: bool = False, **target) -> str:
+def hf2mcore(
+    hf: str | Path, out: str | Path, *, force: bool = False, quiet: bool = False, **target: Any
+) -> str:
     """HF directory -> Megatron ``release`` checkpoint; ``target`` holds :class:`MegatronTarget` fields."""
     source = HFSource(hf)
     return _to_mcore(
@@ -96,7 +99,15 @@ def hf2mcore(hf, out, *, force: bool = False, quiet: bool = False, **target) -> 
     )
 
 
-def mcore2mcore(mcore, out, *, iteration=None, force: bool = False, quiet: bool = False, **target) -> str:
+def mcore2mcore(
+    mcore: str | Path,
+    out: str | Path,
+    *,
+    iteration: int | str | None = None,
+    force: bool = False,
+    quiet: bool = False,
+    **target: Any,
+) -> str:
     """Re-shard a Megatron checkpoint (legacy or torch_dist) to a ``release`` at a new layout."""
     source = McoreSource(mcore, iteration)
     return _to_mcore(
@@ -105,7 +116,13 @@ def mcore2mcore(mcore, out, *, iteration=None, force: bool = False, quiet: bool 
 
 
 def _export(
-    source, family: Family, config: dict, side_dirs: list, run: Run, dtype, max_shard_bytes: int
+    source: Source,
+    family: Family,
+    config: dict,
+    side_dirs: list[str | Path],
+    run: Run,
+    dtype: torch.dtype | None,
+    max_shard_bytes: int,
 ) -> str:
     family.expand(source.cfg)  # fails here, before writing, if the family cannot hold the model
     progress = Progress(run.command, 0, run.quiet)
@@ -163,11 +180,18 @@ def _check_template(base: dict, family: Family, cfg: ModelConfig) -> None:
             )
 
 
+def _export_family(name: str | None, base: dict, cfg: ModelConfig) -> Family:
+    """--family if given, else the template config's family, else the one a from-scratch model exports as."""
+    if name:
+        return family_named(name)
+    return family_of(base) if "architectures" in base else default_family(cfg)
+
+
 def mcore2hf(
-    mcore,
-    out,
+    mcore: str | Path,
+    out: str | Path,
     *,
-    iteration=None,
+    iteration: int | str | None = None,
     hf_config: str | None = None,
     tokenizer: str | None = None,
     family: str | None = None,
@@ -180,34 +204,24 @@ def mcore2hf(
     source = McoreSource(mcore, iteration)
     source.check()
     base = _base_config(source, hf_config, tokenizer)
-    if family:
-        chosen = family_named(family)
-    else:
-        chosen = family_of(base) if "architectures" in base else default_family(source.cfg)
+    chosen = _export_family(family, base, source.cfg)
     _check_template(base, chosen, source.cfg)
     out_dtype = parse_dtype(dtype)
     config = chosen.write_config(source.cfg, base, out_dtype or model_dtype(source))
     side_dirs = [source.root, *(d for d in (hf_config, tokenizer) if d)]
-    return _export(
-        source,
-        chosen,
-        config,
-        side_dirs,
-        Run("mcore2hf", Path(out), force, quiet),
-        out_dtype,
-        max_shard_bytes,
-    )
+    run = Run("mcore2hf", Path(out), force, quiet)
+    return _export(source, chosen, config, side_dirs, run, out_dtype, max_shard_bytes)
 
 
 def hf2hf(
-    hf,
-    out,
+    hf: str | Path,
+    out: str | Path,
     *,
     to: str,
     dtype: str | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-    force=False,
-    quiet=False,
+    force: bool = False,
+    quiet: bool = False,
 ) -> str:
     """One family's HF checkpoint saved as another's (e.g. Qwen2 as LlamaForCausalLM with attention_bias)."""
     source = HFSource(hf)

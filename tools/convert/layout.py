@@ -131,7 +131,9 @@ class Pipeline:
         raise ConfigError(f"layer {layer + sum(self.counts)} is beyond the {sum(self.counts)} layers")
 
 
-def plan_layout(cfg: ModelConfig, tp: int, pp: int, first: int | None = None, last: int | None = None):
+def plan_layout(
+    cfg: ModelConfig, tp: int, pp: int, first: int | None = None, last: int | None = None
+) -> Pipeline:
     """Validate a TP/PP layout for ``cfg`` (before anything is written) and return its pipeline."""
     check_supported(cfg)
     validate_layout(Layout(tp, tp, 1), cfg)

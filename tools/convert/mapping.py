@@ -148,41 +148,46 @@ class Entry:
 class Replicated(Entry):
     """Every TP rank holds the whole tensor (norm weights)."""
 
-    def split(self, full, tp, cfg):
+    def split(self, full: torch.Tensor, tp: int, cfg: ModelConfig) -> list[torch.Tensor]:
         return [full] * tp
 
-    def merge(self, shards, cfg):
+    def merge(self, shards: list[torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
         return same_replicas(shards, self.mcore)
 
 
 class ColumnParallel(Entry):
     """Output rows split over TP (``ColumnParallelLinear``)."""
 
-    def split(self, full, tp, cfg):
+    def split(self, full: torch.Tensor, tp: int, cfg: ModelConfig) -> list[torch.Tensor]:
         return chunks(full, tp, 0, self.mcore)
 
-    def merge(self, shards, cfg):
+    def merge(self, shards: list[torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
         return torch.cat(shards, dim=0)
 
 
 class RowParallel(Entry):
     """Input columns split over TP (``RowParallelLinear``)."""
 
-    def split(self, full, tp, cfg):
+    def split(self, full: torch.Tensor, tp: int, cfg: ModelConfig) -> list[torch.Tensor]:
         return chunks(full, tp, 1, self.mcore)
 
-    def merge(self, shards, cfg):
+    def merge(self, shards: list[torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
         return torch.cat(shards, dim=1)
+
+
+def vocab_rows(full: torch.Tensor, tp: int, rank: int, cfg: ModelConfig) -> tuple[torch.Tensor, int]:
+    """(the unpadded vocabulary rows TP ``rank`` holds, as a view; the padded rows per rank)."""
+    rows = cfg.padded_vocab_size(tp) // tp
+    return full[rank * rows : (rank + 1) * rows], rows
 
 
 class VocabParallel(Entry):
     """Embedding / output layer: padded to Megatron-LM's vocabulary size, then row split."""
 
-    def split(self, full, tp, cfg):
-        rows = cfg.padded_vocab_size(tp) // tp
-        return [pad_rows(full[rank * rows : (rank + 1) * rows], rows) for rank in range(tp)]
+    def split(self, full: torch.Tensor, tp: int, cfg: ModelConfig) -> list[torch.Tensor]:
+        return [pad_rows(*vocab_rows(full, tp, rank, cfg)) for rank in range(tp)]
 
-    def merge(self, shards, cfg):
+    def merge(self, shards: list[torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
         full = torch.cat(shards, dim=0)
         if full.shape[0] < cfg.vocab_size:
             raise ConfigError(f"{self.mcore}: {full.shape[0]} rows, fewer than vocab_size {cfg.vocab_size}")
@@ -192,8 +197,15 @@ class VocabParallel(Entry):
 class NormHead(VocabParallel):
     """Baichuan2's ``lm_head``: rows normalized on import, so a plain output layer gives the same logits."""
 
-    def to_mcore(self, hf, cfg):
+    def to_mcore(self, hf: list[torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
         return normalize_rows(hf[0])
+
+    def shard(self, hf: list[torch.Tensor], cfg: ModelConfig, tp: int, rank: int) -> torch.Tensor:
+        # Normalizing the whole head in fp32 for every rank would cost several
+        # times one shard (7B: 2 GiB); rows normalize independently, so
+        # normalizing only this rank's rows gives bit-identical values.
+        mine, rows = vocab_rows(hf[0], tp, rank, cfg)
+        return pad_rows(normalize_rows(mine), rows)
 
 
 class QKV(ColumnParallel):
@@ -202,16 +214,16 @@ class QKV(ColumnParallel):
     def parts(self, hf: list[torch.Tensor], cfg: ModelConfig) -> list[torch.Tensor]:
         return hf
 
-    def to_mcore(self, hf, cfg):
+    def to_mcore(self, hf: list[torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
         return group_qkv(*self.parts(hf, cfg), cfg.num_attention_heads, cfg.groups)
 
-    def to_hf(self, full, cfg):
+    def to_hf(self, full: torch.Tensor, cfg: ModelConfig) -> list[torch.Tensor]:
         return list(ungroup_qkv(full, cfg.num_attention_heads, cfg.groups))
 
-    def split(self, full, tp, cfg):
+    def split(self, full: torch.Tensor, tp: int, cfg: ModelConfig) -> list[torch.Tensor]:
         return split_qkv(full, cfg.num_attention_heads, cfg.groups, tp)
 
-    def shard(self, hf, cfg, tp, rank):
+    def shard(self, hf: list[torch.Tensor], cfg: ModelConfig, tp: int, rank: int) -> torch.Tensor:
         if cfg.groups % tp:
             raise ConfigError(f"num_query_groups ({cfg.groups}) is not divisible by TP ({tp})")
         mine = [chunks(part, tp, 0, self.mcore)[rank] for part in self.parts(hf, cfg)]
@@ -221,31 +233,31 @@ class QKV(ColumnParallel):
 class PackedQKV(QKV):
     """One HF tensor holding ``[q; k; v]`` (Baichuan's ``W_pack``)."""
 
-    def parts(self, hf, cfg):
+    def parts(self, hf: list[torch.Tensor], cfg: ModelConfig) -> list[torch.Tensor]:
         q_rows = cfg.num_attention_heads * cfg.head_dim
         kv_rows = cfg.groups * cfg.head_dim
         return list(hf[0].split([q_rows, kv_rows, kv_rows], dim=0))
 
-    def to_hf(self, full, cfg):
+    def to_hf(self, full: torch.Tensor, cfg: ModelConfig) -> list[torch.Tensor]:
         return [torch.cat(super().to_hf(full, cfg))]
 
 
 class GatedMLP(Entry):
     """HF ``gate_proj`` and ``up_proj`` <-> ``linear_fc1`` = ``[gate; up]``, split per TP rank."""
 
-    def to_mcore(self, hf, cfg):
+    def to_mcore(self, hf: list[torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
         return torch.cat(hf, dim=0)
 
-    def to_hf(self, full, cfg):
+    def to_hf(self, full: torch.Tensor, cfg: ModelConfig) -> list[torch.Tensor]:
         return chunks(full, 2, 0, self.mcore)
 
-    def split(self, full, tp, cfg):
+    def split(self, full: torch.Tensor, tp: int, cfg: ModelConfig) -> list[torch.Tensor]:
         return split_gated(full, tp)
 
-    def merge(self, shards, cfg):
+    def merge(self, shards: list[torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
         return merge_gated(shards)
 
-    def shard(self, hf, cfg, tp, rank):
+    def shard(self, hf: list[torch.Tensor], cfg: ModelConfig, tp: int, rank: int) -> torch.Tensor:
         return torch.cat([chunks(part, tp, 0, self.mcore)[rank] for part in hf])
 
 
@@ -257,10 +269,10 @@ class ZeroBias(Entry):
     is the same function exactly when that bias is zero. Export writes zeros.
     """
 
-    def __init__(self, hf: str):
+    def __init__(self, hf: str) -> None:
         super().__init__("", (hf,))
 
-    def to_hf(self, full, cfg):
+    def to_hf(self, full: torch.Tensor | None, cfg: ModelConfig) -> list[torch.Tensor]:
         return [torch.zeros(cfg.hidden_size)]
 
     def check(self, tensor: torch.Tensor, name: str) -> None:

@@ -18,9 +18,9 @@ state dict, layer numbers local to its stage), ``model_config``
 
 Public API: :func:`read_tracker`, :func:`write_tracker`, :func:`iteration_dir_name`,
 :func:`iteration_dir`, :func:`resolve`, :func:`rank_dir_name`, :func:`rank_file`,
-:func:`checkpoint_format`, :func:`save_rank`, :func:`load_rank`,
-:func:`read_model_config`, :func:`load_model_for_rank`, :func:`atomic_output_dir`, :func:`save_torch_dist`,
-:func:`load_torch_dist`, :func:`stop_dist_checkpoint_workers`.
+:func:`checkpoint_format`, :func:`legacy_layout`, :func:`pipeline_layers`, :func:`save_rank`,
+:func:`load_rank`, :func:`read_model_config`, :func:`load_model_for_rank`, :func:`atomic_output_dir`,
+:func:`save_torch_dist`, :func:`load_torch_dist`, :func:`stop_dist_checkpoint_workers`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import dataclasses
 import os
 import re
 import shutil
-import tempfile
+import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -132,6 +132,14 @@ def legacy_layout(iter_dir: str | Path) -> tuple[int, int]:
                     f"incomplete checkpoint: {rank_file(iter_dir, tp_rank, pp_rank, pp)} is missing"
                 )
     return tp, pp
+
+
+def pipeline_layers(iter_dir: str | Path, pp_size: int) -> list[int]:
+    """Layers per pipeline stage of a legacy checkpoint, as its rank files record them."""
+    state = load_rank(iter_dir, 0, 0, pp_size, mmap=True)
+    if "pipeline_layers" not in state:
+        raise ConfigError(f"{iter_dir} records no pipeline_layers; it was not written by this project")
+    return list(state["pipeline_layers"])
 
 
 def save_rank(
@@ -238,7 +246,10 @@ def atomic_output_dir(target: str | Path, force: bool = False) -> Iterator[Path]
     if target.exists() and not force:
         raise ConfigError(f"output {target} already exists; pass --force to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    # Not tempfile.mkdtemp: its 0700 mode would survive the rename and lock other
+    # users of a shared cluster out of the checkpoint; mkdir honours the umask.
+    tmp = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()
     try:
         yield tmp
     except BaseException:
@@ -275,13 +286,28 @@ def _single_rank_megatron(cfg: ModelConfig) -> Iterator[None]:
             torch.distributed.destroy_process_group()
 
 
-def _whole_model(cfg: ModelConfig, dtype: torch.dtype):
+def _whole_model(cfg: ModelConfig, dtype: torch.dtype) -> torch.nn.Module:
     """The TP=1/PP=1 GPTModel (local spec, uninitialized memory) whose sharded state dict is the format."""
     from megatron_patches.training.model import build_model_for_this_rank
 
     local = dataclasses.replace(cfg, transformer_impl="local")
     model = build_model_for_this_rank(local, dtype, perform_initialization=False, use_cpu_initialization=True)
     return model.to(dtype)  # norms too, as Megatron's Float16Module holds them when training in bf16/fp16
+
+
+def _fill(model: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Copy streamed ``(name, tensor)`` pairs into ``model``; every parameter must get one."""
+    params = model.state_dict(keep_vars=True)
+    filled = set()
+    for name, tensor in tensors:
+        if name.endswith("._extra_state"):
+            continue
+        with torch.no_grad():
+            params[name].copy_(tensor)
+        filled.add(name)
+    unfilled = [n for n in params if n not in filled and not n.endswith("._extra_state")]
+    if unfilled:
+        raise ConfigError(f"no tensor for {unfilled[0]} while writing torch_dist")
 
 
 def save_torch_dist(
@@ -299,17 +325,7 @@ def save_torch_dist(
 
     with _single_rank_megatron(cfg):
         model = _whole_model(cfg, dtype)
-        params = model.state_dict(keep_vars=True)
-        filled = set()
-        for name, tensor in tensors:
-            if name.endswith("._extra_state"):
-                continue
-            with torch.no_grad():
-                params[name].copy_(tensor)
-            filled.add(name)
-        unfilled = [n for n in params if n not in filled and not n.endswith("._extra_state")]
-        if unfilled:
-            raise ConfigError(f"no tensor for {unfilled[0]} while writing torch_dist")
+        _fill(model, tensors)
         Path(iter_dir).mkdir(parents=True, exist_ok=True)
         state = {
             "model": model.sharded_state_dict(),

@@ -10,6 +10,7 @@ what it has read so far, which keeps memory flat while a writer streams.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -30,10 +31,23 @@ def _meta(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.T
     return torch.empty(shape, dtype=dtype, device="meta")
 
 
+class Source(Protocol):
+    """What writers and commands need of a source: :class:`HFSource` and :class:`McoreSource` are two."""
+
+    cfg: ModelConfig
+
+    def names(self) -> list[str]: ...
+    def check(self) -> None: ...
+    def meta(self, name: str) -> torch.Tensor: ...
+    def tensor(self, name: str) -> torch.Tensor: ...
+    def shard(self, name: str, tp: int, rank: int) -> torch.Tensor: ...
+    def release(self) -> None: ...
+
+
 class HFSource:
     """Canonical tensors computed from an HF checkpoint, one HF tensor read at a time."""
 
-    def __init__(self, directory: str | Path, family: Family | None = None):
+    def __init__(self, directory: str | Path, family: Family | None = None) -> None:
         self.ckpt = HFCheckpoint(directory)
         self.family = family or family_of(self.ckpt.config)
         self.cfg: ModelConfig = self.family.read_config(self.ckpt.config)
@@ -94,7 +108,7 @@ class HFSource:
 class McoreSource:
     """Canonical tensors merged from the TP shards of a Megatron checkpoint (legacy or torch_dist)."""
 
-    def __init__(self, path: str | Path, iteration: int | str | None = None):
+    def __init__(self, path: str | Path, iteration: int | str | None = None) -> None:
         self.root, self.iter_dir = mcore_io.resolve(path, iteration)
         self.format = mcore_io.checkpoint_format(self.iter_dir)
         if self.format == "torch_dist":

@@ -16,6 +16,7 @@ from tools.convert import layout, mcore_io
 from tools.convert.families import Family
 from tools.convert.hf_io import ShardedSafetensorsWriter
 from tools.convert.progress import Progress
+from tools.convert.sources import Source
 
 
 def owned(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -29,12 +30,12 @@ def owned(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return out
 
 
-def model_dtype(source) -> torch.dtype:
+def model_dtype(source: Source) -> torch.dtype:
     return source.meta(layout.EMBEDDING).dtype
 
 
 def rank_tensors(
-    source, tp: int, tp_rank: int, pipeline: layout.Pipeline, stage: int, dtype: torch.dtype | None
+    source: Source, tp: int, tp_rank: int, pipeline: layout.Pipeline, stage: int, dtype: torch.dtype | None
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """One rank's parameters (local-spec names, stage-local layer numbers), one at a time."""
     cfg = source.cfg
@@ -48,13 +49,13 @@ def rank_tensors(
         source.release()
 
 
-def rank_count(source, tp: int, pipeline: layout.Pipeline) -> int:
+def rank_count(source: Source, tp: int, pipeline: layout.Pipeline) -> int:
     tied_copy = int(pipeline.size > 1 and not source.cfg.untie_embeddings_and_output_weights)
     return tp * (len(source.names()) + tied_copy)
 
 
 def write_mcore(
-    source,
+    source: Source,
     iter_dir: Path,
     tp: int,
     pipeline: layout.Pipeline,
@@ -86,7 +87,7 @@ def write_mcore(
 
 
 def hf_plan(
-    source, family: Family, dtype: torch.dtype | None
+    source: Source, family: Family, dtype: torch.dtype | None
 ) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
     """(HF name, dtype, shape) of every tensor to export, from metadata only."""
     plan = []
@@ -100,7 +101,12 @@ def hf_plan(
 
 
 def write_hf(
-    source, family: Family, out_dir: Path, progress: Progress, dtype: torch.dtype | None, max_shard_bytes: int
+    source: Source,
+    family: Family,
+    out_dir: Path,
+    progress: Progress,
+    dtype: torch.dtype | None,
+    max_shard_bytes: int,
 ) -> None:
     plan = hf_plan(source, family, dtype)
     progress.expect(len(plan))

@@ -6,11 +6,17 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from megatron_patches import cpu
 from megatron_patches.errors import ConfigError, run_cli
 from tools.eval.hf import DTYPES, load_model, load_tokenizer
 from tools.eval.rewrites import REWRITES
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from tools.eval.ppl import Channel, ChannelResult
 
 PROG = "python -m tools.eval"
 
@@ -20,12 +26,14 @@ def _model_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--tokenizer", help="HF tokenizer directory (default: the model directory)")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run modeling code shipped with the export (Baichuan2); only for exports you trust",
+    )
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _ppl_args(sub: argparse._SubParsersAction) -> None:
     ppl = sub.add_parser("ppl", help="loss and perplexity per held-out channel")
     _model_args(ppl, required=False)
     ppl.add_argument("--checkpoints", type=Path, help="a run directory: evaluate every export/checkpoint")
@@ -44,12 +52,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--convert", action="store_true", help="--checkpoints: convert Megatron-only checkpoints"
     )
 
+
+def _probes_args(sub: argparse._SubParsersAction) -> None:
     probes = sub.add_parser("probes", help="the training probe file on an HF model")
     _model_args(probes)
     probes.add_argument("--probes", required=True, type=Path, help="probe file (YAML or JSONL)")
     probes.add_argument("--vocab-size", type=int, help="real vocabulary when the export kept padding rows")
     probes.add_argument("--json", type=Path, help="also write {probe/<name>: score} here")
 
+
+def _bench_args(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="rewritten multiple-choice benchmark, scored generatively")
     _model_args(bench)
     bench.add_argument(
@@ -63,6 +75,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bench.add_argument("--none-text", default=None, help="the none-correct rewrite's option text")
     bench.add_argument("--out", type=Path, help="per-item records (JSONL)")
 
+
+def _inspect_args(sub: argparse._SubParsersAction) -> None:
     inspect = sub.add_parser("inspect", help="lenses: layer cosine distance, logit lens, attention")
     _model_args(inspect)
     inspect.add_argument("--text", required=True)
@@ -76,6 +90,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="print the weight of token QUERY on token KEY at LAYER/HEAD (0-based; negative: from the end)",
     )
     inspect.add_argument("--plot", type=Path, help="also draw heat maps into this PNG")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add_subcommand in (_ppl_args, _probes_args, _bench_args, _inspect_args):
+        add_subcommand(sub)
     return parser.parse_args(argv)
 
 
@@ -87,34 +108,47 @@ def main(argv: list[str] | None = None) -> int:
     )
 
 
-def _load(args, **kwargs):
-    return load_model(args.hf, args.dtype, args.device, **kwargs), load_tokenizer(args.tokenizer or args.hf)
+def _load(args: argparse.Namespace, hf_dir: str | Path | None = None, **kwargs) -> tuple:
+    """(model, tokenizer) of ``hf_dir`` (default ``--hf``) as the command line asks."""
+    hf_dir = hf_dir or args.hf
+    model = load_model(hf_dir, args.dtype, args.device, trust_remote_code=args.trust_remote_code, **kwargs)
+    return model, _tokenizer(args, hf_dir)
 
 
-def run_ppl(args) -> int:
-    from tools.eval import ppl, trends
+def _tokenizer(args: argparse.Namespace, hf_dir: str | Path | None = None) -> PreTrainedTokenizerBase:
+    return load_tokenizer(args.tokenizer or hf_dir or args.hf, args.trust_remote_code)
+
+
+def run_ppl(args: argparse.Namespace) -> int:
+    from tools.eval import ppl
 
     if bool(args.hf) == bool(args.checkpoints):
         raise ConfigError("ppl needs exactly one of --hf DIR or --checkpoints RUN_DIR")
     _require_positive(args, "seq_length", "batch_size", "max_tokens")
     channels = ppl.find_channels(args.data)
-    options = dict(batch_size=args.batch_size, max_tokens=args.max_tokens, text_key=args.text_key)
-    if args.hf:
-        model, tokenizer = _load(args)
-        results = ppl.evaluate_channels(model, tokenizer, channels, _seq_length(args, model), **options)
-        print(ppl.format_table(results))
-        _print_skipped(results)
-        if args.csv:
-            trends.write_csv([(0, r) for r in results], args.csv)
-        return 0
-    ready, skipped = trends.resolve_hf_dirs(
-        trends.find_snapshots(args.checkpoints), args.checkpoints / "hf", args.convert
-    )
+    return _ppl_trend(args, channels) if args.checkpoints else _ppl_single(args, channels)
+
+
+def _ppl_single(args: argparse.Namespace, channels: list[Channel]) -> int:
+    from tools.eval import ppl, trends
+
+    results = _evaluate_export(args, args.hf, channels)
+    print(ppl.format_table(results))
+    _print_skipped(results)
+    if args.csv:
+        trends.write_csv([(0, r) for r in results], args.csv)
+    return 0
+
+
+def _ppl_trend(args: argparse.Namespace, channels: list[Channel]) -> int:
+    from tools.eval import ppl, trends
+
+    tokenizer = Path(args.tokenizer) if args.tokenizer else None
+    snapshots = trends.find_snapshots(args.checkpoints)
+    ready, skipped = trends.resolve_hf_dirs(snapshots, args.checkpoints / "hf", args.convert, tokenizer)
     rows = []
     for iteration, hf_dir in ready:
-        model = load_model(hf_dir, args.dtype, args.device)
-        tokenizer = load_tokenizer(args.tokenizer or hf_dir)
-        results = ppl.evaluate_channels(model, tokenizer, channels, _seq_length(args, model), **options)
+        results = _evaluate_export(args, hf_dir, channels)
         print(f"iteration {iteration} ({hf_dir})\n{ppl.format_table(results)}", flush=True)
         rows += [(iteration, r) for r in results]
     out_dir = args.out_dir or args.checkpoints / "eval"
@@ -127,19 +161,31 @@ def run_ppl(args) -> int:
     return 0
 
 
-def _seq_length(args, model) -> int:
+def _evaluate_export(
+    args: argparse.Namespace, hf_dir: str | Path, channels: list[Channel]
+) -> list[ChannelResult]:
+    """Per-channel results of one export. The model lives only in this call, so the trend loop
+    frees one checkpoint before it loads the next instead of holding two at its peak."""
+    from tools.eval import ppl
+
+    model, tokenizer = _load(args, hf_dir)
+    options = dict(batch_size=args.batch_size, max_tokens=args.max_tokens, text_key=args.text_key)
+    return ppl.evaluate_channels(model, tokenizer, channels, _seq_length(args, model), **options)
+
+
+def _seq_length(args: argparse.Namespace, model: PreTrainedModel) -> int:
     limit = getattr(model.config, "max_position_embeddings", args.seq_length)
     return min(args.seq_length, limit)
 
 
-def _require_positive(args, *names: str) -> None:
+def _require_positive(args: argparse.Namespace, *names: str) -> None:
     for name in names:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
 
-def _print_skipped(results) -> None:
+def _print_skipped(results: list[ChannelResult]) -> None:
     for result in results:
         for reason in result.skipped[:5]:
             print(f"skipped {reason}", file=sys.stderr)
@@ -147,12 +193,12 @@ def _print_skipped(results) -> None:
             print(f"skipped {len(result.skipped) - 5} more lines of {result.channel}", file=sys.stderr)
 
 
-def run_probes(args) -> int:
+def run_probes(args: argparse.Namespace) -> int:
     from megatron_patches.probe_scoring import load_probes, probe_rows
     from tools.eval.probes import score_hf
 
     probes = load_probes(args.probes)
-    probe_rows(probes, load_tokenizer(args.tokenizer or args.hf))  # bad probes fail before the model loads
+    probe_rows(probes, _tokenizer(args))  # bad probes fail before the model loads
     model, tokenizer = _load(args)
     scores = {f"probe/{k}": v for k, v in score_hf(model, tokenizer, probes, args.vocab_size).items()}
     for name, value in scores.items():
@@ -162,7 +208,7 @@ def run_probes(args) -> int:
     return 0
 
 
-def run_bench(args) -> int:
+def run_bench(args: argparse.Namespace) -> int:
     from tools.eval import bench
     from tools.eval.rewrites import NONE_CORRECT
     from tools.infer.generation import Sampling, check_sampling, generate
@@ -185,7 +231,7 @@ def run_bench(args) -> int:
     return 0
 
 
-def run_inspect(args) -> int:
+def run_inspect(args: argparse.Namespace) -> int:
     from tools.eval import inspect
     from tools.eval.hf import require_family
 

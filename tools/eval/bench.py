@@ -1,7 +1,10 @@
 """``python -m tools.eval bench``: rewritten multiple-choice items, scored generatively.
 
 Each scored item is shown after ``--shots`` solved examples (the first items of
-``--dev`` or, without it, of the data file, which are then not scored)::
+``--dev`` or, without it, of the data file, which are then not scored). Examples
+are taken by original item before a rewrite expands it, so no form of a scored
+item is among its examples; ``none-correct`` examples alternate "none" as the
+answer and as a distractor (``rewrites.rewrite_example``)::
 
     Question: Which number is even?
     A. three
@@ -30,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from megatron_patches.errors import ConfigError
-from tools.eval.rewrites import NONE_CORRECT, Prompted, Skip, read_items, rewrite
+from tools.eval.rewrites import NONE_CORRECT, Item, Prompted, Skip, read_items, rewrite, rewrite_example
 
 SAMPLE = Path(__file__).with_name("sample_bench.jsonl")
 PUNCTUATION = string.punctuation + string.whitespace + "。，、：；！？（）"
@@ -47,6 +50,23 @@ class BenchResult:
     @property
     def accuracy(self) -> float:
         return self.correct / self.scored if self.scored else float("nan")
+
+    def add(self, item: Prompted, prompt: str, generation: str, shot_ids: list[str]) -> None:
+        """Score one generation and keep its record."""
+        predicted, expected = extract_answer(generation, item), expected_answer(item)
+        self.scored += 1
+        self.correct += predicted == expected
+        self.records.append(
+            {
+                "id": item.id,
+                "shot_ids": shot_ids,
+                "prompt": prompt,
+                "generation": generation,
+                "predicted": predicted,
+                "expected": expected,
+                "correct": predicted == expected,
+            }
+        )
 
 
 def render(item: Prompted, with_answer: bool) -> str:
@@ -88,16 +108,35 @@ def _normalize(text: str) -> str:
     return " ".join(text.strip(PUNCTUATION).casefold().split())
 
 
-def prompted_items(path: Path, kind: str, none_text: str, skipped: list[str]) -> list[Prompted]:
-    items, bad_lines = read_items(path)
-    skipped += bad_lines
+def expand(items: list[Item], kind: str, none_text: str, skipped: list[str], source: Path) -> list[Prompted]:
+    """The prompted forms of ``items`` in order; items the rewrite cannot use go to ``skipped``."""
     prompted = []
     for item in items:
         try:
             prompted += rewrite(item, kind, none_text)
         except Skip as reason:
-            skipped.append(f"{path.name} item {item.id}: {reason}")
+            skipped.append(f"{source.name} item {item.id}: {reason}")
     return prompted
+
+
+def choose_examples(
+    items: list[Item], kind: str, shots: int, none_text: str, skipped: list[str], source: Path
+) -> tuple[list[Prompted], list[Item]]:
+    """(``shots`` solved examples, the items after those used): chosen by original item, before
+    expansion, so no rewrite of an example's item (``single-answer``'s ``id#k``) is ever scored."""
+    examples: list[Prompted] = []
+    used = 0
+    for item in items:
+        if len(examples) >= shots:
+            break
+        used += 1
+        try:
+            examples += rewrite_example(item, kind, len(examples), none_text)
+        except Skip as reason:
+            skipped.append(f"{source.name} item {item.id}: {reason}")
+    if len(examples) < shots:
+        raise ConfigError(f"{source} has {len(examples)} usable items; --shots {shots} needs more")
+    return examples[:shots], items[used:]
 
 
 def run_bench(
@@ -112,27 +151,18 @@ def run_bench(
     if shots < 0:
         raise ConfigError(f"--shots must be >= 0, got {shots}")
     result = BenchResult(kind)
-    items = prompted_items(path, kind, none_text, result.skipped)
-    examples = prompted_items(dev, kind, none_text, []) if dev else items
-    if len(examples) < shots + (0 if dev else 1):
-        raise ConfigError(f"{dev or path} has {len(examples)} usable items; --shots {shots} needs more")
-    shot_items = examples[:shots]
-    scored = items if dev else items[shots:]
+    items, bad_lines = read_items(path)
+    result.skipped += bad_lines
+    if dev:
+        shot_items, _ = choose_examples(read_items(dev)[0], kind, shots, none_text, [], dev)
+    else:
+        shot_items, items = choose_examples(items, kind, shots, none_text, result.skipped, path)
+    scored = expand(items, kind, none_text, result.skipped, path)
+    if not scored:
+        raise ConfigError(f"{path} has no usable items left to score after {shots} examples")
     prompts = [build_prompt(shot_items, item) for item in scored]
     for item, prompt, generation in zip(scored, prompts, generate(prompts), strict=True):
-        predicted, expected = extract_answer(generation, item), expected_answer(item)
-        result.scored += 1
-        result.correct += predicted == expected
-        result.records.append(
-            {
-                "id": item.id,
-                "prompt": prompt,
-                "generation": generation,
-                "predicted": predicted,
-                "expected": expected,
-                "correct": predicted == expected,
-            }
-        )
+        result.add(item, prompt, generation, [shot.id for shot in shot_items])
     return result
 
 

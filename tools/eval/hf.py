@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from megatron_patches.errors import ConfigError
 
-# Families whose module layout (model.model.layers, model.model.norm, lm_head) the lenses
-# rely on: the decoder-only families the converter writes.
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+# Families the lenses (tools/eval/inspect.py) work on: transformers' own modeling code with the
+# model.model.layers / model.model.norm / lm_head layout and eager attention that returns weights.
 SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+# Families the converter writes that the lenses refuse, and why.
+UNSUPPORTED_FAMILIES = {
+    "baichuan": "Baichuan2's modeling code ships with the checkpoint (trust_remote_code) and cannot "
+    "return attention weights (its attention is scaled_dot_product_attention only); export it as "
+    "llama with `python -m tools.convert hf2hf --hf DIR --out OUT --to llama` and inspect that",
+}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -18,18 +30,57 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def model_type(path: str | Path) -> str:
-    """The ``model_type`` of an HF directory (raises on a missing/unreadable config)."""
+def declared_config(path: str | Path) -> dict:
+    """The raw ``config.json`` of an HF directory, read without transformers."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"{path} is not an HF model directory (no config.json)")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{config_file} is not valid JSON: {err}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise ConfigError(f"{config_file} has no 'model_type' string")
+    return config
+
+
+def load_config(path: str | Path, trust_remote_code: bool = False) -> PretrainedConfig:
+    """``AutoConfig`` of an HF directory; unknown families and unconsented remote code are ConfigErrors."""
     from transformers import AutoConfig
 
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"{path} is not an HF model directory (no config.json)")
-    return AutoConfig.from_pretrained(path).model_type
+    declared = declared_config(path)
+    family = declared["model_type"]
+    _require_consent(declared, f"{path}: model family {family!r}", trust_remote_code)
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (ValueError, OSError, KeyError) as err:
+        if "does not recognize this architecture" in str(err):
+            raise ConfigError(
+                f"{path}: unknown model family {family!r} (not in this transformers install, "
+                "and config.json has no auto_map to remote code)"
+            ) from None
+        raise ConfigError(f"{path}: cannot read the model config: {str(err).splitlines()[0]}") from None
+
+
+def _require_consent(config: dict, what: str, trust_remote_code: bool) -> None:
+    """Refuse remote code without --trust-remote-code here: transformers would prompt on a terminal."""
+    if "auto_map" in config and not trust_remote_code:
+        raise ConfigError(
+            f"{what} ships its own modeling code; pass --trust-remote-code to run it "
+            "(only for exports you trust)"
+        )
+
+
+def model_type(path: str | Path, trust_remote_code: bool = False) -> str:
+    """The ``model_type`` of an HF directory transformers can load (ConfigError otherwise)."""
+    return load_config(path, trust_remote_code).model_type
 
 
 def require_family(path: str | Path) -> None:
-    family = model_type(path)
+    """Refuse a model the lenses cannot look into, before anything is loaded."""
+    family = declared_config(path)["model_type"]
+    if family in UNSUPPORTED_FAMILIES:
+        raise ConfigError(f"{path}: the lenses do not support {family!r}: {UNSUPPORTED_FAMILIES[family]}")
     if family not in SUPPORTED_FAMILIES:
         raise ConfigError(
             f"{path}: model family {family!r} is not supported; supported: {list(SUPPORTED_FAMILIES)}"
@@ -41,14 +92,15 @@ def load_model(
     dtype: str = "float32",
     device: str | None = None,
     attn_implementation: str | None = None,
-):
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
     """``AutoModelForCausalLM`` in eval mode on ``device``."""
     from transformers import AutoModelForCausalLM
 
-    model_type(path)
+    load_config(path, trust_remote_code)
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
-    kwargs = {"dtype": DTYPES[dtype]}
+    kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
@@ -58,16 +110,29 @@ def load_model(
     return model.to(device or default_device()).eval()
 
 
-def load_tokenizer(path: str | Path):
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """``AutoTokenizer`` with a pad token (the EOS token when it has none) for batched generation."""
     from transformers import AutoTokenizer
 
     if not Path(path).is_dir():
         raise ConfigError(f"tokenizer directory {path} does not exist")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    _require_consent(_tokenizer_config(Path(path)), f"{path}: the tokenizer", trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (ValueError, OSError) as err:
+        raise ConfigError(f"{path}: cannot load the tokenizer: {str(err).splitlines()[0]}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def model_device(model) -> torch.device:
+def _tokenizer_config(path: Path) -> dict:
+    """``tokenizer_config.json`` ({} when absent or unreadable: transformers then names the problem)."""
+    with contextlib.suppress(OSError, UnicodeDecodeError, json.JSONDecodeError):
+        config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+        return config if isinstance(config, dict) else {}
+    return {}
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device

@@ -1,5 +1,7 @@
 """Lenses for debugging an HF model (Llama, Qwen2, Qwen3, Mistral), from Python or the CLI.
 
+Baichuan2 is refused (``hf.UNSUPPORTED_FAMILIES`` says why); its ``hf2hf --to llama`` export works.
+
 - :func:`cosine_distances`: per layer and token, 1 - cos(input, output) of the
   decoder layer's hidden state: how much each layer changes the residual stream
   (near 0: the layer does almost nothing).
@@ -16,6 +18,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,6 +27,9 @@ import torch
 from megatron_patches.errors import ConfigError
 from tools.eval import plots
 from tools.eval.hf import load_model, load_tokenizer, model_device, require_family
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass
@@ -34,17 +41,19 @@ class Trace:
     outputs: list[torch.Tensor]  # per layer [T, H]
 
 
-def load(path: str):
+def load(path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model, tokenizer) with eager attention, so attention weights can be returned."""
     require_family(path)
     return load_model(path, attn_implementation="eager"), load_tokenizer(path)
 
 
-def _decoder(model):
+def _decoder(model: PreTrainedModel) -> torch.nn.Module:
     return model.model
 
 
-def trace(model, tokenizer, text: str) -> tuple[Trace, torch.Tensor]:
+def trace(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, text: str
+) -> tuple[Trace, torch.Tensor]:
     """(hidden states around every decoder layer, input ids [1, T])."""
     ids = tokenizer(text, return_tensors="pt")["input_ids"].to(model_device(model))
     if ids.shape[1] == 0:
@@ -68,7 +77,9 @@ def trace(model, tokenizer, text: str) -> tuple[Trace, torch.Tensor]:
     return Trace(tokens, inputs, outputs), ids
 
 
-def cosine_distances(model, tokenizer, text: str) -> tuple[list[str], torch.Tensor]:
+def cosine_distances(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, text: str
+) -> tuple[list[str], torch.Tensor]:
     """(tokens, [layers, T] of 1 - cos(layer input, layer output))."""
     t, _ = trace(model, tokenizer, text)
     pairs = zip(t.inputs, t.outputs, strict=True)
@@ -76,7 +87,9 @@ def cosine_distances(model, tokenizer, text: str) -> tuple[list[str], torch.Tens
     return t.tokens, torch.stack(rows).cpu()
 
 
-def logit_lens(model, tokenizer, text: str, k: int = 5) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+def logit_lens(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, text: str, k: int = 5
+) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     """(tokens, probabilities [layers, T, k], token ids [layers, T, k]) of each layer's top-k."""
     t, _ = trace(model, tokenizer, text)
     norm, head = _decoder(model).norm, model.get_output_embeddings()
@@ -90,7 +103,9 @@ def logit_lens(model, tokenizer, text: str, k: int = 5) -> tuple[list[str], torc
     return t.tokens, torch.stack(probs).cpu(), torch.stack(ids).cpu()
 
 
-def attention(model, tokenizer, text: str, layer: int, head: int) -> tuple[list[str], torch.Tensor]:
+def attention(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, text: str, layer: int, head: int
+) -> tuple[list[str], torch.Tensor]:
     """(tokens, [T, T] attention weights of ``layer``/``head``; row = query, column = key)."""
     config = model.config
     if not 0 <= layer < config.num_hidden_layers or not 0 <= head < config.num_attention_heads:
@@ -120,7 +135,13 @@ def cosine_table(tokens: list[str], distances: torch.Tensor) -> str:
     return "\n".join(["cosine distance between each layer's input and output", header, *rows])
 
 
-def lens_table(tokens, probs, ids, tokenizer, position: int = -1) -> str:
+def lens_table(
+    tokens: list[str],
+    probs: torch.Tensor,
+    ids: torch.Tensor,
+    tokenizer: PreTrainedTokenizerBase,
+    position: int = -1,
+) -> str:
     position = position % len(tokens)
     title = f"logit lens after token {position} ({tokens[position]!r}): top-{probs.shape[-1]} next tokens"
     rows = [
@@ -134,7 +155,9 @@ def lens_table(tokens, probs, ids, tokenizer, position: int = -1) -> str:
     return "\n".join([title, *rows])
 
 
-def attention_line(tokens, weights, layer: int, head: int, query: int, key: int) -> str:
+def attention_line(
+    tokens: list[str], weights: torch.Tensor, layer: int, head: int, query: int, key: int
+) -> str:
     count = len(tokens)
     if not (-count <= query < count and -count <= key < count):
         raise ConfigError(f"token positions {query}, {key} out of range for {count} tokens")
@@ -145,7 +168,15 @@ def attention_line(tokens, weights, layer: int, head: int, query: int, key: int)
     )
 
 
-def plot(path, tokens, distances=None, lens=None, lens_words=None, weights=None, title: str = "") -> None:
+def plot(
+    path: str | Path,
+    tokens: list[str],
+    distances: torch.Tensor | None = None,
+    lens: torch.Tensor | None = None,
+    lens_words: list[list[str]] | None = None,
+    weights: torch.Tensor | None = None,
+    title: str = "",
+) -> None:
     """Heat maps of whichever analyses are given, side by side, into ``path`` (PNG).
 
     ``lens`` is the top-1 probability per layer and token ([layers, T]); ``lens_words``

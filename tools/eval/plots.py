@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    from matplotlib.figure import Figure
 
 
-def pyplot():
+def pyplot() -> ModuleType:
+    """``matplotlib.pyplot`` on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -15,7 +22,7 @@ def pyplot():
     return plt
 
 
-def save(fig, path: str | Path) -> None:
+def save(fig: Figure, path: str | Path) -> None:
     """Write ``fig`` to ``path`` through a temporary file, then close it."""
     path = Path(path)
     tmp = path.with_name(path.stem + ".tmp" + path.suffix)

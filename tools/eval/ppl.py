@@ -17,12 +17,16 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from megatron_patches.errors import ConfigError
 from megatron_patches.probe_scoring import token_logprobs
 from tools.eval.hf import model_device
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 SUFFIX = "_text_document"
 
@@ -79,7 +83,9 @@ def _indexed(prefix: Path) -> Channel:
     return Channel(prefix.name.removesuffix(SUFFIX), prefix, "indexed")
 
 
-def channel_documents(channel: Channel, tokenizer, text_key: str, skipped: list[str]) -> Iterator[list[int]]:
+def channel_documents(
+    channel: Channel, tokenizer: PreTrainedTokenizerBase, text_key: str, skipped: list[str]
+) -> Iterator[list[int]]:
     """Token ids of each document, EOS-terminated; unreadable JSONL lines go to ``skipped``."""
     if channel.kind == "indexed":
         from megatron.core.datasets.indexed_dataset import IndexedDataset
@@ -118,7 +124,7 @@ def windows(documents: Iterator[list[int]], seq_length: int, max_tokens: int | N
 
 
 def score_windows(
-    model, windows_: Iterator[list[int]], batch_size: int, vocab_size: int
+    model: PreTrainedModel, windows_: Iterator[list[int]], batch_size: int, vocab_size: int
 ) -> tuple[float, int]:
     """(sum of log-probs, predicted tokens) over all windows, batching equal lengths."""
     device = model_device(model)
@@ -145,8 +151,8 @@ def score_windows(
 
 
 def evaluate_channels(
-    model,
-    tokenizer,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     channels: list[Channel],
     seq_length: int,
     batch_size: int = 4,

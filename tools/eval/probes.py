@@ -7,6 +7,8 @@ converted checkpoint gives the numbers the run logged as ``probe/<name>``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from megatron_patches.probe_scoring import (
@@ -20,9 +22,16 @@ from megatron_patches.probe_scoring import (
 )
 from tools.eval.hf import model_device
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 
 def score_hf(
-    model, tokenizer, probes: list[Probe], vocab_size: int | None = None, micro_batch_size: int = 8
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    probes: list[Probe],
+    vocab_size: int | None = None,
+    micro_batch_size: int = 8,
 ) -> dict[str, float]:
     """``{probe name: score}`` on an HF causal LM.
 

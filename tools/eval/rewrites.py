@@ -13,6 +13,10 @@ Each rewrite turns an :class:`Item` into zero or more :class:`Prompted` items
   option's text. Multi-answer items are skipped.
 - ``none-correct``: the correct option's text is replaced by "none of the others
   are correct"; the answer is that option's label. Multi-answer items are skipped.
+  As solved few-shot examples (:func:`rewrite_example`) every second item instead
+  keeps its correct option and has its last wrong option replaced by the "none"
+  text: were "none" the answer of every example, the examples would teach "pick
+  none" and the rewrite would test nothing.
 - ``zh-labels``: labels 一, 二, 三, 四, ... instead of A, B, C, D.
 - ``single-answer``: a multi-answer item becomes one item per correct option,
   the other correct options removed (ids ``<id>#1``, ``<id>#2``, ...); single-answer
@@ -131,6 +135,22 @@ def rewrite(item: Item, kind: str, none_text: str = NONE_CORRECT) -> list[Prompt
         options[item.answers[0]] = none_text
         return [_labelled(replace(item, options=tuple(options)), LATIN)]
     raise ConfigError(f"unknown rewrite {kind!r}; known: {list(REWRITES)}")
+
+
+def rewrite_example(item: Item, kind: str, position: int, none_text: str = NONE_CORRECT) -> list[Prompted]:
+    """The form(s) of ``item`` as the ``position``-th solved few-shot example: as :func:`rewrite`,
+    except that ``none-correct`` examples at odd positions show "none" as a wrong option."""
+    if kind == "none-correct" and position % 2 == 1 and len(item.answers) == 1:
+        return [_labelled(_none_as_distractor(item, none_text), LATIN)]
+    return rewrite(item, kind, none_text)
+
+
+def _none_as_distractor(item: Item, none_text: str) -> Item:
+    """``item`` with its last wrong option replaced by ``none_text`` (the answer stays)."""
+    options = list(item.options)
+    wrong = [i for i in range(len(options)) if i not in item.answers]
+    options[wrong[-1]] = none_text
+    return replace(item, options=tuple(options))
 
 
 def _labelled(item: Item, alphabet: str) -> Prompted:

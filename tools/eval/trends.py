@@ -28,8 +28,10 @@ from tools.eval.ppl import ChannelResult
 
 ITERATION = re.compile(r"(?:iter_|checkpoint-|step[_-]?)(\d+)$")
 WEIGHTS = ("*.safetensors", "pytorch_model*.bin")
-# The converter's command line (tools/convert); {checkpoint} and {out} are filled in.
+# The converter's command line (tools/convert); {checkpoint} and {out} are filled in. Without
+# --tokenizer the converter ships the tokenizer the trainer keeps beside the checkpoints.
 CONVERT_COMMAND = ("-m", "tools.convert", "mcore2hf", "--mcore", "{checkpoint}", "--out", "{out}", "--quiet")
+TOKENIZER_OPTION = ("--tokenizer", "{tokenizer}")
 
 
 @dataclass
@@ -77,17 +79,19 @@ def find_snapshots(run_dir: Path) -> list[Snapshot]:
     return snapshots
 
 
-def megatron_to_hf(checkpoint_dir: Path, out_dir: Path) -> Path:
+def megatron_to_hf(checkpoint_dir: Path, out_dir: Path, tokenizer: Path | None = None) -> Path:
     """Convert one Megatron checkpoint into an HF directory at ``out_dir`` (atomically).
 
     The one place ``tools/eval`` depends on ``tools/convert``: it runs the
     converter's ``mcore2hf`` command (:data:`CONVERT_COMMAND`) in a subprocess
     into a temporary directory and renames it when complete; a failure (no
     converter installed included) ends with the converter's last error line.
+    ``tokenizer`` (an HF tokenizer directory) is shipped with the export.
     """
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    args = [a.format(checkpoint=checkpoint_dir, out=tmp) for a in CONVERT_COMMAND]
+    template = CONVERT_COMMAND + (TOKENIZER_OPTION if tokenizer else ())
+    args = [a.format(checkpoint=checkpoint_dir, out=tmp, tokenizer=tokenizer) for a in template]
     proc = subprocess.run([sys.executable, *args], capture_output=True, text=True)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -96,7 +100,9 @@ def megatron_to_hf(checkpoint_dir: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def resolve_hf_dirs(snapshots: list[Snapshot], export_root: Path, convert: bool) -> tuple[list, list]:
+def resolve_hf_dirs(
+    snapshots: list[Snapshot], export_root: Path, convert: bool, tokenizer: Path | None = None
+) -> tuple[list[tuple[int, Path]], list[str]]:
     """([(iteration, hf dir)], [skip notes]): exports as found, Megatron-only ones converted if asked."""
     ready, skipped = [], []
     for snap in snapshots:
@@ -104,12 +110,9 @@ def resolve_hf_dirs(snapshots: list[Snapshot], export_root: Path, convert: bool)
             ready.append((snap.iteration, snap.hf_dir))
         elif convert:
             target = export_root / f"iter_{snap.iteration:07d}"
-            ready.append(
-                (
-                    snap.iteration,
-                    target if is_hf_export(target) else megatron_to_hf(snap.megatron_dir, target),
-                )
-            )
+            if not is_hf_export(target):
+                megatron_to_hf(snap.megatron_dir, target, tokenizer)
+            ready.append((snap.iteration, target))
         else:
             skipped.append(
                 f"iteration {snap.iteration}: Megatron checkpoint only (pass --convert to convert it)"

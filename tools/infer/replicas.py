@@ -18,12 +18,16 @@ import queue
 import sys
 import traceback
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from megatron_patches.errors import ConfigError
 from tools.infer.generation import Sampling, generate
 from tools.infer.records import OrderedWriter
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass(frozen=True)
@@ -35,10 +39,15 @@ class ReplicaSpec:
     batch_size: int
     prompt_key: str
     threads: int
+    trust_remote_code: bool = False
 
 
 def parse_devices(text: str | None) -> list[str]:
-    """``"0,1,2,3"`` -> GPU indices; ``"cpu"`` (the default without CUDA) -> ``["cpu"]``."""
+    """``"0,1,2,3"`` -> GPU indices; ``"cpu"`` (the default without CUDA) -> ``["cpu"]``.
+
+    Indices count the GPUs this process sees, as ``cuda:N`` does: with
+    ``CUDA_VISIBLE_DEVICES=4,5,6,7`` set, ``0`` is physical GPU 4 (see :func:`physical_group`).
+    """
     if text is None:
         return [str(i) for i in range(torch.cuda.device_count())] or ["cpu"]
     if text.strip() == "cpu":
@@ -60,15 +69,37 @@ def device_groups(devices: list[str], replicas: int) -> list[tuple[str, ...]]:
     return [tuple(devices[i * size : (i + 1) * size]) for i in range(replicas)]
 
 
-def load_replica(spec: ReplicaSpec, gpus: int):
+def physical_group(group: tuple[str, ...], visible: str | None) -> tuple[str, ...]:
+    """The entries a child's ``CUDA_VISIBLE_DEVICES`` needs for ``group`` (indices this process sees).
+
+    A child's ``CUDA_VISIBLE_DEVICES`` names devices as the driver does, so index ``i`` becomes the
+    parent's i-th visible entry (a physical index or a ``GPU-``/``MIG-`` UUID) when the parent
+    has a ``CUDA_VISIBLE_DEVICES`` of its own, and stays ``i`` when it has none.
+    """
+    if group == ("cpu",) or visible is None:
+        return group
+    entries = [entry.strip() for entry in visible.split(",") if entry.strip()]
+    beyond = [index for index in group if int(index) >= len(entries)]
+    if beyond:
+        raise ConfigError(
+            f"--devices names GPU {beyond[0]} but CUDA_VISIBLE_DEVICES={visible!r} shows "
+            f"{len(entries)} GPU(s); indices count the visible GPUs from 0"
+        )
+    return tuple(entries[int(index)] for index in group)
+
+
+def load_replica(spec: ReplicaSpec, gpus: int) -> PreTrainedModel:
     """The model on this process's devices: CPU, one GPU, or spread over ``gpus`` GPUs."""
     from transformers import AutoModelForCausalLM
 
     from tools.eval.hf import DTYPES, load_model
 
     if gpus <= 1:
-        return load_model(spec.model, spec.dtype, "cuda:0" if gpus else "cpu")
-    model = AutoModelForCausalLM.from_pretrained(spec.model, dtype=DTYPES[spec.dtype], device_map="auto")
+        device = "cuda:0" if gpus else "cpu"
+        return load_model(spec.model, spec.dtype, device, trust_remote_code=spec.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        spec.model, dtype=DTYPES[spec.dtype], device_map="auto", trust_remote_code=spec.trust_remote_code
+    )
     return model.eval()
 
 
@@ -77,7 +108,8 @@ def _replica_main(spec: ReplicaSpec, gpus: int, tasks, results, parent_pid: int)
         from tools.eval.hf import load_tokenizer
 
         torch.set_num_threads(spec.threads)
-        model, tokenizer = load_replica(spec, gpus), load_tokenizer(spec.tokenizer)
+        model = load_replica(spec, gpus)
+        tokenizer = load_tokenizer(spec.tokenizer, spec.trust_remote_code)
         while True:
             try:
                 batch = tasks.get(timeout=2)
@@ -87,9 +119,10 @@ def _replica_main(spec: ReplicaSpec, gpus: int, tasks, results, parent_pid: int)
                 continue
             if batch is None:
                 return
-            prompts = [record[spec.prompt_key] for record in batch]
-            outputs = generate(model, tokenizer, prompts, spec.sampling, spec.batch_size)
-            results.put(("done", [{**r, "output": o} for r, o in zip(batch, outputs, strict=True)]))
+            positions, records = zip(*batch, strict=True)
+            prompts = [record[spec.prompt_key] for record in records]
+            outputs = generate(model, tokenizer, prompts, spec.sampling, spec.batch_size, positions)
+            results.put(("done", [{**r, "output": o} for r, o in zip(records, outputs, strict=True)]))
     except BaseException:  # noqa: BLE001 - the parent must learn why a replica stopped
         results.put(("error", traceback.format_exc()))
 
@@ -99,7 +132,7 @@ def _visible_devices(group: tuple[str, ...]):
     """Spawned children inherit the environment at start: show them only their group."""
     old = os.environ.get("CUDA_VISIBLE_DEVICES")
     if group != ("cpu",):
-        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(group)
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(physical_group(group, old))
     try:
         yield
     finally:
@@ -110,22 +143,23 @@ def _visible_devices(group: tuple[str, ...]):
 
 
 def run_replicas(
-    spec: ReplicaSpec, groups: list[tuple[str, ...]], pending: list[dict], writer: OrderedWriter
+    spec: ReplicaSpec,
+    groups: list[tuple[str, ...]],
+    pending: list[tuple[int, dict]],
+    writer: OrderedWriter,
 ) -> None:
-    """Generate for every pending record with one process per device group; write in order."""
+    """Generate for every pending (position in the whole input, record) with one process per
+    device group; write in order. Positions seed sampling, so outputs do not depend on groups."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    for group in groups:  # an index beyond the visible GPUs fails before any replica starts
+        physical_group(group, visible)
     ctx = mp.get_context("spawn")
     tasks, results = ctx.Queue(), ctx.Queue()
     for start in range(0, len(pending), spec.batch_size):
         tasks.put(pending[start : start + spec.batch_size])
     for _ in groups:
         tasks.put(None)
-    procs = []
-    for group in groups:
-        gpus = 0 if group == ("cpu",) else len(group)
-        with _visible_devices(group):
-            proc = ctx.Process(target=_replica_main, args=(spec, gpus, tasks, results, os.getpid()))
-            proc.start()
-        procs.append(proc)
+    procs = [_start_replica(ctx, spec, group, tasks, results) for group in groups]
     try:
         _collect(procs, results, writer, len(pending))
     finally:
@@ -133,6 +167,15 @@ def run_replicas(
             if proc.is_alive():
                 proc.kill()
             proc.join(timeout=10)
+
+
+def _start_replica(ctx, spec: ReplicaSpec, group: tuple[str, ...], tasks, results) -> mp.Process:
+    """One replica process that sees only ``group``'s devices."""
+    gpus = 0 if group == ("cpu",) else len(group)
+    with _visible_devices(group):
+        proc = ctx.Process(target=_replica_main, args=(spec, gpus, tasks, results, os.getpid()))
+        proc.start()
+    return proc
 
 
 def _collect(procs, results, writer: OrderedWriter, total: int) -> None:

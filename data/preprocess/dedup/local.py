@@ -10,6 +10,7 @@ without its duplicates.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +44,7 @@ def signature_task(task: FileTask, progress: Progress) -> Stats:
     try:
         for record in signature_records(task.index, task.path, task.config):
             chunk.append(record)
-            progress.update(1, record.length)
+            progress.update(1, record.nbytes)
             if len(chunk) >= _CHUNK:
                 _flush(chunk, handles, task.config)
                 chunk = []
@@ -166,7 +167,7 @@ def _verify(
 
 
 def drop_lists(
-    removal: dict[int, Removal], tasks: list[FileTask], similarity
+    removal: dict[int, Removal], tasks: list[FileTask], similarity: Callable[[int, int], float]
 ) -> dict[int, dict[int, tuple[Removal, str, float]]]:
     """Per file index: line -> (removal, keeper as 'file:line', similarity to the keeper)."""
     names = {t.index: t.path.name for t in tasks}

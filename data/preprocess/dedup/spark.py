@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from megatron_patches.errors import ConfigError
 
@@ -28,8 +29,12 @@ from .local import drop_lists
 from .lsh import DocInfo, UnionFind, removals, split_gid, star_edges
 from .tasks import FilterTask, filter_file, record_band_keys, shingles_for_lines, signature_records
 
+if TYPE_CHECKING:
+    from pyspark import RDD, SparkContext
+    from pyspark.sql import SparkSession
 
-def spark_session(config: PipelineConfig):
+
+def spark_session(config: PipelineConfig) -> SparkSession:
     try:
         from pyspark.sql import SparkSession
     except ImportError as err:
@@ -90,45 +95,65 @@ def run_spark(tasks: list[FileTask], config: PipelineConfig) -> Stats:
             spark.stop()
 
 
-def _run(sc, tasks: list[FileTask], config: PipelineConfig) -> Stats:
-    d = config.dedup
+def _run(sc: SparkContext, tasks: list[FileTask], config: PipelineConfig) -> Stats:
     files = sc.parallelize([(t.index, str(t.path)) for t in tasks], max(1, len(tasks)))
     records = (
         files.flatMap(lambda f: signature_records(f[0], Path(f[1]), config)).keyBy(lambda r: r.gid).cache()
     )
-    edges = (
+    edges = _bucket_edges(records, config)
+    exact_edges = edges.filter(lambda e: e[0]).map(lambda e: (e[1], e[2])).distinct()
+    candidates = edges.filter(lambda e: not e[0]).map(lambda e: (e[1], e[2])).distinct()
+    stats = Stats({"edges/exact": exact_edges.count(), "edges/candidates": candidates.count()})
+    verified = _verified(sc, candidates, records, files, config).collect()
+    stats["edges/verified"] += len(verified)
+    drops = _drop_lists(sc, records, exact_edges.collect() + verified, tasks, config, stats)
+    results = _filter_files(sc, tasks, drops)
+    records.unpersist()
+    edges.unpersist()
+    for result in results:
+        stats += result
+    return stats
+
+
+def _bucket_edges(records: RDD, config: PipelineConfig) -> RDD:
+    """(is exact, a, b) star edges of every LSH bucket and exact-hash group, cached."""
+    return (
         records.values()
         .flatMap(lambda r: _keys(r, config))
         .groupByKey()
         .flatMap(lambda kv: [(kv[0][0] == "exact", a, b) for a, b in star_edges(kv[1])])
         .cache()
     )
-    exact_edges = edges.filter(lambda e: e[0]).map(lambda e: (e[1], e[2])).distinct()
-    candidates = edges.filter(lambda e: not e[0]).map(lambda e: (e[1], e[2])).distinct()
-    stats = Stats({"edges/exact": exact_edges.count(), "edges/candidates": candidates.count()})
-    verified = _verified(sc, candidates, records, files, config).collect()
-    stats["edges/verified"] += len(verified)
+
+
+def _drop_lists(
+    sc: SparkContext,
+    records: RDD,
+    edges: list[tuple[int, int]],
+    tasks: list[FileTask],
+    config: PipelineConfig,
+    stats: Stats,
+) -> dict[int, dict]:
+    """Cluster the duplicate edges on the driver and pick keepers, as the local engine does."""
     uf = UnionFind()
-    for a, b in exact_edges.collect() + verified:
+    for a, b in edges:
         uf.union(a, b)
     clusters = uf.clusters()
     stats["clusters"] += len(clusters)
     members = sc.broadcast({gid for group in clusters.values() for gid in group})
     info = records.filter(lambda kv: kv[0] in members.value).collectAsMap()
     infos = {gid: DocInfo(r.length, r.quality, r.exact) for gid, r in info.items()}
-    removal = removals(clusters, infos, d.keep)
-    drops = drop_lists(removal, tasks, lambda a, b: estimated_jaccard(info[a].signature, info[b].signature))
+    removal = removals(clusters, infos, config.dedup.keep)
+    return drop_lists(removal, tasks, lambda a, b: estimated_jaccard(info[a].signature, info[b].signature))
+
+
+def _filter_files(sc: SparkContext, tasks: list[FileTask], drops: dict[int, dict]) -> list[Stats]:
     filters = [FilterTask(t.index, t.path, t.out, t.config, drops[t.index]) for t in tasks]
-    results = (
+    return (
         sc.parallelize(filters, max(1, len(filters)))
         .map(lambda t: filter_file(t, Progress(_ignore)))
         .collect()
     )
-    records.unpersist()
-    edges.unpersist()
-    for result in results:
-        stats += result
-    return stats
 
 
 def _ignore(docs: int, nbytes: int) -> None:

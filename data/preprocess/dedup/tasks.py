@@ -24,10 +24,11 @@ from .lsh import Removal, make_gid
 @dataclass(frozen=True)
 class SigRecord:
     gid: int
-    length: int
+    length: int  # characters: "keep the longest" compares these
     quality: float
     exact: int
     signature: np.ndarray  # uint32 [num_perm]
+    nbytes: int = 0  # bytes of the input line, for the progress bar's MB/s
 
 
 def hasher_for(d: DedupConfig) -> MinHasher:
@@ -36,21 +37,23 @@ def hasher_for(d: DedupConfig) -> MinHasher:
 
 def signature_records(file_index: int, path: Path, config: PipelineConfig) -> Iterator[SigRecord]:
     hasher = hasher_for(config.dedup)
-    for line, doc in numbered_documents(path, config.text_field):
+    for doc, nbytes in good_documents(path, config.text_field):
         yield SigRecord(
-            gid=make_gid(file_index, line),
+            gid=make_gid(file_index, doc.line),
             length=len(doc.text),
             quality=math.nan if doc.quality is None else float(doc.quality),
             exact=exact_hash(doc.text),
             signature=hasher.signature(doc.text),
+            nbytes=nbytes,
         )
 
 
-def numbered_documents(path: Path, text_field: str) -> Iterator[tuple[int, Document]]:
-    """(line number, document) for the good lines; malformed ones are counted by the filter pass."""
-    for item, _ in read_documents(path, text_field):
+def good_documents(path: Path, text_field: str) -> Iterator[tuple[Document, int]]:
+    """(document, bytes of its line) for the good lines; malformed ones are counted by the filter
+    pass, which reads through :func:`document_batches`."""
+    for item, nbytes in read_documents(path, text_field):
         if isinstance(item, Document):
-            yield item.line, item
+            yield item, nbytes
 
 
 def record_band_keys(records: list[SigRecord], d: DedupConfig) -> np.ndarray:
@@ -63,9 +66,9 @@ def shingles_for_lines(
     file_index: int, path: Path, lines: set[int], config: PipelineConfig
 ) -> Iterator[tuple[int, np.ndarray]]:
     """(gid, unique 64-bit shingle hashes) for the given lines of one file: exact verification."""
-    for line, doc in numbered_documents(path, config.text_field):
-        if line in lines:
-            yield make_gid(file_index, line), np.unique(shingle_hashes(doc.text, config.dedup.ngram))
+    for doc, _ in good_documents(path, config.text_field):
+        if doc.line in lines:
+            yield make_gid(file_index, doc.line), np.unique(shingle_hashes(doc.text, config.dedup.ngram))
 
 
 @dataclass(frozen=True)

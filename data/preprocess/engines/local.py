@@ -11,8 +11,9 @@ from __future__ import annotations
 import multiprocessing as mp
 import queue
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from typing import Any
 
 from tqdm import tqdm
@@ -68,6 +69,19 @@ class _Bar:
 
     def close(self) -> None:
         self.bar.close()
+
+
+@contextmanager
+def progress_bar(desc: str) -> Iterator[Progress]:
+    """The bar of :func:`run_tasks` for work that runs in this process and cannot be split into
+    tasks (train-tokenizer gathers its sample in the parent)."""
+    bar = _Bar(desc, None)
+    progress = Progress(bar.update, every_s=0.2)
+    try:
+        yield progress
+        progress.flush()
+    finally:
+        bar.close()
 
 
 def run_tasks(fn: Callable[[Any, Progress], Stats], tasks: Sequence[Any], workers: int, desc: str) -> Stats:

@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from megatron_patches.errors import ConfigError
+
+if TYPE_CHECKING:
+    from sentencepiece.sentencepiece_model_pb2 import ModelProto
+    from tokenizers import Tokenizer
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 
-def load_proto(path: Path):
+def load_proto(path: Path) -> ModelProto:
     from sentencepiece import sentencepiece_model_pb2
 
     proto = sentencepiece_model_pb2.ModelProto()
@@ -26,7 +31,7 @@ def load_proto(path: Path):
     return proto
 
 
-def merges_of(proto) -> list[tuple[str, str]]:
+def merges_of(proto: ModelProto) -> list[tuple[str, str]]:
     pieces = list(proto.pieces)
     normal = {p.piece: i for i, p in enumerate(pieces) if p.type == NORMAL}
     ranked = []
@@ -39,7 +44,7 @@ def merges_of(proto) -> list[tuple[str, str]]:
     return [(left, right) for *_, left, right in ranked]
 
 
-def build_tokenizer(proto):
+def build_tokenizer(proto: ModelProto) -> Tokenizer:
     """A `tokenizers.Tokenizer` equivalent to the SentencePiece model `proto`."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
 

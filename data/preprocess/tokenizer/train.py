@@ -14,23 +14,30 @@ compression (characters per token) per channel on documents held out of training
 from __future__ import annotations
 
 import hashlib
+import heapq
 import io
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from megatron_patches.errors import ConfigError
 
-from ..config import PipelineConfig
+from ..config import PipelineConfig, TokenizerConfig
 from ..document import Document
-from ..jsonl import read_documents
+from ..engines.local import Progress, progress_bar
+from ..jsonl import RejectWriter, merge_rejects
 from ..report import Stats, write_json_atomic, write_report
-from ..stage import cpu_workers, staged_dir
+from ..stage import FileTask, cpu_workers, document_batches, staged_dir
 from .hf import CONTROL, NORMAL, export_hf, load_proto
+
+if TYPE_CHECKING:
+    from sentencepiece.sentencepiece_model_pb2 import ModelProto
 
 SPECIAL = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>"}
 MAX_SENTENCE_BYTES = 1 << 16  # SentencePiece skips longer "sentences"; longer documents are cut
 VOCAB_MULTIPLE = 128
+HOLDOUT_RATE = 0.05  # documents whose id hashes below this may be held out of training
 
 
 def round_up(n: int, multiple: int = VOCAB_MULTIPLE) -> int:
@@ -55,37 +62,72 @@ def _unit(doc_id: str) -> float:
     return int.from_bytes(digest, "little") / 2**64
 
 
-def _documents(inputs: list[Path], text_field: str) -> Iterator[Document]:
-    for path in inputs:
-        for item, _ in read_documents(path, text_field):
-            if isinstance(item, Document):
-                yield item
+class TrainingSample:
+    """Held-out documents per channel (for the compression report) and the training text.
 
+    Both are chosen by a hash of the doc id, so the split is deterministic and needs one pass:
+    the training text is the documents with the smallest hash that fit in `budget` bytes (a heap
+    keyed by the hash), which is a uniform sample whose memory is bounded by the budget."""
 
-def split_sample(inputs: list[Path], config: PipelineConfig, stats: Stats):
-    """(training texts, held-out docs per channel): deterministic in the doc ids, two passes."""
-    total = 0
-    for doc in _documents(inputs, config.text_field):
-        total += doc.nbytes
-    rate = min(1.0, config.tokenizer.sample_mb * 1e6 / max(1, total))
-    train: list[str] = []
-    holdout: dict[str, list[str]] = {}
-    for doc in _documents(inputs, config.text_field):
-        stats["docs_in"] += 1
-        stats["bytes_in"] += doc.nbytes
+    def __init__(self, budget: int, holdout_docs: int):
+        self.budget, self.holdout_docs = budget, holdout_docs
+        self.holdout: dict[str, list[str]] = {}
+        self._heap: list[tuple[float, int, str, int]] = []  # (-hash, arrival, text, bytes)
+        self._bytes = self._arrivals = 0
+
+    def add(self, doc: Document) -> None:
         u = _unit(doc.id)
-        channel = doc.channel or "unlabelled"
-        kept = holdout.setdefault(channel, [])
-        stats["docs_out"] += 1  # every document is either held out or sampled (or neither)
-        if u < 0.05 and len(kept) < config.tokenizer.holdout_docs:
-            kept.append(doc.text)
-            stats["holdout_docs"] += 1
-        elif u < rate:
-            train.extend(_chunks(doc.text))
-            stats["train_docs"] += 1
-    if not train:
+        held = self.holdout.get(doc.channel or "unlabelled", [])
+        if u < HOLDOUT_RATE and len(held) < self.holdout_docs:
+            self.holdout.setdefault(doc.channel or "unlabelled", held).append(doc.text)
+            return
+        heapq.heappush(self._heap, (-u, self._arrivals, doc.text, doc.nbytes))
+        self._arrivals += 1
+        self._bytes += doc.nbytes
+        while self._bytes > self.budget and len(self._heap) > 1:
+            self._bytes -= heapq.heappop(self._heap)[3]
+
+    @property
+    def train_docs(self) -> int:
+        return len(self._heap)
+
+    @property
+    def holdout_count(self) -> int:
+        return sum(map(len, self.holdout.values()))
+
+    def training_texts(self) -> list[str]:
+        """The sampled documents in input order, cut into SentencePiece-sized pieces."""
+        in_order = sorted(self._heap, key=lambda entry: entry[1])
+        return [piece for _, _, text, _ in in_order for piece in _chunks(text)]
+
+
+def _sample_file(task: FileTask, sample: TrainingSample, stats: Stats, progress: Progress) -> None:
+    rejects = RejectWriter(task.out / "rejected", task.index)
+    try:
+        for batch in document_batches(task, stats, rejects, progress):
+            stats["docs_in"] += len(batch)
+            for doc in batch:
+                sample.add(doc)
+    finally:
+        rejects.close()
+
+
+def split_sample(
+    inputs: list[Path], config: PipelineConfig, out: Path, stats: Stats
+) -> tuple[list[str], dict[str, list[str]]]:
+    """(training texts, held-out texts per channel); malformed lines go to `out`/rejected/."""
+    t = config.tokenizer
+    sample = TrainingSample(int(t.sample_mb * 1e6), t.holdout_docs)
+    with progress_bar("train-tokenizer") as progress:
+        for index, path in enumerate(inputs):
+            _sample_file(FileTask(index, path, out, config), sample, stats, progress)
+    merge_rejects(out / "rejected")
+    stats["train_docs"], stats["holdout_docs"] = sample.train_docs, sample.holdout_count
+    stats["docs_out"] = sample.train_docs + sample.holdout_count  # the documents the tokenizer saw
+    texts = sample.training_texts()
+    if not texts:
         raise ConfigError("train-tokenizer: no training text in the input")
-    return train, holdout
+    return texts, sample.holdout
 
 
 def _chunks(text: str) -> Iterator[str]:
@@ -98,40 +140,43 @@ def _chunks(text: str) -> Iterator[str]:
         yield text
 
 
+def trainer_options(t: TokenizerConfig, domain: list[str]) -> dict:
+    """SentencePiece trainer settings for the conventions in the module docstring."""
+    return dict(
+        model_type="bpe",
+        vocab_size=round_up(t.vocab_size),
+        hard_vocab_limit=False,  # a small corpus gives fewer pieces; padding restores the multiple
+        character_coverage=t.character_coverage,
+        byte_fallback=True,
+        split_digits=True,
+        normalization_rule_name="identity",
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        max_sentencepiece_length=t.max_piece_length,
+        max_sentence_length=MAX_SENTENCE_BYTES,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3,
+        unk_piece=SPECIAL["unk"],
+        bos_piece=SPECIAL["bos"],
+        eos_piece=SPECIAL["eos"],
+        pad_piece=SPECIAL["pad"],
+        control_symbols=[reserved(i) for i in range(t.reserved_tokens)],
+        user_defined_symbols=domain,
+        num_threads=cpu_workers(t.threads),
+        minloglevel=2,
+    )
+
+
 def train_model(texts: list[str], config: PipelineConfig, domain: list[str]) -> bytes:
     import sentencepiece as spm
 
-    t = config.tokenizer
-    vocab_size = round_up(t.vocab_size)
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(texts),
-            model_writer=model,
-            model_type="bpe",
-            vocab_size=vocab_size,
-            hard_vocab_limit=False,  # a small corpus gives fewer pieces; padding restores the multiple
-            character_coverage=t.character_coverage,
-            byte_fallback=True,
-            split_digits=True,
-            normalization_rule_name="identity",
-            add_dummy_prefix=False,
-            remove_extra_whitespaces=False,
-            allow_whitespace_only_pieces=True,
-            max_sentencepiece_length=t.max_piece_length,
-            max_sentence_length=MAX_SENTENCE_BYTES,
-            unk_id=0,
-            bos_id=1,
-            eos_id=2,
-            pad_id=3,
-            unk_piece=SPECIAL["unk"],
-            bos_piece=SPECIAL["bos"],
-            eos_piece=SPECIAL["eos"],
-            pad_piece=SPECIAL["pad"],
-            control_symbols=[reserved(i) for i in range(t.reserved_tokens)],
-            user_defined_symbols=domain,
-            num_threads=cpu_workers(t.threads),
-            minloglevel=2,
+            sentence_iterator=iter(texts), model_writer=model, **trainer_options(config.tokenizer, domain)
         )
     except RuntimeError as err:
         raise ConfigError(f"SentencePiece training failed: {err}") from err
@@ -156,7 +201,7 @@ def finalize(model: bytes, config: PipelineConfig, forbidden: list[str]) -> tupl
     return proto.SerializeToString(), removed
 
 
-def load_proto_bytes(model: bytes):
+def load_proto_bytes(model: bytes) -> ModelProto:
     from sentencepiece import sentencepiece_model_pb2
 
     proto = sentencepiece_model_pb2.ModelProto()
@@ -181,6 +226,35 @@ def compression(model_path: Path, holdout: dict[str, list[str]]) -> dict[str, di
     return out
 
 
+def check_vocab_room(t: TokenizerConfig, domain: list[str]) -> None:
+    needed = len(SPECIAL) + t.reserved_tokens + len(domain) + 256 + 128
+    if round_up(t.vocab_size) < needed:
+        raise ConfigError(
+            f"tokenizer.vocab_size {t.vocab_size} is too small: specials, reserved and domain tokens "
+            f"and bytes need {needed}"
+        )
+
+
+def write_tokenizer(directory: Path, model: bytes, domain: list[str], removed: list[str]) -> dict:
+    """tokenizer.model, the HF files and tokenizer_info.json into `directory`; returns the info."""
+    (directory / "tokenizer.model").write_bytes(model)
+    export_hf(directory / "tokenizer.model", directory, SPECIAL)
+    proto = load_proto(directory / "tokenizer.model")
+    info = {
+        "sentencepiece_model": "tokenizer.model",
+        "vocab_size": len(proto.pieces),
+        "eod_id": 2,
+        "bos_id": 1,
+        "unk_id": 0,
+        "pad_id": 3,
+        "reserved_ids": [i for i, p in enumerate(proto.pieces) if p.piece.startswith("<|reserved_")],
+        "domain_tokens": domain,
+        "forbidden_removed": removed,
+    }
+    write_json_atomic(directory / "tokenizer_info.json", info)
+    return info
+
+
 def run_train_tokenizer(
     config: PipelineConfig, inputs: list[Path], out: Path, overwrite: bool = False
 ) -> dict:
@@ -188,32 +262,12 @@ def run_train_tokenizer(
     t = config.tokenizer
     domain = read_token_file(config.path(t.domain_tokens), "domain_tokens")
     forbidden = read_token_file(config.path(t.forbidden_tokens), "forbidden_tokens")
-    needed = len(SPECIAL) + t.reserved_tokens + len(domain) + 256 + 128
-    if round_up(t.vocab_size) < needed:
-        raise ConfigError(
-            f"tokenizer.vocab_size {t.vocab_size} is too small: specials, reserved and domain tokens "
-            f"and bytes need {needed}"
-        )
+    check_vocab_room(t, domain)
     with staged_dir(out, overwrite) as tmp:
         stats = Stats()
-        texts, holdout = split_sample(inputs, config, stats)
+        texts, holdout = split_sample(inputs, config, tmp, stats)
         model, removed = finalize(train_model(texts, config, domain), config, forbidden)
-        (tmp / "tokenizer.model").write_bytes(model)
-        export_hf(tmp / "tokenizer.model", tmp, SPECIAL)
-        proto = load_proto(tmp / "tokenizer.model")
-        info = {
-            "sentencepiece_model": "tokenizer.model",
-            "vocab_size": len(proto.pieces),
-            "eod_id": 2,
-            "bos_id": 1,
-            "unk_id": 0,
-            "pad_id": 3,
-            "reserved_ids": [i for i, p in enumerate(proto.pieces) if p.piece.startswith("<|reserved_")],
-            "domain_tokens": domain,
-            "forbidden_removed": removed,
-        }
-        write_json_atomic(tmp / "tokenizer_info.json", info)
-        ratio = compression(tmp / "tokenizer.model", holdout)
+        info = write_tokenizer(tmp, model, domain, removed)
         return write_report(
             tmp,
             "train-tokenizer",
@@ -222,5 +276,5 @@ def run_train_tokenizer(
             vocab_size=info["vocab_size"],
             train_texts=len(texts),
             forbidden_removed=removed,
-            compression=ratio,
+            compression=compression(tmp / "tokenizer.model", holdout),
         )

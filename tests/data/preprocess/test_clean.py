@@ -99,3 +99,102 @@ def test_rejected_files_hold_rule_value_and_document(tmp_path):
     assert {r["rule"] for r in rejected} == {rule for rule, _ in junk}
     assert all(r["value"] is not None and r["id"].startswith("j") and r["text"] for r in rejected)
     assert sum(report["rejected"].values()) == len(rejected) == len(junk)
+
+
+@pytest.fixture
+def english_blocklist(tmp_path):
+    (tmp_path / "words.txt").write_text("sex\nass\nc++\n彩票\n", encoding="utf-8")
+    return clean.Blocklist([tmp_path / "words.txt"])
+
+
+@pytest.mark.parametrize(
+    "text,hits",
+    [
+        ("Essex class assessment passed", 0),  # substrings of English words are not hits
+        ("Sussex bypass compass embassy", 0),
+        ("SEX sells; ass.", 2),  # whole words, any case, next to punctuation
+        ("look: sex\nass", 2),
+        ("看sex视频", 1),  # a Latin keyword inside Chinese text (no spaces) still counts
+        ("c++ and c++17", 2),  # a keyword edge that is a symbol needs no word boundary
+    ],
+)
+def test_latin_keywords_match_whole_words_only(english_blocklist, text, hits):
+    assert english_blocklist.hits(text) == hits
+
+
+@pytest.mark.parametrize("text,hits", [("买彩票吗", 1), ("彩票彩票", 2), ("体育彩票中心", 1)])
+def test_cjk_keywords_match_as_substrings(english_blocklist, text, hits):
+    assert english_blocklist.hits(text) == hits
+
+
+def test_english_prose_with_keyword_substrings_is_kept(tmp_path):
+    (tmp_path / "words.txt").write_text("sex\nass\n", encoding="utf-8")
+    cleaner = build_cleaner(config_for(tmp_path, **{"clean.blocklists": [str(tmp_path / "words.txt")]}))
+    text = "The Essex class assessment passed on Monday, and the team went home early to rest well."
+    assert verdict(cleaner, text) == (True, None, None)
+    assert verdict(cleaner, text + " Sex ads everywhere.")[:2] == (False, "blocklist")
+
+
+def test_rejected_and_malformed_outputs_hold_no_pii(tmp_path):
+    good = synth.en_doc(random.Random(3))
+    path = tmp_path / "in.jsonl"
+    write_jsonl(path, [{"id": "short", "text": "电话 13812345678"}, {"id": "good", "text": good}])
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write('{"text": "mail zhang.san@example.com, call 13912345678" broken\n')
+    report = run_file_stage("clean", config_for(tmp_path), [path], tmp_path / "out", False, clean_file)
+    rejected = (tmp_path / "out" / "rejected" / "too_short.jsonl").read_text(encoding="utf-8")
+    assert json.loads(rejected)["text"] == "电话 <PHONE>"
+    malformed = json.loads((tmp_path / "out" / "rejected" / "malformed.jsonl").read_text(encoding="utf-8"))
+    assert malformed["reason"] == "invalid_json"
+    assert "zhang.san" not in malformed["raw"] and "13912345678" not in malformed["raw"]
+    assert "<EMAIL>" in malformed["raw"] and "<PHONE>" in malformed["raw"]
+    assert report["pii_in_rejected"] == {"phone": 2, "email": 1}
+    assert report["malformed_lines"] == 1 and report["docs_out"] == 1
+
+
+def test_desensitize_off_leaves_rejected_text_as_written(tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"id": "short", "text": "电话 13812345678"}])
+    config = config_for(tmp_path, **{"clean.desensitize": False})
+    run_file_stage("clean", config, [path], tmp_path / "out", False, clean_file)
+    rejected = (tmp_path / "out" / "rejected" / "too_short.jsonl").read_text(encoding="utf-8")
+    assert json.loads(rejected)["text"] == "电话 13812345678"
+
+
+@pytest.mark.parametrize(
+    "overrides,text,rule,value",
+    [
+        ({"max_chars": 50}, "a sentence of plain words " * 3, "too_long", 78),
+        ({"min_zh_ratio": 0.5}, "这是中文 and these are English words here", "zh_ratio", round(4 / 31, 4)),
+        (
+            {"min_en_ratio": 0.5},
+            "这是一段比较长的中文文本，里面只有少量的 English 单词而已。",
+            "en_ratio",
+            round(7 / 32, 4),
+        ),
+        ({"min_alpha_ratio": 0.5}, "+= -> :: || && ... abc == !! ?? ##", "alpha_ratio", round(3 / 24, 4)),
+    ],
+)
+def test_length_and_script_ratio_rules(overrides, text, rule, value):
+    thresholds = clean.thresholds_from(
+        {"max_digit_ratio": None, "max_symbol_ratio": None, **overrides}, "test"
+    )
+    assert clean.check(text, thresholds) == (False, rule, value)
+    relaxed = clean.thresholds_from({k: None for k in overrides}, "test", thresholds)
+    assert clean.check(text, relaxed)[1] != rule  # the rule, not another one, made the verdict
+
+
+def test_a_custom_text_field_is_read_and_written_back(tmp_path):
+    good = synth.en_doc(random.Random(4))
+    records = [{"id": "g", "body": good, "text": "other field"}, {"id": "s", "body": "short"}]
+    records.append({"id": "no-body", "text": good})
+    path = write_jsonl(tmp_path / "in.jsonl", records)
+    config = config_for(tmp_path, text_field="body")
+    report = run_file_stage("clean", config, [path], tmp_path / "out", False, clean_file)
+    assert (report["docs_in"], report["docs_out"], report["malformed_lines"]) == (2, 1, 1)
+    [part] = (tmp_path / "out").glob("part-*.jsonl")
+    kept = json.loads(part.read_text(encoding="utf-8"))
+    assert kept["body"] == good and kept["text"] == "other field"  # other keys ride along untouched
+    short = json.loads((tmp_path / "out" / "rejected" / "too_short.jsonl").read_text(encoding="utf-8"))
+    assert short["body"] == "short" and short["rule"] == "too_short"
+    malformed = json.loads((tmp_path / "out" / "rejected" / "malformed.jsonl").read_text(encoding="utf-8"))
+    assert malformed["reason"] == "missing_text"

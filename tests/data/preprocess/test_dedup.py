@@ -142,3 +142,24 @@ def test_exact_duplicates_and_quality_keeper_end_to_end(tmp_path):
     assert rejected["shouty"]["rule"] == "dedup_exact" and rejected["shouty"]["duplicate_of"] == "in.jsonl:1"
     assert rejected["low"]["rule"] == "dedup_near" and rejected["low"]["duplicate_of"] == "in.jsonl:4"
     assert make_gid(1, 4) == (1 << 32) | 4
+
+
+def test_verify_none_warns_that_threshold_is_unused(tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "text": synth.en_doc(random.Random(1))}])
+    config = config_for(tmp_path, **{"dedup.verify": "none", "dedup.threshold": 0.9})
+    with pytest.warns(UserWarning, match=r"threshold \(0.9\) is not applied"):
+        run_dedup(config, [path], tmp_path / "out")
+
+
+def test_signature_progress_counts_bytes_not_characters(tmp_path):
+    from data.preprocess.dedup.local import signature_task
+    from data.preprocess.engines.local import Progress
+    from data.preprocess.stage import FileTask
+
+    records = [{"id": f"z{i}", "text": synth.zh_doc(random.Random(i))} for i in range(5)]
+    path = write_jsonl(tmp_path / "in.jsonl", records)
+    seen = []
+    progress = Progress(lambda docs, nbytes: seen.append((docs, nbytes)), every_s=0)
+    signature_task(FileTask(0, path, tmp_path / "out", config_for(tmp_path)), progress)
+    progress.flush()
+    assert sum(d for d, _ in seen) == 5 and sum(b for _, b in seen) == path.stat().st_size

@@ -10,12 +10,14 @@ import pytest
 import sentencepiece as spm
 
 from data.preprocess.config import load_config
+from data.preprocess.document import Document
+from data.preprocess.tokenizer import train
 from data.preprocess.tokenizer.encode import HFEncoder, SentencePieceEncoder, load_encoder
 from data.preprocess.tokenizer.hf import CONTROL, NORMAL, USER_DEFINED, load_proto
-from data.preprocess.tokenizer.train import run_train_tokenizer
+from data.preprocess.tokenizer.train import TrainingSample, run_train_tokenizer
 from megatron_patches.errors import ConfigError
 
-from .conftest import mixed_docs
+from .conftest import mixed_docs, write_jsonl
 
 EDGE_CASES = [
     "",
@@ -106,3 +108,35 @@ def test_too_small_vocabulary_is_a_config_error(corpus_dir, tmp_path):
     config = load_config(None, {"tokenizer.vocab_size": 400, "tokenizer.reserved_tokens": 1000})
     with pytest.raises(ConfigError, match="too small"):
         run_train_tokenizer(config, sorted(corpus_dir.glob("*.jsonl.gz")), tmp_path / "tok")
+
+
+def test_bad_lines_are_counted_and_written_aside(tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", mixed_docs(5, 60))
+    with open(path, "ab") as handle:
+        handle.write(b"not json at all\n" + b'{"text": "ok \xff bad utf8"}\n' + b'{"id": "no-text"}\n')
+    config = load_config(None, {"workers": 1, "tokenizer.vocab_size": 1024, "tokenizer.reserved_tokens": 8})
+    report = run_train_tokenizer(config, [path], tmp_path / "tok")
+    assert report["malformed_lines"] == 3
+    assert report["malformed"] == {"invalid_json": 1, "invalid_utf8": 1, "missing_text": 1}
+    malformed = (tmp_path / "tok" / "rejected" / "malformed.jsonl").read_text().splitlines()
+    assert len(malformed) == 3
+    assert report["docs_in"] == 60
+    assert report["docs_out"] == report["train_docs"] + report["holdout_docs"] == 60
+
+
+def _sampled(docs: list[Document], budget: int) -> TrainingSample:
+    sample = TrainingSample(budget=budget, holdout_docs=0)
+    for doc in docs:
+        sample.add(doc)
+    return sample
+
+
+def test_training_sample_keeps_the_smallest_hashes_within_budget():
+    docs = [Document(text=f"document {i:04d} ".ljust(100, "x"), id=f"doc{i}") for i in range(200)]
+    everything = _sampled(docs, budget=10**9)
+    assert everything.training_texts() == [d.text for d in docs]  # all of them, in input order
+    sample = _sampled(docs, budget=2_000)
+    smallest = sorted(docs, key=lambda d: train._unit(d.id))[:20]
+    assert sample.train_docs == 20
+    assert sample.training_texts() == [d.text for d in docs if d in smallest]
+    assert _sampled(docs[::-1], budget=2_000).training_texts() == sample.training_texts()[::-1]

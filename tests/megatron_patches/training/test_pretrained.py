@@ -6,7 +6,8 @@ import pytest
 import torch
 import transformers
 
-from megatron_patches.training import run
+from megatron_patches.errors import ConfigError
+from megatron_patches.training import checkpoint, run
 from tests.dist import run_on_ranks
 from tests.megatron_patches.training.corpus import EOD, write_corpus
 from tests.tools.convert.tiny import assert_same_tensors, hf_tensors, save_hf
@@ -120,3 +121,23 @@ def test_bf16_update_at_zero_lr_keeps_the_pretrained_weights_and_exports_them_as
     config = json.loads((export / "config.json").read_text())
     assert config.get("torch_dtype", config.get("dtype")) == "bfloat16"
     assert_same_tensors(expected, exported)
+
+
+def test_uneven_pipeline_release_is_refused_in_one_line_before_any_rank_builds(tmp_path):
+    """The trainer builds num_layers / PP layers per stage; a [1, 3] release would fail the strict load."""
+    from megatron_patches.training.config import load_config
+    from megatron_patches.training.validate import plan_run
+
+    hf_dir = save_hf("llama_gqa", tmp_path / "hf")  # 4 layers
+    commands.hf2mcore(str(hf_dir), str(tmp_path / "uneven"), tp=2, pp=2, first=1, quiet=True)
+    commands.hf2mcore(str(hf_dir), str(tmp_path / "even"), tp=2, pp=2, quiet=True)
+    prefix = write_corpus(tmp_path / "data", "en", 60, 100, seed=5)
+    with pytest.raises(ConfigError) as err:
+        plan_run(load_config(None, _args(tmp_path / "run", prefix, tmp_path / "uneven")), world_size=4)
+    message = str(err.value)
+    assert "holds [1, 3] layers per pipeline stage but this run builds [2, 2] (num_layers=4, PP=2)" in message
+    assert "mcore2mcore --tp 2 --pp 2" in message and "\n" not in message
+    plan = plan_run(load_config(None, _args(tmp_path / "run", prefix, tmp_path / "even")), world_size=4)
+    checkpoint.check_pretrained_layout(plan.pretrained, 2, 2, 4)
+    with pytest.raises(ConfigError, match="was converted for TP=2 PP=2 but this run is TP=1 PP=2"):
+        checkpoint.check_pretrained_layout(plan.pretrained, 1, 2, 4)

@@ -162,3 +162,39 @@ def test_torch_load_refuses_pickled_code(tmp_path):
     torch.save({"model": {}, "payload": subprocess.CompletedProcess(["x"], 0)}, path)
     (tmp_path / mcore_io.TRACKER_FILE).write_text("release")
     _fails("cannot read", commands.mcore2hf, tmp_path, tmp_path / "out")
+
+
+def _edit_config(directory: Path, **changes) -> None:
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+def test_baichuan1_and_tied_baichuan2_are_refused(tmp_path):
+    """Baichuan-1 has a plain lm_head: converting it as Baichuan2 would normalize its rows."""
+    baichuan, _ = tiny.save_baichuan_pair(tmp_path / "src")
+    _edit_config(baichuan, architectures=["BaiChuanForCausalLM"])
+    _fails("Baichuan-1 (BaiChuanForCausalLM) is not supported", commands.hf2mcore, baichuan, tmp_path / "out")
+    _edit_config(baichuan, architectures=[])
+    _fails("model_type 'baichuan' without architectures", commands.hf2mcore, baichuan, tmp_path / "out")
+    _edit_config(baichuan, architectures=["BaichuanForCausalLM"], tie_word_embeddings=True)
+    _fails("Baichuan2 model with tied embeddings", commands.hf2mcore, baichuan, tmp_path / "out")
+    _nothing_written(tmp_path)
+
+
+def test_tied_model_is_not_exported_as_baichuan2(tmp_path):
+    tied = tiny.save_hf("llama_mha_tied", tmp_path / "tied")
+    _fails("Baichuan2 model with tied embeddings", commands.hf2hf, tied, tmp_path / "out", to="baichuan2")
+    commands.hf2mcore(tied, tmp_path / "mcore", quiet=True)
+    _fails(
+        "Baichuan2 model with tied embeddings",
+        commands.mcore2hf, tmp_path / "mcore", tmp_path / "out", family="baichuan2",
+    )  # fmt: skip
+    _nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize(("case", "family"), [("qwen2", "Qwen2"), ("qwen3", "Qwen3")])
+def test_qwen_sliding_window_is_refused(case, family, tmp_path):
+    hf = tiny.save_hf(case, tmp_path / "hf")
+    _edit_config(hf, use_sliding_window=True, sliding_window=16)
+    _fails(f"{family} use_sliding_window=true is not supported", commands.hf2mcore, hf, tmp_path / "out")
+    _nothing_written(tmp_path)

@@ -1,9 +1,10 @@
 """Converted checkpoints compute the HF model's logits in megatron-core GPTModel on TP=2 x PP=2 gloo ranks.
 
 One 4-rank run covers Llama-3.1 (GQA + rope scaling), Qwen2 (qkv bias), Qwen3
-(qk-norm, explicit head_dim) and a tied-embedding model; it also saves one
-model as a Megatron-Core torch_dist checkpoint (the trainer's format), which
-the CLI then exports back to HF bit-exactly.
+(qk-norm, explicit head_dim), a tied-embedding model and DeepSeek-Coder's
+linear rope scaling; it also saves one model as a Megatron-Core torch_dist
+checkpoint (the trainer's format), which the CLI then exports back to HF
+bit-exactly.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from tests.dist import run_on_ranks
 from tests.tools.convert import tiny
 from tools.convert import commands, mcore_io
 
-LOGIT_CASES = ["llama31", "qwen2", "qwen3", "llama_mha_tied"]
+LOGIT_CASES = ["llama31", "qwen2", "qwen3", "llama_mha_tied", "deepseek_coder"]
 BATCH, SEQ = 2, 12
 REPO = Path(__file__).resolve().parents[3]
 

@@ -132,3 +132,17 @@ def test_shard_fast_path_equals_split_of_the_whole(family):
             for rank, piece in enumerate(entry.split(whole, tp, cfg)):
                 assert entry.shard(hf, cfg, tp, rank).equal(piece), (name, tp, rank)
             assert entry.merge(entry.split(whole, tp, cfg), cfg).equal(whole), (name, tp)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_head_shard_normalizes_only_its_rows_bit_exactly(dtype, monkeypatch):
+    cfg = ModelConfig(vocab_size=300, hidden_size=16, num_attention_heads=1)
+    entry = mapping.NormHead("output_layer.weight", ("lm_head.weight",))
+    head = (torch.randn(300, 16, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
+    pieces = entry.split(entry.to_mcore([head], cfg), 4, cfg)
+    normalized = []
+    real = mapping.normalize_rows
+    monkeypatch.setattr(mapping, "normalize_rows", lambda w: normalized.append(w.shape[0]) or real(w))
+    for rank, piece in enumerate(pieces):
+        assert entry.shard([head], cfg, 4, rank).equal(piece), rank
+    assert normalized == [128, 128, 44, 0]  # 300 rows padded to 512: each rank's own rows, never all 300

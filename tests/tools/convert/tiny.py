@@ -42,6 +42,11 @@ CASES = {
     ),
     "yi": ("llama", dict(num_key_value_heads=2, rope_theta=5000000.0, vocab_size=130)),
     "deepseek_dense": ("llama", dict(vocab_size=102, rms_norm_eps=1e-6)),
+    # DeepSeek-Coder: linear rope scaling, factor 4
+    "deepseek_coder": (
+        "llama",
+        dict(rope_theta=100000.0, rope_scaling={"rope_type": "linear", "factor": 4.0}, rms_norm_eps=1e-6),
+    ),
     "mistral": ("mistral", dict(num_key_value_heads=2, sliding_window=None)),
     "mistral_mha_tied": ("mistral", dict(sliding_window=None, tie_word_embeddings=True)),
     "qwen2": ("qwen2", dict(num_key_value_heads=4, rope_theta=1000000.0)),

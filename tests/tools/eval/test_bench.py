@@ -68,3 +68,39 @@ def test_cli_scores_the_sample_and_counts_skips(tmp_path):
     for record in records:
         assert "\n" not in record["generation"]
         assert record["prompt"].startswith("Question: Which number is even?\nOptions: three / four")
+
+
+def _echo_first_label(prompts: list[str]) -> list[str]:
+    return [" A\n" for _ in prompts]
+
+
+def test_single_answer_examples_never_share_an_original_item_with_the_scored_one():
+    # The 4th example item, "primes", expands into primes#1 and primes#2: only primes#1 fits in
+    # --shots 4, and primes#2 must not be scored after it.
+    result = run_bench(SAMPLE, "single-answer", _echo_first_label, shots=4)
+    assert [r["id"] for r in result.records] == ["capital_zh", "mammals#1", "mammals#2", "planet", "colour"]
+    for record in result.records:
+        assert record["shot_ids"] == ["even", "capital_fr", "boil", "primes#1"]
+        assert record["id"].split("#")[0] not in {s.split("#")[0] for s in record["shot_ids"]}
+    dev = run_bench(SAMPLE, "single-answer", _echo_first_label, shots=4, dev=SAMPLE)
+    assert [r["id"] for r in dev.records][:4] == ["even", "capital_fr", "boil", "primes#1"]  # all scored
+
+
+def _answer_text(block: str) -> str:
+    """The text of the option a solved block's answer label names."""
+    label = block.rsplit("Answer: ", 1)[1]
+    return block.split(f"\n{label}. ", 1)[1].split("\n", 1)[0]
+
+
+def test_none_correct_examples_do_not_all_answer_none():
+    from tools.eval.rewrites import NONE_CORRECT
+
+    result = run_bench(SAMPLE, "none-correct", _echo_first_label, shots=2)
+    for record in result.records:
+        *shots, question = record["prompt"].split("\n\n")
+        assert [_answer_text(shot) for shot in shots] == [
+            NONE_CORRECT,
+            "Paris",
+        ]  # answer once, distractor once
+        assert all(NONE_CORRECT in shot for shot in shots)
+        assert _answer_text(f"{question} {record['expected']}") == NONE_CORRECT  # scored items unchanged

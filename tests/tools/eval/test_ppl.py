@@ -136,3 +136,65 @@ def test_megatron_checkpoints_convert_through_the_adapter(tmp_path, monkeypatch,
     monkeypatch.setattr(trends, "CONVERT_COMMAND", ("-c", "import sys; sys.exit('no such checkpoint')"))
     with pytest.raises(ConfigError, match="converting .*iter_0000030 failed: no such checkpoint"):
         trends.megatron_to_hf(checkpoint, tmp_path / "other")
+
+
+def test_checkpoints_mode_frees_each_model_before_loading_the_next(tmp_path, monkeypatch, tiny):
+    import gc
+    import weakref
+
+    import tools.eval.__main__ as cli
+
+    _, _, tokenizer = tiny
+    held_out = _held_out(tmp_path / "held", tokenizer)
+    for iteration in (10, 20, 30):
+        build_model(tmp_path / "run" / "hf" / f"iter_{iteration:07d}", seed=iteration)
+    loaded = []
+
+    def load_model(*args, **kwargs):
+        gc.collect()  # only reference cycles aside: a model still referenced stays alive
+        assert all(ref() is None for ref in loaded), "the previous model is still referenced"
+        model = real_load_model(*args, **kwargs)
+        loaded.append(weakref.ref(model))
+        return model
+
+    real_load_model = cli.load_model
+    monkeypatch.setattr(cli, "load_model", load_model)
+    data = str(held_out / "web.jsonl")
+    assert (
+        cli.main(["ppl", "--checkpoints", str(tmp_path / "run"), "--data", data, "--seq-length", "16"]) == 0
+    )
+    assert len(loaded) == 3
+
+
+def _train_one_rank(args: list[str]) -> int:
+    from megatron_patches.training import run
+
+    return run.main(args)
+
+
+@pytest.mark.slow
+def test_a_real_trainer_checkpoint_converts_with_the_given_tokenizer(tmp_path, tiny):
+    from tests.dist import run_on_ranks
+    from tests.megatron_patches.training.test_train import tiny_args
+    from tests.tiny_hf import write_token_corpus
+
+    template, _, tokenizer = tiny
+    data = [1, write_token_corpus(tmp_path / "data", "facts", tokenizer, 40, seed=3)]
+    extra = (f"data.eod_id={tokenizer.eos_token_id}", "model.vocab_size=320", "train.train_iters=3")
+    # No data.tokenizer: the trainer keeps no tokenizer beside its checkpoints, so the export's
+    # tokenizer (and its ids in config.json) can only come from --tokenizer.
+    assert run_on_ranks(_train_one_rank, 1, tiny_args(tmp_path / "run", data, *extra), timeout=600) == [0]
+    assert not (tmp_path / "run" / "checkpoints" / "tokenizer_config.json").exists()
+    held_out = _held_out(tmp_path / "held", tokenizer)
+    options = ("--data", str(held_out / "web.jsonl"), "--seq-length", "16", "--convert")
+    proc = run_eval("ppl", "--checkpoints", tmp_path / "run", *options, "--tokenizer", template)
+    assert proc.returncode == 0, proc.stderr
+    export = tmp_path / "run" / "hf" / "iter_0000003"
+    assert (export / "tokenizer_config.json").is_file()
+    assert json.loads((export / "config.json").read_text())["eos_token_id"] == tokenizer.eos_token_id
+    with (tmp_path / "run" / "eval" / "ppl.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    model = load_model(export, device="cpu")
+    loss, count = _loss_by_hf(model, tokenizer, 16)
+    assert [(r["iteration"], int(r["tokens"])) for r in rows] == [("3", count)]
+    assert float(rows[0]["loss"]) == pytest.approx(loss, abs=1e-5)

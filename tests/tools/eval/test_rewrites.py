@@ -92,3 +92,13 @@ def test_malformed_lines_are_counted_with_their_reason(tmp_path):
         "b.jsonl:6: every option must be a non-empty string",
         "b.jsonl:7: 1 options; 2 to 10 are supported",
     ]
+
+
+def test_none_correct_examples_alternate_none_as_answer_and_as_distractor():
+    from tools.eval.rewrites import rewrite_example
+
+    assert rewrite_example(SINGLE, "none-correct", 0) == rewrite(SINGLE, "none-correct")
+    assert rewrite_example(SINGLE, "none-correct", 1) == [
+        Prompted("even", "Which number is even?", ("three", "four", "five", NONE_CORRECT), tuple("ABCD"), "B")
+    ]
+    assert rewrite_example(SINGLE, "zh-labels", 1) == rewrite(SINGLE, "zh-labels")

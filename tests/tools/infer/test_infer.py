@@ -15,7 +15,7 @@ from tests.tiny_hf import build_model
 from tools.eval.hf import load_model, load_tokenizer
 from tools.infer.generation import Sampling, generate
 from tools.infer.records import OrderedWriter, read_inputs, recover_output
-from tools.infer.replicas import device_groups, parse_devices
+from tools.infer.replicas import device_groups, parse_devices, physical_group
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -39,6 +39,17 @@ def test_bad_device_layouts_are_named():
         device_groups(parse_devices("0,1,2,3,4,5,6,7"), 3)
     with pytest.raises(ConfigError, match="--devices must be 'cpu' or distinct GPU indices"):
         parse_devices("0,0,1")
+
+
+def test_device_indices_map_through_the_parents_visible_devices():
+    groups = device_groups(parse_devices("0,1,2,3"), 2)
+    assert [physical_group(g, None) for g in groups] == [("0", "1"), ("2", "3")]
+    assert [physical_group(g, "4,5,6,7") for g in groups] == [("4", "5"), ("6", "7")]
+    uuids = "GPU-aa, GPU-bb,GPU-cc,GPU-dd"
+    assert [physical_group(g, uuids) for g in groups] == [("GPU-aa", "GPU-bb"), ("GPU-cc", "GPU-dd")]
+    assert physical_group(("cpu",), "4,5") == ("cpu",)
+    with pytest.raises(ConfigError, match="--devices names GPU 2 but CUDA_VISIBLE_DEVICES='6,7' shows 2 GPU"):
+        physical_group(("2", "3"), "6,7")
 
 
 def test_a_torn_last_line_is_cut_and_not_counted_as_done(tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from megatron_patches.errors import ConfigError
 from megatron_patches.training.model import ModelConfig
-from tools.convert.families.baichuan2 import BAICHUAN2
+from tools.convert.families.baichuan2 import BAICHUAN1_ARCHITECTURE, BAICHUAN2
 from tools.convert.families.base import Family
 from tools.convert.families.llama import LLAMA
 from tools.convert.families.mistral import MISTRAL
@@ -12,6 +12,15 @@ from tools.convert.families.qwen2 import QWEN2
 from tools.convert.families.qwen3 import QWEN3
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (LLAMA, MISTRAL, QWEN2, QWEN3, BAICHUAN2)}
+# Architectures a family's model_type would claim, but whose weights mean something else.
+REFUSED_ARCHITECTURES = {
+    BAICHUAN1_ARCHITECTURE: (
+        f"Baichuan-1 ({BAICHUAN1_ARCHITECTURE}) is not supported: its lm_head is a plain linear layer, "
+        "and converting it as Baichuan2 would normalize its rows (its NormHead) and change the logits"
+    ),
+}
+# model_types more than one generation of a model shares: only the architecture tells them apart.
+AMBIGUOUS_MODEL_TYPES = {BAICHUAN2.model_type}
 
 
 def family_named(name: str) -> Family:
@@ -23,11 +32,21 @@ def family_named(name: str) -> Family:
 def family_of(config: dict) -> Family:
     """The family of an HF ``config.json``, by its architecture, else its model_type."""
     architectures = config.get("architectures") or []
+    for architecture in architectures:
+        if architecture in REFUSED_ARCHITECTURES:
+            raise ConfigError(REFUSED_ARCHITECTURES[architecture])
     for family in FAMILIES.values():
         if family.architecture in architectures:
             return family
+    model_type = config.get("model_type")
+    if model_type in AMBIGUOUS_MODEL_TYPES:
+        family = next(f for f in FAMILIES.values() if f.model_type == model_type)
+        raise ConfigError(
+            f"model_type {model_type!r} without architectures {[family.architecture]} is ambiguous "
+            f"(architectures: {architectures}); only {family.architecture} ({family.name}) is supported"
+        )
     for family in FAMILIES.values():
-        if config.get("model_type") == family.model_type:
+        if model_type == family.model_type:
             return family
     known = sorted(f.architecture for f in FAMILIES.values())
     raise ConfigError(

@@ -7,7 +7,9 @@ in every forward pass; normalizing them once on import makes Megatron-Core's
 plain output layer compute the same logits; exporting the normalized rows
 gives a Baichuan checkpoint with those same logits (NormHead normalizing them
 again changes them by rounding only). Baichuan2-13B uses ALiBi, which
-Megatron-Core's GPTModel does not implement, and is refused.
+Megatron-Core's GPTModel does not implement, and is refused. So is
+Baichuan-1 (same ``model_type``, a plain ``lm_head``; see ``families/__init__``)
+and a tied-embedding Baichuan2: NormHead would normalize the shared embedding.
 """
 
 from __future__ import annotations
@@ -23,6 +25,11 @@ from tools.convert.mapping import Entry, NormHead, PackedQKV
 W_PACK = PackedQKV(f"{L}self_attention.linear_qkv.weight", (f"{H}self_attn.W_pack.weight",))
 NORM_HEAD = NormHead("output_layer.weight", ("lm_head.weight",))
 ROTARY_BASE = 10000.0  # hard-coded in Baichuan2-7B's modeling code
+BAICHUAN1_ARCHITECTURE = "BaiChuanForCausalLM"  # Baichuan-7B; Baichuan2 spells it BaichuanForCausalLM
+TIED_REFUSED = (
+    "a Baichuan2 model with tied embeddings is not supported: NormHead normalizes lm_head rows, "
+    "which would also change the input embedding they share"
+)
 
 
 def table(cfg: ModelConfig) -> list[Entry]:
@@ -35,12 +42,17 @@ def read_config(config: dict) -> ModelConfig:
             "this Baichuan config has no max_position_embeddings: it is the ALiBi variant (13B), "
             "which Megatron-Core's GPTModel does not implement"
         )
+    if config.get("tie_word_embeddings"):
+        raise ConfigError(TIED_REFUSED)
     return read_llama_like({**config, "num_key_value_heads": None, "rope_theta": ROTARY_BASE})
 
 
 def write_config(cfg: ModelConfig, base: dict, dtype: torch.dtype) -> dict:
-    if cfg.groups != cfg.num_attention_heads or cfg.rotary_base != ROTARY_BASE or cfg.use_rope_scaling:
+    scaled = cfg.use_rope_scaling or cfg.rotary_seq_len_interpolation_factor
+    if cfg.groups != cfg.num_attention_heads or cfg.rotary_base != ROTARY_BASE or scaled:
         raise ConfigError("a Baichuan2 model has multi-head attention and rope base 10000 without scaling")
+    if not cfg.untie_embeddings_and_output_weights:
+        raise ConfigError(TIED_REFUSED)
     return {
         **carried_keys(base, "baichuan"),
         "architectures": ["BaichuanForCausalLM"],

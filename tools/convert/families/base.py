@@ -83,10 +83,12 @@ def rope_fields(config: dict) -> dict[str, Any]:
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
         return {"rotary_base": float(theta)}
+    if kind == "linear":  # HF divides inv_freq by factor, Megatron-Core the positions: the same angles
+        return {"rotary_base": float(theta), "rotary_seq_len_interpolation_factor": float(scaling["factor"])}
     if kind != "llama3":
         raise ConfigError(
-            f"rope scaling type {kind!r} is not supported: Megatron-Core's GPTModel implements only "
-            "Llama-3.1 ('llama3') scaling"
+            f"rope scaling type {kind!r} is not supported: Megatron-Core's GPTModel implements "
+            "'linear' (seq_len_interpolation_factor) and Llama-3.1 ('llama3') scaling only"
         )
     for key, fixed in LLAMA3_ROPE_FIXED.items():
         if float(scaling.get(key, fixed)) != fixed:
@@ -103,9 +105,13 @@ def rope_fields(config: dict) -> dict[str, Any]:
 
 def rope_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     """Old-style rope kwargs; every transformers >= 4.56 config class accepts them."""
+    if cfg.use_rope_scaling and cfg.rotary_seq_len_interpolation_factor:
+        raise ConfigError("a model with both llama3 and linear rope scaling has no HF config")
     scaling = None
     if cfg.use_rope_scaling:
         scaling = {"rope_type": "llama3", "factor": cfg.rope_scaling_factor, **LLAMA3_ROPE_FIXED}
+    elif cfg.rotary_seq_len_interpolation_factor:
+        scaling = {"rope_type": "linear", "factor": cfg.rotary_seq_len_interpolation_factor}
     return {"rope_theta": cfg.rotary_base, "rope_scaling": scaling}
 
 
@@ -120,6 +126,14 @@ CONFIG_FIELDS = {
     "rms_norm_eps": ("norm_epsilon", 1e-6),
     "initializer_range": ("init_method_std", 0.02),
 }
+
+
+def refuse_sliding_window(config: dict, family: str) -> None:
+    """Qwen's ``use_sliding_window`` changes attention, which Megatron-Core's GPTModel would not do."""
+    if config.get("use_sliding_window"):
+        raise ConfigError(
+            f"{family} use_sliding_window=true is not supported (Megatron-Core has no sliding window here)"
+        )
 
 
 def read_llama_like(config: dict, **overrides: Any) -> ModelConfig:

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from megatron_patches.errors import ConfigError
 from megatron_patches.training.model import ModelConfig
-from tools.convert.families.base import Family, llama_like_fields, read_llama_like, transformers_config
+from tools.convert.families.base import (
+    Family,
+    llama_like_fields,
+    read_llama_like,
+    refuse_sliding_window,
+    transformers_config,
+)
 from tools.convert.families.llama import O_PROJ, QKV_BIAS, QKV_WEIGHT, decoder
 from tools.convert.mapping import Entry
 
@@ -16,10 +21,7 @@ def table(cfg: ModelConfig) -> list[Entry]:
 
 
 def read_config(config: dict) -> ModelConfig:
-    if config.get("use_sliding_window"):
-        raise ConfigError(
-            "Qwen2 use_sliding_window=true is not supported (Megatron-Core has no sliding window here)"
-        )
+    refuse_sliding_window(config, "Qwen2")
     return read_llama_like(config, add_qkv_bias=True)
 
 

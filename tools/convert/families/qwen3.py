@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 
 from megatron_patches.training.model import ModelConfig
-from tools.convert.families.base import Family, llama_like_fields, read_llama_like, transformers_config
+from tools.convert.families.base import (
+    Family,
+    llama_like_fields,
+    read_llama_like,
+    refuse_sliding_window,
+    transformers_config,
+)
 from tools.convert.families.llama import K_NORM, Q_NORM, biased_attention, decoder
 from tools.convert.mapping import Entry
 
@@ -15,6 +21,7 @@ def table(cfg: ModelConfig) -> list[Entry]:
 
 
 def read_config(config: dict) -> ModelConfig:
+    refuse_sliding_window(config, "Qwen3")
     return read_llama_like(config, qk_layernorm=True, add_qkv_bias=bool(config.get("attention_bias", False)))
 
 
