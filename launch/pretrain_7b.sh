@@ -10,6 +10,8 @@
 #   LOAD (optional)                      a `tools/convert hf2mcore` release to continue pretraining from
 # Multi-node: set NNODES/NODE_RANK/MASTER_ADDR on every node, or run under Slurm (srun) where the
 # SLURM_* variables provide them. Any key=value argument overrides launch/configs/llama2_7b.yaml.
+# The config's transformer_impl=auto picks Transformer Engine where the training interpreter imports
+# it on CUDA, else the local spec with SDPA attention; the printed plan names the choice.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 source "$here/_launch.sh"
@@ -24,9 +26,5 @@ args=(
 )
 if [ -n "${DATA_BLEND:-}" ]; then args+=("data.blend=$DATA_BLEND"); else args+=("data.mock=true"); fi
 if [ -n "${LOAD:-}" ]; then args+=("checkpoint.pretrained_checkpoint=$LOAD"); fi
-if ! python3 -c "import transformer_engine" >/dev/null 2>&1; then
-    echo "Transformer Engine not found: using the local spec with SDPA (flash) attention"
-    args+=("model.transformer_impl=local" "model.attention_backend=sdpa")
-fi
 echo "run dir: $RUN_DIR   (touch $RUN_DIR/save: checkpoint now;  touch $RUN_DIR/stop: checkpoint and exit)"
 launch_training "$here/configs/llama2_7b.yaml" "${args[@]}" "$@"

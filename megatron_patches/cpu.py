@@ -119,6 +119,8 @@ def _patch_megatron_rng() -> None:
 
     from megatron_patches.compat import require_signature
 
+    # Checked here rather than at import (the house rule): this module is imported before
+    # Megatron-Core on purpose, so quiet_expected_warnings can run before Megatron's import warnings.
     require_signature(mp_random._get_cuda_rng_state, ["device", "clone", "graph_safe"])
     require_signature(mp_random._set_cuda_rng_state, ["new_state", "device", "graph_safe"])
 

@@ -9,6 +9,7 @@ rank identically, so a bad layout stops all ranks at once with one line.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from megatron_patches.compat import require_signature
 from megatron_patches.errors import ConfigError
@@ -136,7 +137,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def gather_on_last_stage(obj):
+def gather_on_last_stage(obj: Any) -> list[Any] | None:
     """``all_gather_object`` of ``obj`` over the data-parallel group of the last pipeline stage.
 
     That group includes the context-parallel ranks (Megatron-Core's

@@ -49,7 +49,7 @@ from megatron_patches.probe_scoring import (
     row_totals,
     token_logprobs,
 )
-from megatron_patches.training.checkpoint import restore_rng, rng_state
+from megatron_patches.training import rng_state
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -199,8 +199,8 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
 @contextlib.contextmanager
 def preserved_rng() -> Iterator[None]:
     """Leave every RNG stream exactly as found, whatever runs inside."""
-    saved = rng_state()
+    saved = rng_state.capture()
     try:
         yield
     finally:
-        restore_rng(saved)
+        rng_state.restore(saved)

@@ -25,6 +25,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from torch.nn import functional as F
 
 from megatron_patches.compat import require_signature
+from megatron_patches.errors import ConfigError
 
 require_signature(
     DotProductAttention.__init__,
@@ -68,7 +69,7 @@ class SDPAttention(DotProductAttention):
         }
         missing = [need for need, violated in unsupported.items() if violated]
         if missing:
-            raise ValueError(
+            raise ConfigError(
                 f"attention_backend=sdpa needs {', '.join(missing)}; use attention_backend=unfused"
             )
 

@@ -11,18 +11,22 @@ exercise the GPU precision path.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from megatron_patches.training.config import Config
+from megatron_patches.training.config import Config, OptimConfig
 from megatron_patches.training.model import build_model_for_this_rank
 from megatron_patches.training.schedules import PretrainScheduler
+
+if TYPE_CHECKING:
+    from megatron.core.optimizer import MegatronOptimizer
 
 
 @dataclass
 class TrainingObjects:
     model: torch.nn.Module  # DistributedDataParallel around this rank's GPTModel stage
-    optimizer: object  # megatron.core.optimizer.MegatronOptimizer
+    optimizer: MegatronOptimizer  # a ChainedOptimizer of DistributedOptimizers
     scheduler: PretrainScheduler
 
     @property
@@ -37,17 +41,23 @@ def params_dtype(cfg: Config) -> torch.dtype:
 
 
 def build(cfg: Config) -> TrainingObjects:
+    dtype = params_dtype(cfg)
+    model = wrap_for_training(build_model_for_this_rank(cfg.model, dtype, calculate_per_token_loss=True))
+    optimizer = build_optimizer(cfg.optimizer, model, dtype)
+    scheduler = PretrainScheduler(optimizer, cfg.optimizer, cfg.train.train_iters)
+    return TrainingObjects(model, optimizer, scheduler)
+
+
+def wrap_for_training(gpt: torch.nn.Module) -> torch.nn.Module:
+    """``Float16Module`` (bf16) and Megatron-Core's ``DistributedDataParallel`` around one stage."""
     from megatron.core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,
         finalize_model_grads,
     )
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.transformer.module import Float16Module
 
-    dtype = params_dtype(cfg)
-    gpt = build_model_for_this_rank(cfg.model, dtype, calculate_per_token_loss=True)
-    if dtype != torch.float32:
+    if gpt.config.params_dtype != torch.float32:
         # As Megatron-LM: bf16 compute, inputs cast on the first stage, fp32 outputs on the last.
         gpt = Float16Module(gpt.config, gpt)
     ddp_config = DistributedDataParallelConfig(
@@ -56,10 +66,15 @@ def build(cfg: Config) -> TrainingObjects:
         overlap_grad_reduce=False,
         check_for_nan_in_grad=False,
     )
-    model = DistributedDataParallel(gpt.config, ddp_config, gpt)
     gpt.config.finalize_model_grads_func = finalize_model_grads
-    opt = cfg.optimizer
-    optimizer = get_megatron_optimizer(
+    return DistributedDataParallel(gpt.config, ddp_config, gpt)
+
+
+def build_optimizer(opt: OptimConfig, model: torch.nn.Module, dtype: torch.dtype) -> MegatronOptimizer:
+    """Megatron-Core's distributed optimizer (``get_megatron_optimizer``): Adam, ZeRO-1 over DP."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    return get_megatron_optimizer(
         OptimizerConfig(
             optimizer="adam",
             lr=opt.lr,
@@ -75,5 +90,3 @@ def build(cfg: Config) -> TrainingObjects:
         ),
         [model],
     )
-    scheduler = PretrainScheduler(optimizer, opt, cfg.train.train_iters)
-    return TrainingObjects(model, optimizer, scheduler)

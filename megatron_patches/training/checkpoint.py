@@ -2,8 +2,9 @@
 
 A checkpoint is ``<save>/iter_XXXXXXX/``, written by
 ``megatron.core.dist_checkpointing.save`` from the model's and the distributed
-optimizer's sharded state dicts plus the scheduler, every rank's RNG streams,
-the iteration, consumed samples and ``model_config``. It is written as
+optimizer's sharded state dicts plus the scheduler, every rank's RNG streams
+(sharded by PP/TP position, see :func:`rng_state.sharded`), the iteration, consumed
+samples and ``model_config``. It is written as
 ``iter_XXXXXXX.tmp`` and renamed once every rank has finished; the tracker file
 ``latest_checkpointed_iteration.txt`` is replaced last, and only then are
 checkpoints beyond ``keep_last`` deleted. An interrupted save therefore leaves
@@ -16,21 +17,29 @@ The on-disk names (tracker file, iteration directories) belong to
 from __future__ import annotations
 
 import dataclasses
-import random
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from megatron_patches.errors import ConfigError
+from megatron_patches.training import rng_state
 from megatron_patches.training.model import RUNTIME_ONLY_FIELDS, ModelConfig
 from tools.convert import mcore_io
 
+if TYPE_CHECKING:
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.optimizer import MegatronOptimizer
+
+    from megatron_patches.training.schedules import PretrainScheduler
+
 CHECKPOINT_VERSION = 3.0
+# The distributed optimizer's format re-shards across DP sizes only; TP/PP must match on resume.
 OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
+PARALLEL_LAYOUT = "parallel_layout"  # [TP, PP] of the run that wrote the checkpoint
 
 
 @dataclass
@@ -76,46 +85,27 @@ def model_config_from(path: Path, current: ModelConfig) -> ModelConfig:
     return dataclasses.replace(saved, **runtime)
 
 
-def rng_state() -> dict[str, Any]:
-    """Every RNG stream of this rank: Python, NumPy, torch CPU/CUDA, Megatron's CUDA-RNG tracker."""
-    from megatron.core import tensor_parallel
-
-    state = {
-        "random": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    from megatron.core import tensor_parallel
-
-    random.setstate(state["random"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
-
-
 def _sharded_state(
-    model, optimizer, scheduler, train_state: TrainState, model_cfg: ModelConfig, loading: bool
-):
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    model: GPTModel,
+    optimizer: MegatronOptimizer,
+    scheduler: PretrainScheduler,
+    train_state: TrainState,
+    model_cfg: ModelConfig,
+    loading: bool,
+    rng_per_global_rank: bool = False,
+) -> dict[str, Any]:
+    from megatron.core import parallel_state as ps
 
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     model_sd = model.sharded_state_dict()
     return {
         "model": model_sd,
         "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=loading, metadata=OPTIMIZER_SHARDING),
         "opt_param_scheduler": scheduler.state_dict(),
-        "rng_state": ShardedObject(
-            "rng_state", None if loading else rng_state(), (world,), (rank,), replica_id=0
-        ),
+        "rng_state": rng_state.sharded(loading, rng_per_global_rank),
+        PARALLEL_LAYOUT: [
+            ps.get_tensor_model_parallel_world_size(),
+            ps.get_pipeline_model_parallel_world_size(),
+        ],
         "iteration": train_state.iteration,
         "consumed_samples": train_state.consumed_samples,
         "patch_state": train_state.patch_state or {},
@@ -126,9 +116,9 @@ def _sharded_state(
 
 def save(
     save_dir: str | Path,
-    model,
-    optimizer,
-    scheduler,
+    model: GPTModel,
+    optimizer: MegatronOptimizer,
+    scheduler: PretrainScheduler,
     train_state: TrainState,
     model_cfg: ModelConfig,
     keep_last: int,
@@ -169,12 +159,19 @@ def _prune(root: Path, keep_last: int) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def load(path: Path, model, optimizer, scheduler, model_cfg: ModelConfig) -> TrainState:
+def load(
+    path: Path,
+    model: GPTModel,
+    optimizer: MegatronOptimizer,
+    scheduler: PretrainScheduler,
+    model_cfg: ModelConfig,
+) -> TrainState:
     """Restore model, optimizer, scheduler and RNG from ``path``; return the train state."""
     from megatron.core import dist_checkpointing
 
     allocate_adam_state(optimizer)
-    template = _sharded_state(model, optimizer, scheduler, TrainState(), model_cfg, loading=True)
+    older = saved_layout(path) is None  # written before the RNG state was sharded by (PP, TP)
+    template = _sharded_state(model, optimizer, scheduler, TrainState(), model_cfg, True, older)
     state = dist_checkpointing.load(template, str(path))
     model.load_state_dict(state["model"])
     steps = saved_adam_steps(optimizer, state["optimizer"])
@@ -182,17 +179,20 @@ def load(path: Path, model, optimizer, scheduler, model_cfg: ModelConfig) -> Tra
         optimizer.load_state_dict(state["optimizer"])
     restore_adam_steps(optimizer, steps)
     scheduler.load_state_dict(state["opt_param_scheduler"])
-    restore_rng(state["rng_state"])
+    if older:
+        rng_state.restore(state["rng_state"])
+    else:
+        rng_state.restore_dp_rank(state["rng_state"])
     return TrainState(state["iteration"], state["consumed_samples"], state.get("patch_state") or {})
 
 
-def _torch_adams(optimizer):
+def _torch_adams(optimizer: MegatronOptimizer) -> Iterator[MegatronOptimizer]:
     for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
         if isinstance(inner.optimizer, (torch.optim.Adam, torch.optim.AdamW)):
             yield inner
 
 
-def allocate_adam_state(optimizer) -> None:
+def allocate_adam_state(optimizer: MegatronOptimizer) -> None:
     """Create ``torch.optim.AdamW`` state (moments and ``step``) before a load.
 
     ``DistributedOptimizer.sharded_state_dict(is_loading=True)`` reads
@@ -206,7 +206,7 @@ def allocate_adam_state(optimizer) -> None:
             param_state.setdefault("step", torch.zeros((), dtype=torch.float32))
 
 
-def saved_adam_steps(optimizer, loaded: dict) -> list[float | None]:
+def saved_adam_steps(optimizer: MegatronOptimizer, loaded: dict) -> list[float | None]:
     """The Adam ``step`` each inner optimizer saved (in its ``param_groups``, non-apex path)."""
     inners = list(getattr(optimizer, "chained_optimizers", [optimizer]))
     parts = [loaded] if len(inners) == 1 else [loaded[i] for i in range(len(inners))]
@@ -217,7 +217,7 @@ def saved_adam_steps(optimizer, loaded: dict) -> list[float | None]:
     return steps
 
 
-def restore_adam_steps(optimizer, steps: list[float | None]) -> None:
+def restore_adam_steps(optimizer: MegatronOptimizer, steps: list[float | None]) -> None:
     """Give every parameter its own, correct Adam ``step`` tensor after a load.
 
     Without apex or Transformer Engine, ``DistributedOptimizer.load_state_dict``
@@ -233,6 +233,51 @@ def restore_adam_steps(optimizer, steps: list[float | None]) -> None:
             continue
         for param_state in inner.optimizer.state.values():
             param_state["step"] = torch.tensor(step, dtype=torch.float32)
+
+
+def _common_state(path: Path) -> dict[str, Any]:
+    from megatron.core import dist_checkpointing
+
+    return dist_checkpointing.load_common_state_dict(str(path))
+
+
+def saved_progress(path: Path) -> TrainState:
+    """Iteration and consumed samples of the checkpoint at ``path``, from its common state only."""
+    common = _common_state(path)
+    return TrainState(int(common.get("iteration", 0)), int(common.get("consumed_samples", 0)))
+
+
+def saved_layout(path: Path) -> tuple[int, int] | None:
+    """(TP, PP) the checkpoint at ``path`` was written at; None for checkpoints that predate the record."""
+    layout = _common_state(path).get(PARALLEL_LAYOUT)
+    return None if layout is None else (int(layout[0]), int(layout[1]))
+
+
+def start_from_pretrained(
+    path: Path, model: GPTModel, optimizer: MegatronOptimizer, model_cfg: ModelConfig
+) -> None:
+    """Fill the model with a release's weights (fresh optimizer state), in either format."""
+    if mcore_io.checkpoint_format(path) == "torch_dist":
+        load_pretrained_torch_dist(path, model)
+    else:
+        load_pretrained(path, model, model_cfg)
+    # The distributed optimizer took its fp32 main params from the random init when it was
+    # built; re-copy them from the loaded weights (MegatronOptimizer.reload_model_params, as
+    # Megatron-LM's load_checkpoint does when it loads no optimizer state).
+    optimizer.reload_model_params()
+
+
+def load_pretrained_torch_dist(path: Path, model: GPTModel) -> None:
+    """Weights only, from a ``torch_dist`` checkpoint (``hf2mcore --format torch_dist``, or a run's).
+
+    ``dist_checkpointing.load`` re-shards to this run's TP/PP and either spec,
+    so unlike a legacy release it needs no ``mcore2mcore`` step; only the
+    ``model`` entries are read (a trainer checkpoint's optimizer state is not).
+    """
+    from megatron.core import dist_checkpointing
+
+    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
+    model.load_state_dict(state["model"])
 
 
 def check_pretrained_layout(path: Path, tp: int, pp: int, num_layers: int) -> None:

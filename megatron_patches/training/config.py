@@ -40,7 +40,7 @@ class DataConfig:
     tokenizer: str | None = None  # HF tokenizer dir; gives eod/vocab when no blend.yaml does
     eod_id: int | None = None
     reset_position_ids: bool = False
-    reset_attention_mask: bool = False
+    reset_attention_mask: bool = False  # refused when true: no attention mask reaches the model
     eod_mask_loss: bool = False
     anneal_fraction: float = 0.0  # the final fraction of iterations reads anneal_data_path
     anneal_data_path: list = field(default_factory=list)
@@ -84,7 +84,7 @@ class CheckpointConfig:
     save_interval_minutes: float | None = None
     keep_last: int = 3
     save_at_end: bool = True  # checkpoint after the last iteration (off for benchmarks)
-    async_save: bool = False
+    async_save: bool = False  # Megatron-LM's key; refused when true: saves are synchronous
 
 
 @dataclass

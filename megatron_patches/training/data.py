@@ -20,11 +20,17 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from megatron_patches.errors import ConfigError
 from megatron_patches.training.indexed import check_prefix
+
+if TYPE_CHECKING:
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+
+    from megatron_patches.training.config import DataConfig
 
 DOCUMENT_SUFFIX = "_text_document"
 
@@ -72,6 +78,19 @@ def parse_blend(data_path: list | tuple) -> tuple[list[str], list[float]]:
         if not isinstance(prefix, str):
             raise ConfigError(f"data_path prefix {prefix!r} must be a path string")
     return list(prefixes), [float(w) for w in weights]
+
+
+def split_weights(split: str) -> list[float]:
+    """``data.split`` (``"99,1,0"``) as Megatron-Core reads it: train, valid, test weights."""
+    try:
+        weights = [float(w) for w in str(split).split(",")]
+    except ValueError:
+        weights = []
+    if not 1 <= len(weights) <= 3 or min(weights) < 0 or weights[0] <= 0:
+        raise ConfigError(
+            f"data.split must be 'train,valid,test' weights with a positive train share, got {split!r}"
+        )
+    return weights + [0.0] * (3 - len(weights))
 
 
 def channel_names(data_path: list | tuple, channels: dict) -> list[str]:
@@ -192,19 +211,43 @@ def build_phase_datasets(
     seed: int,
     tokenizer: DatasetTokenizer,
     cache_dir: str,
-    data_cfg,
+    data_cfg: DataConfig,
 ) -> tuple:
     """``(train, valid)`` datasets of ``phase`` via Megatron-Core's ``BlendedMegatronDatasetBuilder``."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+    from megatron.core.datasets.gpt_dataset import GPTDataset, MockGPTDataset
 
-    blend = None
-    if phase.data_path:
-        prefixes, weights = parse_blend(phase.data_path)
-        for prefix in prefixes:
-            check_prefix(prefix)
-        blend = (prefixes, weights if len(prefixes) > 1 else None)
-    config = GPTDatasetConfig(
+    blend = _checked_blend(phase.data_path)
+    config = _dataset_config(phase, blend, split, seed, tokenizer, cache_dir, data_cfg)
+    cls = GPTDataset if blend else MockGPTDataset
+    train, valid, _ = BlendedMegatronDatasetBuilder(
+        cls, [train_samples, valid_samples, 0], lambda: True, config
+    ).build()
+    return train, valid
+
+
+def _checked_blend(data_path: tuple) -> tuple[list[str], list[float] | None] | None:
+    """Megatron-Core's ``blend`` (prefixes, weights or None for one prefix); None for mock data."""
+    if not data_path:
+        return None
+    prefixes, weights = parse_blend(data_path)
+    for prefix in prefixes:
+        check_prefix(prefix)
+    return prefixes, weights if len(prefixes) > 1 else None
+
+
+def _dataset_config(
+    phase: Phase,
+    blend: tuple | None,
+    split: str,
+    seed: int,
+    tokenizer: DatasetTokenizer,
+    cache_dir: str,
+    data_cfg: DataConfig,
+) -> GPTDatasetConfig:
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+
+    return GPTDatasetConfig(
         random_seed=seed,
         sequence_length=phase.seq_length,
         blend=blend,
@@ -212,15 +255,10 @@ def build_phase_datasets(
         path_to_cache=cache_dir,
         tokenizer=tokenizer,
         reset_position_ids=data_cfg.reset_position_ids,
-        reset_attention_mask=data_cfg.reset_attention_mask,
+        reset_attention_mask=False,  # no attention mask reaches the model (validation refuses true)
         eod_mask_loss=data_cfg.eod_mask_loss,
         create_attention_mask=False,
     )
-    cls = GPTDataset if blend else MockGPTDataset
-    train, valid, _ = BlendedMegatronDatasetBuilder(
-        cls, [train_samples, valid_samples, 0], lambda: True, config
-    ).build()
-    return train, valid
 
 
 class PhaseData:

@@ -126,14 +126,7 @@ class Trainer:
         flag_names, flag_values = self._iteration_flags()
         loss, total_tokens, flag_sums = global_loss(loss_sum, tokens, self.device, flag_values)
         lr = objs.optimizer.param_groups[0]["lr"]
-
-        def veto(grad_norm: float) -> bool:
-            return any([hook.skip_update(ctx, loss, grad_norm) for hook in self.hooks])  # all hooks run
-
-        updated, grad_norm = optimizer_step(objs.optimizer, loss, veto)
-        objs.scheduler.step(increment=1)
-        ctx.state.iteration += 1
-        ctx.state.consumed_samples += ctx.phase.global_batch_size
+        updated, grad_norm = self._update(loss)
         report = StepReport(
             iteration=ctx.state.iteration,
             loss=loss,
@@ -146,6 +139,19 @@ class Trainer:
             flags=dict(zip(flag_names, flag_sums, strict=True)),
         )
         return report, time.perf_counter() - start
+
+    def _update(self, loss: float) -> tuple[bool, float | None]:
+        """Optimizer step unless a hook vetoes it, then the LR scheduler and the counters advance."""
+        ctx, objs = self.ctx, self.ctx.objects
+
+        def veto(grad_norm: float) -> bool:
+            return any([hook.skip_update(ctx, loss, grad_norm) for hook in self.hooks])  # all hooks run
+
+        updated, grad_norm = optimizer_step(objs.optimizer, loss, veto)
+        objs.scheduler.step(increment=1)
+        ctx.state.iteration += 1
+        ctx.state.consumed_samples += ctx.phase.global_batch_size
+        return updated, grad_norm
 
     def _iteration_flags(self) -> tuple[list[str], list[float]]:
         """The hooks' per-iteration flags, named ``<patch>.<flag>``, in hook order (same on every rank)."""

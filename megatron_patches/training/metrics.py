@@ -70,7 +70,10 @@ class MetricsWriter:
 
         self.tb = SummaryWriter(log_dir=tensorboard_dir or str(run_dir / "tensorboard"))
         self.jsonl = (run_dir / "metrics.jsonl").open("a")
-        if wandb_project and importlib.util.find_spec("wandb"):
+        if wandb_project and not importlib.util.find_spec("wandb"):
+            note = f"note: wandb is not installed, so logging.wandb_project={wandb_project!r} is skipped"
+            self.console(note)
+        elif wandb_project:
             import wandb
 
             self.wandb = wandb.init(project=wandb_project, dir=str(run_dir), config=config)

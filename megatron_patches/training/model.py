@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -18,7 +18,13 @@ from megatron_patches import cpu
 from megatron_patches.compat import require_signature
 from megatron_patches.errors import ConfigError
 
-TRANSFORMER_IMPLS = ("local", "transformer_engine")
+if TYPE_CHECKING:  # annotations only; the functions import what they use from Megatron-Core
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+# "auto": Transformer Engine's spec where it imports and CUDA is present, else the local spec.
+TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
 
 
 def _check_pinned_api() -> None:
@@ -97,7 +103,14 @@ class ModelConfig:
         return cls(**values)
 
     def validate(self) -> None:
-        positive = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size")
+        positive = (
+            "num_layers",
+            "hidden_size",
+            "ffn_hidden_size",
+            "num_attention_heads",
+            "vocab_size",
+            "make_vocab_size_divisible_by",
+        )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
@@ -128,18 +141,53 @@ def transformer_engine_available() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 
 
+def transformer_engine_usable() -> bool:
+    """CUDA is present and ``transformer_engine.pytorch`` imports (a build for another torch may not)."""
+    if not (torch.cuda.is_available() and transformer_engine_available()):
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # noqa: BLE001 - a mismatched TE build fails with assorted errors
+        return False
+    return True
+
+
+def resolve_transformer_impl(cfg: ModelConfig) -> ModelConfig:
+    """``cfg`` with ``transformer_impl: auto`` replaced by the spec this machine runs."""
+    if cfg.transformer_impl != "auto":
+        return cfg
+    impl = "transformer_engine" if transformer_engine_usable() else "local"
+    return dataclasses.replace(cfg, transformer_impl=impl)
+
+
 def transformer_config(
     cfg: ModelConfig,
     tensor_model_parallel_size: int = 1,
     pipeline_model_parallel_size: int = 1,
     params_dtype: torch.dtype = torch.float32,
     **overrides: Any,
-):
+) -> TransformerConfig:
     """The Megatron-Core ``TransformerConfig`` for ``cfg`` at a TP/PP layout."""
     from megatron.core.transformer import TransformerConfig
 
-    on_gpu = not cpu.is_enabled()
     values = dict(
+        **_architecture_fields(cfg),
+        **_kernel_fields(cfg),
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        pipeline_dtype=params_dtype,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        sequence_parallel=False,
+    )
+    values.update(overrides)
+    return TransformerConfig(**values)
+
+
+def _architecture_fields(cfg: ModelConfig) -> dict[str, Any]:
+    """``TransformerConfig`` fields that decide the weights (Megatron-LM's argument names mostly)."""
+    return dict(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
         ffn_hidden_size=cfg.ffn_hidden_size,
@@ -156,26 +204,23 @@ def transformer_config(
         init_method_std=cfg.init_method_std,
         hidden_dropout=cfg.hidden_dropout,
         attention_dropout=cfg.attention_dropout,
-        tensor_model_parallel_size=tensor_model_parallel_size,
-        pipeline_model_parallel_size=pipeline_model_parallel_size,
-        pipeline_dtype=params_dtype,
-        params_dtype=params_dtype,
-        bf16=params_dtype == torch.bfloat16,
-        fp16=params_dtype == torch.float16,
-        # Fused kernels exist only on GPU; their torch fallbacks compute the same thing.
+    )
+
+
+def _kernel_fields(cfg: ModelConfig) -> dict[str, Any]:
+    """Fused kernels exist only on GPU; their torch fallbacks compute the same thing."""
+    on_gpu = not cpu.is_enabled()
+    return dict(
         bias_activation_fusion=on_gpu and cfg.swiglu,
         bias_dropout_fusion=on_gpu,
         masked_softmax_fusion=on_gpu,
         persist_layer_norm=on_gpu,
         apply_rope_fusion=on_gpu and cfg.transformer_impl == "transformer_engine",
         gradient_accumulation_fusion=on_gpu and transformer_engine_available(),
-        sequence_parallel=False,
     )
-    values.update(overrides)
-    return TransformerConfig(**values)
 
 
-def layer_spec(cfg: ModelConfig):
+def layer_spec(cfg: ModelConfig) -> ModuleSpec:
     """Megatron-Core's local spec on CPU; Transformer Engine's when asked for and present."""
     from megatron.core.models.gpt import gpt_layer_specs
 
@@ -193,7 +238,13 @@ def layer_spec(cfg: ModelConfig):
     return spec
 
 
-def build_gpt_model(cfg: ModelConfig, config, pre_process: bool, post_process: bool, vp_stage=None):
+def build_gpt_model(
+    cfg: ModelConfig,
+    config: TransformerConfig,
+    pre_process: bool,
+    post_process: bool,
+    vp_stage: int | None = None,
+) -> GPTModel:
     """One pipeline stage (or virtual chunk) of the model on this rank."""
     from megatron.core.models.gpt import GPTModel
 
@@ -215,7 +266,7 @@ def build_gpt_model(cfg: ModelConfig, config, pre_process: bool, post_process: b
     )
 
 
-def mask_vocab_padding(model, vocab_size: int) -> None:
+def mask_vocab_padding(model: GPTModel, vocab_size: int) -> None:
     """Give the padded vocabulary rows zero probability in the training loss.
 
     Megatron-Core pads the embedding and output layer to a multiple of
@@ -239,17 +290,20 @@ def mask_vocab_padding(model, vocab_size: int) -> None:
         return
     original = model.compute_language_model_loss
 
-    def loss_without_padding(labels, logits):
+    def loss_without_padding(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         pad = torch.arange(per_rank, device=logits.device) >= valid  # logits: [s, b, vocab / TP]
         return original(labels, logits.masked_fill(pad, torch.finfo(logits.dtype).min))
 
     model.compute_language_model_loss = loss_without_padding
 
 
-def build_model_for_this_rank(cfg: ModelConfig, params_dtype: torch.dtype = torch.float32, **overrides):
+def build_model_for_this_rank(
+    cfg: ModelConfig, params_dtype: torch.dtype = torch.float32, **overrides: Any
+) -> GPTModel:
     """The stage of ``cfg`` this rank owns under the initialized parallel state."""
     from megatron.core import parallel_state as ps
 
+    cfg = resolve_transformer_impl(cfg)  # plan_run already did, unless called from elsewhere
     config = transformer_config(
         cfg,
         ps.get_tensor_model_parallel_world_size(),

@@ -18,7 +18,7 @@ import yaml
 from megatron_patches import parallel
 from megatron_patches.training import builder, checkpoint
 from megatron_patches.training.config import Config, load_config
-from megatron_patches.training.data import DatasetTokenizer, PhaseData, samples_before
+from megatron_patches.training.data import DatasetTokenizer, PhaseData
 from megatron_patches.training.loop import TrainContext, Trainer
 from megatron_patches.training.metrics import MetricsWriter
 from megatron_patches.training.validate import RunPlan, plan_run
@@ -46,7 +46,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def describe(cfg: Config, plan: RunPlan) -> str:
-    lines = [f"layout: {plan.layout.describe()}", f"run dir: {Path(cfg.run_dir).resolve()}"]
+    model = cfg.model
+    attention = "sdpa" if model.attention_backend == "auto" else model.attention_backend  # model.layer_spec
+    spec = model.transformer_impl + (f" ({attention} attention)" if model.transformer_impl == "local" else "")
+    lines = [
+        f"layout: {plan.layout.describe()}",
+        f"transformer: {spec}",
+        f"run dir: {Path(cfg.run_dir).resolve()}",
+    ]
     lines += [
         f"phase {p.name}: iterations {p.start_iteration}..{p.end_iteration - 1}, seq {p.seq_length}, "
         f"global batch {p.global_batch_size}, channels {list(p.channels)}"
@@ -98,17 +105,11 @@ def _restore(cfg: Config, plan: RunPlan, objects) -> checkpoint.TrainState:
         state = checkpoint.load(
             plan.resume_from, objects.gpt, objects.optimizer, objects.scheduler, cfg.model
         )
-        expected = samples_before(plan.phases, state.iteration)
-        if state.consumed_samples != expected:
-            print(
-                f"warning: checkpoint consumed {state.consumed_samples} samples, the config's phases "
-                f"imply {expected} at iteration {state.iteration}; data continues from the config's position"
-            )
         for hook in plan.hooks:
             hook.load_state_dict((state.patch_state or {}).get(hook.name, {}))
         return state
     if plan.pretrained is not None:
-        checkpoint.load_pretrained(plan.pretrained, objects.gpt, cfg.model)
+        checkpoint.start_from_pretrained(plan.pretrained, objects.gpt, objects.optimizer, cfg.model)
     return checkpoint.TrainState()
 
 

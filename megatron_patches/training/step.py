@@ -12,12 +12,21 @@ micro-batch's per-token losses to the hooks (channel loss).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 
 from megatron_patches.compat import require_signature
+
+if TYPE_CHECKING:
+    from megatron.core.optimizer import MegatronOptimizer
+
+    from megatron_patches.hooks import Hook
+    from megatron_patches.training.loop import TrainContext
+
+Batch = dict[str, torch.Tensor]
 
 
 def _check_pinned_api() -> None:
@@ -37,7 +46,9 @@ def _check_pinned_api() -> None:
 _check_pinned_api()
 
 
-def loss_func(hooks, ctx, batch, training: bool, token_losses: torch.Tensor):
+def loss_func(
+    hooks: list[Hook], ctx: TrainContext, batch: Batch, training: bool, token_losses: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Megatron's 3-tuple loss: (sum of token losses, token count, reported [sum, count])."""
     mask = batch["loss_mask"].to(token_losses.device).float()
     losses = token_losses.float()
@@ -48,7 +59,13 @@ def loss_func(hooks, ctx, batch, training: bool, token_losses: torch.Tensor):
     return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum()])}
 
 
-def forward_step(hooks, ctx, training: bool, data_iterator, model):
+def forward_step(
+    hooks: list[Hook],
+    ctx: TrainContext,
+    training: bool,
+    data_iterator: Iterator[Batch],
+    model: torch.nn.Module,
+) -> tuple[torch.Tensor, Callable]:
     """Megatron ``forward_step_func``: every rank reads the batch, each stage uses its part."""
     batch = next(data_iterator)
     gpt = _unwrap(model)
@@ -60,20 +77,20 @@ def forward_step(hooks, ctx, training: bool, data_iterator, model):
     return output, partial(loss_func, hooks, ctx, batch, training)
 
 
-def _unwrap(model):
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     while hasattr(model, "module"):
         model = model.module
     return model
 
 
 def forward_backward(
-    model,
-    batches: Iterable[dict],
+    model: torch.nn.Module,
+    batches: Iterable[Batch],
     num_microbatches: int,
     seq_length: int,
     micro_batch_size: int,
-    hooks,
-    ctx,
+    hooks: list[Hook],
+    ctx: TrainContext,
     forward_only: bool = False,
 ) -> tuple[float, float]:
     """Run one iteration's micro-batches; return (loss sum, token count) of this DP rank.
@@ -98,7 +115,7 @@ def forward_backward(
 
 
 def global_loss(
-    loss_sum: float, tokens: float, device, extra: list[float] = ()
+    loss_sum: float, tokens: float, device: torch.device, extra: list[float] = ()
 ) -> tuple[float, int, list[float]]:
     """Token-weighted mean loss of the global batch, known to every rank afterwards.
 
@@ -117,7 +134,9 @@ def global_loss(
     return loss, total_tokens, values[2:].tolist()
 
 
-def optimizer_step(optimizer, loss: float, veto) -> tuple[bool, float | None]:
+def optimizer_step(
+    optimizer: MegatronOptimizer, loss: float, veto: Callable[[float], bool]
+) -> tuple[bool, float | None]:
     """``ChainedOptimizer.step`` with a decision point between grad norm and update.
 
     Megatron-Core's ``step()`` only refuses an update when fp16 loss scaling

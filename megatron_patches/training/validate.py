@@ -10,6 +10,7 @@ from the same inputs, so a bad config stops all ranks with the same one line.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +20,19 @@ from megatron_patches.hooks import Hook, build_hooks
 from megatron_patches.parallel import Layout, validate_layout
 from megatron_patches.training import checkpoint
 from megatron_patches.training.config import Config
-from megatron_patches.training.data import Phase, channel_names, parse_blend, phase_at, plan_phases
+from megatron_patches.training.data import (
+    Phase,
+    channel_names,
+    parse_blend,
+    phase_at,
+    plan_phases,
+    samples_before,
+    split_weights,
+)
 from megatron_patches.training.indexed import check_prefix
+from megatron_patches.training.model import resolve_transformer_impl
 from megatron_patches.training.schedules import validate_schedule
+from tools.convert import mcore_io
 
 
 @dataclass
@@ -45,18 +56,54 @@ class RunPlan:
 
 
 def plan_run(cfg: Config, world_size: int) -> RunPlan:
-    save_dir = Path(cfg.checkpoint.save or Path(cfg.run_dir) / "checkpoints")
-    resume_from = checkpoint.latest_checkpoint(cfg.checkpoint.load or save_dir)
-    pretrained = _find_pretrained(cfg) if resume_from is None else None
+    save_dir, resume_from, pretrained = _find_checkpoints(cfg)
     if cfg.checkpoint.use_checkpoint_args and (resume_from or pretrained):
         cfg.model = checkpoint.model_config_from(resume_from or pretrained, cfg.model)
+    cfg.model = resolve_transformer_impl(cfg.model)  # every later step sees local or transformer_engine
     layout = Layout(
         world_size, cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
     )
     validate_layout(layout, cfg.model)
     _check_train(cfg, layout)
+    _check_unsupported(cfg)
     validate_schedule(cfg.optimizer, cfg.train.train_iters)
     data = _resolve_data(cfg)
+    hooks = build_hooks(cfg.patches, cfg)
+    phases = _plan_phases(cfg, data, hooks)
+    for phase in phases:
+        _check_batch(phase.global_batch_size, phase.micro_batch_size, layout, f"phase {phase.name!r}")
+        _check_seq(phase.seq_length, cfg)
+    if resume_from is not None:
+        checkpoint.check_architecture(resume_from, _model_at(resume_from, phases, cfg))
+        _check_resume_layout(resume_from, layout)
+        _check_data_position(resume_from, phases)
+    if pretrained is not None:
+        checkpoint.check_architecture(pretrained, cfg.model)
+        tp, pp = layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size
+        checkpoint.check_pretrained_layout(pretrained, tp, pp, cfg.model.num_layers)
+    return RunPlan(layout, data, phases, hooks, save_dir, resume_from, pretrained)
+
+
+def _find_checkpoints(cfg: Config) -> tuple[Path, Path | None, Path | None]:
+    """(save dir, checkpoint to resume, release to start from); a resume wins over pretrained.
+
+    ``checkpoint.load`` naming a directory without a checkpoint is a mistake,
+    not a fresh start, unless it is the save directory (a job's first launch).
+    """
+    save_dir = Path(cfg.checkpoint.save or Path(cfg.run_dir) / "checkpoints")
+    load = cfg.checkpoint.load
+    resume_from = checkpoint.latest_checkpoint(load or save_dir)
+    if load and resume_from is None and Path(load).resolve() != save_dir.resolve():
+        raise ConfigError(
+            f"checkpoint.load {load} holds no checkpoint (no {mcore_io.TRACKER_FILE}); "
+            "unset it to start from scratch"
+        )
+    pretrained = _find_pretrained(cfg) if resume_from is None else None
+    return save_dir, resume_from, pretrained
+
+
+def _plan_phases(cfg: Config, data: ResolvedData, hooks: list[Hook]) -> list[Phase]:
+    """The data phases (main, anneal), named by channel, then as each patch reshapes them."""
     phases = plan_phases(
         cfg.train.train_iters,
         data.data_path,
@@ -69,19 +116,36 @@ def plan_run(cfg: Config, world_size: int) -> RunPlan:
     phases = [
         dataclasses.replace(p, channels=tuple(channel_names(p.data_path, data.channels))) for p in phases
     ]
-    hooks = build_hooks(cfg.patches, cfg)
     for hook in hooks:
         phases = hook.plan_phases(phases, cfg)
-    for phase in phases:
-        _check_batch(phase.global_batch_size, phase.micro_batch_size, layout, f"phase {phase.name!r}")
-        _check_seq(phase.seq_length, cfg)
-    if resume_from is not None:
-        checkpoint.check_architecture(resume_from, _model_at(resume_from, phases, cfg))
-    if pretrained is not None:
-        checkpoint.check_architecture(pretrained, cfg.model)
-        tp, pp = layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size
-        checkpoint.check_pretrained_layout(pretrained, tp, pp, cfg.model.num_layers)
-    return RunPlan(layout, data, phases, hooks, save_dir, resume_from, pretrained)
+    return phases
+
+
+def _check_resume_layout(path: Path, layout: Layout) -> None:
+    """A resume may change DP (nodes), not TP/PP: the optimizer state is only DP-reshardable."""
+    saved = checkpoint.saved_layout(path)
+    mine = (layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size)
+    if saved is not None and saved != mine:
+        raise ConfigError(
+            f"checkpoint {path} was saved at TP={saved[0]} PP={saved[1]}; a resume needs the same TP/PP "
+            f"(this run: TP={mine[0]} PP={mine[1]}), or start a new run from its weights with "
+            f"checkpoint.pretrained_checkpoint"
+        )
+
+
+def _check_data_position(path: Path, phases: list[Phase]) -> None:
+    """The data position is a function of the iteration; a resume must agree with the checkpoint's.
+
+    A changed ``global_batch_size`` (or phase plan) would re-read or skip samples.
+    """
+    saved = checkpoint.saved_progress(path)
+    expected = samples_before(phases, saved.iteration)
+    if saved.consumed_samples != expected:
+        raise ConfigError(
+            f"checkpoint {path} consumed {saved.consumed_samples} samples in {saved.iteration} "
+            f"iterations but this config's batch sizes put that iteration at sample {expected}, "
+            "so the resume would re-read or skip data; keep the global_batch_size the run started with"
+        )
 
 
 def _model_at(path: Path, phases: list[Phase], cfg: Config):
@@ -109,12 +173,40 @@ def _check_train(cfg: Config, layout: Layout) -> None:
         if value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
     _check_batch(train.global_batch_size, train.micro_batch_size, layout, "train")
-    if log.eval_interval is not None and (log.eval_interval < 1 or log.eval_iters < 1):
+    if not 0 <= cfg.data.anneal_fraction < 1:
+        raise ConfigError(f"data.anneal_fraction must be in [0, 1), got {cfg.data.anneal_fraction}")
+    _check_eval(cfg)
+
+
+def _check_eval(cfg: Config) -> None:
+    log = cfg.logging
+    valid_weight = split_weights(cfg.data.split)[1]
+    if log.eval_interval is None:
+        return
+    if log.eval_interval < 1 or log.eval_iters < 1:
         raise ConfigError(
             f"eval_interval ({log.eval_interval}) and eval_iters ({log.eval_iters}) must be >= 1"
         )
-    if not 0 <= cfg.data.anneal_fraction < 1:
-        raise ConfigError(f"data.anneal_fraction must be in [0, 1), got {cfg.data.anneal_fraction}")
+    if valid_weight == 0:
+        raise ConfigError(
+            f"logging.eval_interval is set but data.split {cfg.data.split!r} leaves no validation data; "
+            "give it a share (e.g. data.split=99,1,0) or unset logging.eval_interval"
+        )
+
+
+def _check_unsupported(cfg: Config) -> None:
+    """Megatron-LM options this trainer does not implement: refused when set, never silently ignored."""
+    if cfg.checkpoint.async_save:
+        raise ConfigError(
+            "checkpoint.async_save=true is not supported: checkpoints are written synchronously "
+            "(dist_checkpointing.save, then an atomic rename); remove it"
+        )
+    if cfg.data.reset_attention_mask:
+        raise ConfigError(
+            "data.reset_attention_mask=true is not supported: no attention mask reaches the model "
+            "(core attention is plain causal), so packed documents would still see each other; "
+            "use data.reset_position_ids and data.eod_mask_loss"
+        )
 
 
 def _check_batch(global_batch: int, micro_batch: int, layout: Layout, where: str) -> None:
@@ -137,11 +229,12 @@ def _check_seq(seq_length: int, cfg: Config) -> None:
 def _resolve_data(cfg: Config) -> ResolvedData:
     """Blend, channels, EOD id and tokenizer from the data section (and its blend.yaml)."""
     data = cfg.data
-    data_path, channels, eod_id, tokenizer = (
+    data_path, channels, eod_id, tokenizer, blend_vocab = (
         list(data.data_path),
         dict(data.channels),
         data.eod_id,
         data.tokenizer,
+        None,
     )
     if data.blend:
         blend = load_blend(Path(data.blend))
@@ -149,11 +242,10 @@ def _resolve_data(cfg: Config) -> ResolvedData:
         channels = channels or blend.get("channels", {})
         eod_id = eod_id if eod_id is not None else blend.get("eod_id")
         tokenizer = tokenizer or blend["tokenizer"]
-        vocab = blend.get("vocab_size")
-        if vocab is not None and vocab > cfg.model.vocab_size:
-            raise ConfigError(
-                f"blend {data.blend} needs vocab_size {vocab} but model.vocab_size is {cfg.model.vocab_size}"
-            )
+        blend_vocab = blend.get("vocab_size")
+        _check_vocab(blend_vocab, f"blend {data.blend}", cfg)
+    if tokenizer and (data.tokenizer or blend_vocab is None):
+        _check_vocab(len(_load_tokenizer(tokenizer)), f"tokenizer {tokenizer}", cfg)
     if data.mock:
         return ResolvedData([], [], {}, cfg.model.vocab_size - 1, tokenizer)
     if not data_path:
@@ -168,14 +260,26 @@ def _resolve_data(cfg: Config) -> ResolvedData:
     return ResolvedData(data_path, list(data.anneal_data_path), channels, eod_id, tokenizer)
 
 
-def _tokenizer_eod(tokenizer_dir: str | None) -> int:
-    if not tokenizer_dir:
-        raise ConfigError("the end-of-document id is unknown: set data.eod_id, data.tokenizer or data.blend")
+def _check_vocab(needed: int | None, source: str, cfg: Config) -> None:
+    if needed is not None and needed > cfg.model.vocab_size:
+        raise ConfigError(
+            f"{source} needs vocab_size {needed} but model.vocab_size is {cfg.model.vocab_size}"
+        )
+
+
+@functools.lru_cache(maxsize=4)
+def _load_tokenizer(tokenizer_dir: str):
     from transformers import AutoTokenizer
 
     if not Path(tokenizer_dir).is_dir():
         raise ConfigError(f"tokenizer directory {tokenizer_dir} does not exist")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def _tokenizer_eod(tokenizer_dir: str | None) -> int:
+    if not tokenizer_dir:
+        raise ConfigError("the end-of-document id is unknown: set data.eod_id, data.tokenizer or data.blend")
+    tokenizer = _load_tokenizer(tokenizer_dir)
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"tokenizer {tokenizer_dir} has no eos token; set data.eod_id")
     return int(tokenizer.eos_token_id)

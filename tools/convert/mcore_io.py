@@ -363,7 +363,9 @@ def load_torch_dist(iter_dir: str | Path) -> tuple[dict[str, torch.Tensor], Mode
 
     common = dist_checkpointing.load_common_state_dict(str(iter_dir))
     cfg = model_config_of(common, iter_dir)
-    stored = {meta.dtype for meta in dist_checkpointing.load_tensors_metadata(str(iter_dir)).values()}
+    metadata = dist_checkpointing.load_tensors_metadata(str(iter_dir))
+    # A trainer checkpoint also holds the optimizer's fp32 main params and moments: not the model's dtype.
+    stored = {meta.dtype for key, meta in metadata.items() if not key.startswith("optimizer.")}
     # One dtype in a model trained with Float16Module; a mix is read exactly in fp32.
     dtype = stored.pop() if len(stored) == 1 else torch.float32
     with _single_rank_megatron(cfg):

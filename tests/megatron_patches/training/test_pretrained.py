@@ -10,7 +10,7 @@ from megatron_patches.errors import ConfigError
 from megatron_patches.training import checkpoint, run
 from tests.dist import run_on_ranks
 from tests.megatron_patches.training.corpus import EOD, write_corpus
-from tests.tools.convert.tiny import save_hf
+from tests.tools.convert.tiny import assert_same_tensors, hf_tensors, save_hf
 from tools.convert import commands
 
 SEQ = 32
@@ -62,9 +62,11 @@ def _first_global_batch(args) -> list[dict]:
     return data.train_batches(0)
 
 
-def test_first_iteration_loss_equals_hf_loss_on_the_same_batch(tmp_path):
+@pytest.mark.parametrize("fmt", ["torch", "torch_dist"])
+def test_first_iteration_loss_equals_hf_loss_on_the_same_batch(tmp_path, fmt):
     hf_dir = save_hf("llama_gqa", tmp_path / "hf", seed=3)  # GQA, untied, vocab 100
-    commands.hf2mcore(str(hf_dir), str(tmp_path / "mcore"), tp=2, pp=2, quiet=True)
+    # A legacy release is converted at the run's TP/PP; torch_dist is re-sharded when loaded.
+    commands.hf2mcore(str(hf_dir), str(tmp_path / "mcore"), tp=2, pp=2, fmt=fmt, quiet=True)
     prefix = write_corpus(tmp_path / "data", "en", 60, 100, seed=5)
     args = _args(tmp_path / "run", prefix, tmp_path / "mcore")
 
@@ -88,6 +90,37 @@ def test_first_iteration_loss_equals_hf_loss_on_the_same_batch(tmp_path):
         first,
         loss_sum / tokens,
     )
+
+
+def test_bf16_update_at_zero_lr_keeps_the_pretrained_weights_and_exports_them_as_bf16(tmp_path):
+    """The distributed optimizer's fp32 main params must be the loaded weights, not the random init.
+
+    With lr = weight decay = 0 an update changes nothing, so the trainer's checkpoint, exported
+    with ``mcore2hf``, must hold exactly the HF weights rounded to bf16, stored as bf16.
+    """
+    hf_dir = save_hf("llama_gqa", tmp_path / "hf", seed=3)
+    commands.hf2mcore(str(hf_dir), str(tmp_path / "mcore"), quiet=True)
+    prefix = write_corpus(tmp_path / "data", "en", 60, 100, seed=5)
+    args = [
+        *_args(tmp_path / "run", prefix, tmp_path / "mcore"),
+        "parallel.tensor_model_parallel_size=1",
+        "parallel.pipeline_model_parallel_size=1",
+        "train.bf16=true",
+        "optimizer.lr=0",
+        "optimizer.min_lr=0",
+        "optimizer.weight_decay=0",
+        "checkpoint.save_at_end=true",
+    ]
+    assert run_on_ranks(_train, 1, args, timeout=300) == [0]
+    export = tmp_path / "export"
+    commands.mcore2hf(str(tmp_path / "run" / "checkpoints"), str(export), hf_config=str(hf_dir), quiet=True)
+
+    expected = {name: t.to(torch.bfloat16) for name, t in hf_tensors(hf_dir).items()}
+    exported = hf_tensors(export)
+    assert {t.dtype for t in exported.values()} == {torch.bfloat16}  # not the optimizer's fp32 state
+    config = json.loads((export / "config.json").read_text())
+    assert config.get("torch_dtype", config.get("dtype")) == "bfloat16"
+    assert_same_tensors(expected, exported)
 
 
 def test_uneven_pipeline_release_is_refused_in_one_line_before_any_rank_builds(tmp_path):

@@ -9,6 +9,8 @@ import pytest
 
 from megatron_patches.errors import ConfigError
 from megatron_patches.training import run
+from megatron_patches.training.config import load_config
+from megatron_patches.training.validate import plan_run
 from tests.dist import run_on_ranks
 from tests.megatron_patches.training.corpus import EOD, write_corpus
 
@@ -106,6 +108,25 @@ def test_interrupted_and_resumed_run_repeats_the_uninterrupted_losses(tmp_path, 
     assert run_on_ranks(_train, 4, resumed, timeout=600) == [0] * 4
     expected, got = losses(tmp_path / "full"), losses(tmp_path / "broken")
     assert [got[i] for i in range(5, 11)] == [expected[i] for i in range(5, 11)]
+
+
+def test_resume_at_another_dp_size_works_and_other_tp_or_batch_size_is_refused(tmp_path, capfd):
+    data = [1, write_corpus(tmp_path / "data", "zh", 40, 128, seed=1)]
+    common = ("train.train_iters=4", "checkpoint.save_interval=100")
+    first = tiny_args(tmp_path / "run", data, *common, "train.exit_interval=2")
+    assert run_on_ranks(_train, 2, first, timeout=300) == [0, 0]  # DP = 2
+    with pytest.raises(ConfigError) as err:
+        run.main(tiny_args(tmp_path / "run", data, *common, "train.global_batch_size=16"))
+    assert "consumed 16 samples in 2 iterations but this config's batch sizes put that iteration at " in (
+        str(err.value)
+    )
+    at_tp2 = load_config(None, tiny_args(tmp_path / "run", data, *common, "tensor_model_parallel_size=2"))
+    with pytest.raises(ConfigError, match="was saved at TP=1 PP=1; a resume needs the same TP/PP"):
+        plan_run(at_tp2, world_size=2)
+    capfd.readouterr()
+    assert run_on_ranks(_train, 1, tiny_args(tmp_path / "run", data, *common), timeout=300) == [0]
+    assert sorted(losses(tmp_path / "run")) == [1, 2, 3, 4]
+    assert capfd.readouterr().out.count("checkpoint saved at DP=2, resuming at DP=1") == 1
 
 
 @pytest.mark.parametrize(
