@@ -80,7 +80,9 @@ def _reference(args: list[str], checkpoint: str, iterations: int, eval_iters: in
     from megatron_patches.training.validate import plan_run
 
     layout = ["parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1"]
-    cfg = load_config(None, args + layout)
+    # A run directory of its own: in the training run's, plan_run would see a resume at another TP/PP.
+    run_dir = next(a.split("=", 1)[1] for a in args if a.startswith("run_dir="))
+    cfg = load_config(None, [*args, *layout, f"run_dir={run_dir}-reference"])
     plan = plan_run(cfg, 1)
     parallel.initialize(plan.layout, cfg.seed, cfg.model)
     model = build_model_for_this_rank(cfg.model)
