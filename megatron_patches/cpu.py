@@ -58,18 +58,25 @@ def _is_cuda_device(device: object) -> bool:
 class CudaToCpuMode(TorchFunctionMode):
     """Rewrites CUDA device arguments to CPU; ``.cuda()`` returns the tensor."""
 
+    # Every torch call on CPU passes through here, so the common case (no device argument, none of
+    # the three special functions) is kept to two cheap checks.
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if func is torch.Tensor.cuda:
-            return args[0]
-        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
-            name = func(*args)
-            return _CUDA_TYPE_NAMES.get(name, name)
-        if _is_cuda_device(kwargs.get("device")):
-            kwargs["device"] = _CPU
-        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
-            args = (args[0], _CPU, *args[2:])
+        if kwargs is None:
+            kwargs = {}
+        elif "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs = {**kwargs, "device": _CPU}
+        if func in _SPECIAL:
+            if func is torch.Tensor.cuda:
+                return args[0]
+            if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+                name = func(*args)
+                return _CUDA_TYPE_NAMES.get(name, name)
+            if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+                args = (args[0], _CPU, *args[2:])
         return func(*args, **kwargs)
+
+
+_SPECIAL = frozenset({torch.Tensor.cuda, torch.Tensor.type, torch.Tensor.to})
 
 
 class _NullStream:
