@@ -53,6 +53,11 @@ class TrainConfig:
     train_iters: int = 100
     exit_interval: int | None = None  # save and exit 0 at iterations divisible by this (job time limits)
     bf16: bool = False  # bf16 params with fp32 main grads (GPU); CPU runs fp32
+    # Megatron-LM's --manual-gc: no automatic Python GC during training (its pauses land on one
+    # rank at a time and stall the others at the next collective); collect on every rank at once,
+    # every manual_gc_interval iterations (0: only before evaluations and checkpoints).
+    manual_gc: bool = False
+    manual_gc_interval: int = 0
 
 
 @dataclass

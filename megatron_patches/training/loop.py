@@ -7,6 +7,8 @@ broadcast flag), so no rank can enter a collective the others skip.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 import time
 from dataclasses import dataclass
@@ -73,6 +75,10 @@ class Trainer:
 
     # -- the run ---------------------------------------------------------------------------
     def run(self) -> int:
+        with self._manual_gc():
+            return self._run()
+
+    def _run(self) -> int:
         cfg, ctx = self.ctx.cfg, self.ctx
         for hook in self.hooks:
             hook.on_train_start(ctx)
@@ -86,6 +92,9 @@ class Trainer:
             for hook in self.hooks:
                 hook.after_step(ctx, report, requests)
             self._after_iteration(report, seconds)
+            interval = cfg.train.manual_gc_interval
+            if cfg.train.manual_gc and interval and ctx.state.iteration % interval == 0:
+                gc.collect()
             if self._checkpoint_due(requests):
                 self.save(requests.save or "interval")
             if requests.stop:
@@ -94,6 +103,31 @@ class Trainer:
         if cfg.checkpoint.save_at_end and self.last_saved_iteration != ctx.state.iteration:
             self.save("end of training")
         return 0
+
+    @contextlib.contextmanager
+    def _manual_gc(self):
+        """``train.manual_gc`` (Megatron-LM's ``--manual-gc``): automatic GC off for the run.
+
+        Python's collector runs whenever allocations pass a threshold, so its pauses hit ranks
+        at different iterations and the others wait at the next collective; the loop collects on
+        every rank at the same points instead. Everything alive at the start (modules, model,
+        optimizer) is frozen out of the collector's scans (``gc.freeze``), so a collection costs
+        what the training iterations allocated, not a full scan of the process (~0.2 s here).
+        The previous settings are restored afterwards.
+        """
+        if not self.ctx.cfg.train.manual_gc:
+            yield
+            return
+        was_enabled = gc.isenabled()
+        gc.disable()
+        gc.collect()
+        gc.freeze()
+        try:
+            yield
+        finally:
+            gc.unfreeze()
+            if was_enabled:
+                gc.enable()
 
     def _enter_phase_if_needed(self) -> None:
         phase = phase_at(self.ctx.data.phases, self.ctx.state.iteration)
@@ -226,6 +260,8 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         ctx, cfg = self.ctx, self.ctx.cfg
+        if cfg.train.manual_gc:
+            gc.collect()
         ctx.objects.model.eval()
         loss_sum = tokens = 0.0
         with torch.no_grad():
@@ -270,6 +306,8 @@ class Trainer:
         ctx = self.ctx
         if self.last_saved_iteration == ctx.state.iteration:
             return None  # this iteration is already on disk (e.g. interval and trigger together)
+        if ctx.cfg.train.manual_gc:
+            gc.collect()
         ctx.state.patch_state = {hook.name: hook.state_dict() for hook in self.hooks}
         start = time.perf_counter()
         objs = ctx.objects

@@ -172,6 +172,8 @@ def _check_train(cfg: Config, layout: Layout) -> None:
     ):
         if value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
+    if train.manual_gc_interval < 0:
+        raise ConfigError(f"manual_gc_interval must be >= 0, got {train.manual_gc_interval}")
     _check_batch(train.global_batch_size, train.micro_batch_size, layout, "train")
     if not 0 <= cfg.data.anneal_fraction < 1:
         raise ConfigError(f"data.anneal_fraction must be in [0, 1), got {cfg.data.anneal_fraction}")

@@ -189,3 +189,38 @@ def test_cli_prints_one_error_line_and_exits_2(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "megatron_patches.training: error: unknown config key 'train.bogus'"
     ]
+
+
+def _train_counting_gc(args: list[str]) -> tuple[int, list[bool], bool]:
+    """Train; return the exit code, whether automatic GC was on at each ``gc.collect``, and after."""
+    import gc
+
+    collect, seen = gc.collect, []
+
+    def counting_collect(*a, **k):
+        seen.append(gc.isenabled())
+        return collect(*a, **k)
+
+    gc.collect = counting_collect
+    try:
+        return run.main(args), seen, gc.isenabled()
+    finally:
+        gc.collect = collect
+
+
+def test_manual_gc_collects_at_its_interval_only_and_leaves_the_losses_alone(tmp_path):
+    data = two_channels(tmp_path)
+    common = ["train.train_iters=6", "logging.eval_interval=null", "checkpoint.save_interval=null"]
+    [(code, collects, enabled_after)] = run_on_ranks(
+        _train_counting_gc,
+        1,
+        tiny_args(tmp_path / "manual", data, *common, "train.manual_gc=true", "train.manual_gc_interval=3"),
+        timeout=300,
+    )
+    # once when training starts, after iterations 3 and 6, before the final checkpoint; never with
+    # automatic collection on, which comes back when the run ends
+    assert (code, collects, enabled_after) == (0, [False] * 4, True)
+    assert run_on_ranks(_train, 1, tiny_args(tmp_path / "auto", data, *common), timeout=300) == [0]
+    assert losses(tmp_path / "manual") == losses(tmp_path / "auto")
+    with pytest.raises(ConfigError, match="manual_gc_interval must be >= 0, got -1"):
+        plan_run(load_config(None, tiny_args(tmp_path / "x", data, "train.manual_gc_interval=-1")), 1)
