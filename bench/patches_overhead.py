@@ -17,7 +17,8 @@ patches' hooks themselves (on iterations, mean).
 answer rides the loop's all-reduce of the loss); ``rope_schedule`` with one stage at the config's
 length and base, so both kinds of iteration do the same arithmetic;
 ``loss_spike`` (action ``continue``). The save trigger's per-iteration check
-is also timed alone (``--probes`` calls).
+is also timed alone (``--probes`` calls). ``--patches none`` switches nothing:
+its on/off ratio is the method's own floor (odd against even iterations).
 """
 
 from __future__ import annotations
@@ -203,10 +204,14 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--probes", type=int, default=2000)
-    parser.add_argument("--patches", default=",".join(PATCHES_ON), help="the 'on' set (default: all four)")
+    parser.add_argument(
+        "--patches",
+        default=",".join(PATCHES_ON),
+        help="the 'on' set (default: all four); 'none' times the method itself (odd vs even iterations)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    names = args.patches.split(",")
+    names = [] if args.patches == "none" else args.patches.split(",")
     if args.worker:
         worker(Path(args.worker), args.reps, args.iters, args.probes, names)
         return 0
