@@ -180,7 +180,7 @@ def tokenize_ours(files: list[Path], out: Path, tokenizer: Path) -> float:
 
     def run():
         for i, path in enumerate(files):
-            task = TokenizeTask(i, path, out, config, tokenizer)
+            task = TokenizeTask(i, path, out, config, tokenizer=tokenizer)
             tokenize_file(task, Progress(lambda d, b: None))
 
     return cpu_rate(run, size(files))
