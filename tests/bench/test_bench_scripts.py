@@ -41,7 +41,7 @@ def test_train_throughput_compares_backends_on_the_tiny_preset():
 def test_preprocess_bench_measures_clean_and_both_tokenize_ratios(tmp_path):
     out = _run_bench(
         "bench/preprocess.py",
-        *("--mb", "1", "--baseline-mb", "0.5", "--vocab", "1024", "--workdir", str(tmp_path)),
+        *("--mb", "1", "--baseline-mb", "0.5", "--vocab", "2048", "--workdir", str(tmp_path)),
         *("--only", "clean", "--only", "tokenize"),
     )
     assert "clean" in out and "tokenize, same bytes" in out and "tokenize, full corpus" in out
