@@ -16,9 +16,12 @@ Where the numbers come from and go:
   TP ranks of the last stage already hold ``dataset_id``: nothing is broadcast.
   All TP ranks compute the same per-token losses (vocab-parallel cross entropy
   is reduced over TP) and do the same sums.
-* Sums stay local, on the device, with no host sync per micro-batch. An
-  iteration's sums join the log window only if the iteration's global loss is
-  finite, the rule the loop's ``lm loss`` window uses.
+* Sums stay local, on the device, with no host sync. A micro-batch's detached
+  per-token losses are only kept (by reference) until the iteration ends; then
+  one concatenation sums all of them, so the cost is a few tensor ops per
+  iteration however many micro-batches it has. An iteration's sums join the
+  log window only if the iteration's global loss is finite, the rule the
+  loop's ``lm loss`` window uses.
 * At ``log_interval`` (never per micro-batch), each last-stage rank's
   ``{channel: (loss sum, tokens)}`` is exchanged with ``all_gather_object`` over
   the data-parallel group of the last stage (including context-parallel ranks,
@@ -89,18 +92,29 @@ def reduce_channels(parts: list[Totals]) -> dict[str, tuple[float, int]]:
 
 
 class _Accumulator:
-    """Per-channel sums of one phase on the device, plus what earlier phases left by name."""
+    """Per-channel sums of one phase on the device, plus what earlier phases left by name.
+
+    Micro-batches wait in ``pending`` (references to their detached losses, no work) until
+    ``add_pending`` sums them all at once: a few tensor ops per iteration, not per micro-batch.
+    """
 
     def __init__(self) -> None:
         self.names: tuple = ()
         self.sums: torch.Tensor | None = None
         self.carried: Totals = {}
+        self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def start_phase(self, names: tuple, device) -> None:
         if self.sums is not None:
             self.carried = named_totals(self.sums, self.names, self.carried)
         self.names = tuple(names)
         self.sums = torch.zeros(len(self.names), 2, dtype=torch.float64, device=device)
+
+    def add_pending(self) -> None:
+        if self.pending:
+            losses, masks, dataset_ids = (torch.cat(parts) for parts in zip(*self.pending, strict=True))
+            channel_sums(losses, masks, dataset_ids, len(self.names), out=self.sums)
+            self.pending.clear()
 
     def take(self) -> Totals:
         """Everything accumulated so far, by name; starts over."""
@@ -116,22 +130,20 @@ class ChannelLoss(Hook):
     def __init__(self) -> None:
         self.window = _Accumulator()  # iterations since the last log
         self.valid = _Accumulator()  # the current evaluation
-        self.iteration: torch.Tensor | None = None  # the running iteration, before its loss is known
 
     def on_phase_start(self, ctx, phase) -> None:
         device = next(ctx.objects.gpt.parameters()).device
         self.window.start_phase(phase.channels, device)
         self.valid.start_phase(phase.channels, device)
-        self.iteration = torch.zeros_like(self.window.sums)
 
     def on_micro_batch_loss(self, ctx, token_losses, loss_mask, batch, training: bool) -> None:
-        target = self.iteration if training else self.valid.sums
-        channel_sums(token_losses, loss_mask, batch["dataset_id"], len(self.window.names), out=target)
+        target = self.window if training else self.valid
+        target.pending.append((token_losses, loss_mask, batch["dataset_id"]))
 
     def after_step(self, ctx, report: StepReport, requests) -> None:
         if math.isfinite(report.loss):  # as the loop's Window: a non-finite iteration counts nowhere
-            self.window.sums.add_(self.iteration)
-        self.iteration.zero_()
+            self.window.add_pending()
+        self.window.pending.clear()
 
     def on_log(self, ctx, metrics: dict[str, float]) -> None:
         reduced = self._exchange(self.window)
@@ -143,6 +155,7 @@ class ChannelLoss(Hook):
             ctx.writer.console("channel loss | " + " | ".join(parts))
 
     def on_eval(self, ctx, metrics: dict[str, float]) -> None:
+        self.valid.add_pending()
         for name, (loss, _) in self._exchange(self.valid).items():
             metrics[f"channel_val_loss/{name}"] = loss
 
