@@ -93,8 +93,8 @@ class Trainer:
                 hook.after_step(ctx, report, requests)
             self._after_iteration(report, seconds)
             interval = cfg.train.manual_gc_interval
-            if cfg.train.manual_gc and interval and ctx.state.iteration % interval == 0:
-                gc.collect()
+            if interval and ctx.state.iteration % interval == 0:
+                self._manual_collect()
             if self._checkpoint_due(requests):
                 self.save(requests.save or "interval")
             if requests.stop:
@@ -128,6 +128,11 @@ class Trainer:
             gc.unfreeze()
             if was_enabled:
                 gc.enable()
+
+    def _manual_collect(self) -> None:
+        """One collection on every rank at the same point, when ``train.manual_gc`` is on."""
+        if self.ctx.cfg.train.manual_gc:
+            gc.collect()
 
     def _enter_phase_if_needed(self) -> None:
         phase = phase_at(self.ctx.data.phases, self.ctx.state.iteration)
@@ -260,8 +265,7 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         ctx, cfg = self.ctx, self.ctx.cfg
-        if cfg.train.manual_gc:
-            gc.collect()
+        self._manual_collect()
         ctx.objects.model.eval()
         loss_sum = tokens = 0.0
         with torch.no_grad():
@@ -306,8 +310,7 @@ class Trainer:
         ctx = self.ctx
         if self.last_saved_iteration == ctx.state.iteration:
             return None  # this iteration is already on disk (e.g. interval and trigger together)
-        if ctx.cfg.train.manual_gc:
-            gc.collect()
+        self._manual_collect()
         ctx.state.patch_state = {hook.name: hook.state_dict() for hook in self.hooks}
         start = time.perf_counter()
         objs = ctx.objects
