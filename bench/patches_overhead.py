@@ -7,14 +7,21 @@ only: patches on and off alternate every iteration, so both see the same
 machine load (this VM is shared; load drifts over seconds). The time from one
 ``after_step`` to the next is one iteration: its logging, checkpoint checks,
 forward/backward with the per-micro-batch hooks, update, and ``after_step``
-hooks. The first iterations are dropped (warm-up). Printed: medians and means
-on/off and their ratios (the mean includes costs paid every ``log_interval``,
-such as the channel-loss exchange; the median shows the common iteration), the
-median ratio of neighbouring on/off iterations, and the time spent inside the
-patches' hooks themselves (on iterations, mean).
+hooks. The first iterations are dropped (warm-up), and so are the intervals
+holding the loop's manual garbage collection (one in 100, always an 'off' one).
+
+Printed first, the headline: the expected iteration on and off, each the
+median plain iteration and the median logging iteration (every
+``log_interval``: the console line, and with the patches the channel-loss
+exchange) weighted as they occur. Medians per kind resist the VM's stalls;
+one median over all iterations would not: a fifth of the 'on' iterations carry
+the exchange (~2 ms), which moves the 'on' median up the spread of the plain
+ones instead of adding a fifth of its cost. Then: medians and means over all
+iterations, the median ratio of neighbouring on/off iterations, and the time
+spent inside the patches' hooks (on iterations, mean and median).
 
 "On" is: ``channel_loss``; ``save_trigger`` (rank 0 stats two files; the
-answer rides the loop's all-reduce of the loss); ``rope_schedule`` with one stage at the config's
+answer rides in the loop's all-reduce of the loss); ``rope_schedule`` with one stage at the config's
 length and base, so both kinds of iteration do the same arithmetic;
 ``loss_spike`` (action ``continue``). The save trigger's per-iteration check
 is also timed alone (``--probes`` calls). ``--patches none`` switches nothing:
@@ -44,7 +51,7 @@ PATCHES_ON = {
     "loss_spike": {"action": "continue", "warmup": 5, "window": 50},
 }
 INTERVALS: list[tuple[int, float]] = []  # (0-based iteration, time its after_step hooks finished)
-HOOK_SECONDS: dict[int, dict[str, float]] = {}  # 0-based 'on' iteration -> {patch: seconds inside its hooks}
+HOOK_SECONDS: dict[int, dict[str, float]] = {}  # 0-based iteration -> {patch: seconds inside its hooks}
 
 
 def enable(options: dict, config):
@@ -57,13 +64,17 @@ def enable(options: dict, config):
         return index % 2 == 1
 
     def call(index: int, method: str, *args):
-        """Call ``method`` of every patch if iteration ``index`` is an 'on' one; time it."""
-        if not on(index):
-            return []
+        """Call ``method`` of every patch if iteration ``index`` is an 'on' one; time it.
+
+        'Off' iterations do the same timing bookkeeping around no call, so the
+        bench's own cost falls on both sides of the ratio.
+        """
+        active = on(index)
         results, seconds = [], HOOK_SECONDS.setdefault(index, {})
         for hook in inner:
             start = time.perf_counter()
-            results.append(getattr(hook, method)(*args))
+            if active:
+                results.append(getattr(hook, method)(*args))
             seconds[hook.name] = seconds.get(hook.name, 0.0) + time.perf_counter() - start
         return results
 
@@ -86,10 +97,12 @@ def enable(options: dict, config):
         def on_micro_batch_loss(self, ctx, *args) -> None:
             call(ctx.state.iteration, "on_micro_batch_loss", ctx, *args)
 
-        def iteration_flags(self, ctx) -> dict:
-            results = call(ctx.state.iteration, "iteration_flags", ctx)
-            named = zip(inner, results, strict=False)  # no results on 'off' iterations
-            return {f"{hook.name}.{k}": v for hook, flags in named for k, v in flags.items()}
+        flag_names = tuple(f"{hook.name}.{flag}" for hook in inner for flag in hook.flag_names)
+
+        def rank0_flags(self, ctx) -> set[str]:
+            answers = call(ctx.state.iteration, "rank0_flags", ctx)  # nothing on 'off' iterations
+            named = zip(inner, answers, strict=False)
+            return {f"{hook.name}.{flag}" for hook, flags in named for flag in flags}
 
         def skip_update(self, ctx, loss, grad_norm) -> bool:
             return any(call(ctx.state.iteration, "skip_update", ctx, loss, grad_norm))
@@ -112,28 +125,35 @@ def enable(options: dict, config):
 
 def _iteration_times(run_dir: Path, iters: int, patches: dict) -> dict[str, list[float]]:
     from megatron_patches.training import run
+    from megatron_patches.training.config import load_config
 
     INTERVALS.clear()
     HOOK_SECONDS.clear()
     common = [f"run_dir={run_dir}", f"train.train_iters={iters}", "checkpoint.save_interval=null"]
     args = ["--config", str(CONFIG), *common, "logging.eval_interval=null", "patches={}"]
     run.main([*args, f"patches.bench_toggle={json.dumps(patches)}"])
-    times = {"off": [], "on": [], "pairs": [], "hooks": []}
+    cfg = load_config(str(CONFIG), common)
+    times = {key: [] for key in ("off", "on", "pairs", "hooks", "off_log", "on_log", "off_plain", "on_plain")}
     times.update({name: [] for name in patches})
     previous_off = None
     for (_, start), (index, end) in zip(INTERVALS[WARMUP:], INTERVALS[WARMUP + 1 :], strict=False):
-        seconds = end - start
-        if index % 2 == 0:
-            times["off"].append(seconds)
+        # The loop logs after 1-based iteration k * log_interval, and collects garbage after
+        # k * manual_gc_interval: inside the interval of 0-based iteration k * interval.
+        if cfg.train.manual_gc and index % cfg.train.manual_gc_interval == 0:
+            continue  # the same collection on both sides, but only ever in an 'off' interval
+        seconds, side = end - start, "on" if index % 2 else "off"
+        times[side].append(seconds)
+        times[f"{side}_{'log' if index % cfg.logging.log_interval == 0 else 'plain'}"].append(seconds)
+        if side == "off":
             previous_off = seconds
             continue
-        times["on"].append(seconds)
         inside = HOOK_SECONDS.get(index, {})
         times["hooks"].append(sum(inside.values()))
         for name in patches:
             times[name].append(inside.get(name, 0.0))
         if previous_off is not None:  # neighbours share the machine's load of the moment
             times["pairs"].append(seconds / previous_off)
+    times["log_interval"] = [cfg.logging.log_interval]
     return times
 
 
@@ -155,11 +175,11 @@ def worker(out: Path, reps: int, iters: int, probes: int, names: list[str]) -> N
 
     hooks.PATCHES["bench_toggle"] = "__main__"
     rank, _ = parallel.init_distributed()
-    result = {"off": [], "on": [], "pairs": [], "hooks": [], **{name: [] for name in names}}
+    result = {}
     for rep in range(reps):
         times = _iteration_times(out / f"run{rep}", iters, {name: PATCHES_ON[name] for name in names})
         for key, values in times.items():
-            result[key] += values
+            result[key] = result.get(key, []) + values
         torch.distributed.barrier()
     result["trigger_check"] = _trigger_check_seconds(probes, out)
     if rank == 0:
@@ -178,9 +198,25 @@ def report(result: dict) -> str:
     def pct(ratio: float) -> str:
         return f"{ratio:.4f} ({(ratio - 1) * 100:+.2f}%)"
 
+    every = result["log_interval"][0]
+
+    def expected(side: str) -> float:
+        """Median plain and median logging iteration, weighted as they occur (1 log in ``every``)."""
+        plain, log = statistics.median(result[f"{side}_plain"]), statistics.median(result[f"{side}_log"])
+        return (plain * (every - 1) + log) / every
+
+    exp_off, exp_on = expected("off"), expected("on")
     return "\n".join(
         [
             f"iterations timed: {len(off)} off, {len(on)} on (alternating)",
+            f"expected iteration (median plain and median logging iteration, 1 log in {every}): "
+            f"off {exp_off * 1e3:.2f} ms, on {exp_on * 1e3:.2f} ms: {pct(exp_on / exp_off)}",
+            *(
+                f"  {kind} iterations: median off {statistics.median(result[f'off_{kind}']) * 1e3:.2f} ms, "
+                f"on {statistics.median(result[f'on_{kind}']) * 1e3:.2f} ms "
+                f"(+{(statistics.median(result[f'on_{kind}']) - statistics.median(result[f'off_{kind}'])) * 1e6:.0f} us)"
+                for kind in ("plain", "log")
+            ),
             f"median: off {med_off * 1e3:.2f} ms, on {med_on * 1e3:.2f} ms: {pct(med_on / med_off)}",
             f"mean:   off {mean_off * 1e3:.2f} ms, on {mean_on * 1e3:.2f} ms: {pct(mean_on / mean_off)}",
             f"median of on/off ratios of neighbouring iterations: {pct(pair)}",

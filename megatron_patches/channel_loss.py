@@ -17,11 +17,12 @@ Where the numbers come from and go:
   All TP ranks compute the same per-token losses (vocab-parallel cross entropy
   is reduced over TP) and do the same sums.
 * Sums stay local, on the device, with no host sync. A micro-batch's detached
-  per-token losses are only kept (by reference) until the iteration ends; then
-  one concatenation sums all of them, so the cost is a few tensor ops per
-  iteration however many micro-batches it has. An iteration's sums join the
-  log window only if the iteration's global loss is finite, the rule the
-  loop's ``lm loss`` window uses.
+  per-token losses are kept (by reference) until the log (or until
+  ``MAX_HELD_MICRO_BATCHES`` are held); then one concatenation sums all of
+  them, so the cost is a few tensor ops per log window however many
+  micro-batches it has. An iteration's losses join the log window only if the
+  iteration's global loss is finite, the rule the loop's ``lm loss`` window
+  uses.
 * At ``log_interval`` (never per micro-batch), each last-stage rank's
   ``{channel: (loss sum, tokens)}`` is exchanged with ``all_gather_object`` over
   the data-parallel group of the last stage (including context-parallel ranks,
@@ -61,7 +62,7 @@ def channel_sums(
     """Add (sum of masked token losses, loss tokens) per channel to ``out``, ``[channels, 2]`` float64."""
     if out is None:
         out = torch.zeros(num_channels, 2, dtype=torch.float64, device=token_losses.device)
-    ids = dataset_ids.to(out.device, non_blocking=True)
+    ids = dataset_ids if dataset_ids.device == out.device else dataset_ids.to(out.device, non_blocking=True)
     # One [b, 2] (loss sum, tokens) per sample, one index_add: few ops, as this runs per micro-batch.
     sums = (token_losses * loss_mask).sum(dim=1, dtype=torch.float64)
     per_sample = torch.stack((sums, loss_mask.sum(dim=1, dtype=torch.float64)), dim=1)
@@ -91,11 +92,19 @@ def reduce_channels(parts: list[Totals]) -> dict[str, tuple[float, int]]:
     return {name: (s / t, int(round(t))) for name, (s, t) in total.items() if t > 0}
 
 
+# Micro-batches held before their losses are summed: bounds the memory a long log window holds
+# (at seq 4096 and micro-batch 1, 32 KiB each: 32 MiB) while summing rarely. Each sum is a few
+# tensor ops; per iteration they cost ~150 us of a ~20 ms tiny CPU iteration (bench/patches_overhead.py).
+MAX_HELD_MICRO_BATCHES = 1024
+
+
 class _Accumulator:
     """Per-channel sums of one phase on the device, plus what earlier phases left by name.
 
-    Micro-batches wait in ``pending`` (references to their detached losses, no work) until
-    ``add_pending`` sums them all at once: a few tensor ops per iteration, not per micro-batch.
+    A micro-batch's detached losses wait in ``pending`` (references, no work) until its
+    iteration is known to count (``keep_pending``), then in ``kept`` until ``add_kept`` sums
+    them all at once: a few tensor ops per log window (or per ``MAX_HELD_MICRO_BATCHES``),
+    not per micro-batch or per iteration.
     """
 
     def __init__(self) -> None:
@@ -103,21 +112,30 @@ class _Accumulator:
         self.sums: torch.Tensor | None = None
         self.carried: Totals = {}
         self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def start_phase(self, names: tuple, device) -> None:
         if self.sums is not None:
+            self.add_kept()  # with the old phase's channels
             self.carried = named_totals(self.sums, self.names, self.carried)
         self.names = tuple(names)
         self.sums = torch.zeros(len(self.names), 2, dtype=torch.float64, device=device)
 
-    def add_pending(self) -> None:
-        if self.pending:
-            losses, masks, dataset_ids = (torch.cat(parts) for parts in zip(*self.pending, strict=True))
+    def keep_pending(self) -> None:
+        self.kept += self.pending
+        self.pending.clear()
+        if len(self.kept) >= MAX_HELD_MICRO_BATCHES:
+            self.add_kept()
+
+    def add_kept(self) -> None:
+        if self.kept:
+            losses, masks, dataset_ids = (torch.cat(parts) for parts in zip(*self.kept, strict=True))
             channel_sums(losses, masks, dataset_ids, len(self.names), out=self.sums)
-            self.pending.clear()
+            self.kept.clear()
 
     def take(self) -> Totals:
-        """Everything accumulated so far, by name; starts over."""
+        """Everything kept so far, by name; starts over."""
+        self.add_kept()
         totals = named_totals(self.sums, self.names, self.carried)
         self.sums.zero_()
         self.carried = {}
@@ -142,7 +160,7 @@ class ChannelLoss(Hook):
 
     def after_step(self, ctx, report: StepReport, requests) -> None:
         if math.isfinite(report.loss):  # as the loop's Window: a non-finite iteration counts nowhere
-            self.window.add_pending()
+            self.window.keep_pending()
         self.window.pending.clear()
 
     def on_log(self, ctx, metrics: dict[str, float]) -> None:
@@ -155,7 +173,7 @@ class ChannelLoss(Hook):
             ctx.writer.console("channel loss | " + " | ".join(parts))
 
     def on_eval(self, ctx, metrics: dict[str, float]) -> None:
-        self.valid.add_pending()
+        self.valid.keep_pending()
         for name, (loss, _) in self._exchange(self.valid).items():
             metrics[f"channel_val_loss/{name}"] = loss
 

@@ -40,7 +40,7 @@ class StepReport:
     skipped: bool
     sample_ids: list = field(default_factory=list)  # this DP rank's sample ids, last stage only
     dataset_ids: list = field(default_factory=list)  # blend component of each of those samples
-    flags: dict = field(default_factory=dict)  # "<patch>.<flag>" -> sum over all ranks (iteration_flags)
+    flags: dict = field(default_factory=dict)  # "<patch>.<flag>" -> rank 0's answer (rank0_flags), bool
 
 
 @dataclass
@@ -55,6 +55,7 @@ class Hook:
     """Base class: every hook is a no-op; a patch overrides the ones it needs."""
 
     name = "hook"
+    flag_names: tuple[str, ...] = ()  # the yes/no questions ``rank0_flags`` answers each iteration
 
     def describe(self) -> list[str]:
         """Lines for the start-up summary (``--dry-run`` and the first log lines), e.g. a path to touch."""
@@ -73,14 +74,16 @@ class Hook:
     def on_micro_batch_loss(self, ctx, token_losses, loss_mask, batch, training: bool) -> None:
         """Last pipeline stage, each micro-batch: per-token losses ``[b, s]`` before reduction."""
 
-    def iteration_flags(self, ctx) -> dict[str, float]:
-        """Every rank, every iteration, after forward/backward: scalars to sum over all ranks.
+    def rank0_flags(self, ctx) -> set[str]:
+        """Global rank 0 only, every iteration, after forward/backward: which of ``flag_names`` hold.
 
-        They ride in the loop's all-reduce of the loss (no collective of their
-        own) and reach ``after_step`` as ``report.flags["<patch>.<flag>"]``.
-        Return the same keys on every rank.
+        For decisions only one rank can take without ranks disagreeing on the
+        iteration (the file system, a wall clock). Every rank gets the answer in
+        ``after_step`` as ``report.flags["<patch>.<flag>"]`` (a bool): it rides in
+        the loop's all-reduce of the loss, in the token count's element, so it
+        costs no collective and no element of its own.
         """
-        return {}
+        return set()
 
     def skip_update(self, ctx, loss: float, grad_norm: float | None) -> bool:
         """Collective. After forward/backward, before ``optimizer.step``: True skips the update."""

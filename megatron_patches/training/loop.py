@@ -27,7 +27,13 @@ from megatron_patches.training.metrics import (
     format_eta,
     peak_flops_per_gpu,
 )
-from megatron_patches.training.step import forward_backward, global_loss, optimizer_step
+from megatron_patches.training.step import (
+    LOOP_FLAGS,
+    forward_backward,
+    global_loss,
+    optimizer_step,
+    rank0_flag_names,
+)
 
 
 @dataclass
@@ -72,6 +78,7 @@ class Trainer:
         self.last_saved_iteration = ctx.state.iteration
         self.last_grad_norm: float | None = None
         self.device = next(ctx.objects.gpt.parameters()).device
+        self.flag_names = rank0_flag_names(hooks)  # bit j of the flags in the loss all-reduce
 
     # -- the run ---------------------------------------------------------------------------
     def run(self) -> int:
@@ -95,7 +102,7 @@ class Trainer:
             interval = cfg.train.manual_gc_interval
             if interval and ctx.state.iteration % interval == 0:
                 self._manual_collect()
-            if self._checkpoint_due(requests):
+            if self._checkpoint_due(report, requests):
                 self.save(requests.save or "interval")
             if requests.stop:
                 ctx.writer.console(f"stopping after iteration {ctx.state.iteration}: {requests.stop}")
@@ -162,8 +169,7 @@ class Trainer:
             self.hooks,
             ctx,
         )
-        flag_names, flag_values = self._iteration_flags()
-        loss, total_tokens, flag_sums = global_loss(loss_sum, tokens, self.device, flag_values)
+        loss, total_tokens, flag_bits = global_loss(loss_sum, tokens, self.device, self._rank0_flag_bits())
         lr = objs.optimizer.param_groups[0]["lr"]
         updated, grad_norm = self._update(loss)
         report = StepReport(
@@ -175,7 +181,7 @@ class Trainer:
             skipped=not updated,
             sample_ids=[int(i) for b in batches for i in b["sample_id"]],
             dataset_ids=[int(i) for b in batches for i in b["dataset_id"]],
-            flags=dict(zip(flag_names, flag_sums, strict=True)),
+            flags={name: bool(flag_bits >> j & 1) for j, name in enumerate(self.flag_names)},
         )
         return report, time.perf_counter() - start
 
@@ -192,14 +198,19 @@ class Trainer:
         ctx.state.consumed_samples += ctx.phase.global_batch_size
         return updated, grad_norm
 
-    def _iteration_flags(self) -> tuple[list[str], list[float]]:
-        """The hooks' per-iteration flags, named ``<patch>.<flag>``, in hook order (same on every rank)."""
-        names, values = [], []
+    def _rank0_flag_bits(self) -> int:
+        """On global rank 0, the loop's and the hooks' yes/no answers as bits (``flag_names``); else 0."""
+        if torch.distributed.get_rank() != 0:
+            return 0
+        minutes = self.ctx.cfg.checkpoint.save_interval_minutes
+        wall_clock_save = bool(minutes) and time.monotonic() - self.last_save_time >= 60 * minutes
+        answers = {LOOP_FLAGS[0]} if wall_clock_save else set()
         for hook in self.hooks:
-            for key, value in hook.iteration_flags(self.ctx).items():
-                names.append(f"{hook.name}.{key}")
-                values.append(float(value))
-        return names, values
+            answers.update(f"{hook.name}.{flag}" for flag in hook.rank0_flags(self.ctx))
+        unknown = answers.difference(self.flag_names)
+        if unknown:
+            raise RuntimeError(f"rank0_flags answered {sorted(unknown)}, not in the hooks' flag_names")
+        return sum(1 << j for j, name in enumerate(self.flag_names) if name in answers)
 
     # -- logging ---------------------------------------------------------------------------
     def _after_iteration(self, report: StepReport, seconds: float) -> None:
@@ -291,20 +302,13 @@ class Trainer:
         return metrics
 
     # -- checkpoints -----------------------------------------------------------------------
-    def _checkpoint_due(self, requests: Requests) -> bool:
+    def _checkpoint_due(self, report: StepReport, requests: Requests) -> bool:
         cfg, it = self.ctx.cfg.checkpoint, self.ctx.state.iteration
         if requests.save or requests.stop:
             return True
         if cfg.save_interval and it % cfg.save_interval == 0:
             return True
-        if cfg.save_interval_minutes:
-            elapsed = time.monotonic() - self.last_save_time
-            flag = torch.tensor(
-                [elapsed >= 60 * cfg.save_interval_minutes], dtype=torch.int32, device=self.device
-            )
-            torch.distributed.broadcast(flag, src=0)  # rank 0's clock decides for all
-            return bool(flag.item())
-        return False
+        return report.flags[LOOP_FLAGS[0]]  # rank 0's clock decided, in the loss all-reduce
 
     def save(self, reason: str) -> Path | None:
         ctx = self.ctx

@@ -114,24 +114,66 @@ def forward_backward(
     return float(total[0]), float(total[1])
 
 
+# Rank 0's yes/no answers (``Hook.rank0_flags``) ride in the token count's float64 element,
+# above bit 40: a global batch's loss tokens times TP stay far below 2**40 (checked per phase,
+# ``check_flag_room``), and float64 holds integers exactly up to 2**53, so 13 flags fit. Why not
+# an element of their own: on gloo an all-reduce of 3 elements took ~0.25 ms against ~0.15 ms
+# for 2 on the 2-core CI machine, ~1% of a tiny iteration (bench/patches_overhead.py).
+FLAG_SHIFT = 40
+MAX_FLAGS = 53 - FLAG_SHIFT
+LOOP_FLAGS = ("loop.wall_clock_save",)  # the loop's own rank-0 decision (checkpoint.save_interval_minutes)
+
+
+def rank0_flag_names(hooks: list[Hook]) -> list[str]:
+    """Every rank-0 flag of a run in bit order: the loop's, then each hook's ``<patch>.<flag>``."""
+    return [*LOOP_FLAGS, *(f"{hook.name}.{flag}" for hook in hooks for flag in hook.flag_names)]
+
+
+def pack_flags(tokens: float, bits: int) -> float:
+    """``tokens`` (an integer count) with flag ``bits`` above bit ``FLAG_SHIFT``, exact in float64."""
+    return tokens + float(bits << FLAG_SHIFT)
+
+
+def unpack_flags(total: float) -> tuple[int, int]:
+    """The sum of packed values over ranks -> (token total, flag bits); inverse of :func:`pack_flags`."""
+    whole = int(round(total))
+    return whole & ((1 << FLAG_SHIFT) - 1), whole >> FLAG_SHIFT
+
+
+def check_flag_room(tokens_per_iteration: int, tensor_parallel: int, num_flags: int) -> None:
+    """Raise if an iteration's token total could reach the flag bits, or there are too many flags."""
+    from megatron_patches.errors import ConfigError
+
+    if num_flags > MAX_FLAGS:
+        raise ConfigError(f"{num_flags} rank-0 flags requested by the patches; at most {MAX_FLAGS} fit")
+    if tokens_per_iteration * tensor_parallel >= 1 << FLAG_SHIFT:
+        raise ConfigError(
+            f"{tokens_per_iteration} tokens per iteration x TP {tensor_parallel} reach 2**{FLAG_SHIFT}: "
+            "too many for the loss all-reduce's token count"
+        )
+
+
 def global_loss(
-    loss_sum: float, tokens: float, device: torch.device, extra: list[float] = ()
-) -> tuple[float, int, list[float]]:
+    loss_sum: float, tokens: float, device: torch.device, flag_bits: int = 0
+) -> tuple[float, int, int]:
     """Token-weighted mean loss of the global batch, known to every rank afterwards.
 
     Only last-stage ranks hold non-zero sums; summing over the whole world counts
-    each DP replica's tokens once per TP rank, so divide by TP. ``extra`` values
-    ride along in the same all-reduce (summed over all ranks, undivided): the
-    hooks' per-iteration flags cost no collective of their own.
+    each DP replica's tokens once per TP rank, so divide by TP. Rank 0's
+    ``flag_bits`` (0 elsewhere) ride in the token count's element and come back
+    to every rank: the hooks' per-iteration decisions cost no collective and no
+    element of their own. Returns (loss, tokens, flag bits).
     """
     from megatron.core import parallel_state as ps
 
-    values = torch.tensor([loss_sum, tokens, *extra], dtype=torch.float64, device=device)
+    values = torch.tensor([loss_sum, pack_flags(tokens, flag_bits)], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(values)
-    values[:2] /= ps.get_tensor_model_parallel_world_size()
-    total_tokens = int(round(values[1].item()))
-    loss = values[0].item() / total_tokens if total_tokens else float("nan")
-    return loss, total_tokens, values[2:].tolist()
+    loss_total, token_total = values.tolist()
+    token_total, bits = unpack_flags(token_total)
+    tp = ps.get_tensor_model_parallel_world_size()
+    total_tokens = token_total // tp
+    loss = loss_total / tp / total_tokens if total_tokens else float("nan")
+    return loss, total_tokens, bits
 
 
 def optimizer_step(

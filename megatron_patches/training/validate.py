@@ -32,6 +32,7 @@ from megatron_patches.training.data import (
 from megatron_patches.training.indexed import check_prefix
 from megatron_patches.training.model import resolve_transformer_impl
 from megatron_patches.training.schedules import validate_schedule
+from megatron_patches.training.step import check_flag_room, rank0_flag_names
 from tools.convert import mcore_io
 
 
@@ -70,9 +71,11 @@ def plan_run(cfg: Config, world_size: int) -> RunPlan:
     data = _resolve_data(cfg)
     hooks = build_hooks(cfg.patches, cfg)
     phases = _plan_phases(cfg, data, hooks)
+    num_flags = len(rank0_flag_names(hooks))
     for phase in phases:
         _check_batch(phase.global_batch_size, phase.micro_batch_size, layout, f"phase {phase.name!r}")
         _check_seq(phase.seq_length, cfg)
+        check_flag_room(phase.tokens_per_iteration, layout.tensor_model_parallel_size, num_flags)
     if resume_from is not None:
         checkpoint.check_architecture(resume_from, _model_at(resume_from, phases, cfg))
         _check_resume_layout(resume_from, layout)

@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_patches.channel_loss import channel_sums, enable, named_totals, reduce_channels
+from megatron_patches import channel_loss
+from megatron_patches.channel_loss import ChannelLoss, channel_sums, enable, named_totals, reduce_channels
 from megatron_patches.errors import ConfigError
+from megatron_patches.hooks import StepReport
 from megatron_patches.training.config import load_config
 from tests.dist import run_on_ranks
 from tests.megatron_patches.probe import tensorboard_scalars
@@ -28,6 +30,33 @@ def test_ranks_that_saw_different_channels_or_none_agree():
     parts = [{"zh": (6.0, 3.0)}, {}, {"zh": (2.0, 1.0), "code": (9.0, 3.0)}, {"en": (0.0, 0.0)}]
     assert reduce_channels(parts) == {"zh": (2.0, 4), "code": (3.0, 3)}  # no NaN for an empty channel
     assert reduce_channels([{}, {}]) == {}
+
+
+def _iteration(hook: ChannelLoss, loss: float, *micro_batches) -> None:
+    """One iteration of one-sample micro-batches ``(token losses, mask, channel)`` with global ``loss``."""
+    for losses, mask, channel in micro_batches:
+        batch = {"dataset_id": torch.tensor([channel])}
+        hook.on_micro_batch_loss(None, torch.tensor([losses]), torch.tensor([mask]), batch, True)
+    report = StepReport(iteration=1, loss=loss, tokens=1, grad_norm=1.0, lr=0.1, skipped=False)
+    hook.after_step(None, report, None)
+
+
+def test_the_window_sums_what_it_holds_at_a_bound_at_a_phase_change_and_at_the_log(monkeypatch):
+    monkeypatch.setattr(channel_loss, "MAX_HELD_MICRO_BATCHES", 3)
+    hook = ChannelLoss()
+    window = hook.window
+    window.start_phase(("zh", "en"), torch.device("cpu"))
+    _iteration(hook, 2.0, ([1.0, 2.0], [1.0, 1.0], 0), ([4.0, 8.0], [1.0, 0.0], 1))
+    assert len(window.kept) == 2 and window.sums.tolist() == [[0.0, 0.0], [0.0, 0.0]]  # held, not summed
+    _iteration(hook, float("nan"), ([100.0, 100.0], [1.0, 1.0], 0))  # a non-finite iteration counts nowhere
+    assert len(window.kept) == 2 and not window.pending
+    _iteration(hook, 2.0, ([5.0, 5.0], [0.0, 1.0], 1))  # the third held: summed now
+    assert not window.kept and window.sums.tolist() == [[3.0, 2.0], [9.0, 2.0]]
+    _iteration(hook, 2.0, ([7.0, 1.0], [1.0, 1.0], 1))
+    window.start_phase(("en", "code"), torch.device("cpu"))  # what is held is summed under the old names
+    _iteration(hook, 2.0, ([2.0, 2.0], [1.0, 1.0], 0))
+    assert window.take() == {"zh": (3.0, 2.0), "en": (21.0, 6.0)}
+    assert window.take() == {} and not window.kept
 
 
 def test_channel_loss_takes_no_options():

@@ -2,12 +2,14 @@
 
 import json
 import math
+import random
+import statistics
 
 import pytest
 
 from megatron_patches.errors import ConfigError
 from megatron_patches.hooks import StepReport
-from megatron_patches.loss_spike import SpikeDetector, Verdict, enable, refuses_update, spike_record
+from megatron_patches.loss_spike import SpikeDetector, Verdict, enable, mean_std, refuses_update, spike_record
 from megatron_patches.training.config import load_config
 from megatron_patches.training.data import Phase
 from tests.dist import run_on_ranks
@@ -29,6 +31,14 @@ def test_a_jump_over_mean_plus_k_std_is_a_spike_after_warmup():
     assert spike.score == pytest.approx((4.0 - 3.0) / 0.0816496580927726)
     assert list(detector.history) == [3.0, 3.1, 2.9, 3.0]  # a spike stays out of the window
     assert not detector.observe(3.05).spike
+
+
+def test_window_statistics_are_those_of_the_statistics_module():
+    rng = random.Random(0)
+    values = [2.0 + rng.gauss(0, 1e-3) for _ in range(100)]  # a late-training window: std << mean
+    mean, std = mean_std(values)
+    assert mean == pytest.approx(statistics.fmean(values), rel=1e-15)
+    assert std == pytest.approx(statistics.stdev(values), rel=1e-12)
 
 
 def test_min_ratio_keeps_a_tiny_std_from_flagging_noise():
