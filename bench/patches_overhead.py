@@ -205,18 +205,20 @@ def report(result: dict) -> str:
         plain, log = statistics.median(result[f"{side}_plain"]), statistics.median(result[f"{side}_log"])
         return (plain * (every - 1) + log) / every
 
+    def kind_line(kind: str) -> str:
+        off_kind, on_kind = (statistics.median(result[f"{side}_{kind}"]) for side in ("off", "on"))
+        return (
+            f"  {kind} iterations: median off {off_kind * 1e3:.2f} ms, on {on_kind * 1e3:.2f} ms "
+            f"({(on_kind - off_kind) * 1e6:+.0f} us)"
+        )
+
     exp_off, exp_on = expected("off"), expected("on")
     return "\n".join(
         [
             f"iterations timed: {len(off)} off, {len(on)} on (alternating)",
             f"expected iteration (median plain and median logging iteration, 1 log in {every}): "
             f"off {exp_off * 1e3:.2f} ms, on {exp_on * 1e3:.2f} ms: {pct(exp_on / exp_off)}",
-            *(
-                f"  {kind} iterations: median off {statistics.median(result[f'off_{kind}']) * 1e3:.2f} ms, "
-                f"on {statistics.median(result[f'on_{kind}']) * 1e3:.2f} ms "
-                f"(+{(statistics.median(result[f'on_{kind}']) - statistics.median(result[f'off_{kind}'])) * 1e6:.0f} us)"
-                for kind in ("plain", "log")
-            ),
+            *(kind_line(kind) for kind in ("plain", "log")),
             f"median: off {med_off * 1e3:.2f} ms, on {med_on * 1e3:.2f} ms: {pct(med_on / med_off)}",
             f"mean:   off {mean_off * 1e3:.2f} ms, on {mean_on * 1e3:.2f} ms: {pct(mean_on / mean_off)}",
             f"median of on/off ratios of neighbouring iterations: {pct(pair)}",

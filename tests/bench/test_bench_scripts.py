@@ -23,7 +23,8 @@ def _run_bench(*args: str, timeout: int = 600) -> str:
 @pytest.mark.slow
 def test_patches_overhead_prints_the_ratios_and_each_patch():
     out = _run_bench("bench/patches_overhead.py", "--iters", "30", "--reps", "1", "--probes", "10")
-    assert "median: off" in out and "neighbouring iterations" in out
+    assert "expected iteration" in out and "median: off" in out and "neighbouring iterations" in out
+    assert "  plain iterations: median off" in out and "  log iterations: median off" in out
     for name in ("channel_loss", "save_trigger", "rope_schedule", "loss_spike"):
         assert f"  {name}: mean" in out
 
