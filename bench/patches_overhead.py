@@ -123,16 +123,14 @@ def enable(options: dict, config):
     return Toggle()
 
 
-def _iteration_times(run_dir: Path, iters: int, patches: dict) -> dict[str, list[float]]:
+def _iteration_times(cfg, run_dir: Path, iters: int, patches: dict) -> dict[str, list[float]]:
     from megatron_patches.training import run
-    from megatron_patches.training.config import load_config
 
     INTERVALS.clear()
     HOOK_SECONDS.clear()
     common = [f"run_dir={run_dir}", f"train.train_iters={iters}", "checkpoint.save_interval=null"]
     args = ["--config", str(CONFIG), *common, "logging.eval_interval=null", "patches={}"]
     run.main([*args, f"patches.bench_toggle={json.dumps(patches)}"])
-    cfg = load_config(str(CONFIG), common)
     times = {key: [] for key in ("off", "on", "pairs", "hooks", "off_log", "on_log", "off_plain", "on_plain")}
     times.update({name: [] for name in patches})
     previous_off = None
@@ -153,7 +151,6 @@ def _iteration_times(run_dir: Path, iters: int, patches: dict) -> dict[str, list
             times[name].append(inside.get(name, 0.0))
         if previous_off is not None:  # neighbours share the machine's load of the moment
             times["pairs"].append(seconds / previous_off)
-    times["log_interval"] = [cfg.logging.log_interval]
     return times
 
 
@@ -172,15 +169,18 @@ def worker(out: Path, reps: int, iters: int, probes: int, names: list[str]) -> N
     import torch
 
     from megatron_patches import hooks, parallel
+    from megatron_patches.training.config import load_config
 
     hooks.PATCHES["bench_toggle"] = "__main__"
     rank, _ = parallel.init_distributed()
+    cfg = load_config(str(CONFIG))  # the intervals that tell logging and GC iterations apart
     result = {}
     for rep in range(reps):
-        times = _iteration_times(out / f"run{rep}", iters, {name: PATCHES_ON[name] for name in names})
+        times = _iteration_times(cfg, out / f"run{rep}", iters, {name: PATCHES_ON[name] for name in names})
         for key, values in times.items():
             result[key] = result.get(key, []) + values
         torch.distributed.barrier()
+    result["log_interval"] = cfg.logging.log_interval
     result["trigger_check"] = _trigger_check_seconds(probes, out)
     if rank == 0:
         (out / "times.json").write_text(json.dumps(result))
@@ -198,15 +198,19 @@ def report(result: dict) -> str:
     def pct(ratio: float) -> str:
         return f"{ratio:.4f} ({(ratio - 1) * 100:+.2f}%)"
 
-    every = result["log_interval"][0]
+    every = result["log_interval"]
+    medians = {
+        f"{side}_{kind}": statistics.median(result[f"{side}_{kind}"])
+        for side in ("off", "on")
+        for kind in ("plain", "log")
+    }
 
     def expected(side: str) -> float:
         """Median plain and median logging iteration, weighted as they occur (1 log in ``every``)."""
-        plain, log = statistics.median(result[f"{side}_plain"]), statistics.median(result[f"{side}_log"])
-        return (plain * (every - 1) + log) / every
+        return (medians[f"{side}_plain"] * (every - 1) + medians[f"{side}_log"]) / every
 
     def kind_line(kind: str) -> str:
-        off_kind, on_kind = (statistics.median(result[f"{side}_{kind}"]) for side in ("off", "on"))
+        off_kind, on_kind = medians[f"off_{kind}"], medians[f"on_{kind}"]
         return (
             f"  {kind} iterations: median off {off_kind * 1e3:.2f} ms, on {on_kind * 1e3:.2f} ms "
             f"({(on_kind - off_kind) * 1e6:+.0f} us)"

@@ -63,7 +63,7 @@ def channel_sums(
     if out is None:
         out = torch.zeros(num_channels, 2, dtype=torch.float64, device=token_losses.device)
     ids = dataset_ids if dataset_ids.device == out.device else dataset_ids.to(out.device, non_blocking=True)
-    # One [b, 2] (loss sum, tokens) per sample, one index_add: few ops, as this runs per micro-batch.
+    # One [b, 2] (loss sum, tokens) per sample, one index_add: few ops, whatever b is.
     sums = (token_losses * loss_mask).sum(dim=1, dtype=torch.float64)
     per_sample = torch.stack((sums, loss_mask.sum(dim=1, dtype=torch.float64)), dim=1)
     return out.index_add_(0, ids, per_sample)
@@ -159,9 +159,10 @@ class ChannelLoss(Hook):
         target.pending.append((token_losses, loss_mask, batch["dataset_id"]))
 
     def after_step(self, ctx, report: StepReport, requests) -> None:
-        if math.isfinite(report.loss):  # as the loop's Window: a non-finite iteration counts nowhere
+        if math.isfinite(report.loss):
             self.window.keep_pending()
-        self.window.pending.clear()
+        else:  # as the loop's Window: a non-finite iteration counts nowhere
+            self.window.pending.clear()
 
     def on_log(self, ctx, metrics: dict[str, float]) -> None:
         reduced = self._exchange(self.window)

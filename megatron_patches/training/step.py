@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from megatron_patches.compat import require_signature
+from megatron_patches.errors import ConfigError
 
 if TYPE_CHECKING:
     from megatron.core.optimizer import MegatronOptimizer
@@ -142,8 +143,6 @@ def unpack_flags(total: float) -> tuple[int, int]:
 
 def check_flag_room(tokens_per_iteration: int, tensor_parallel: int, num_flags: int) -> None:
     """Raise if an iteration's token total could reach the flag bits, or there are too many flags."""
-    from megatron_patches.errors import ConfigError
-
     if num_flags > MAX_FLAGS:
         raise ConfigError(f"{num_flags} rank-0 flags requested by the patches; at most {MAX_FLAGS} fit")
     if tokens_per_iteration * tensor_parallel >= 1 << FLAG_SHIFT:
