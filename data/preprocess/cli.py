@@ -7,10 +7,11 @@ import json
 from pathlib import Path
 
 from megatron_patches.errors import ConfigError
+from megatron_patches.paths import refuse_overlap
 
 from .config import load_config
 from .jsonl import expand_inputs
-from .pipeline import run_pipeline, run_stage
+from .pipeline import configured_files, run_pipeline, run_stage
 
 PROG = "python -m data.preprocess"
 _HELP = {
@@ -81,10 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     if not patterns:
         raise ConfigError(f"{args.stage}: give --input or an `input:` list in the config")
     inputs = expand_inputs(patterns, None if args.input else config.base_dir)
+    # A stage replaces its whole --out directory, so no file it reads may be at, in or above it.
+    read = {"--input" if args.input else "listed in `input`": inputs, "--config": args.config}
+    refuse_overlap({"--out": args.out}, {**read, **configured_files(config, args.stage)})
     if args.stage == "tokenize":
         tokenizer = args.tokenizer or config.path(config.tokenize.tokenizer)
         if tokenizer is None:
             raise ConfigError("tokenize: give --tokenizer (a .model file or a HF tokenizer directory)")
+        refuse_overlap({"--out": args.out}, {"--tokenizer": tokenizer})
         from .tokenize import run_tokenize
 
         run_tokenize(config, inputs, args.out, tokenizer, overwrite=args.overwrite)

@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+from megatron_patches.paths import refuse_overlap
+
 from .config import PipelineConfig
 from .dedup import run_dedup
 from .jsonl import expand_inputs
@@ -61,20 +63,27 @@ def tokenizer_for(config: PipelineConfig, run_dir: Path) -> Path:
     return config.path(config.tokenize.tokenizer) or run_dir / STAGE_DIRS["train-tokenizer"]
 
 
+def configured_files(config: PipelineConfig, stage: str) -> dict[str, list[Path]]:
+    """Files besides its inputs that a stage reads and the config names, by config key."""
+    scorer = config.label.scorer or {}
+    names = {
+        "clean": {"clean.blocklists": list(config.clean.blocklists)},
+        # a python scorer's path is a module, not a file
+        "label": {"label.scorer.path": [scorer.get("path")] if scorer.get("kind") != "python" else []},
+        "train-tokenizer": {
+            "tokenizer.domain_tokens": [config.tokenizer.domain_tokens],
+            "tokenizer.forbidden_tokens": [config.tokenizer.forbidden_tokens],
+        },
+        "tokenize": {"tokenize.tokenizer": [config.tokenize.tokenizer]},
+    }.get(stage, {})
+    return {key: [p for p in map(config.path, values) if p is not None] for key, values in names.items()}
+
+
 def referenced_files(config: PipelineConfig, stage: str, run_dir: Path) -> list[Path]:
     """Files besides its inputs that a stage's output depends on."""
-    if stage == "clean":
-        names = list(config.clean.blocklists)
-    elif stage == "label":
-        scorer = config.label.scorer or {}
-        names = [scorer.get("path")] if scorer.get("kind") != "python" else []  # python: a module
-    elif stage == "train-tokenizer":
-        names = [config.tokenizer.domain_tokens, config.tokenizer.forbidden_tokens]
-    elif stage == "tokenize":
+    if stage == "tokenize":
         return [tokenizer_for(config, run_dir)]
-    else:
-        names = []
-    return [path for path in map(config.path, names) if path is not None]
+    return [path for paths in configured_files(config, stage).values() for path in paths]
 
 
 def fingerprint(config: PipelineConfig, stage: str, inputs: list[Path], references: list[Path]) -> str:
@@ -106,8 +115,16 @@ def run_stage(name: str, config: PipelineConfig, inputs: list[Path], out: Path, 
     return run_tokenize(config, inputs, out, tokenizer_for(config, out.parent), overwrite)
 
 
+def refuse_overwriting_inputs(config: PipelineConfig, inputs: list[Path], out: Path) -> None:
+    """No stage directory that `run` (re)writes under `out` may be, contain or lie in a file it reads."""
+    outputs = {f"the {name} stage's output": out / STAGE_DIRS[name] for name in config.stages}
+    named = {key: paths for stage in config.stages for key, paths in configured_files(config, stage).items()}
+    refuse_overlap(outputs, {"listed in `input`": inputs, **named})
+
+
 def run_pipeline(config: PipelineConfig, out: Path, overwrite: bool = False) -> dict[str, dict]:
     inputs = expand_inputs(config.input, config.base_dir)
+    refuse_overwriting_inputs(config, inputs, out)
     out.mkdir(parents=True, exist_ok=True)
     reports: dict[str, dict] = {}
     redo = overwrite

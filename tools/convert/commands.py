@@ -15,10 +15,17 @@ from typing import Any
 import torch
 
 from megatron_patches.errors import ConfigError
+from megatron_patches.paths import refuse_overlap
 from megatron_patches.training.model import ModelConfig
 from tools.convert import layout, mcore_io
 from tools.convert.families import Family, default_family, family_named, family_of
-from tools.convert.hf_io import copy_side_files, read_json
+from tools.convert.hf_io import (
+    PIPELINE_FILES,
+    copy_side_files,
+    copy_tokenizer_files,
+    make_portable,
+    read_json,
+)
 from tools.convert.progress import Progress
 from tools.convert.sources import HFSource, McoreSource, Source
 from tools.convert.writers import model_dtype, rank_count, write_hf, write_mcore
@@ -93,6 +100,7 @@ def hf2mcore(
     hf: str | Path, out: str | Path, *, force: bool = False, quiet: bool = False, **target: Any
 ) -> str:
     """HF directory -> Megatron ``release`` checkpoint; ``target`` holds :class:`MegatronTarget` fields."""
+    refuse_overlap({"--out": out}, {"--hf": hf})
     source = HFSource(hf)
     return _to_mcore(
         source, source.ckpt.dir, Run("hf2mcore", Path(out), force, quiet), MegatronTarget(**target)
@@ -109,6 +117,7 @@ def mcore2mcore(
     **target: Any,
 ) -> str:
     """Re-shard a Megatron checkpoint (legacy or torch_dist) to a ``release`` at a new layout."""
+    refuse_overlap({"--out": out}, {"--mcore": mcore})
     source = McoreSource(mcore, iteration)
     return _to_mcore(
         source, source.root, Run("mcore2mcore", Path(out), force, quiet), MegatronTarget(**target)
@@ -123,12 +132,16 @@ def _export(
     run: Run,
     dtype: torch.dtype | None,
     max_shard_bytes: int,
+    tokenizer: str | Path | None = None,
 ) -> str:
     family.expand(source.cfg)  # fails here, before writing, if the family cannot hold the model
     progress = Progress(run.command, 0, run.quiet)
     with mcore_io.atomic_output_dir(run.out, run.force) as tmp:
         for side_dir in side_dirs:
-            copy_side_files(side_dir, tmp, skip=("config.json", mcore_io.TRACKER_FILE))
+            copy_side_files(side_dir, tmp, skip=("config.json", mcore_io.TRACKER_FILE, *PIPELINE_FILES))
+        if tokenizer:
+            copy_tokenizer_files(Path(tokenizer), tmp)
+        make_portable(tmp, config)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         write_hf(source, family, tmp, progress, dtype, max_shard_bytes)
     return progress.summary()
@@ -201,6 +214,9 @@ def mcore2hf(
     quiet: bool = False,
 ) -> str:
     """Megatron checkpoint (legacy or torch_dist) -> complete HF directory."""
+    # An iteration directory's root may hold the output (tools.eval converts into <root>/hf/): an --out
+    # that is or contains the root also contains the iteration, so that is refused all the same.
+    refuse_overlap({"--out": out}, {"--mcore": mcore, "--hf-config": hf_config, "--tokenizer": tokenizer})
     source = McoreSource(mcore, iteration)
     source.check()
     base = _base_config(source, hf_config, tokenizer)
@@ -208,9 +224,9 @@ def mcore2hf(
     _check_template(base, chosen, source.cfg)
     out_dtype = parse_dtype(dtype)
     config = chosen.write_config(source.cfg, base, out_dtype or model_dtype(source))
-    side_dirs = [source.root, *(d for d in (hf_config, tokenizer) if d)]
+    side_dirs = [source.root, *([hf_config] if hf_config else [])]
     run = Run("mcore2hf", Path(out), force, quiet)
-    return _export(source, chosen, config, side_dirs, run, out_dtype, max_shard_bytes)
+    return _export(source, chosen, config, side_dirs, run, out_dtype, max_shard_bytes, tokenizer)
 
 
 def hf2hf(
@@ -224,6 +240,7 @@ def hf2hf(
     quiet: bool = False,
 ) -> str:
     """One family's HF checkpoint saved as another's (e.g. Qwen2 as LlamaForCausalLM with attention_bias)."""
+    refuse_overlap({"--out": out}, {"--hf": hf})
     source = HFSource(hf)
     target = family_named(to)
     source.check()
