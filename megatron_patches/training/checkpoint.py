@@ -11,7 +11,9 @@ checkpoints beyond ``keep_last`` deleted. An interrupted save therefore leaves
 a ``.tmp`` directory that nothing reads, never a directory that looks complete.
 
 The on-disk names (tracker file, iteration directories) belong to
-``tools.convert.mcore_io``, the one module that knows the layout.
+``tools.convert.mcore_io``, the one module that knows the layout. Every read
+goes through ``megatron_patches.safe_load``, which refuses pickled code and
+truncated shards before Megatron-Core unpickles anything.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from megatron_patches import checkpoint_writers, safe_load
 from megatron_patches.errors import ConfigError
 from megatron_patches.training import rng_state
 from megatron_patches.training.model import RUNTIME_ONLY_FIELDS, ModelConfig
@@ -40,6 +43,7 @@ CHECKPOINT_VERSION = 3.0
 # The distributed optimizer's format re-shards across DP sizes only; TP/PP must match on resume.
 OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
 PARALLEL_LAYOUT = "parallel_layout"  # [TP, PP] of the run that wrote the checkpoint
+RUN_SETTINGS = "run_settings"  # seed, data, tokenizer ... of the run that wrote it (run_settings.py)
 
 
 @dataclass
@@ -49,6 +53,7 @@ class TrainState:
     iteration: int = 0
     consumed_samples: int = 0
     patch_state: dict | None = None
+    run_settings: dict | None = None  # what the resume must keep (run_settings.py); saved, checked on resume
 
 
 def latest_checkpoint(root: str | Path | None) -> Path | None:
@@ -109,6 +114,7 @@ def _sharded_state(
         "iteration": train_state.iteration,
         "consumed_samples": train_state.consumed_samples,
         "patch_state": train_state.patch_state or {},
+        RUN_SETTINGS: train_state.run_settings or {},
         "checkpoint_version": CHECKPOINT_VERSION,
         "model_config": model_cfg.to_dict(),
     }
@@ -134,6 +140,7 @@ def save(
         tmp.mkdir(parents=True)
     torch.distributed.barrier()
     state = _sharded_state(model, optimizer, scheduler, train_state, model_cfg, loading=False)
+    checkpoint_writers.bind_to_this_process()  # its writer processes must not outlive a killed rank
     dist_checkpointing.save(state, str(tmp))
     torch.distributed.barrier()
     if torch.distributed.get_rank() == 0:
@@ -167,12 +174,10 @@ def load(
     model_cfg: ModelConfig,
 ) -> TrainState:
     """Restore model, optimizer, scheduler and RNG from ``path``; return the train state."""
-    from megatron.core import dist_checkpointing
-
     allocate_adam_state(optimizer)
     older = saved_layout(path) is None  # written before the RNG state was sharded by (PP, TP)
     template = _sharded_state(model, optimizer, scheduler, TrainState(), model_cfg, True, older)
-    state = dist_checkpointing.load(template, str(path))
+    state = safe_load.load_sharded(template, path)
     model.load_state_dict(state["model"])
     steps = saved_adam_steps(optimizer, state["optimizer"])
     with torch.no_grad():  # fp32 main params are views of the model's leaf parameters
@@ -236,15 +241,18 @@ def restore_adam_steps(optimizer: MegatronOptimizer, steps: list[float | None]) 
 
 
 def _common_state(path: Path) -> dict[str, Any]:
-    from megatron.core import dist_checkpointing
-
-    return dist_checkpointing.load_common_state_dict(str(path))
+    return safe_load.load_common(path)
 
 
 def saved_progress(path: Path) -> TrainState:
     """Iteration and consumed samples of the checkpoint at ``path``, from its common state only."""
     common = _common_state(path)
     return TrainState(int(common.get("iteration", 0)), int(common.get("consumed_samples", 0)))
+
+
+def saved_settings(path: Path) -> dict | None:
+    """The run settings the checkpoint at ``path`` was written with; None when it predates them."""
+    return _common_state(path).get(RUN_SETTINGS) or None
 
 
 def saved_layout(path: Path) -> tuple[int, int] | None:
@@ -274,9 +282,7 @@ def load_pretrained_torch_dist(path: Path, model: GPTModel) -> None:
     so unlike a legacy release it needs no ``mcore2mcore`` step; only the
     ``model`` entries are read (a trainer checkpoint's optimizer state is not).
     """
-    from megatron.core import dist_checkpointing
-
-    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
+    state = safe_load.load_sharded({"model": model.sharded_state_dict()}, path)
     model.load_state_dict(state["model"])
 
 

@@ -14,11 +14,13 @@ import json
 import mmap
 import struct
 import warnings
+from fnmatch import fnmatch
 from pathlib import Path
 
 import torch
 
 from megatron_patches.errors import ConfigError
+from megatron_patches.safe_load import safe_torch_load
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -36,6 +38,18 @@ SAFETENSORS_DTYPES = {
 }
 _DTYPE_TAGS = {dtype: tag for tag, dtype in SAFETENSORS_DTYPES.items()}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+# data.preprocess's bookkeeping beside a tokenizer (stage report, cache fingerprint, the ids its own
+# encoder reads): it describes the data pipeline, not the model, so no export carries it.
+PIPELINE_FILES = ("report.json", "fingerprint.json", "tokenizer_info.json")
+# What an HF tokenizer is made of: transformers' own files, the vocabulary files of the common
+# tokenizer classes and remote tokenization code. ``--tokenizer`` contributes these only.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "chat_template.jinja", "chat_template.json", "*.model", "*.tiktoken", "vocab.json", "vocab.txt",
+    "merges.txt", "tokenization_*.py",
+)  # fmt: skip
+GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend",)  # transformers 5 only; 4.x raises on it
+GENERATION_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 _LAYOUTS = (
     ("model.safetensors.index.json", "model.safetensors"),
     ("pytorch_model.bin.index.json", "pytorch_model.bin"),
@@ -123,10 +137,7 @@ class TorchBinFile:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        try:
-            self._tensors = torch.load(self.path, map_location="cpu", mmap=True, weights_only=True)
-        except Exception as err:  # noqa: BLE001 - torch raises many types for a damaged file
-            raise ConfigError(f"cannot read {self.path}: {str(err).splitlines()[0]}") from None
+        self._tensors = safe_torch_load(self.path, self.path, mmap=True)
 
     def names(self) -> list[str]:
         return list(self._tensors)
@@ -289,3 +300,36 @@ def copy_side_files(source: Path, target: Path, skip: tuple[str, ...] = ()) -> l
         shutil.copyfile(path, Path(target) / path.name)
         copied.append(path.name)
     return copied
+
+
+def copy_tokenizer_files(source: Path, target: Path) -> list[str]:
+    """The files of ``source`` that make up its HF tokenizer, and nothing else of that directory."""
+    import shutil
+
+    if not Path(source).is_dir():
+        raise ConfigError(f"--tokenizer {source} is not a directory")
+    wanted = [p for p in side_files(source) if any(fnmatch(p.name, name) for name in TOKENIZER_FILES)]
+    if not wanted:
+        raise ConfigError(f"--tokenizer {source} holds no HF tokenizer files ({', '.join(TOKENIZER_FILES)})")
+    for path in wanted:
+        shutil.copyfile(path, Path(target) / path.name)
+    return [path.name for path in wanted]
+
+
+def make_portable(directory: Path, config: dict) -> None:
+    """Make an export's tokenizer and generation files read the same in transformers 4.4x-4.5x and 5.x.
+
+    transformers 5 saves any tokenizers-backed tokenizer as ``TokenizersBackend``, a class 4.x refuses;
+    ``PreTrainedTokenizerFast`` names the same class in both. An export without ``generation_config.json``
+    (a trainer checkpoint has none) gets one with the config's special ids, as ``save_pretrained`` writes.
+    """
+    tokenizer_config = Path(directory) / "tokenizer_config.json"
+    if tokenizer_config.is_file():
+        values = read_json(tokenizer_config, "tokenizer_config.json")
+        if values.get("tokenizer_class") in GENERIC_TOKENIZER_CLASSES:
+            values["tokenizer_class"] = "PreTrainedTokenizerFast"
+            tokenizer_config.write_text(json.dumps(values, indent=2, ensure_ascii=False) + "\n")
+    generation_config = Path(directory) / "generation_config.json"
+    if not generation_config.exists():
+        ids = {key: config[key] for key in GENERATION_IDS if config.get(key) is not None}
+        generation_config.write_text(json.dumps(ids, indent=2, sort_keys=True) + "\n")

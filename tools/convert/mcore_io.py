@@ -30,16 +30,18 @@ import dataclasses
 import os
 import re
 import shutil
-import uuid
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from megatron_patches import checkpoint_writers, paths, safe_load
 from megatron_patches.errors import ConfigError
 from megatron_patches.training.model import ModelConfig
 from tools.convert import layout
+from tools.convert.progress import human_bytes
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 RANK_FILE = "model_optim_rng.pt"
@@ -185,12 +187,9 @@ def _without_zip_crc32() -> Iterator[None]:
 def load_rank(iter_dir: str | Path, tp_rank: int, pp_rank: int, pp_size: int, mmap: bool = False) -> dict:
     """One legacy rank file, loaded safely (``weights_only``); ``mmap`` reads tensors lazily."""
     path = rank_file(iter_dir, tp_rank, pp_rank, pp_size)
-    try:
-        state = torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
-    except FileNotFoundError:
-        raise ConfigError(f"checkpoint rank file not found: {path}") from None
-    except Exception as err:  # noqa: BLE001 - torch raises many types for a damaged file
-        raise ConfigError(f"cannot read {path}: {str(err).splitlines()[0]}") from None
+    if not path.is_file():
+        raise ConfigError(f"checkpoint rank file not found: {path}")
+    state = safe_load.safe_torch_load(path, path, mmap=mmap)
     if not isinstance(state, dict) or "model" not in state:
         raise ConfigError(f"{path} has no 'model' state dict")
     return state
@@ -206,9 +205,7 @@ def read_model_config(root: str | Path, iteration: int | str | None = None) -> M
     """The ModelConfig stored in a checkpoint (legacy or torch_dist), without loading weights."""
     iter_dir = iteration_dir(root, iteration)
     if checkpoint_format(iter_dir) == "torch_dist":
-        from megatron.core import dist_checkpointing
-
-        return model_config_of(dist_checkpointing.load_common_state_dict(str(iter_dir)), iter_dir)
+        return model_config_of(safe_load.verify_torch_dist(iter_dir).common, iter_dir)
     _, pp = legacy_layout(iter_dir)
     return model_config_of(load_rank(iter_dir, 0, 0, pp, mmap=True), iter_dir)
 
@@ -240,15 +237,18 @@ def atomic_output_dir(target: str | Path, force: bool = False) -> Iterator[Path]
     """Yield a temporary directory beside ``target``; rename it to ``target`` only on success.
 
     An existing ``target`` is refused unless ``force``; an interrupted or
-    failed write leaves no directory that looks complete.
+    failed write leaves no directory that looks complete. The temporary
+    directory's name records this host and pid, so that the next run on
+    ``target`` removes those of killed runs (and says so).
     """
     target = Path(target)
     if target.exists() and not force:
         raise ConfigError(f"output {target} already exists; pass --force to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
+    _report_stale(paths.clean_stale_temp_dirs(target))
     # Not tempfile.mkdtemp: its 0700 mode would survive the rename and lock other
     # users of a shared cluster out of the checkpoint; mkdir honours the umask.
-    tmp = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:12]}"
+    tmp = paths.owned_temp_dir(target)
     tmp.mkdir()
     try:
         yield tmp
@@ -262,6 +262,19 @@ def atomic_output_dir(target: str | Path, force: bool = False) -> Iterator[Path]
         shutil.rmtree(old) if old.is_dir() else old.unlink()
     else:
         os.rename(tmp, target)
+
+
+def _report_stale(cleanup: paths.Cleanup) -> None:
+    """One line for what a killed conversion left and this run removed; one per leftover it kept."""
+    if cleanup.removed:
+        names = ", ".join(p.name for p in cleanup.removed)
+        print(
+            f"removed {len(cleanup.removed)} partial output(s) of killed conversions ({names}) "
+            f"in {cleanup.removed[0].parent}, freed {human_bytes(cleanup.freed_bytes)}",
+            file=sys.stderr,
+        )
+    for path, why in cleanup.kept:
+        print(f"left partial output {path} ({why}); delete it once its conversion is gone", file=sys.stderr)
 
 
 @contextlib.contextmanager
@@ -333,6 +346,7 @@ def save_torch_dist(
             "iteration": iteration,
             "checkpoint_version": CHECKPOINT_VERSION,
         }
+        checkpoint_writers.bind_to_this_process()  # a killed conversion leaves no writer behind
         dist_checkpointing.save(state, str(iter_dir))
         stop_dist_checkpoint_workers()
 
@@ -359,17 +373,14 @@ def load_torch_dist(iter_dir: str | Path) -> tuple[dict[str, torch.Tensor], Mode
     Memory: the whole model once, at its stored dtype. Vocabulary rows are
     those of a TP=1 model (padded to ``make_vocab_size_divisible_by``).
     """
-    from megatron.core import dist_checkpointing
-
-    common = dist_checkpointing.load_common_state_dict(str(iter_dir))
-    cfg = model_config_of(common, iter_dir)
-    metadata = dist_checkpointing.load_tensors_metadata(str(iter_dir))
+    vetted = safe_load.verify_torch_dist(iter_dir)
+    cfg = model_config_of(vetted.common, iter_dir)
     # A trainer checkpoint also holds the optimizer's fp32 main params and moments: not the model's dtype.
-    stored = {meta.dtype for key, meta in metadata.items() if not key.startswith("optimizer.")}
+    stored = {dtype for key, dtype in vetted.tensor_dtypes().items() if not key.startswith("optimizer.")}
     # One dtype in a model trained with Float16Module; a mix is read exactly in fp32.
     dtype = stored.pop() if len(stored) == 1 else torch.float32
     with _single_rank_megatron(cfg):
         model = _whole_model(cfg, dtype)
-        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(iter_dir))
+        loaded = safe_load.load_sharded({"model": model.sharded_state_dict()}, iter_dir)
     tensors = {k: v for k, v in loaded["model"].items() if isinstance(v, torch.Tensor)}
-    return tensors, cfg, common.get("iteration", 0)
+    return tensors, cfg, vetted.common.get("iteration", 0)

@@ -157,11 +157,12 @@ def test_cli_prints_one_error_line(llama, tmp_path):
 
 def test_torch_load_refuses_pickled_code(tmp_path):
     """Rank files are read with weights_only: a checkpoint cannot run code on load."""
-    path = mcore_io.rank_file(tmp_path / "release", 0, 0, 1)
+    root = tmp_path / "ckpt"
+    path = mcore_io.rank_file(root / "release", 0, 0, 1)
     path.parent.mkdir(parents=True)
     torch.save({"model": {}, "payload": subprocess.CompletedProcess(["x"], 0)}, path)
-    (tmp_path / mcore_io.TRACKER_FILE).write_text("release")
-    _fails("cannot read", commands.mcore2hf, tmp_path, tmp_path / "out")
+    (root / mcore_io.TRACKER_FILE).write_text("release")
+    _fails("which no checkpoint holds", commands.mcore2hf, root, tmp_path / "out")
 
 
 def _edit_config(directory: Path, **changes) -> None:
