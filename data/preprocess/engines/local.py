@@ -9,6 +9,7 @@ debug, and what the tests use for speed).
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import queue
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -17,6 +18,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from tqdm import tqdm
+
+from megatron_patches.lifetime import die_with_parent
 
 from ..report import Stats
 
@@ -43,7 +46,11 @@ class Progress:
             self._docs = self._bytes = 0
 
 
-def _init_worker(progress_queue: Any) -> None:
+def _init_worker(progress_queue: Any, parent_pid: int) -> None:
+    # A parent killed with SIGKILL cannot shut the pool down: its workers would block on the task
+    # queue forever, and multiprocessing's resource tracker (whose pipe every worker inherits)
+    # would wait for them. Dying with the parent ends both.
+    die_with_parent(parent_pid=parent_pid)
     global _progress_queue
     _progress_queue = progress_queue
 
@@ -121,7 +128,7 @@ def _run_pool(
         max_workers=min(workers, len(tasks)),
         mp_context=ctx,
         initializer=_init_worker,
-        initargs=(progress_queue,),
+        initargs=(progress_queue, os.getpid()),
     ) as pool:
         futures = [pool.submit(_call_in_worker, fn, task) for task in tasks]
         pending = set(futures)
