@@ -3,23 +3,54 @@
 #
 #   launch_training CONFIG.yaml [key=value ...]
 #
+# Under Slurm, start it once per node (`srun --ntasks-per-node=1 bash launch/pretrain_7b.sh`):
+# torchrun then starts one process per GPU of its node. More tasks per node are refused.
+#
 # Environment (all optional):
-#   GPUS_PER_NODE  processes per node    (default: number of GPUs, else NPROC or 2 on CPU)
+#   GPUS_PER_NODE  processes per node    (default: the node's GPUs (launch_gpu_count), else NPROC or 2 on CPU)
 #   NNODES         nodes                 (default: $SLURM_NNODES or 1)
 #   NODE_RANK      this node's index     (default: $SLURM_NODEID or 0)
 #   MASTER_ADDR    rendezvous host       (default: first host of $SLURM_JOB_NODELIST, else localhost)
 #   MASTER_PORT    rendezvous port       (default: 29500)
 #   PYTHON         interpreter           (default: .venv/bin/python if present, else python3)
 
+# GPUs this node gives the job: those CUDA_VISIBLE_DEVICES names (what Slurm binds for --gpus, or
+# the user's choice), else SLURM_GPUS_ON_NODE, else every GPU `nvidia-smi -L` lists; 0 without any.
+launch_gpu_count() {
+    if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
+        case "$CUDA_VISIBLE_DEVICES" in
+            "" | NoDevFiles | -*) echo 0 ;;  # Slurm's and CUDA's ways of saying "no GPU"
+            *) echo "$CUDA_VISIBLE_DEVICES" | tr ',' '\n' | grep -c . ;;
+        esac
+    elif [ -n "${SLURM_GPUS_ON_NODE:-}" ]; then
+        echo "$SLURM_GPUS_ON_NODE"
+    elif command -v nvidia-smi >/dev/null 2>&1; then
+        nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true
+    else
+        echo 0
+    fi
+}
+
+# One launcher per node: a step with more tasks than nodes would start torchrun several times per node.
+launch_check_slurm_tasks() {
+    local tasks="${SLURM_STEP_NUM_TASKS:-}" nodes="${SLURM_STEP_NUM_NODES:-}"
+    if [ -n "$tasks" ] && [ -n "$nodes" ] && [ "$tasks" -gt "$nodes" ]; then
+        echo "launch: error: srun started $tasks tasks on $nodes node(s); start one per node" \
+            "(srun --ntasks-per-node=1): torchrun starts each node's GPU processes" >&2
+        return 2
+    fi
+}
+
 launch_training() {
     local config="$1"; shift
+    launch_check_slurm_tasks || return $?
     local repo; repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
     local python="${PYTHON:-}"
     if [ -z "$python" ]; then
         if [ -x "$repo/.venv/bin/python" ]; then python="$repo/.venv/bin/python"; else python=python3; fi
     fi
     local gpus
-    gpus="$(command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -c '^GPU' || echo 0)"
+    gpus="$(launch_gpu_count)"
     GPUS_PER_NODE="${GPUS_PER_NODE:-$([ "$gpus" -gt 0 ] && echo "$gpus" || echo "${NPROC:-2}")}"
     NNODES="${NNODES:-${SLURM_NNODES:-1}}"
     NODE_RANK="${NODE_RANK:-${SLURM_NODEID:-0}}"
@@ -35,12 +66,18 @@ launch_training() {
     # Megatron-Core's TP communication overlap needs one hardware queue (as Megatron-LM's scripts set).
     export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+    # torchrun forwards SIGTERM to the ranks, which then checkpoint and exit 0; give them time for
+    # that before torchrun's SIGKILL (30 s by default).
+    export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}"
 
     echo "nodes ${NNODES} x ${GPUS_PER_NODE} processes = world ${world}; this node ${NODE_RANK}; master ${MASTER_ADDR}:${MASTER_PORT}"
     # Validate everything (config, layout, data, checkpoint) before any GPU is touched; print the plan.
     if [ "$NODE_RANK" = 0 ]; then
         WORLD_SIZE="$world" "$python" -m megatron_patches.training --config "$config" "$@" --dry-run || return $?
     fi
+    # Preemption: SIGUSR1 (`sbatch --signal=USR1@120`) asks every rank to checkpoint and exit 0. The
+    # ranks handle it themselves; this shell and torchrun ignore it rather than die of it.
+    trap '' USR1
     "$python" -m torch.distributed.run \
         --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
         --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \

@@ -6,6 +6,7 @@
 # Layout and paths from the environment (see launch/_launch.sh for the distributed ones):
 #   TP (default 2), PP (default 1)       tensor / pipeline parallel sizes
 #   DATA_BLEND                           blend.yaml written by `python -m data.preprocess tokenize`
+#   MOCK=1                               train on mock data instead (refused unless asked for)
 #   RUN_DIR (default runs/llama2_7b)     checkpoints, TensorBoard, metrics.jsonl, save/stop trigger files
 #   LOAD (optional)                      a `tools/convert hf2mcore` release to continue pretraining from
 # Multi-node: set NNODES/NODE_RANK/MASTER_ADDR on every node, or run under Slurm (srun) where the
@@ -24,7 +25,19 @@ args=(
     "parallel.pipeline_model_parallel_size=$PP"
     "run_dir=$RUN_DIR"
 )
-if [ -n "${DATA_BLEND:-}" ]; then args+=("data.blend=$DATA_BLEND"); else args+=("data.mock=true"); fi
+data_in_args=0
+for arg in "$@"; do
+    case "$arg" in data.blend=* | data.data_path=* | data.mock=*) data_in_args=1 ;; esac
+done
+if [ -n "${DATA_BLEND:-}" ]; then
+    args+=("data.blend=$DATA_BLEND")
+elif [ "${MOCK:-0}" = 1 ]; then
+    args+=("data.mock=true")
+elif [ "$data_in_args" = 0 ]; then
+    echo "pretrain_7b.sh: error: DATA_BLEND is not set; point it at the blend.yaml of" \
+        "\`python -m data.preprocess tokenize\`, or set MOCK=1 to train on mock data on purpose" >&2
+    exit 2
+fi
 if [ -n "${LOAD:-}" ]; then args+=("checkpoint.pretrained_checkpoint=$LOAD"); fi
 echo "run dir: $RUN_DIR   (touch $RUN_DIR/save: checkpoint now;  touch $RUN_DIR/stop: checkpoint and exit)"
 launch_training "$here/configs/llama2_7b.yaml" "${args[@]}" "$@"

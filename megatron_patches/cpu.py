@@ -30,10 +30,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import shutil
+import subprocess
+import sys
 import warnings
 
 import torch
 from torch.overrides import TorchFunctionMode
+
+from megatron_patches.errors import ConfigError
 
 _CPU = torch.device("cpu")
 _ACTIVE_MODE: TorchFunctionMode | None = None
@@ -162,6 +168,39 @@ def quiet_expected_warnings() -> None:
     warnings.filterwarnings(
         "ignore", category=FutureWarning, message=r".*(`load_state_dict` is deprecated|DTensor)"
     )
+
+
+ALLOW_CPU_ENV = "ALLOW_CPU_TRAINING"  # =1: train on CPU although nvidia-smi lists GPUs (the test suite does)
+
+
+def visible_gpus() -> int:
+    """GPUs ``nvidia-smi -L`` lists (0 without nvidia-smi, or when it fails: no usable driver)."""
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    if listing.returncode != 0:
+        return 0
+    return sum(line.startswith("GPU ") for line in listing.stdout.splitlines())
+
+
+def refuse_hidden_gpus() -> None:
+    """Stop with one line when torch sees no CUDA device on a machine whose ``nvidia-smi`` lists GPUs.
+
+    That is a CPU torch wheel (or a CUDA build the driver cannot run) in the training interpreter:
+    the CPU runtime would otherwise train on the CPU cores of a GPU node without a word.
+    """
+    if torch.cuda.is_available() or os.environ.get(ALLOW_CPU_ENV) == "1":
+        return
+    gpus = visible_gpus()
+    if gpus:
+        raise ConfigError(
+            f"nvidia-smi lists {gpus} GPU(s) but torch {torch.__version__} in {sys.executable} sees no CUDA "
+            f"device: install a CUDA build of torch there (or run with PYTHON=<a CUDA interpreter>), "
+            f"or set {ALLOW_CPU_ENV}=1 to train on CPU on purpose"
+        )
 
 
 def is_enabled() -> bool:

@@ -41,6 +41,7 @@ class StepReport:
     sample_ids: list = field(default_factory=list)  # this DP rank's sample ids, last stage only
     dataset_ids: list = field(default_factory=list)  # blend component of each of those samples
     flags: dict = field(default_factory=dict)  # "<patch>.<flag>" -> rank 0's answer (rank0_flags), bool
+    exit_signals: int = 0  # ranks that have received SIGTERM/SIGUSR1 (megatron_patches.exit_signals)
 
 
 @dataclass

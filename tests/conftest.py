@@ -1,5 +1,10 @@
+import os
+
 import pytest
 import torch
+
+# The suite runs the trainer's CPU runtime on purpose, also on a GPU machine whose torch is a CPU build.
+os.environ.setdefault("ALLOW_CPU_TRAINING", "1")
 
 
 def pytest_collection_modifyitems(config, items):

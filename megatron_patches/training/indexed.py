@@ -42,3 +42,14 @@ def check_prefix(prefix: str) -> int:
     if bin_.stat().st_size != needed:
         raise ConfigError(f"{bin_} holds {bin_.stat().st_size} bytes but {idx} indexes {needed}")
     return max(documents - 1, 0)
+
+
+def token_count(prefix: str) -> int:
+    """Tokens in ``prefix.bin`` (its size over the token width the ``.idx`` header names), for the plan.
+
+    O(1): a 7B run's blend has billions of tokens in millions of documents; the sizes are not summed.
+    Call after :func:`check_prefix`.
+    """
+    with Path(prefix + ".idx").open("rb") as stream:
+        code = stream.read(_FIXED)[len(INDEX_HEADER) + 8]
+    return Path(prefix + ".bin").stat().st_size // DTYPE_SIZES[code]

@@ -172,7 +172,7 @@ def transformer_config(
 
     values = dict(
         **_architecture_fields(cfg),
-        **_kernel_fields(cfg),
+        **fused_kernels(cfg),
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
         pipeline_dtype=params_dtype,
@@ -207,17 +207,34 @@ def _architecture_fields(cfg: ModelConfig) -> dict[str, Any]:
     )
 
 
-def _kernel_fields(cfg: ModelConfig) -> dict[str, Any]:
-    """Fused kernels exist only on GPU; their torch fallbacks compute the same thing."""
-    on_gpu = not cpu.is_enabled()
+def gradient_accumulation_fusion_available() -> bool:
+    """Apex's ``fused_weight_gradient_mlp_cuda`` imports: Megatron-Core's ``ColumnParallelLinear``
+    (the output layer in either spec) refuses ``gradient_accumulation_fusion`` without it, even
+    where Transformer Engine (which fuses its own layers) is installed."""
+    return importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
+
+
+def fused_kernels(cfg: ModelConfig, on_gpu: bool | None = None) -> dict[str, bool]:
+    """Which fused kernels the model uses; ``on_gpu`` defaults to "the CPU runtime is off".
+
+    Fused kernels exist only on GPU; their torch fallbacks compute the same thing.
+    """
+    on_gpu = not cpu.is_enabled() if on_gpu is None else on_gpu
     return dict(
         bias_activation_fusion=on_gpu and cfg.swiglu,
         bias_dropout_fusion=on_gpu,
         masked_softmax_fusion=on_gpu,
         persist_layer_norm=on_gpu,
         apply_rope_fusion=on_gpu and cfg.transformer_impl == "transformer_engine",
-        gradient_accumulation_fusion=on_gpu and transformer_engine_available(),
+        gradient_accumulation_fusion=on_gpu and gradient_accumulation_fusion_available(),
     )
+
+
+def describe_fused_kernels(cfg: ModelConfig) -> str:
+    """The plan's line: the fused kernels this machine would build the model with."""
+    kernels = fused_kernels(cfg, on_gpu=torch.cuda.is_available())
+    names = [name.removeprefix("apply_").removesuffix("_fusion") for name, on in kernels.items() if on]
+    return "fused kernels: " + (", ".join(names) if names else "none (torch fallbacks)")
 
 
 def layer_spec(cfg: ModelConfig) -> ModuleSpec:

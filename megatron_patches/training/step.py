@@ -116,11 +116,14 @@ def forward_backward(
 
 
 # Rank 0's yes/no answers (``Hook.rank0_flags``) ride in the token count's float64 element,
-# above bit 40: a global batch's loss tokens times TP stay far below 2**40 (checked per phase,
-# ``check_flag_room``), and float64 holds integers exactly up to 2**53, so 13 flags fit. Why not
-# an element of their own: on gloo an all-reduce of 3 elements took ~0.25 ms against ~0.15 ms
-# for 2 on the 2-core CI machine, ~1% of a tiny iteration (bench/patches_overhead.py).
-FLAG_SHIFT = 40
+# above bit 36: a global batch's loss tokens times TP stay far below 2**36 (6.9e10; a 16M-token
+# batch at TP 8 is 1.3e8; checked per phase, ``check_flag_room``), and float64 holds integers
+# exactly up to 2**53, so 17 bits fit. Above rank 0's flags, every rank adds 1 once it has
+# received an exit signal (``exit_signals``): the sum counts the signalled ranks, in
+# ``world_size.bit_length()`` bits. Why not an element of their own: on gloo an all-reduce of 3
+# elements took ~0.25 ms against ~0.15 ms for 2 on the 2-core CI machine, ~1% of a tiny iteration
+# (bench/patches_overhead.py).
+FLAG_SHIFT = 36
 MAX_FLAGS = 53 - FLAG_SHIFT
 LOOP_FLAGS = ("loop.wall_clock_save",)  # the loop's own rank-0 decision (checkpoint.save_interval_minutes)
 
@@ -141,10 +144,27 @@ def unpack_flags(total: float) -> tuple[int, int]:
     return whole & ((1 << FLAG_SHIFT) - 1), whole >> FLAG_SHIFT
 
 
-def check_flag_room(tokens_per_iteration: int, tensor_parallel: int, num_flags: int) -> None:
-    """Raise if an iteration's token total could reach the flag bits, or there are too many flags."""
-    if num_flags > MAX_FLAGS:
-        raise ConfigError(f"{num_flags} rank-0 flags requested by the patches; at most {MAX_FLAGS} fit")
+def exit_signal_bits(signalled: bool, num_flags: int) -> int:
+    """This rank's part of the count of signalled ranks, above the run's ``num_flags`` rank-0 flags."""
+    return int(signalled) << num_flags
+
+
+def split_flag_bits(bits: int, num_flags: int) -> tuple[int, int]:
+    """Flag bits summed over ranks -> (rank 0's flags, number of ranks that received an exit signal)."""
+    return bits & ((1 << num_flags) - 1), bits >> num_flags
+
+
+def check_flag_room(
+    tokens_per_iteration: int, tensor_parallel: int, num_flags: int, world_size: int = 0
+) -> None:
+    """Raise if an iteration's token total could reach the flag bits, or the flags and the count of
+    signalled ranks (up to ``world_size``) do not fit above it."""
+    if num_flags + world_size.bit_length() > MAX_FLAGS:
+        count = f" and a count of up to {world_size} signalled ranks" if world_size else ""
+        raise ConfigError(
+            f"{num_flags} rank-0 flags requested by the patches{count} need "
+            f"{num_flags + world_size.bit_length()} bits; at most {MAX_FLAGS} fit"
+        )
     if tokens_per_iteration * tensor_parallel >= 1 << FLAG_SHIFT:
         raise ConfigError(
             f"{tokens_per_iteration} tokens per iteration x TP {tensor_parallel} reach 2**{FLAG_SHIFT}: "

@@ -16,11 +16,16 @@ patches under test, so its hooks run after theirs) and returns
 Option ``touch: {iteration: file name}`` makes the last rank create that file
 in the run directory after that iteration's hooks ran; ``touch_during_save``
 names an iteration whose checkpoint gets a file touched while it is written.
+``signal: {iteration: [rank, name]}`` makes that rank send itself that signal
+(e.g. SIGTERM) after that iteration's hooks ran.
 ``inject`` (``{iteration: factor}``) multiplies that iteration's token losses,
 to make a loss spike (or a NaN) through the real backward pass.
 """
 
 from __future__ import annotations
+
+import os
+import signal
 
 import torch
 
@@ -37,6 +42,7 @@ class Probe(Hook):
         self.touch = {int(k): v for k, v in (options.get("touch") or {}).items()}
         self.touch_during_save = options.get("touch_during_save")
         self.emb_length = options.get("emb_length", 32)
+        self.signal = {int(k): v for k, v in (options.get("signal") or {}).items()}
 
     def on_train_start(self, ctx) -> None:
         RECORD["fingerprint"][ctx.state.iteration] = _fingerprint(ctx.objects.gpt)
@@ -65,6 +71,9 @@ class Probe(Hook):
         RECORD["fingerprint"][report.iteration] = _fingerprint(ctx.objects.gpt)
         if report.iteration in self.touch and _is_last_rank():
             (ctx.run_dir / self.touch[report.iteration]).touch()
+        rank, name = self.signal.get(report.iteration, (None, None))
+        if rank == torch.distributed.get_rank():
+            os.kill(os.getpid(), getattr(signal, name))
 
     def after_save(self, ctx, path) -> None:
         RECORD["saves"].append(ctx.state.iteration)

@@ -1,10 +1,13 @@
 """The CPU runtime rewrites exactly the CUDA assumptions Megatron-Core makes."""
 
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
+
+from megatron_patches import cpu
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU runtime is off on GPU machines")
 
@@ -69,3 +72,28 @@ assert torch.equal(outside_before, outside_after), "a fork must not advance the 
 torch.manual_seed(99)
 assert torch.equal(inside, torch.rand(3)), "a fork draws from its own seeded stream"
 """
+
+
+def test_training_on_cpu_torch_is_refused_where_nvidia_smi_lists_gpus(tmp_path, monkeypatch):
+    # A CPU torch wheel on a GPU node: the trainer (its dry run too) stops with one line saying how to fix it.
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 (UUID: GPU-0)'\necho 'GPU 1: NVIDIA H100'\n")
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "ALLOW_CPU_TRAINING"}
+    env["PATH"] = f"{fake.parent}{os.pathsep}{env['PATH']}"
+    cmd = [sys.executable, "-m", "megatron_patches.training", "--dry-run", f"run_dir={tmp_path / 'run'}"]
+    refused = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == [
+        f"megatron_patches.training: error: nvidia-smi lists 2 GPU(s) but torch {torch.__version__} in "
+        f"{sys.executable} sees no CUDA device: install a CUDA build of torch there (or run with "
+        "PYTHON=<a CUDA interpreter>), or set ALLOW_CPU_TRAINING=1 to train on CPU on purpose"
+    ]
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setenv("PATH", env["PATH"])
+    monkeypatch.setenv("ALLOW_CPU_TRAINING", "1")  # the deliberate override
+    cpu.refuse_hidden_gpus()
+    monkeypatch.delenv("ALLOW_CPU_TRAINING")
+    monkeypatch.setenv("PATH", str(tmp_path / "no-driver"))  # no nvidia-smi: a CPU machine
+    cpu.refuse_hidden_gpus()
