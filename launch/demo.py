@@ -103,31 +103,26 @@ def plot(run_dir: Path, png: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
-    events.Reload()
-    tags = sorted(t for t in events.Tags()["scalars"] if t.startswith("channel_loss/")) + ["lm loss"]
+    from tools.eval.trends import tensorboard_scalars
+
+    scalars = tensorboard_scalars(run_dir / "tensorboard")  # the newest value per step (resumes)
+    tags = sorted(t for t in scalars if t.startswith("channel_loss/")) + ["lm loss"]
     fig, ax = plt.subplots(figsize=(8, 5))
     for tag in tags:
-        points = events.Scalars(tag)
+        points = scalars[tag]
         style = {"color": "black", "linewidth": 2} if tag == "lm loss" else {}
-        ax.plot(
-            [p.step for p in points],
-            [p.value for p in points],
-            label=tag.removeprefix("channel_loss/"),
-            **style,
-        )
+        ax.plot(list(points), list(points.values()), label=tag.removeprefix("channel_loss/"), **style)
     ax.set(xlabel="iteration", ylabel="loss (nats/token)", title="training loss per channel")
     ax.legend()
     ax.grid(alpha=0.3)
     tmp = png.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=120)
     tmp.rename(png)
-    for tag in sorted(t for t in events.Tags()["scalars"] if t.startswith("probe/")):
-        points = events.Scalars(tag)
-        trend = " -> ".join(f"{p.value:.2f}" for p in points)
-        print(f"{tag} (iterations {points[0].step}..{points[-1].step}): {trend}")
+    for tag in sorted(t for t in scalars if t.startswith("probe/")):
+        points = scalars[tag]
+        trend = " -> ".join(f"{value:.2f}" for value in points.values())
+        print(f"{tag} (iterations {min(points)}..{max(points)}): {trend}")
 
 
 def main() -> None:

@@ -90,6 +90,9 @@ class CheckpointConfig:
     keep_last: int = 3
     save_at_end: bool = True  # checkpoint after the last iteration (off for benchmarks)
     async_save: bool = False  # Megatron-LM's key; refused when true: saves are synchronous
+    # Settings a resume may change although the checkpoint recorded others (run_settings.py), e.g.
+    # [data.blend] for a deliberate data-mix change mid-run; each change is logged.
+    allow_change: list = field(default_factory=list)
 
 
 @dataclass
@@ -99,6 +102,8 @@ class LoggingConfig:
     eval_iters: int = 4
     tensorboard_dir: str | None = None  # default: <run_dir>/tensorboard
     wandb_project: str | None = None
+    wandb_exp_name: str | None = None  # the W&B run's display name (Megatron-LM's --wandb-exp-name)
+    wandb_entity: str | None = None
 
 
 @dataclass

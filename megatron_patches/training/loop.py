@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_patches.exit_signals import ExitSignals
 from megatron_patches.hooks import Hook, Requests, StepReport
 from megatron_patches.training import checkpoint
 from megatron_patches.training.builder import TrainingObjects
@@ -29,10 +30,12 @@ from megatron_patches.training.metrics import (
 )
 from megatron_patches.training.step import (
     LOOP_FLAGS,
+    exit_signal_bits,
     forward_backward,
     global_loss,
     optimizer_step,
     rank0_flag_names,
+    split_flag_bits,
 )
 
 
@@ -58,6 +61,7 @@ class Window:
     iterations: int = 0
     skipped: int = 0
     seconds: float = 0.0
+    lr: float = float("nan")  # the LR the window's last step used
 
     def add(self, report: StepReport, seconds: float) -> None:
         if math.isfinite(report.loss):
@@ -66,6 +70,7 @@ class Window:
         self.iterations += 1
         self.skipped += report.skipped
         self.seconds += seconds
+        self.lr = report.lr
 
 
 class Trainer:
@@ -79,10 +84,11 @@ class Trainer:
         self.last_grad_norm: float | None = None
         self.device = next(ctx.objects.gpt.parameters()).device
         self.flag_names = rank0_flag_names(hooks)  # bit j of the flags in the loss all-reduce
+        self.exit_signals = ExitSignals()  # SIGTERM/SIGUSR1: checkpoint and stop, as `touch stop`
 
     # -- the run ---------------------------------------------------------------------------
     def run(self) -> int:
-        with self._manual_gc():
+        with self._manual_gc(), self.exit_signals:
             return self._run()
 
     def _run(self) -> int:
@@ -96,14 +102,18 @@ class Trainer:
             exit_interval = cfg.train.exit_interval
             if exit_interval and ctx.state.iteration % exit_interval == 0:
                 requests.stop = f"exit_interval {exit_interval}"
+            if report.exit_signals:  # any rank's signal, counted in the loss all-reduce: all stop here
+                world = torch.distributed.get_world_size()
+                requests.stop = requests.stop or self.exit_signals.reason(report.exit_signals, world)
             for hook in self.hooks:
                 hook.after_step(ctx, report, requests)
             self._after_iteration(report, seconds)
             interval = cfg.train.manual_gc_interval
             if interval and ctx.state.iteration % interval == 0:
                 self._manual_collect()
-            if self._checkpoint_due(report, requests):
-                self.save(requests.save or "interval")
+            reason = self._checkpoint_reason(report, requests)
+            if reason:
+                self.save(reason)
             if requests.stop:
                 ctx.writer.console(f"stopping after iteration {ctx.state.iteration}: {requests.stop}")
                 return 0
@@ -169,8 +179,11 @@ class Trainer:
             self.hooks,
             ctx,
         )
-        loss, total_tokens, flag_bits = global_loss(loss_sum, tokens, self.device, self._rank0_flag_bits())
-        lr = objs.optimizer.param_groups[0]["lr"]
+        num_flags = len(self.flag_names)
+        mine = self._rank0_flag_bits() + exit_signal_bits(self.exit_signals.received is not None, num_flags)
+        loss, total_tokens, bits = global_loss(loss_sum, tokens, self.device, mine)
+        flag_bits, signalled_ranks = split_flag_bits(bits, num_flags)
+        lr = objs.optimizer.param_groups[0]["lr"]  # the step's LR: the scheduler moves it after the step
         updated, grad_norm = self._update(loss)
         report = StepReport(
             iteration=ctx.state.iteration,
@@ -182,6 +195,7 @@ class Trainer:
             sample_ids=[int(i) for b in batches for i in b["sample_id"]],
             dataset_ids=[int(i) for b in batches for i in b["dataset_id"]],
             flags={name: bool(flag_bits >> j & 1) for j, name in enumerate(self.flag_names)},
+            exit_signals=signalled_ranks,
         )
         return report, time.perf_counter() - start
 
@@ -243,7 +257,7 @@ class Trainer:
         per_iter = win.seconds / max(win.iterations, 1)
         metrics = {
             "lm loss": win.loss_sum / win.tokens if win.tokens else float("nan"),
-            "lr": ctx.objects.optimizer.param_groups[0]["lr"],
+            "lr": win.lr,  # the LR the last step used, as metrics.jsonl has it (not the next step's)
             "tokens-per-sec": tokens_per_iter / per_iter,
             "tokens-per-sec-per-gpu": tokens_per_iter / per_iter / world,
             "iteration-time": per_iter,
@@ -302,13 +316,19 @@ class Trainer:
         return metrics
 
     # -- checkpoints -----------------------------------------------------------------------
-    def _checkpoint_due(self, report: StepReport, requests: Requests) -> bool:
+    def _checkpoint_reason(self, report: StepReport, requests: Requests) -> str | None:
+        """Why a checkpoint is due after this iteration (logged with it), or None.
+
+        A stop's reason comes from whoever asked (the stop file, exit_interval, a signal, a spike).
+        """
         cfg, it = self.ctx.cfg.checkpoint, self.ctx.state.iteration
         if requests.save or requests.stop:
-            return True
+            return requests.save or requests.stop
         if cfg.save_interval and it % cfg.save_interval == 0:
-            return True
-        return report.flags[LOOP_FLAGS[0]]  # rank 0's clock decided, in the loss all-reduce
+            return f"interval of {cfg.save_interval} iterations"
+        if report.flags[LOOP_FLAGS[0]]:  # rank 0's clock decided, in the loss all-reduce
+            return f"wall-clock interval of {cfg.save_interval_minutes:g} minutes"
+        return None
 
     def save(self, reason: str) -> Path | None:
         ctx = self.ctx

@@ -2,6 +2,11 @@
 
 Only the logging rank (the last global rank, which holds the last pipeline
 stage and so the loss) writes; on every other rank the writer does nothing.
+A resumed run repeats the iterations the previous run logged past its
+checkpoint, so the writer first cuts ``metrics.jsonl`` back to the resumed
+iteration (a rewrite, renamed over the old file) and opens a TensorBoard event
+file with ``purge_step`` (TensorBoard then hides the older files' later steps);
+W&B resumes the run whose id is kept in ``<run_dir>/wandb_run_id``.
 Also here: model FLOPs per iteration (Megatron-LM's formula) for the MFU
 estimate, and the peak bf16 throughput of known GPUs.
 """
@@ -10,8 +15,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
+import os
+import secrets
 import time
 from pathlib import Path
+from typing import Any
 
 from megatron_patches.training.model import ModelConfig
 
@@ -53,30 +62,33 @@ def peak_flops_per_gpu() -> float | None:
     return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
+METRICS_FILE = "metrics.jsonl"
+WANDB_ID_FILE = "wandb_run_id"
+
+
 class MetricsWriter:
     def __init__(
-        self,
-        run_dir: Path,
-        tensorboard_dir: str | None,
-        enabled: bool,
-        wandb_project: str | None,
-        config: dict,
+        self, run_dir: Path, logging_cfg, enabled: bool, config: dict, resumed_iteration: int = 0
     ) -> None:
+        """``logging_cfg`` is the config's ``logging`` section; ``resumed_iteration`` 0 for a fresh start."""
         self.enabled = enabled
         self.tb = self.jsonl = self.wandb = None
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        self.tb = SummaryWriter(log_dir=tensorboard_dir or str(run_dir / "tensorboard"))
-        self.jsonl = (run_dir / "metrics.jsonl").open("a")
-        if wandb_project and not importlib.util.find_spec("wandb"):
-            note = f"note: wandb is not installed, so logging.wandb_project={wandb_project!r} is skipped"
-            self.console(note)
-        elif wandb_project:
-            import wandb
-
-            self.wandb = wandb.init(project=wandb_project, dir=str(run_dir), config=config)
+        dropped = keep_records_until(run_dir / METRICS_FILE, resumed_iteration)
+        if dropped:
+            note = f"dropped {dropped} records past iteration {resumed_iteration} (this run repeats them)"
+            self.console(f"{METRICS_FILE}: {note}")
+        tb_dir = logging_cfg.tensorboard_dir or str(run_dir / "tensorboard")
+        self.tb = SummaryWriter(log_dir=tb_dir, purge_step=resumed_iteration + 1)
+        self.jsonl = (run_dir / METRICS_FILE).open("a")
+        project = logging_cfg.wandb_project
+        if project and not importlib.util.find_spec("wandb"):
+            self.console(f"note: wandb is not installed, so logging.wandb_project={project!r} is skipped")
+        elif project:
+            self.wandb = init_wandb(run_dir, logging_cfg, config)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if not self.enabled:
@@ -102,6 +114,63 @@ class MetricsWriter:
             self.jsonl.close()
             if self.wandb:
                 self.wandb.finish()
+
+
+def keep_records_until(path: Path, iteration: int) -> int:
+    """Cut the iteration log at ``path`` back to records up to ``iteration``; return how many went.
+
+    The records past it (and a line torn by a kill) belong to iterations the resumed run repeats.
+    The kept lines are written to a temporary file renamed over the log, so a kill during the cut
+    leaves the old log or the new one, never a half-written one.
+    """
+    if not path.is_file():
+        return 0
+    text = path.read_text()
+    lines = text.splitlines()
+    kept = [line for line in lines if _iteration_of(line) <= iteration]
+    if not text or (len(kept) == len(lines) and text.endswith("\n")):
+        return 0
+    _replace_text(path, "".join(line + "\n" for line in kept))
+    return len(lines) - len(kept)
+
+
+def _iteration_of(line: str) -> float:
+    """The record's iteration; infinity for a line that is no record (torn by a kill)."""
+    try:
+        return int(json.loads(line)["iteration"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def _replace_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def init_wandb(run_dir: Path, logging_cfg, config: dict) -> Any:
+    """Start the W&B run, or resume the one this run directory started before (a requeued job).
+
+    The id is chosen and kept in ``<run_dir>/wandb_run_id`` before ``wandb.init``, so a job killed
+    during its first init still resumes the same W&B run. Names are Megatron-LM's
+    (``--wandb-project``, ``--wandb-exp-name``, ``--wandb-entity``).
+    """
+    import wandb
+
+    id_file = run_dir / WANDB_ID_FILE
+    run_id = id_file.read_text().strip() if id_file.is_file() else ""
+    if not run_id:
+        run_id = secrets.token_hex(4)  # W&B ids: lower-case letters and digits
+        _replace_text(id_file, run_id + "\n")
+    return wandb.init(
+        project=logging_cfg.wandb_project,
+        entity=logging_cfg.wandb_entity,
+        name=logging_cfg.wandb_exp_name,
+        id=run_id,
+        resume="allow",
+        dir=str(run_dir),
+        config=config,
+    )
 
 
 def format_eta(seconds: float) -> str:

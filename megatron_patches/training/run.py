@@ -15,12 +15,14 @@ from pathlib import Path
 import torch
 import yaml
 
-from megatron_patches import parallel
+from megatron_patches import cpu, parallel
 from megatron_patches.training import builder, checkpoint
 from megatron_patches.training.config import Config, load_config
-from megatron_patches.training.data import DatasetTokenizer, PhaseData
+from megatron_patches.training.data import DatasetTokenizer, PhaseData, channel_names, parse_blend
+from megatron_patches.training.indexed import token_count
 from megatron_patches.training.loop import TrainContext, Trainer
 from megatron_patches.training.metrics import MetricsWriter
+from megatron_patches.training.model import describe_fused_kernels
 from megatron_patches.training.validate import RunPlan, plan_run
 
 
@@ -36,6 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    cpu.refuse_hidden_gpus()  # before anything is planned: the dry run on a GPU node says it too
     cfg = load_config(args.config, args.overrides)
     world = int(os.environ.get("WORLD_SIZE", 1))
     plan = plan_run(cfg, world)
@@ -52,6 +55,7 @@ def describe(cfg: Config, plan: RunPlan) -> str:
     lines = [
         f"layout: {plan.layout.describe()}",
         f"transformer: {spec}",
+        describe_fused_kernels(model),
         f"run dir: {Path(cfg.run_dir).resolve()}",
     ]
     lines += [
@@ -60,9 +64,24 @@ def describe(cfg: Config, plan: RunPlan) -> str:
         + (f", rotary base {p.rotary_base:g}" if p.rotary_base is not None else "")
         for p in plan.phases
     ]
+    lines += describe_data(plan)
     lines.append(f"resume from: {plan.resume_from or plan.pretrained or 'scratch'}")
+    lines += plan.notes  # e.g. a setting checkpoint.allow_change lets this resume change
     lines += [line for hook in plan.hooks for line in hook.describe()]  # e.g. the file to touch
+    lines.append("checkpoint and stop: SIGTERM or SIGUSR1 to any rank (preemption)")
     return "\n".join(lines)
+
+
+def describe_data(plan: RunPlan) -> list[str]:
+    """One line per blend component: channel, weight, tokens on disk, prefix (mock data says so)."""
+    lines = []
+    for label, data_path in (("data", plan.data.data_path), ("anneal data", plan.data.anneal_data_path)):
+        if not data_path:
+            continue
+        names = channel_names(data_path, plan.data.channels)
+        for name, prefix, weight in zip(names, *parse_blend(data_path), strict=True):
+            lines.append(f"{label} {name}: weight {weight:g}, {token_count(prefix):,} tokens, {prefix}")
+    return lines or ["data: mock (random tokens, data.mock=true): nothing is learned from it"]
 
 
 def train(cfg: Config, plan: RunPlan) -> int:
@@ -78,9 +97,8 @@ def train(cfg: Config, plan: RunPlan) -> int:
     parallel.initialize(plan.layout, cfg.seed, cfg.model)
     objects = builder.build(cfg)
     state = _restore(cfg, plan, objects)
-    writer = MetricsWriter(
-        run_dir, cfg.logging.tensorboard_dir, logging_rank, cfg.logging.wandb_project, cfg.to_dict()
-    )
+    state.run_settings = plan.settings  # the checkpoints this run writes record its own settings
+    writer = MetricsWriter(run_dir, cfg.logging, logging_rank, cfg.to_dict(), state.iteration)
     writer.console(describe(cfg, plan).replace("\n", "\n    "))
     ctx = TrainContext(cfg, run_dir, objects, _phase_data(cfg, plan), writer, state)
     try:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from data.preprocess.blend import load_blend
 from megatron_patches.errors import ConfigError
 from megatron_patches.hooks import Hook, build_hooks
 from megatron_patches.parallel import Layout, validate_layout
+from megatron_patches.paths import refuse_overlap
 from megatron_patches.training import checkpoint
 from megatron_patches.training.config import Config
 from megatron_patches.training.data import (
@@ -31,6 +32,7 @@ from megatron_patches.training.data import (
 )
 from megatron_patches.training.indexed import check_prefix
 from megatron_patches.training.model import resolve_transformer_impl
+from megatron_patches.training.run_settings import check_allow_change, check_resume, run_settings
 from megatron_patches.training.schedules import validate_schedule
 from megatron_patches.training.step import check_flag_room, rank0_flag_names
 from tools.convert import mcore_io
@@ -54,6 +56,8 @@ class RunPlan:
     save_dir: Path
     resume_from: Path | None
     pretrained: Path | None
+    settings: dict = field(default_factory=dict)  # run_settings: stored in every checkpoint
+    notes: list = field(default_factory=list)  # lines for the log (e.g. changes allow_change admitted)
 
 
 def plan_run(cfg: Config, world_size: int) -> RunPlan:
@@ -69,22 +73,28 @@ def plan_run(cfg: Config, world_size: int) -> RunPlan:
     _check_unsupported(cfg)
     validate_schedule(cfg.optimizer, cfg.train.train_iters)
     data = _resolve_data(cfg)
+    check_allow_change(cfg.checkpoint.allow_change)
+    settings = run_settings(cfg, data.data_path, data.anneal_data_path, data.tokenizer, data.eod_id)
     hooks = build_hooks(cfg.patches, cfg)
     phases = _plan_phases(cfg, data, hooks)
     num_flags = len(rank0_flag_names(hooks))
     for phase in phases:
         _check_batch(phase.global_batch_size, phase.micro_batch_size, layout, f"phase {phase.name!r}")
         _check_seq(phase.seq_length, cfg)
-        check_flag_room(phase.tokens_per_iteration, layout.tensor_model_parallel_size, num_flags)
+        tp = layout.tensor_model_parallel_size
+        check_flag_room(phase.tokens_per_iteration, tp, num_flags, layout.world_size)  # + signalled ranks
+    notes = []
     if resume_from is not None:
         checkpoint.check_architecture(resume_from, _model_at(resume_from, phases, cfg))
         _check_resume_layout(resume_from, layout)
+        saved = checkpoint.saved_settings(resume_from)
+        notes = check_resume(resume_from, saved, settings, cfg.checkpoint.allow_change)
         _check_data_position(resume_from, phases)
     if pretrained is not None:
         checkpoint.check_architecture(pretrained, cfg.model)
         tp, pp = layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size
         checkpoint.check_pretrained_layout(pretrained, tp, pp, cfg.model.num_layers)
-    return RunPlan(layout, data, phases, hooks, save_dir, resume_from, pretrained)
+    return RunPlan(layout, data, phases, hooks, save_dir, resume_from, pretrained, settings, notes)
 
 
 def _find_checkpoints(cfg: Config) -> tuple[Path, Path | None, Path | None]:
@@ -94,6 +104,11 @@ def _find_checkpoints(cfg: Config) -> tuple[Path, Path | None, Path | None]:
     not a fresh start, unless it is the save directory (a job's first launch).
     """
     save_dir = Path(cfg.checkpoint.save or Path(cfg.run_dir) / "checkpoints")
+    # The run writes into both and prunes old checkpoints in save_dir: a start checkpoint there could be lost.
+    refuse_overlap(
+        {"run_dir": cfg.run_dir, "checkpoint.save": save_dir},
+        {"checkpoint.pretrained_checkpoint": cfg.checkpoint.pretrained_checkpoint},
+    )
     load = cfg.checkpoint.load
     resume_from = checkpoint.latest_checkpoint(load or save_dir)
     if load and resume_from is None and Path(load).resolve() != save_dir.resolve():

@@ -117,7 +117,7 @@ def test_resume_at_another_dp_size_works_and_other_tp_or_batch_size_is_refused(t
     assert run_on_ranks(_train, 2, first, timeout=300) == [0, 0]  # DP = 2
     with pytest.raises(ConfigError) as err:
         run.main(tiny_args(tmp_path / "run", data, *common, "train.global_batch_size=16"))
-    assert "consumed 16 samples in 2 iterations but this config's batch sizes put that iteration at " in (
+    assert "would change train.global_batch_size: checkpoint 8, this run 16; restore the setting, or " in (
         str(err.value)
     )
     at_tp2 = load_config(None, tiny_args(tmp_path / "run", data, *common, "tensor_model_parallel_size=2"))
@@ -224,3 +224,88 @@ def test_manual_gc_collects_at_its_interval_only_and_leaves_the_losses_alone(tmp
     assert losses(tmp_path / "manual") == losses(tmp_path / "auto")
     with pytest.raises(ConfigError, match="manual_gc_interval must be >= 0, got -1"):
         plan_run(load_config(None, tiny_args(tmp_path / "x", data, "train.manual_gc_interval=-1")), 1)
+
+
+def _drop_run_settings(checkpoint_dir: Path) -> None:
+    """Make ``checkpoint_dir`` look written before checkpoints recorded their run settings."""
+    import torch
+
+    common_file = checkpoint_dir / "common.pt"
+    common = torch.load(common_file, weights_only=False)
+    del common["run_settings"]
+    torch.save(common, common_file)
+
+
+def test_resume_refuses_a_changed_seed_seq_length_or_blend_unless_allowed_and_logs_it(tmp_path, capfd):
+    from megatron_patches.training import checkpoint
+
+    zh, en = (write_corpus(tmp_path / "data", name, 40, 128, seed=1) for name in ("zh", "en"))
+    common = ("train.train_iters=4", "checkpoint.save_interval=100")
+    first = tiny_args(tmp_path / "run", [1, zh], *common, "train.exit_interval=2")
+    assert run_on_ranks(_train, 1, first, timeout=300) == [0]
+
+    def plan(*extra: str, data: tuple = (1, zh)):
+        return plan_run(load_config(None, tiny_args(tmp_path / "run", list(data), *common, *extra)), 1)
+
+    zh_abs, en_abs = Path(zh).resolve(), Path(en).resolve()
+    cases = [
+        (
+            ("seed=99",),
+            "seed: checkpoint 1234, this run 99; restore the setting, or pass "
+            "checkpoint.allow_change=[seed] to change it deliberately",
+        ),
+        (("data.seq_length=16",), "data.seq_length: checkpoint 32, this run 16"),
+        ((), f"data.blend: checkpoint [1.0, '{zh_abs}'], this run [0.5, '{zh_abs}', 0.5, '{en_abs}']"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(ConfigError) as err:
+            plan(*extra, data=(1, zh) if extra else (1, zh, 1, en))
+        assert message in str(err.value) and len(str(err.value).splitlines()) == 1
+    with pytest.raises(ConfigError, match="'sed' is not a recorded run setting; did you mean 'seed'"):
+        plan("seed=99", "checkpoint.allow_change=[sed]")
+    capfd.readouterr()
+    allowed = tiny_args(tmp_path / "run", [1, zh], *common, "seed=99", "checkpoint.allow_change=[seed]")
+    assert run_on_ranks(_train, 1, allowed, timeout=300) == [0]
+    assert "resume: seed changes from 1234 to 99 (checkpoint.allow_change)" in capfd.readouterr().out
+    last = tmp_path / "run" / "checkpoints" / "iter_0000004"
+    assert checkpoint.saved_settings(last)["seed"] == 99  # the next resume compares with the new seed
+    _drop_run_settings(last)  # a checkpoint from before this record still resumes, and says so
+    assert "predates recorded run settings" in plan("seed=7").notes[0]
+
+
+def test_a_resume_logs_each_iteration_once_and_every_log_has_the_lr_the_step_used(tmp_path, capfd):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from megatron_patches.training.schedules import lr_at
+    from tools.eval.trends import tensorboard_scalars
+
+    run_dir, data = tmp_path / "run", [1, write_corpus(tmp_path / "data", "zh", 40, 128, seed=1)]
+    args = tiny_args(
+        run_dir,
+        data,
+        "train.train_iters=6",
+        "logging.log_interval=1",
+        "checkpoint.save_interval=4",
+        "checkpoint.save_at_end=false",
+        "patches.save_trigger=true",
+    )
+    # A run that logged iterations 1..6 but whose last checkpoint is 4, killed while writing a record.
+    assert run_on_ranks(_train, 1, args, timeout=300) == [0]
+    with (run_dir / "metrics.jsonl").open("a") as log:
+        log.write('{"iteration": 7, "lo')
+    (run_dir / "stop").touch()
+    capfd.readouterr()
+    assert run_on_ranks(_train, 1, args, timeout=300) == [0]  # resumes at 4; the stop file ends it after 5
+    out = capfd.readouterr().out
+    assert f"iter_0000005 ({(run_dir / 'stop').resolve()} exists)" in out  # not "(interval)"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [1, 2, 3, 4, 5]
+    tensorboard = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    tensorboard.Reload()
+    assert [e.step for e in tensorboard.Scalars("lm loss")] == [1, 2, 3, 4, 5]
+    # One LR per iteration everywhere: the one its step used (0 at the first step of a warm-up from 0).
+    used = [lr_at(r["iteration"] - 1, load_config(None, args).optimizer, 6) for r in records]
+    assert [r["lr"] for r in records] == pytest.approx(used, rel=1e-12)
+    assert list(tensorboard_scalars(run_dir / "tensorboard")["lr"].values()) == pytest.approx(used, rel=1e-6)
+    assert "iteration       5/6 | consumed tokens 1,280 | lm loss " in out
+    assert f"| lr {used[4]:.3e} |" in out
