@@ -10,6 +10,7 @@ user-defined symbols plain added tokens, both matched before BPE as SentencePiec
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -81,5 +82,39 @@ def export_hf(model_path: Path, out_dir: Path, special: dict[str, str]) -> None:
         clean_up_tokenization_spaces=False,
     )
     wrapped.save_pretrained(str(out_dir))
+    _name_a_portable_class(out_dir / "tokenizer_config.json")
     if model_path.resolve() != (out_dir / "tokenizer.model").resolve():
         shutil.copyfile(model_path, out_dir / "tokenizer.model")
+
+
+def _name_a_portable_class(tokenizer_config: Path) -> None:
+    """transformers 5 saves this tokenizer as ``TokenizersBackend``, a class transformers 4 refuses;
+    ``PreTrainedTokenizerFast`` names the same class in both (an alias in 5), so 4.x-era stacks load it."""
+    values = json.loads(tokenizer_config.read_text(encoding="utf-8"))
+    values["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tokenizer_config.write_text(json.dumps(values, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def check_single_ids(directory: Path, domain: list[str]) -> None:
+    """Every domain and reserved token is one id, the same, in ``tokenizer.model`` and the HF export.
+
+    Domain tokens must encode to that id from text in both; reserved tokens are control symbols,
+    which SentencePiece never produces from text, so there the piece must map to its id, and the HF
+    tokenizer (which matches them as special tokens) must encode them to it.
+    """
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    sp = spm.SentencePieceProcessor(model_file=str(directory / "tokenizer.model"))
+    hf = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    reserved = [piece for piece in pieces if piece.startswith("<|reserved_")]
+    sp_ids = dict(zip(domain, sp.encode(domain), strict=True))
+    sp_ids |= {piece: [sp.piece_to_id(piece)] for piece in reserved}
+    for token, ids in sp_ids.items():
+        hf_ids = hf.encode(token, add_special_tokens=False)
+        if len(ids) != 1 or pieces[ids[0]] != token or hf_ids != ids:
+            raise ConfigError(
+                f"train-tokenizer: token {token!r} is {ids} in tokenizer.model but {hf_ids} in the HF "
+                "export; every domain and reserved token must be one id, the same in both"
+            )

@@ -29,7 +29,7 @@ from ..engines.local import Progress, progress_bar
 from ..jsonl import RejectWriter, merge_rejects
 from ..report import Stats, write_json_atomic, write_report
 from ..stage import FileTask, cpu_workers, document_batches, staged_dir
-from .hf import CONTROL, NORMAL, export_hf, load_proto
+from .hf import CONTROL, NORMAL, check_single_ids, export_hf, load_proto
 
 if TYPE_CHECKING:
     from sentencepiece.sentencepiece_model_pb2 import ModelProto
@@ -48,13 +48,40 @@ def reserved(n: int) -> str:
     return f"<|reserved_{n}|>"
 
 
-def read_token_file(path: Path | None, what: str) -> list[str]:
+def token_lines(path: Path | None, what: str) -> dict[str, int]:
+    """Each token of a one-per-line file (blank lines and # comments skipped) -> its first line number."""
     if path is None:
-        return []
+        return {}
     if not path.is_file():
         raise ConfigError(f"tokenizer.{what}: {path} is not a file")
-    tokens = [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines()]
-    return list(dict.fromkeys(t for t in tokens if t.strip() and not t.startswith("#")))
+    lines = enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+    found: dict[str, int] = {}
+    for number, token in lines:
+        if token.strip() and not token.startswith("#"):
+            found.setdefault(token, number)
+    return found
+
+
+def read_token_file(path: Path | None, what: str) -> list[str]:
+    return list(token_lines(path, what))
+
+
+def read_domain_tokens(path: Path | None) -> list[str]:
+    """Domain tokens, refusing those SentencePiece could never produce from text.
+
+    SentencePiece turns every space into "▁" before it matches user-defined symbols, so a symbol with
+    a space never matches while the HF tokenizer emits it; one with a "▁" matches text with a space
+    there, which the HF tokenizer does not: either way `.bin` files and the HF export would disagree.
+    """
+    tokens = token_lines(path, "domain_tokens")
+    for token, number in tokens.items():
+        for char, name in ((" ", "a space"), ("▁", 'a "▁" (SentencePiece\'s space)')):
+            if char in token:
+                raise ConfigError(
+                    f"tokenizer.domain_tokens: {token!r} ({path}:{number}) contains {name}: SentencePiece "
+                    "never produces it as one token, so the .bin files and the HF tokenizer would disagree"
+                )
+    return list(tokens)
 
 
 def _unit(doc_id: str) -> float:
@@ -252,6 +279,7 @@ def write_tokenizer(directory: Path, model: bytes, domain: list[str], removed: l
         "forbidden_removed": removed,
     }
     write_json_atomic(directory / "tokenizer_info.json", info)
+    check_single_ids(directory, domain)
     return info
 
 
@@ -260,7 +288,7 @@ def run_train_tokenizer(
 ) -> dict:
     started = time.time()
     t = config.tokenizer
-    domain = read_token_file(config.path(t.domain_tokens), "domain_tokens")
+    domain = read_domain_tokens(config.path(t.domain_tokens))
     forbidden = read_token_file(config.path(t.forbidden_tokens), "forbidden_tokens")
     check_vocab_room(t, domain)
     with staged_dir(out, overwrite) as tmp:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import sentencepiece as spm
@@ -13,11 +14,14 @@ from data.preprocess.config import load_config
 from data.preprocess.document import Document
 from data.preprocess.tokenizer import train
 from data.preprocess.tokenizer.encode import HFEncoder, SentencePieceEncoder, load_encoder
-from data.preprocess.tokenizer.hf import CONTROL, NORMAL, USER_DEFINED, load_proto
-from data.preprocess.tokenizer.train import TrainingSample, run_train_tokenizer
+from data.preprocess.tokenizer.hf import CONTROL, NORMAL, USER_DEFINED, check_single_ids, load_proto
+from data.preprocess.tokenizer.train import TrainingSample, read_domain_tokens, run_train_tokenizer
 from megatron_patches.errors import ConfigError
+from tests import transformers4
 
 from .conftest import mixed_docs, write_jsonl
+
+REPO = Path(__file__).resolve().parents[3]
 
 EDGE_CASES = [
     "",
@@ -140,3 +144,61 @@ def test_training_sample_keeps_the_smallest_hashes_within_budget():
     assert sample.train_docs == 20
     assert sample.training_texts() == [d.text for d in docs if d in smallest]
     assert _sampled(docs[::-1], budget=2_000).training_texts() == sample.training_texts()[::-1]
+
+
+# Run under transformers 4.57: what a 4.x-era stack (vLLM, SGLang, lm-eval) makes of the export.
+TOKENIZE_SCRIPT = """
+import json, sys, transformers
+tok = transformers.AutoTokenizer.from_pretrained(sys.argv[1])
+texts = json.loads(open(sys.argv[2], encoding="utf-8").read())
+print(json.dumps({
+    "version": transformers.__version__, "class": type(tok).__name__, "size": len(tok),
+    "special": [tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id],
+    "ids": [tok(text)["input_ids"] for text in texts],
+}))
+"""
+
+
+def test_hf_directory_gives_the_same_ids_in_transformers_4(tokenizer_dir, sp, texts, tmp_path):
+    (tmp_path / "texts.json").write_text(json.dumps(texts), encoding="utf-8")
+    got = transformers4.run(TOKENIZE_SCRIPT, str(tokenizer_dir), str(tmp_path / "texts.json"))
+    assert got["version"] == transformers4.VERSION and got["class"] == "PreTrainedTokenizerFast"
+    assert got["size"] == sp.get_piece_size() and got["special"] == [1, 2, 3, 0]
+    assert got["ids"] == sp.encode(texts)
+
+
+def test_domain_tokens_sentencepiece_never_produces_are_refused_up_front(corpus_dir, tmp_path):
+    domain = tmp_path / "domain.txt"
+    domain.write_text("<EMAIL>\n# a comment\ndata model\n", encoding="utf-8")
+    config = load_config(None, {"workers": 1, "tokenizer.domain_tokens": str(domain)})
+    with pytest.raises(ConfigError, match=re.escape(f"'data model' ({domain}:3) contains a space")):
+        run_train_tokenizer(config, sorted(corpus_dir.glob("*.jsonl.gz")), tmp_path / "tok")
+    assert not (tmp_path / "tok").exists()
+    domain.write_text("ok\nx▁y\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=re.escape(f"'x▁y' ({domain}:2) contains a \"▁\"")):
+        read_domain_tokens(domain)
+    demo = read_domain_tokens(REPO / "data" / "demo" / "domain_tokens.txt")
+    assert demo == ["<EMAIL>", "<PHONE>", "<ID_NUMBER>", "<BANK_CARD>", "<IP>"]
+
+
+def test_single_id_check_catches_a_token_sentencepiece_never_produces(tmp_path):
+    # Had "data model" got past the up-front refusal, the check after training stops it.
+    config = load_config(None, {"workers": 1, "tokenizer.vocab_size": 1024, "tokenizer.reserved_tokens": 8})
+    texts = [d["text"] for d in mixed_docs(3, 60)]
+    model, removed = train.finalize(train.train_model(texts, config, ["<IP>", "data model"]), config, [])
+    split_by_sentencepiece = r"token 'data model' is \[\d+(, \d+)+\] in tokenizer.model but \[\d+\]"
+    with pytest.raises(ConfigError, match=split_by_sentencepiece):
+        train.write_tokenizer(tmp_path, model, ["<IP>", "data model"], removed)
+
+
+@pytest.mark.parametrize("token", ["C++", "<|reserved_7|>"])
+def test_single_id_check_catches_an_hf_export_that_splits_a_token(tokenizer_dir, tmp_path, token):
+    domain = json.loads((tokenizer_dir / "tokenizer_info.json").read_text())["domain_tokens"]
+    check_single_ids(tokenizer_dir, domain)  # what training wrote passes
+    broken = tmp_path / "tok"
+    shutil.copytree(tokenizer_dir, broken)
+    spec = json.loads((broken / "tokenizer.json").read_text(encoding="utf-8"))
+    spec["added_tokens"] = [added for added in spec["added_tokens"] if added["content"] != token]
+    (broken / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    with pytest.raises(ConfigError, match=re.escape(f"token {token!r} is [")):
+        check_single_ids(broken, domain)

@@ -4,11 +4,14 @@ A :class:`Family` is a declarative mapping table plus the two config
 translations. HF configs come in two styles: transformers < 5 keeps
 ``rope_theta``/``rope_scaling`` at the top level, transformers 5 nests them in
 ``rope_parameters``; both are read. Exported configs are produced by the
-installed transformers' own config class, so they load with it.
+installed transformers' own config class, so they load with it, and also carry
+the top-level keys transformers < 5 reads, so vLLM/SGLang/lm-eval stacks on
+transformers 4.4x-4.5x load the same model.
 """
 
 from __future__ import annotations
 
+import copy
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +33,7 @@ LLAMA3_ROPE_FIXED = {
 # Keys worth carrying from a source config of another family (hf2hf).
 PORTABLE_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "use_cache", "attention_dropout")
 _ROPE_KEYS = ("rope_theta", "rope_scaling", "rope_parameters")
+LEGACY_KEYS = ("rope_theta", "rope_scaling")  # rope_kwargs' keys, the ones transformers < 5 reads
 _DTYPE_KEYS = ("torch_dtype", "dtype")
 DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -189,6 +193,10 @@ def transformers_config(model_type: str, architecture: str, fields: dict, base: 
     """``config.json`` content as the installed transformers writes it."""
     import transformers
 
+    # transformers < 5 ignores rope_parameters and dtype: without its own keys, written from the same
+    # values, 4.57 loads a rotary_base=500000 export with rope_theta=10000, a silently different model.
+    # A deep copy: transformers 5 rewrites the rope_scaling dict it is given in place.
+    legacy = copy.deepcopy({key: fields[key] for key in LEGACY_KEYS})
     values = {**carried_keys(base, model_type), **fields, "architectures": [architecture]}
     values["torch_dtype"] = dtype_name(dtype)
     values.pop("model_type", None)
@@ -196,7 +204,7 @@ def transformers_config(model_type: str, architecture: str, fields: dict, base: 
         config = transformers.AutoConfig.for_model(model_type, **values)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"transformers rejects the exported {model_type} config: {err}") from err
-    return config.to_diff_dict()
+    return {**config.to_diff_dict(), **legacy, "torch_dtype": values["torch_dtype"]}
 
 
 def warn(message: str) -> None:
