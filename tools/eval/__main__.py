@@ -73,6 +73,9 @@ def _bench_args(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--max-new-tokens", type=int, default=16)
     bench.add_argument("--batch-size", type=int, default=8)
     bench.add_argument("--none-text", default=None, help="the none-correct rewrite's option text")
+    bench.add_argument(
+        "--seed", type=int, default=0, help="draws the option order of every rewrite but original"
+    )
     bench.add_argument("--out", type=Path, help="per-item records (JSONL)")
 
 
@@ -224,6 +227,7 @@ def run_bench(args: argparse.Namespace) -> int:
         shots=args.shots,
         dev=args.dev,
         none_text=args.none_text or NONE_CORRECT,
+        seed=args.seed,
     )
     print(bench.summary(result))
     if args.out:

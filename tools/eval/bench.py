@@ -108,19 +108,21 @@ def _normalize(text: str) -> str:
     return " ".join(text.strip(PUNCTUATION).casefold().split())
 
 
-def expand(items: list[Item], kind: str, none_text: str, skipped: list[str], source: Path) -> list[Prompted]:
+def expand(
+    items: list[Item], kind: str, none_text: str, skipped: list[str], source: Path, seed: int = 0
+) -> list[Prompted]:
     """The prompted forms of ``items`` in order; items the rewrite cannot use go to ``skipped``."""
     prompted = []
     for item in items:
         try:
-            prompted += rewrite(item, kind, none_text)
+            prompted += rewrite(item, kind, none_text, seed)
         except Skip as reason:
             skipped.append(f"{source.name} item {item.id}: {reason}")
     return prompted
 
 
 def choose_examples(
-    items: list[Item], kind: str, shots: int, none_text: str, skipped: list[str], source: Path
+    items: list[Item], kind: str, shots: int, none_text: str, skipped: list[str], source: Path, seed: int = 0
 ) -> tuple[list[Prompted], list[Item]]:
     """(``shots`` solved examples, the items after those used): chosen by original item, before
     expansion, so no rewrite of an example's item (``single-answer``'s ``id#k``) is ever scored."""
@@ -131,7 +133,7 @@ def choose_examples(
             break
         used += 1
         try:
-            examples += rewrite_example(item, kind, len(examples), none_text)
+            examples += rewrite_example(item, kind, len(examples), none_text, seed)
         except Skip as reason:
             skipped.append(f"{source.name} item {item.id}: {reason}")
     if len(examples) < shots:
@@ -146,18 +148,20 @@ def run_bench(
     shots: int = 0,
     dev: Path | None = None,
     none_text: str = NONE_CORRECT,
+    seed: int = 0,
 ) -> BenchResult:
-    """Rewrite, prompt, generate (``generate(prompts) -> continuations``) and score."""
+    """Rewrite, prompt, generate (``generate(prompts) -> continuations``) and score; ``seed`` draws
+    the option order of every rewrite but ``original``."""
     if shots < 0:
         raise ConfigError(f"--shots must be >= 0, got {shots}")
     result = BenchResult(kind)
     items, bad_lines = read_items(path)
     result.skipped += bad_lines
     if dev:
-        shot_items, _ = choose_examples(read_items(dev)[0], kind, shots, none_text, [], dev)
+        shot_items, _ = choose_examples(read_items(dev)[0], kind, shots, none_text, [], dev, seed)
     else:
-        shot_items, items = choose_examples(items, kind, shots, none_text, result.skipped, path)
-    scored = expand(items, kind, none_text, result.skipped, path)
+        shot_items, items = choose_examples(items, kind, shots, none_text, result.skipped, path, seed)
+    scored = expand(items, kind, none_text, result.skipped, path, seed)
     if not scored:
         raise ConfigError(f"{path} has no usable items left to score after {shots} examples")
     prompts = [build_prompt(shot_items, item) for item in scored]

@@ -6,8 +6,10 @@ of them gives one channel per file, named by its stem) or a Megatron
 ``_text_document``). As in pretraining, a channel's documents (each followed by
 the tokenizer's EOS) are one token stream, cut into windows of
 ``seq_length + 1`` tokens; each window predicts its last ``seq_length`` tokens
-from the ones before. Loss is the token-weighted mean negative log-likelihood
-(nats), PPL its exponential, and the predicted tokens are counted.
+from the ones before and starts at the last token of the window before it, as
+Megatron's GPT samples overlap by one token, so every token of the stream but
+its first is predicted exactly once. Loss is the token-weighted mean negative
+log-likelihood (nats), PPL its exponential, and the predicted tokens are counted.
 """
 
 from __future__ import annotations
@@ -108,13 +110,15 @@ def channel_documents(
 
 
 def windows(documents: Iterator[list[int]], seq_length: int, max_tokens: int | None) -> Iterator[list[int]]:
-    """Windows of ``seq_length + 1`` tokens over the document stream (the last may be shorter)."""
+    """Windows of ``seq_length + 1`` tokens over the document stream (the last may be shorter), each
+    overlapping the one before by one token: that token is the last one the window before predicts
+    and the first input of the next, so no token goes unpredicted."""
     buffer: list[int] = []
     predicted = 0
     for document in documents:
         buffer.extend(document)
         while len(buffer) >= seq_length + 1:
-            window, buffer = buffer[: seq_length + 1], buffer[seq_length + 1 :]
+            window, buffer = buffer[: seq_length + 1], buffer[seq_length:]
             yield window
             predicted += seq_length
             if max_tokens and predicted >= max_tokens:

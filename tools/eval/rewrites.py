@@ -6,9 +6,15 @@ line number, an int answer is a 0-based option index. Malformed lines are
 counted and skipped with their reason, never guessed at.
 
 Each rewrite turns an :class:`Item` into zero or more :class:`Prompted` items
-(the form the prompt shows and the answer expected):
+(the form the prompt shows and the answer expected). Every rewrite but
+``original`` first puts the options in a seeded random order (:func:`permuted`),
+uniform over all orders: the letter (or position) a correct option lands on is
+independent of the one it had, so a model that memorized the original answer
+letters, or a file whose answers are all "A", scores what guessing scores:
 
 - ``original``: options labelled A, B, C, ...; answer the label(s), e.g. ``B`` or ``AC``.
+- ``permuted``: as ``original``, options shuffled; the baseline the other rewrites
+  compare with (same seed, same order), as each changes one thing more.
 - ``open``: the options are context without labels; the answer is the correct
   option's text. Multi-answer items are skipped.
 - ``none-correct``: the correct option's text is replaced by "none of the others
@@ -19,13 +25,14 @@ Each rewrite turns an :class:`Item` into zero or more :class:`Prompted` items
   none" and the rewrite would test nothing.
 - ``zh-labels``: labels 一, 二, 三, 四, ... instead of A, B, C, D.
 - ``single-answer``: a multi-answer item becomes one item per correct option,
-  the other correct options removed (ids ``<id>#1``, ``<id>#2``, ...); single-answer
-  items pass unchanged.
+  the other correct options removed (ids ``<id>#1``, ``<id>#2``, ...), each shuffled
+  on its own; a single-answer item is shuffled like ``permuted``.
 """
 
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -34,7 +41,7 @@ from megatron_patches.errors import ConfigError
 LATIN = "ABCDEFGHIJ"
 CHINESE = "一二三四五六七八九十"
 NONE_CORRECT = "none of the others are correct"
-REWRITES = ("original", "open", "none-correct", "zh-labels", "single-answer")
+REWRITES = ("original", "permuted", "open", "none-correct", "zh-labels", "single-answer")
 
 
 @dataclass(frozen=True)
@@ -116,33 +123,44 @@ def _answers(answer, keys: list[str]) -> tuple[int, ...]:
     return tuple(sorted(picked))
 
 
-def rewrite(item: Item, kind: str, none_text: str = NONE_CORRECT) -> list[Prompted]:
+def rewrite(item: Item, kind: str, none_text: str = NONE_CORRECT, seed: int = 0) -> list[Prompted]:
     """The prompted form(s) of ``item`` under rewrite ``kind``; raises :class:`Skip`."""
+    if kind not in REWRITES:
+        raise ConfigError(f"unknown rewrite {kind!r}; known: {list(REWRITES)}")
     if kind == "original":
         return [_labelled(item, LATIN)]
-    if kind == "zh-labels":
-        return [_labelled(item, CHINESE)]
     if kind == "single-answer":
-        if len(item.answers) == 1:
-            return [_labelled(item, LATIN)]
-        return [_labelled(_keep_one(item, keep, k), LATIN) for k, keep in enumerate(item.answers, 1)]
+        return [_labelled(permuted(piece, seed), LATIN) for piece in _one_answer_each(item)]
+    shuffled = permuted(item, seed)
+    if kind in ("permuted", "zh-labels"):
+        return [_labelled(shuffled, CHINESE if kind == "zh-labels" else LATIN)]
     if len(item.answers) > 1:
         raise Skip(f"the {kind} rewrite needs a single-answer item")
     if kind == "open":
-        return [Prompted(item.id, item.question, item.options, None, item.options[item.answers[0]])]
-    if kind == "none-correct":
-        options = list(item.options)
-        options[item.answers[0]] = none_text
-        return [_labelled(replace(item, options=tuple(options)), LATIN)]
-    raise ConfigError(f"unknown rewrite {kind!r}; known: {list(REWRITES)}")
+        return [Prompted(item.id, item.question, shuffled.options, None, item.options[item.answers[0]])]
+    options = list(shuffled.options)
+    options[shuffled.answers[0]] = none_text
+    return [_labelled(replace(shuffled, options=tuple(options)), LATIN)]
 
 
-def rewrite_example(item: Item, kind: str, position: int, none_text: str = NONE_CORRECT) -> list[Prompted]:
+def rewrite_example(
+    item: Item, kind: str, position: int, none_text: str = NONE_CORRECT, seed: int = 0
+) -> list[Prompted]:
     """The form(s) of ``item`` as the ``position``-th solved few-shot example: as :func:`rewrite`,
     except that ``none-correct`` examples at odd positions show "none" as a wrong option."""
     if kind == "none-correct" and position % 2 == 1 and len(item.answers) == 1:
-        return [_labelled(_none_as_distractor(item, none_text), LATIN)]
-    return rewrite(item, kind, none_text)
+        return [_labelled(permuted(_none_as_distractor(item, none_text), seed), LATIN)]
+    return rewrite(item, kind, none_text, seed)
+
+
+def permuted(item: Item, seed: int) -> Item:
+    """``item`` with its options in a random order drawn from ``seed`` and the item's id: the same
+    order on every run and machine, and uniform over all orders (a correct option keeps its letter
+    only as often as chance puts it there, so an old letter tells nothing about the new one)."""
+    order = list(range(len(item.options)))
+    random.Random(f"{seed}:{item.id}").shuffle(order)
+    answers = tuple(sorted(order.index(a) for a in item.answers))
+    return replace(item, options=tuple(item.options[i] for i in order), answers=answers)
 
 
 def _none_as_distractor(item: Item, none_text: str) -> Item:
@@ -157,6 +175,13 @@ def _labelled(item: Item, alphabet: str) -> Prompted:
     labels = tuple(alphabet[: len(item.options)])
     answer = "".join(labels[i] for i in item.answers)
     return Prompted(item.id, item.question, item.options, labels, answer)
+
+
+def _one_answer_each(item: Item) -> list[Item]:
+    """``item`` itself if it has one answer, else one item per correct option (:func:`_keep_one`)."""
+    if len(item.answers) == 1:
+        return [item]
+    return [_keep_one(item, keep, k) for k, keep in enumerate(item.answers, 1)]
 
 
 def _keep_one(item: Item, keep: int, k: int) -> Item:

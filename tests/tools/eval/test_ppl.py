@@ -19,10 +19,17 @@ DOCS = [" ".join(SENTENCES[i : i + 3]) for i in range(0, len(SENTENCES), 2)]
 
 def test_windows_cut_the_document_stream_like_pretraining_samples():
     docs = iter([[1, 2, 3], [4, 5, 6, 7, 8], [9]])
-    assert list(windows(docs, 3, None)) == [[1, 2, 3, 4], [5, 6, 7, 8]]  # a lone last token predicts nothing
+    assert list(windows(docs, 3, None)) == [[1, 2, 3, 4], [4, 5, 6, 7], [7, 8, 9]]
     docs = iter([[1, 2, 3], [4, 5, 6, 7, 8], [9, 10]])
-    assert list(windows(docs, 3, None)) == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10]]
-    assert list(windows(iter([list(range(20))]), 3, max_tokens=6)) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert list(windows(docs, 3, None)) == [[1, 2, 3, 4], [4, 5, 6, 7], [7, 8, 9, 10]]
+    assert list(windows(iter([list(range(20))]), 3, max_tokens=6)) == [[0, 1, 2, 3], [3, 4, 5, 6]]
+
+
+@pytest.mark.parametrize("seq_length", [1, 3, 4, 7])
+def test_every_token_but_the_streams_first_is_predicted_exactly_once(seq_length):
+    documents = [list(range(0, 5)), list(range(5, 6)), list(range(6, 17))]
+    predicted = [t for window in windows(iter(documents), seq_length, None) for t in window[1:]]
+    assert predicted == list(range(1, 17))
 
 
 def _held_out(root: Path, tokenizer) -> Path:
@@ -41,13 +48,16 @@ def _held_out(root: Path, tokenizer) -> Path:
     return root
 
 
+def _stream(tokenizer) -> list[int]:
+    """The token stream of the held-out channel: every document followed by EOS."""
+    return [t for d in DOCS for t in tokenizer.encode(d, add_special_tokens=False) + [tokenizer.eos_token_id]]
+
+
 def _loss_by_hf(model, tokenizer, seq_length: int) -> tuple[float, int]:
-    """HF's own shifted cross-entropy, one window at a time."""
-    stream = [
-        t for d in DOCS for t in tokenizer.encode(d, add_special_tokens=False) + [tokenizer.eos_token_id]
-    ]
+    """HF's own shifted cross-entropy, one window at a time, windows overlapping by one token."""
+    stream = _stream(tokenizer)
     total = count = 0
-    for start in range(0, len(stream), seq_length + 1):
+    for start in range(0, len(stream), seq_length):
         window = torch.tensor([stream[start : start + seq_length + 1]])
         if window.shape[1] < 2:
             continue
@@ -74,6 +84,18 @@ def test_jsonl_and_indexed_channels_give_hf_s_own_loss(tmp_path, tiny):
         assert result.tokens == count
         assert result.loss == pytest.approx(loss, abs=1e-5)
     assert results[0].skipped == (f"{held_out / 'web.jsonl'}:{len(DOCS) + 1}: no string 'text'",)
+
+
+def test_a_channel_scores_every_token_but_its_first(tmp_path, tiny):
+    _, model, tokenizer = tiny
+    stream = _stream(tokenizer)
+    channels = find_channels([str(_held_out(tmp_path / "held", tokenizer) / "web.jsonl")])
+    for seq_length in (16, len(stream) - 1):  # many windows; one window holding the whole stream
+        (result,) = evaluate_channels(model, tokenizer, channels, seq_length)
+        assert result.tokens == len(stream) - 1
+    ids = torch.tensor([stream])
+    with torch.no_grad():  # the whole stream in one window: the full sequence's own loss
+        assert result.loss == pytest.approx(model(input_ids=ids, labels=ids).loss.item(), abs=1e-5)
 
 
 def test_bad_held_out_paths_are_named(tmp_path):

@@ -1,5 +1,7 @@
 """Benchmark items: parsing, counted skips, and each rewrite's documented form."""
 
+from dataclasses import replace
+
 import pytest
 
 from tools.eval.bench import SAMPLE
@@ -7,6 +9,7 @@ from tools.eval.rewrites import NONE_CORRECT, Item, Prompted, Skip, parse_item, 
 
 SINGLE = Item("even", "Which number is even?", ("three", "four", "five", "seven"), (1,))
 MULTI = Item("primes", "Which are prime?", ("2", "4", "7", "9"), (0, 2))
+SHUFFLED = ("seven", "five", "four", "three")  # SINGLE's options in seed 0's order for its id
 
 
 def test_answer_forms_all_name_the_same_options():
@@ -35,34 +38,42 @@ def test_original_keeps_letters():
     assert rewrite(MULTI, "original")[0].answer == "AC"
 
 
-def test_open_shows_options_as_context_and_expects_the_text():
-    assert rewrite(SINGLE, "open") == [
-        Prompted("even", "Which number is even?", ("three", "four", "five", "seven"), None, "four")
+def test_permuted_shuffles_the_options_by_seed_and_id():
+    assert rewrite(SINGLE, "permuted") == [
+        Prompted("even", "Which number is even?", SHUFFLED, tuple("ABCD"), "C")
     ]
+    assert rewrite(MULTI, "permuted")[0].options == ("4", "2", "7", "9")
+    assert rewrite(MULTI, "permuted")[0].answer == "BC"
+    assert rewrite(SINGLE, "permuted", seed=1)[0].options == ("three", "seven", "four", "five")
+    assert rewrite(replace(SINGLE, id="odd"), "permuted")[0].options != SHUFFLED
 
 
-def test_none_correct_replaces_the_correct_option_and_keeps_its_label():
+def test_open_shows_options_as_context_and_expects_the_text():
+    assert rewrite(SINGLE, "open") == [Prompted("even", "Which number is even?", SHUFFLED, None, "four")]
+
+
+def test_none_correct_replaces_the_correct_option_after_shuffling():
     assert rewrite(SINGLE, "none-correct") == [
         Prompted(
-            "even", "Which number is even?", ("three", NONE_CORRECT, "five", "seven"), tuple("ABCD"), "B"
+            "even", "Which number is even?", ("seven", "five", NONE_CORRECT, "three"), tuple("ABCD"), "C"
         )
     ]
-    assert rewrite(SINGLE, "none-correct", "以上都不对")[0].options[1] == "以上都不对"
+    assert rewrite(SINGLE, "none-correct", "以上都不对")[0].options[2] == "以上都不对"
 
 
 def test_zh_labels_replace_letters():
     assert rewrite(SINGLE, "zh-labels") == [
-        Prompted("even", "Which number is even?", SINGLE.options, ("一", "二", "三", "四"), "二")
+        Prompted("even", "Which number is even?", SHUFFLED, ("一", "二", "三", "四"), "三")
     ]
-    assert rewrite(MULTI, "zh-labels")[0].answer == "一三"
+    assert rewrite(MULTI, "zh-labels")[0].answer == "二三"
 
 
 def test_single_answer_splits_a_multi_answer_item_per_correct_option():
     assert rewrite(MULTI, "single-answer") == [
-        Prompted("primes#1", "Which are prime?", ("2", "4", "9"), ("A", "B", "C"), "A"),
-        Prompted("primes#2", "Which are prime?", ("4", "7", "9"), ("A", "B", "C"), "B"),
+        Prompted("primes#1", "Which are prime?", ("4", "9", "2"), ("A", "B", "C"), "C"),
+        Prompted("primes#2", "Which are prime?", ("4", "9", "7"), ("A", "B", "C"), "C"),
     ]
-    assert rewrite(SINGLE, "single-answer") == rewrite(SINGLE, "original")
+    assert rewrite(SINGLE, "single-answer") == rewrite(SINGLE, "permuted")
 
 
 @pytest.mark.parametrize("kind", ["open", "none-correct"])
@@ -99,6 +110,6 @@ def test_none_correct_examples_alternate_none_as_answer_and_as_distractor():
 
     assert rewrite_example(SINGLE, "none-correct", 0) == rewrite(SINGLE, "none-correct")
     assert rewrite_example(SINGLE, "none-correct", 1) == [
-        Prompted("even", "Which number is even?", ("three", "four", "five", NONE_CORRECT), tuple("ABCD"), "B")
+        Prompted("even", "Which number is even?", (NONE_CORRECT, "five", "four", "three"), tuple("ABCD"), "C")
     ]
     assert rewrite_example(SINGLE, "zh-labels", 1) == rewrite(SINGLE, "zh-labels")
