@@ -1,20 +1,45 @@
 # One-command workflows. `make test` on a fresh clone installs everything it needs.
-PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed-stamp
-# CPU machines get the pinned CPU torch wheel; on a GPU cluster use `make install EXTRAS=gpu,dev`
-# inside an environment that already has CUDA torch (see README).
-EXTRAS ?= cpu,dev
+
+# A CUDA machine (nvidia-smi lists a GPU, or the active python already imports a CUDA torch) keeps the
+# torch its environment brings (NGC container, conda, cu12x wheel): the venv is made from that python
+# with --system-site-packages and pip adds only what is missing; no CPU pin. CUDA_MACHINE=1 or 0 on
+# the command line overrides the detection.
+ifndef CUDA_MACHINE
+CUDA_MACHINE := $(shell { nvidia-smi -L 2>/dev/null | grep -q '^GPU'; } \
+	|| $(or $(PYTHON),python3) -c 'import sys, torch; sys.exit(torch.version.cuda is None)' >/dev/null 2>&1 \
+	&& echo 1 || echo 0)
+endif
+ifeq ($(CUDA_MACHINE),1)
+PYTHON     ?= python3
+VENV_FLAGS := --system-site-packages
+# Only what training, conversion, evaluation and inference need; the tests also need the dev extras.
+EXTRAS     ?= $(if $(filter test test-fast lint,$(MAKECMDGOALS)),dev)
+# A venv made earlier with the CPU pin would shadow the CUDA torch, and training would run on CPU.
+CHECK_VENV := @$(PY) -c 'import importlib.util as u, sys; \
+	sys.exit(u.find_spec("torch") is not None and __import__("torch").version.cuda is None)' \
+	|| { echo "$(VENV) holds a CPU build of torch on a CUDA machine: 'make clean install' rebuilds it" \
+	"around the environment's CUDA torch (CUDA_MACHINE=0 keeps it)" >&2; exit 1; }
+else
+# CPU machines (laptops, CI) get the pinned CPU torch wheel and the extras the tests exercise.
+PYTHON     ?= python3.11
+VENV_FLAGS :=
+EXTRAS     ?= cpu,dev
+CHECK_VENV :=
+endif
+# One stamp per set of extras: `make install EXTRAS=gpu` after an earlier install does install them.
+STAMP  := $(VENV)/.installed-extras-$(EXTRAS)
 
 .PHONY: install test test-fast lint demo convert clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
+	$(CHECK_VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	$(PY) -m pip install -q -e "$(if $(EXTRAS),.[$(EXTRAS)],.)"
 	@touch $@
 
 test: install
