@@ -31,7 +31,7 @@ endif
 # One stamp per set of extras: `make install EXTRAS=gpu` after an earlier install does install them.
 STAMP  := $(VENV)/.installed-extras-$(EXTRAS)
 
-.PHONY: install test test-fast lint demo convert clean
+.PHONY: install test test-fast lint demo scaling-demo convert clean
 
 install: $(STAMP)
 
@@ -73,6 +73,11 @@ convert: install
 # generate, plot per-channel loss. ARGS passes trainer overrides, e.g. ARGS="train.train_iters=100".
 demo: install
 	$(PY) launch/demo.py --out runs/demo $(ARGS)
+
+# Scaling laws on CPU (tools/scaling): 3 sizes x 3 token budgets of tiny models on the demo corpus (built
+# if missing), fitted and extrapolated; plots in runs/scaling-demo. Run again after a kill: it resumes.
+scaling-demo: install
+	$(PY) launch/scaling_demo.py --out runs/scaling-demo
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
