@@ -13,6 +13,9 @@ dict and TP layout are the parent's, so checkpoints do not depend on the choice.
 Select with ``model.attention_backend=sdpa`` (the default for the local spec).
 Supported: causal masks, vanilla softmax, no sliding window, no packed
 sequences, no context parallelism (what the parent supports, minus windows).
+An explicit ``attention_mask`` (Megatron's convention: True where attention is
+forbidden, e.g. the document mask of ``data.reset_attention_mask``) replaces the
+implicit causal mask, as it does in the parent's softmax.
 """
 
 from __future__ import annotations
@@ -90,9 +93,18 @@ class SDPAttention(DotProductAttention):
         gqa = q.size(1) != k.size(1)
         # Dropout inside attention is a tensor-parallel region: draw from the TP stream as the parent does.
         fork = tensor_parallel.get_cuda_rng_tracker().fork
+        # SDPA's boolean mask is True where attention is allowed: the inverse of Megatron's.
+        allowed = None if attention_mask is None else ~attention_mask
         with contextlib.nullcontext() if self.config.sequence_parallel else fork():
             context = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=dropout, is_causal=True, scale=self.softmax_scale, enable_gqa=gqa
+                q,
+                k,
+                v,
+                attn_mask=allowed,
+                dropout_p=dropout,
+                is_causal=allowed is None,
+                scale=self.softmax_scale,
+                enable_gqa=gqa,
             )
         # [b, heads, s, dim] -> [s, b, heads * dim]
         context = context.permute(2, 0, 1, 3).contiguous()

@@ -19,7 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .blend import SUFFIX, TokenizerFacts, write_blend
+from megatron_patches.formats.blend import TokenizerFacts
+from megatron_patches.formats.indexed import DOCUMENT_SUFFIX
+
+from .blend import write_blend
 from .config import PipelineConfig
 from .engines.local import Progress, run_tasks
 from .indexed import PartWriter, merge_parts
@@ -91,6 +94,7 @@ def run_tokenize(
         stats = run_tasks(tokenize_file, tasks, cpu_workers(config.workers), desc="tokenize")
         documents, tokens = _merge(tmp, encoder.dtype)
         shutil.rmtree(tmp / "_parts", ignore_errors=True)
+        order = _reorder(tmp, sorted(documents), config, encoder.dtype)
         merge_rejects(tmp / "rejected")
         blend = write_blend(tmp, out, documents, tokens, config.blend.ratios, facts)
         return write_report(
@@ -102,7 +106,24 @@ def run_tokenize(
             tokenizer=encoder.name,
             tokens=sum(tokens.values()),
             blend=blend,
+            **({"order": order} if order else {}),
         )
+
+
+def _reorder(tmp: Path, channels: list[str], config: PipelineConfig, dtype: np.dtype) -> dict:
+    """`tokenize.order` icp or spread: each channel's documents reordered (see `order.py`)."""
+    kind = config.tokenize.order
+    if kind == "input":
+        return {}
+    from .order import reorder_channel
+
+    block, thresholds = config.tokenize.order_block_docs, config.dedup
+    return {
+        channel: reorder_channel(
+            tmp / f"{channel}{DOCUMENT_SUFFIX}", dtype, kind, block, thresholds.threshold_for(channel)
+        )
+        for channel in channels
+    }
 
 
 def _merge(tmp: Path, dtype: np.dtype) -> tuple[dict[str, int], dict[str, int]]:
@@ -112,5 +133,7 @@ def _merge(tmp: Path, dtype: np.dtype) -> tuple[dict[str, int], dict[str, int]]:
         stems[channel].append(path.with_suffix(""))
     documents, tokens = {}, {}
     for channel, channel_stems in sorted(stems.items()):
-        documents[channel], tokens[channel] = merge_parts(channel_stems, tmp / f"{channel}{SUFFIX}", dtype)
+        documents[channel], tokens[channel] = merge_parts(
+            channel_stems, tmp / f"{channel}{DOCUMENT_SUFFIX}", dtype
+        )
     return documents, tokens

@@ -39,7 +39,11 @@ def exact_hash(text: str) -> int:
 def shingle_hashes(text: str, ngram: int) -> np.ndarray:
     """64-bit hashes of the character n-grams of the normalized text (one for texts shorter than n)."""
     points = np.frombuffer(normalize(text).encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32)
-    points = points.astype(np.uint64)
+    return ngram_hashes(points.astype(np.uint64), ngram)
+
+
+def ngram_hashes(points: np.ndarray, ngram: int) -> np.ndarray:
+    """64-bit hashes of the n-grams of a uint64 sequence (code points, or token ids for `order.py`)."""
     if points.size == 0:
         return np.zeros(0, dtype=np.uint64)
     width = min(ngram, points.size)

@@ -22,6 +22,7 @@ from ..engines.local import Progress, run_tasks
 from ..report import Stats
 from ..stage import FileTask, cpu_workers
 from .hashing import estimated_jaccard, exact_jaccard
+from .lines import frequent_from_buckets, write_buckets
 from .lsh import DocInfo, Removal, UnionFind, bucket_edges, removals, split_gid
 from .tasks import (
     filter_file,
@@ -33,7 +34,13 @@ from .tasks import (
 )
 
 _CHUNK = 4096
-_COLUMNS = (("lines", np.int64), ("length", np.int64), ("quality", np.float64), ("exact", np.int64))
+_COLUMNS = (
+    ("lines", np.int64),
+    ("length", np.int64),
+    ("quality", np.float64),
+    ("exact", np.int64),
+    ("threshold", np.float64),
+)
 
 
 def _work_dir(task: FileTask) -> Path:
@@ -54,16 +61,16 @@ def signature_task(task: FileTask, progress: Progress) -> Stats:
             chunk.append(record)
             progress.update(1, record.nbytes)
             if len(chunk) >= _CHUNK:
-                _flush(chunk, handles, task.config)
+                _flush(chunk, handles, task.config, work)
                 chunk = []
-        _flush(chunk, handles, task.config)
+        _flush(chunk, handles, task.config, work)
     finally:
         for handle in handles.values():
             handle.close()
     return stats
 
 
-def _flush(chunk: list, handles: dict, config: PipelineConfig) -> None:
+def _flush(chunk: list, handles: dict, config: PipelineConfig, work: Path) -> None:
     if not chunk:
         return
     columns = {
@@ -71,6 +78,7 @@ def _flush(chunk: list, handles: dict, config: PipelineConfig) -> None:
         "length": [r.length for r in chunk],
         "quality": [r.quality for r in chunk],
         "exact": [r.exact for r in chunk],
+        "threshold": [r.threshold for r in chunk],
     }
     for name, dtype in _COLUMNS:
         handles[name].write(np.asarray(columns[name], dtype=dtype).tobytes())
@@ -78,6 +86,8 @@ def _flush(chunk: list, handles: dict, config: PipelineConfig) -> None:
     keys = record_band_keys(chunk, config.dedup)
     for j in range(config.dedup.bands):
         handles[f"band{j}"].write(np.ascontiguousarray(keys[:, j]).tobytes())
+    if config.dedup.line_min_docs:
+        write_buckets(work, [r.lines for r in chunk])
 
 
 @dataclass
@@ -89,6 +99,7 @@ class _Arrays:
     length: np.ndarray
     quality: np.ndarray
     exact: np.ndarray
+    threshold: np.ndarray
     sig: np.ndarray
 
     @classmethod
@@ -113,7 +124,7 @@ def _concat(parts: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
-class _Corpus:
+class Corpus:
     """Pass-1 output of every task, in task order; finds a document's row from its gid."""
 
     def __init__(self, tasks: list[FileTask], perms: int):
@@ -141,42 +152,52 @@ class _Corpus:
     def similarity(self, a: int, b: int) -> float:
         return estimated_jaccard(self.signature(a), self.signature(b))
 
+    def pair_threshold(self, a: int, b: int) -> float:
+        """A pair is a duplicate above the stricter of its two channels' thresholds."""
+        (arrays_a, row_a), (arrays_b, row_b) = self.locate(a), self.locate(b)
+        return max(float(arrays_a.threshold[row_a]), float(arrays_b.threshold[row_b]))
+
 
 def find_removals(tasks: list[FileTask], config: PipelineConfig, stats: Stats) -> dict[int, Removal]:
     """Pass 2: candidate edges per band, verification, clusters, one keeper per cluster."""
     d = config.dedup
-    corpus = _Corpus(tasks, d.perms)
+    corpus = Corpus(tasks, d.perms)
+    exact, candidates = candidate_edges(corpus, tasks, config, stats)
+    if d.verify == "none":
+        verified = candidates
+    else:
+        similarity = pair_similarities(candidates, corpus, tasks, config)
+        verified = [p for p, s in zip(candidates, similarity, strict=True) if s >= corpus.pair_threshold(*p)]
+    stats["edges/verified"] += len(verified)
+    return cluster_removals(exact + verified, corpus, d.keep, stats)
+
+
+def candidate_edges(
+    corpus: Corpus, tasks: list[FileTask], config: PipelineConfig, stats: Stats
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(exact-hash edges, sorted LSH candidate pairs) of the whole corpus, one band at a time."""
+    d = config.dedup
     gids = _concat([a.gids() for a in corpus.arrays])
-    uf = UnionFind()
+    exact: list[tuple[int, int]] = []
     if d.exact:
         left, right = bucket_edges(_concat([a.exact for a in corpus.arrays]), gids)
         stats["edges/exact"] += left.size
-        for a, b in zip(left.tolist(), right.tolist(), strict=True):
-            uf.union(a, b)
+        exact = list(zip(left.tolist(), right.tolist(), strict=True))
     candidates = set()
     for j in range(d.bands):
         keys = _concat([np.fromfile(_work_dir(t) / f"band{j}.bin", dtype=np.int64) for t in tasks])
         left, right = bucket_edges(keys, gids)
         candidates.update(zip(left.tolist(), right.tolist(), strict=True))
     stats["edges/candidates"] += len(candidates)
-    verified = _verify(sorted(candidates), corpus, tasks, config)
-    stats["edges/verified"] += len(verified)
-    for a, b in verified:
-        uf.union(a, b)
-    clusters = uf.clusters()
-    infos = {gid: corpus.info(gid) for members in clusters.values() for gid in members}
-    stats["clusters"] += len(clusters)
-    return removals(clusters, infos, d.keep)
+    return exact, sorted(candidates)
 
 
-def _verify(
-    pairs: list[tuple[int, int]], corpus: _Corpus, tasks: list[FileTask], config: PipelineConfig
-) -> list:
-    d = config.dedup
-    if d.verify == "none":
-        return pairs
-    if d.verify == "signature":
-        return [(a, b) for a, b in pairs if corpus.similarity(a, b) >= d.threshold]
+def pair_similarities(
+    pairs: list[tuple[int, int]], corpus: Corpus, tasks: list[FileTask], config: PipelineConfig
+) -> list[float]:
+    """Jaccard similarity of each pair: from the signatures, or from the shingles (`verify: exact`)."""
+    if config.dedup.verify == "signature":
+        return [corpus.similarity(a, b) for a, b in pairs]
     wanted: dict[int, list[int]] = {}
     for gid in sorted({g for pair in pairs for g in pair}):
         index, line = split_gid(gid)
@@ -185,7 +206,20 @@ def _verify(
     for task in tasks:
         lines = set(lines_in_span(wanted.get(task.index, []), task.span))
         shingles.update(shingles_for_lines(task.index, task.path, lines, config, task.span))
-    return [(a, b) for a, b in pairs if exact_jaccard(shingles[a], shingles[b]) >= d.threshold]
+    return [exact_jaccard(shingles[a], shingles[b]) for a, b in pairs]
+
+
+def cluster_removals(
+    edges: list[tuple[int, int]], corpus: Corpus, keep: str, stats: Stats
+) -> dict[int, Removal]:
+    """Connected components of the duplicate edges, and what each drops to keep its best member."""
+    uf = UnionFind()
+    for a, b in edges:
+        uf.union(a, b)
+    clusters = uf.clusters()
+    infos = {gid: corpus.info(gid) for members in clusters.values() for gid in members}
+    stats["clusters"] += len(clusters)
+    return removals(clusters, infos, keep)
 
 
 def drop_lists(
@@ -201,12 +235,22 @@ def drop_lists(
     return out
 
 
+def boilerplate_lines(tasks: list[FileTask], config: PipelineConfig, stats: Stats) -> frozenset[int]:
+    """Line-level dedup: the hashes of lines in at least `dedup.line_min_docs` documents."""
+    if not config.dedup.line_min_docs:
+        return frozenset()
+    frequent = frequent_from_buckets([_work_dir(t) for t in tasks], config.dedup.line_min_docs)
+    stats["boilerplate_lines"] += len(frequent)
+    return frequent
+
+
 def run_local(tasks: list[FileTask], config: PipelineConfig) -> Stats:
     workers = cpu_workers(config.workers)
     run_tasks(signature_task, tasks, workers, desc="dedup: signatures")
     stats = Stats()
     removal = find_removals(tasks, config, stats)
-    drops = drop_lists(removal, tasks, _Corpus(tasks, config.dedup.perms).similarity)
-    stats += run_tasks(filter_file, filter_tasks(tasks, drops), workers, desc="dedup: filter")
+    drops = drop_lists(removal, tasks, Corpus(tasks, config.dedup.perms).similarity)
+    boilerplate = boilerplate_lines(tasks, config, stats)
+    stats += run_tasks(filter_file, filter_tasks(tasks, drops, boilerplate), workers, desc="dedup: filter")
     shutil.rmtree(tasks[0].out / "_work", ignore_errors=True) if tasks else None
     return stats

@@ -76,11 +76,13 @@ def _verified(sc, candidates, records, files, config: PipelineConfig):
             lambda f: shingles_for_lines(f[0], Path(f[1]), lines.value.get(f[0], set()), config, f[2])
         )
     measure = estimated_jaccard if d.verify == "signature" else exact_jaccard
+    # (gid, (signature or shingles, its channel's threshold)); a pair needs the stricter threshold
+    signed = signatures.join(records.mapValues(lambda r: r.threshold))
     return (
-        candidates.join(signatures)  # (a, (b, sa))
+        candidates.join(signed)  # (a, (b, (sa, ta)))
         .map(lambda kv: (kv[1][0], (kv[0], kv[1][1])))
-        .join(signatures)  # (b, ((a, sa), sb))
-        .filter(lambda kv: measure(kv[1][0][1], kv[1][1]) >= d.threshold)
+        .join(signed)  # (b, ((a, (sa, ta)), (sb, tb)))
+        .filter(lambda kv: measure(kv[1][0][1][0], kv[1][1][0]) >= max(kv[1][0][1][1], kv[1][1][1]))
         .map(lambda kv: (kv[1][0][0], kv[0]))
     )
 
@@ -111,7 +113,7 @@ def _run(sc: SparkContext, tasks: list[FileTask], config: PipelineConfig) -> Sta
     verified = _verified(sc, candidates, records, files, config).collect()
     stats["edges/verified"] += len(verified)
     drops = _drop_lists(sc, records, exact_edges.collect() + verified, tasks, config, stats)
-    results = _filter_files(sc, tasks, drops)
+    results = _filter_files(sc, tasks, drops, _boilerplate_lines(records, config, stats))
     records.unpersist()
     edges.unpersist()
     for result in results:
@@ -151,8 +153,27 @@ def _drop_lists(
     return drop_lists(removal, tasks, lambda a, b: estimated_jaccard(info[a].signature, info[b].signature))
 
 
-def _filter_files(sc: SparkContext, tasks: list[FileTask], drops: dict[int, dict]) -> list[Stats]:
-    filters = filter_tasks(tasks, drops)
+def _boilerplate_lines(records: RDD, config: PipelineConfig, stats: Stats) -> frozenset[int]:
+    """Line-level dedup: what `local.boilerplate_lines` finds, counted with a reduceByKey."""
+    least = config.dedup.line_min_docs
+    if not least:
+        return frozenset()
+    frequent = (
+        records.values()
+        .flatMap(lambda r: [(key, 1) for key in r.lines.tolist()])
+        .reduceByKey(lambda a, b: a + b)
+        .filter(lambda kv: kv[1] >= least)
+        .keys()
+        .collect()
+    )
+    stats["boilerplate_lines"] += len(frequent)
+    return frozenset(frequent)
+
+
+def _filter_files(
+    sc: SparkContext, tasks: list[FileTask], drops: dict[int, dict], boilerplate: frozenset[int]
+) -> list[Stats]:
+    filters = filter_tasks(tasks, drops, boilerplate)
     return (
         sc.parallelize(filters, max(1, len(filters)))
         .map(lambda t: filter_file(t, Progress(_ignore)))

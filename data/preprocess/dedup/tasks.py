@@ -22,6 +22,7 @@ from ..report import Stats
 from ..spool import LineSpool
 from ..stage import FileTask, document_batches, output_writer
 from .hashing import MinHasher, band_keys, exact_hash, shingle_hashes
+from .lines import document_line_keys, strip_lines
 from .lsh import Removal, make_gid
 
 
@@ -33,6 +34,8 @@ class SigRecord:
     exact: int
     signature: np.ndarray  # uint32 [num_perm]
     nbytes: int = 0  # bytes of the input line, for the progress bar's MB/s
+    threshold: float = 1.0  # its channel's dedup threshold
+    lines: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # its line hashes
 
 
 def hasher_for(d: DedupConfig) -> MinHasher:
@@ -51,6 +54,8 @@ def signature_records(
             exact=exact_hash(doc.text),
             signature=hasher.signature(doc.text),
             nbytes=nbytes,
+            threshold=config.dedup.threshold_for(doc.channel),
+            lines=document_line_keys(doc, config.dedup),
         )
 
 
@@ -85,19 +90,22 @@ Drop = tuple[Removal, str, float]  # removal, keeper's 'path:line', similarity t
 
 @dataclass(frozen=True)
 class FilterTask(FileTask):
-    """A file task plus what to drop from its span: line -> Drop."""
+    """A file task plus what to drop from its span (line -> Drop) and the boilerplate line hashes."""
 
     drop: dict[int, Drop] = field(default_factory=dict)
+    boilerplate: frozenset[int] = frozenset()
 
 
-def filter_tasks(tasks: list[FileTask], drops: dict[int, dict[int, Drop]]) -> list[FilterTask]:
+def filter_tasks(
+    tasks: list[FileTask], drops: dict[int, dict[int, Drop]], boilerplate: frozenset[int] = frozenset()
+) -> list[FilterTask]:
     """One filter task per task, each carrying only the drops of its own lines."""
     lines = {index: sorted(file_drops) for index, file_drops in drops.items()}
     out = []
     for t in tasks:
         wanted = lines_in_span(lines[t.index], t.span)
         own = {line: drops[t.index][line] for line in wanted}
-        out.append(FilterTask(t.index, t.path, t.out, t.config, t.span, own))
+        out.append(FilterTask(t.index, t.path, t.out, t.config, t.span, own, boilerplate))
     return out
 
 
@@ -116,11 +124,37 @@ def filter_file(task: FilterTask, progress: Progress) -> Stats:
     try:
         for batch in document_batches(task, stats, rejects, progress):
             for doc in batch:
-                _emit(doc, task.drop.get(doc.line), stats, writer, rejects, cfg.text_field)
+                drop = task.drop.get(doc.line)
+                if drop is None and _cut_boilerplate(doc, task, stats, rejects):
+                    continue  # nothing but boilerplate: dropped as dedup_lines
+                _emit(doc, drop, stats, writer, rejects, cfg.text_field)
     finally:
         writer.close()
         rejects.close()
     return stats
+
+
+def _cut_boilerplate(doc: Document, task: FilterTask, stats: Stats, rejects: RejectWriter) -> bool:
+    """Cut boilerplate lines out of a kept document, recording them in rejected/dedup_lines.jsonl;
+    True when nothing else is left, and the document itself is dropped."""
+    original = doc.text
+    cut = strip_lines(doc, task.config.dedup, task.boilerplate)
+    if not cut:
+        return False
+    channel = doc.channel or "unlabelled"
+    emptied = not doc.text.strip()
+    stats["lines_cut/dedup_lines"] += len(cut)
+    stats[f"channel/{channel}/lines_cut/dedup_lines"] += len(cut)
+    record = {"rule": "dedup_lines", "value": len(cut), "lines": cut, "id": doc.id, "channel": channel}
+    if emptied:
+        doc.text = original
+        stats["docs_in"] += 1
+        stats[f"channel/{channel}/docs_in"] += 1
+        stats["rejected/dedup_lines"] += 1
+        stats[f"channel/{channel}/rejected/dedup_lines"] += 1
+        record = {**record, **doc.to_record(task.config.text_field)}
+    rejects.write("dedup_lines", json.dumps(record, ensure_ascii=False))
+    return emptied
 
 
 def _emit(

@@ -163,3 +163,83 @@ def test_signature_progress_counts_bytes_not_characters(tmp_path):
     signature_task(FileTask(0, path, tmp_path / "out", config_for(tmp_path)), progress)
     progress.flush()
     assert sum(d for d, _ in seen) == 5 and sum(b for _, b in seen) == path.stat().st_size
+
+
+def channel_corpus(tmp_path, per_channel: int = 40, planted: int = 15):
+    """Two channels, each with `planted` near duplicates of Jaccard 0.74-0.80 to their originals."""
+    rng = random.Random(5)
+    records = []
+    for channel in ("news", "wiki"):
+        texts = [synth.en_doc(rng, rng.randint(10, 20)) for _ in range(per_channel)]
+        records += [{"id": f"{channel}{i}", "text": t, "channel": channel} for i, t in enumerate(texts)]
+        for i in range(planted):
+            copy = near_duplicate(rng, texts[i], low=0.74, high=0.8)
+            records.append({"id": f"{channel}-dup{i}", "text": copy, "channel": channel})
+    rng.shuffle(records)
+    write_jsonl(tmp_path / "a.jsonl", records[::2])
+    write_jsonl(tmp_path / "b.jsonl", records[1::2])
+    return sorted(tmp_path.glob("*.jsonl"))
+
+
+PER_CHANNEL = {"dedup.threshold": 0.9, "dedup.channel_thresholds": {"news": 0.7, "wiki": 0.85}}
+
+
+def test_per_channel_thresholds_drop_loose_duplicates_only_where_the_channel_allows(tmp_path):
+    inputs = channel_corpus(tmp_path)
+    report = run_dedup(config_for(tmp_path, **PER_CHANNEL), inputs, tmp_path / "o")
+    kept = kept_ids(tmp_path / "o")
+    # news (0.7): nearly every 0.74-0.80 pair loses one member (LSH recall at 0.74 is ~0.99);
+    # wiki (0.85): every pair stays whole (exact verification)
+    news_pairs = [(f"news{i}" in kept, f"news-dup{i}" in kept) for i in range(15)]
+    assert sum(1 for pair in news_pairs if pair.count(True) == 1) >= 13
+    assert all(True in pair for pair in news_pairs)  # a cluster always keeps one document
+    assert all(f"wiki{i}" in kept and f"wiki-dup{i}" in kept for i in range(15))
+    assert report["channel"]["wiki"]["docs_out"] == 55
+
+
+def test_channel_threshold_out_of_range_is_one_error_naming_the_key(tmp_path):
+    from megatron_patches.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"dedup.channel_thresholds.news must be a number in \(0, 1\]"):
+        config_for(tmp_path, **{"dedup.channel_thresholds": {"news": 1.5}})
+
+
+HEADER = "Home | World | Business | Technology | Sport"
+FOOTER = "Copyright 2024 Example News Network. All rights reserved."
+CODE_LINE = "        return self._value  # shared by many files"
+
+
+def boilerplate_corpus(tmp_path):
+    """News with a shared header and footer (3 of them nothing else), code sharing one line."""
+    rng = random.Random(8)
+    bodies = [synth.en_doc(rng, 6) for _ in range(30)]
+    records = [
+        {"id": f"news{i}", "text": f"{HEADER}\n{body}\n{FOOTER.upper()}", "channel": "news"}
+        for i, body in enumerate(bodies)
+    ]
+    shells = [f"{HEADER}\n\n{FOOTER}", HEADER, f" {FOOTER}\n"]  # distinct, so exact dedup keeps them
+    records += [{"id": f"shell{i}", "text": text, "channel": "news"} for i, text in enumerate(shells)]
+    records += [
+        {"id": f"code{i}", "text": f"def f{i}():\n{CODE_LINE}\n# {synth.en_doc(rng, 2)}", "channel": "code"}
+        for i in range(10)
+    ]
+    write_jsonl(tmp_path / "a.jsonl", records[::2])
+    write_jsonl(tmp_path / "b.jsonl", records[1::2])
+    return sorted(tmp_path.glob("*.jsonl")), dict(enumerate(bodies))
+
+
+LINES = {"dedup.line_min_docs": 5, "dedup.line_channels": ["news"]}
+
+
+def test_line_dedup_cuts_shared_boilerplate_lines_and_records_them(tmp_path):
+    inputs, bodies = boilerplate_corpus(tmp_path)
+    report = run_dedup(config_for(tmp_path, **LINES), inputs, tmp_path / "o")
+    kept = {r["id"]: r for p in (tmp_path / "o").glob("part-*.jsonl") for r in map(json.loads, p.open())}
+    assert {i: kept[f"news{i}"]["text"] for i in range(30)} == bodies  # case-insensitive match
+    assert all(CODE_LINE in kept[f"code{i}"]["text"] for i in range(10))  # code is not in line_channels
+    assert not any(f"shell{i}" in kept for i in range(3))
+    records = [json.loads(line) for line in (tmp_path / "o" / "rejected" / "dedup_lines.jsonl").open()]
+    assert sorted(r["id"] for r in records if "text" in r) == ["shell0", "shell1", "shell2"]
+    assert sum(r["value"] for r in records) == report["lines_cut"]["dedup_lines"] == 64
+    assert report["rejected"]["dedup_lines"] == 3 and report["boilerplate_lines"] == 2
+    assert report["docs_in"] == report["docs_out"] + sum(report["rejected"].values()) == 43

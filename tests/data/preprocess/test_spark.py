@@ -16,7 +16,7 @@ from data.demo import synth
 from data.preprocess.dedup import run_dedup
 
 from .conftest import config_for, write_jsonl
-from .test_dedup import near_duplicate
+from .test_dedup import LINES, PER_CHANNEL, boilerplate_corpus, channel_corpus, near_duplicate
 
 pytest.importorskip("pyspark")
 if shutil.which("java") is None:
@@ -99,3 +99,28 @@ def test_spark_submit_entry_point(spark, corpus, tmp_path):
     result = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=240)
     assert result.returncode == 0, result.stderr[-2000:]
     assert outcome(tmp_path / "submitted") == outcome(tmp_path / "local")
+
+
+@pytest.mark.parametrize("verify", ["exact", "signature"])
+def test_spark_applies_per_channel_thresholds_as_local_does(spark, tmp_path, verify):
+    (tmp_path / "in").mkdir()
+    inputs = channel_corpus(tmp_path / "in")
+    settings = {**PER_CHANNEL, "dedup.verify": verify}
+    local = run_dedup(config_for(tmp_path, **settings), inputs, tmp_path / "local")
+    spark_settings = {**settings, "dedup.engine": "spark", "dedup.spark_master": "local[2]"}
+    remote = run_dedup(config_for(tmp_path, **spark_settings), inputs, tmp_path / "spark")
+    assert outcome(tmp_path / "spark") == outcome(tmp_path / "local")
+    assert remote["channel"] == local["channel"]
+    assert local["channel"]["news"]["docs_out"] < local["channel"]["wiki"]["docs_out"]
+
+
+def test_spark_cuts_the_same_boilerplate_lines_as_local(spark, tmp_path):
+    (tmp_path / "in").mkdir()
+    inputs, _ = boilerplate_corpus(tmp_path / "in")
+    local = run_dedup(config_for(tmp_path, **LINES), inputs, tmp_path / "local")
+    settings = {**LINES, "dedup.engine": "spark", "dedup.spark_master": "local[2]"}
+    remote = run_dedup(config_for(tmp_path, **settings), inputs, tmp_path / "spark")
+    for name in ("part-00000-00000.jsonl", "part-00001-00000.jsonl", "rejected/dedup_lines.jsonl"):
+        assert (tmp_path / "spark" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
+    for key in ("lines_cut", "boilerplate_lines", "rejected", "channel"):
+        assert remote[key] == local[key], key

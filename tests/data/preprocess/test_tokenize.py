@@ -10,10 +10,11 @@ import pytest
 import sentencepiece as spm
 import yaml
 
-from data.preprocess.blend import blend_weights, load_blend
+from data.preprocess.blend import blend_weights
 from data.preprocess.indexed import PartWriter, merge_parts
 from data.preprocess.tokenize import run_tokenize
 from megatron_patches.errors import ConfigError
+from megatron_patches.formats.blend import load_blend
 from tests.dist import run_on_ranks
 
 from .conftest import config_for, mixed_docs, write_jsonl
