@@ -29,7 +29,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from megatron_patches.training.model import ModelConfig  # noqa: E402
+from megatron_patches.formats.model_config import ModelConfig  # noqa: E402
 from tools.convert import layout  # noqa: E402
 from tools.convert.families import LLAMA  # noqa: E402
 from tools.convert.hf_io import ShardedSafetensorsWriter  # noqa: E402

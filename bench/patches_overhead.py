@@ -1,14 +1,16 @@
-"""Iteration time of the tiny CPU config with all four patches on vs all off, in one run.
+"""Iteration time of a tiny CPU config with all four patches on vs all off, in one run.
 
-``python bench/patches_overhead.py [--iters 400] [--reps 2] [--ranks 2]`` starts
-``--ranks`` gloo ranks (torchrun) that train ``launch/configs/tiny.yaml`` with
-one bench hook that owns the four patches and calls them on odd iterations
-only: patches on and off alternate every iteration, so both see the same
-machine load (this VM is shared; load drifts over seconds). The time from one
-``after_step`` to the next is one iteration: its logging, checkpoint checks,
-forward/backward with the per-micro-batch hooks, update, and ``after_step``
-hooks. The first iterations are dropped (warm-up), and so are the intervals
-holding the loop's manual garbage collection (one in 100, always an 'off' one).
+``python bench/patches_overhead.py [--preset tiny-long] [--iters 400] [--reps 2] [--ranks 2]``
+starts ``--ranks`` gloo ranks (torchrun) that train a preset of ``bench/train_throughput.py``
+(``tiny``: ``launch/configs/tiny.yaml``; ``tiny-long``: the same model on 1024-token
+sequences, an iteration of realistic length) with one bench hook that owns the
+four patches and calls them on odd iterations only: patches on and off alternate
+every iteration, so both see the same machine load (this VM is shared; load
+drifts over seconds). The time from one ``after_step`` to the next is one
+iteration: its logging, checkpoint checks, forward/backward with the
+per-micro-batch hooks, update, and ``after_step`` hooks. The first iterations
+are dropped (warm-up), and so are the intervals holding the loop's manual
+garbage collection (one in 100, always an 'off' one).
 
 Printed first, the headline: the expected iteration on and off, each the
 median plain iteration and the median logging iteration (every
@@ -21,11 +23,12 @@ iterations, the median ratio of neighbouring on/off iterations, and the time
 spent inside the patches' hooks (on iterations, mean and median).
 
 "On" is: ``channel_loss``; ``save_trigger`` (rank 0 stats two files; the
-answer rides in the loop's all-reduce of the loss); ``rope_schedule`` with one stage at the config's
-length and base, so both kinds of iteration do the same arithmetic;
-``loss_spike`` (action ``continue``). The save trigger's per-iteration check
-is also timed alone (``--probes`` calls). ``--patches none`` switches nothing:
-its on/off ratio is the method's own floor (odd against even iterations).
+answer reaches every rank in the loop's flags all-reduce, which runs on and off
+alike); ``rope_schedule`` with one stage at the config's length and base, so
+both kinds of iteration do the same arithmetic; ``loss_spike`` (action
+``continue``). The save trigger's per-iteration check is also timed alone
+(``--probes`` calls). ``--patches none`` switches nothing: its on/off ratio is
+the method's own floor (odd against even iterations).
 """
 
 from __future__ import annotations
@@ -39,26 +42,33 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from train_throughput import PRESETS, global_batch  # this directory is on sys.path (script or torchrun)
+
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "launch" / "configs" / "tiny.yaml"
 WARMUP = 10
 PATCHES_ON = {
     "channel_loss": {},
     "save_trigger": {},
-    "rope_schedule": {"stages": [{"seq_length": 64, "rotary_base": 10000}]},
+    "rope_schedule": {"stages": [{"seq_length": None, "rotary_base": 10000}]},  # the preset's length
     "loss_spike": {"action": "continue", "warmup": 5, "window": 50},
 }
 INTERVALS: list[tuple[int, float]] = []  # (0-based iteration, time its after_step hooks finished)
 HOOK_SECONDS: dict[int, dict[str, float]] = {}  # 0-based iteration -> {patch: seconds inside its hooks}
 
 
-def enable(options: dict, config):
+@dataclass(frozen=True)
+class Options:
+    patches: dict = field(default_factory=dict)  # the 'on' patches and their options, as in a config
+
+
+def enable(options: Options, config):
     """The ``bench_toggle`` patch: the patches in ``options``, called on odd iterations only."""
     from megatron_patches.hooks import Hook, build_hooks
 
-    inner = build_hooks(options, config)
+    inner = build_hooks(options.patches, config)
 
     def on(index: int) -> bool:
         return index % 2 == 1
@@ -123,14 +133,27 @@ def enable(options: dict, config):
     return Toggle()
 
 
-def _iteration_times(cfg, run_dir: Path, iters: int, patches: dict) -> dict[str, list[float]]:
+def preset_args(preset: str, ranks: int) -> list[str]:
+    """``--config`` and the overrides of ``bench/train_throughput.py``'s ``preset`` for ``ranks`` ranks."""
+    return [*PRESETS[preset], f"train.global_batch_size={global_batch(preset, ranks)}"]
+
+
+def patches_on(names: list[str], seq_length: int) -> dict:
+    """The options of the 'on' patches; the RoPE stage runs at the preset's own length and base."""
+    chosen = {name: json.loads(json.dumps(PATCHES_ON[name])) for name in names}
+    for stage in chosen.get("rope_schedule", {}).get("stages", []):
+        stage["seq_length"] = seq_length
+    return chosen
+
+
+def _iteration_times(cfg, base_args: list[str], run_dir: Path, iters: int, patches: dict) -> dict[str, list]:
     from megatron_patches.training import run
 
     INTERVALS.clear()
     HOOK_SECONDS.clear()
     common = [f"run_dir={run_dir}", f"train.train_iters={iters}", "checkpoint.save_interval=null"]
-    args = ["--config", str(CONFIG), *common, "logging.eval_interval=null", "patches={}"]
-    run.main([*args, f"patches.bench_toggle={json.dumps(patches)}"])
+    args = [*base_args, *common, "logging.eval_interval=null", "patches={}"]
+    run.main([*args, f"patches.bench_toggle={json.dumps({'patches': patches})}"])
     times = {key: [] for key in ("off", "on", "pairs", "hooks", "off_log", "on_log", "off_plain", "on_plain")}
     times.update({name: [] for name in patches})
     previous_off = None
@@ -155,7 +178,7 @@ def _iteration_times(cfg, run_dir: Path, iters: int, patches: dict) -> dict[str,
 
 
 def _trigger_check_seconds(probes: int, run_dir: Path) -> float:
-    """Rank 0's two ``stat`` calls: all the save trigger adds (its flags ride the loss all-reduce)."""
+    """Rank 0's two ``stat`` calls: all the save trigger adds (the loop shares its flags either way)."""
     from megatron_patches.save_trigger import requested
 
     save, stop = run_dir / "save", run_dir / "stop"
@@ -165,18 +188,20 @@ def _trigger_check_seconds(probes: int, run_dir: Path) -> float:
     return (time.perf_counter() - start) / probes
 
 
-def worker(out: Path, reps: int, iters: int, probes: int, names: list[str]) -> None:
+def worker(out: Path, preset: str, reps: int, iters: int, probes: int, names: list[str]) -> None:
     import torch
 
     from megatron_patches import hooks, parallel
     from megatron_patches.training.config import load_config
 
     hooks.PATCHES["bench_toggle"] = "__main__"
-    rank, _ = parallel.init_distributed()
-    cfg = load_config(str(CONFIG))  # the intervals that tell logging and GC iterations apart
+    rank, world = parallel.init_distributed()
+    base_args = preset_args(preset, world)
+    cfg = load_config(base_args[1], base_args[2:])  # the intervals that tell logging and GC iterations apart
+    patches = patches_on(names, cfg.data.seq_length)
     result = {}
     for rep in range(reps):
-        times = _iteration_times(cfg, out / f"run{rep}", iters, {name: PATCHES_ON[name] for name in names})
+        times = _iteration_times(cfg, base_args, out / f"run{rep}", iters, patches)
         for key, values in times.items():
             result[key] = result.get(key, []) + values
         torch.distributed.barrier()
@@ -242,6 +267,7 @@ def report(result: dict) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=("tiny", "tiny-long"), default="tiny")
     parser.add_argument("--iters", type=int, default=400)
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--ranks", type=int, default=2)
@@ -255,7 +281,7 @@ def main() -> int:
     args = parser.parse_args()
     names = [] if args.patches == "none" else args.patches.split(",")
     if args.worker:
-        worker(Path(args.worker), args.reps, args.iters, args.probes, names)
+        worker(Path(args.worker), args.preset, args.reps, args.iters, args.probes, names)
         return 0
     unknown = sorted(set(names) - set(PATCHES_ON))
     if unknown:
@@ -268,13 +294,14 @@ def main() -> int:
             "--standalone",
             f"--nproc-per-node={args.ranks}",
             __file__,
-            *("--reps", str(args.reps), "--iters", str(args.iters), "--probes", str(args.probes)),
+            *("--preset", args.preset, "--reps", str(args.reps), "--iters", str(args.iters)),
+            *("--probes", str(args.probes)),
             f"--patches={args.patches}",
             f"--worker={tmp}",
         ]
         env = {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
         subprocess.run(command, check=True, cwd=REPO, env=env, stdout=subprocess.DEVNULL)
-        print(f"on: {args.patches}")
+        print(f"preset {args.preset}, {args.ranks} ranks; on: {args.patches}")
         print(report(json.loads((Path(tmp) / "times.json").read_text())))
     return 0
 

@@ -99,13 +99,10 @@ def generate(hf_dir: Path) -> None:
 
 def plot(run_dir: Path, png: Path) -> None:
     step("5/5 plot per-channel loss; probe scores at each evaluation")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    from tools.eval import plots
     from tools.eval.trends import tensorboard_scalars
 
+    plt = plots.pyplot()  # the Agg backend: no display needed
     scalars = tensorboard_scalars(run_dir / "tensorboard")  # the newest value per step (resumes)
     tags = sorted(t for t in scalars if t.startswith("channel_loss/")) + ["lm loss"]
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -116,9 +113,7 @@ def plot(run_dir: Path, png: Path) -> None:
     ax.set(xlabel="iteration", ylabel="loss (nats/token)", title="training loss per channel")
     ax.legend()
     ax.grid(alpha=0.3)
-    tmp = png.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    tmp.rename(png)
+    plots.save(fig, png)
     for tag in sorted(t for t in scalars if t.startswith("probe/")):
         points = scalars[tag]
         trend = " -> ".join(f"{value:.2f}" for value in points.values())

@@ -43,11 +43,22 @@ the pinned signature of ``parallel_state.get_data_parallel_group``.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from megatron_patches.hooks import Hook, StepReport, patch_options
+from megatron_patches.hooks import Hook, HookContext, PhaseInfo, Requests, StepReport
 from megatron_patches.parallel import gather_on_last_stage
+
+if TYPE_CHECKING:
+    from megatron_patches.training.config import Config as TrainConfig
+
+
+@dataclass(frozen=True)
+class Options:
+    """``patches.channel_loss`` has no options: channel names come from ``data.channels``."""
+
 
 Totals = dict[str, tuple[float, float]]  # channel name -> (loss sum, loss tokens)
 
@@ -149,22 +160,29 @@ class ChannelLoss(Hook):
         self.window = _Accumulator()  # iterations since the last log
         self.valid = _Accumulator()  # the current evaluation
 
-    def on_phase_start(self, ctx, phase) -> None:
+    def on_phase_start(self, ctx: HookContext, phase: PhaseInfo) -> None:
         device = next(ctx.objects.gpt.parameters()).device
         self.window.start_phase(phase.channels, device)
         self.valid.start_phase(phase.channels, device)
 
-    def on_micro_batch_loss(self, ctx, token_losses, loss_mask, batch, training: bool) -> None:
+    def on_micro_batch_loss(
+        self,
+        ctx: HookContext,
+        token_losses: torch.Tensor,
+        loss_mask: torch.Tensor,
+        batch: dict[str, torch.Tensor],
+        training: bool,
+    ) -> None:
         target = self.window if training else self.valid
         target.pending.append((token_losses, loss_mask, batch["dataset_id"]))
 
-    def after_step(self, ctx, report: StepReport, requests) -> None:
+    def after_step(self, ctx: HookContext, report: StepReport, requests: Requests) -> None:
         if math.isfinite(report.loss):
             self.window.keep_pending()
         else:  # as the loop's Window: a non-finite iteration counts nowhere
             self.window.pending.clear()
 
-    def on_log(self, ctx, metrics: dict[str, float]) -> None:
+    def on_log(self, ctx: HookContext, metrics: dict[str, float]) -> None:
         reduced = self._exchange(self.window)
         for name, (loss, tokens) in reduced.items():
             metrics[f"channel_loss/{name}"] = loss
@@ -173,7 +191,7 @@ class ChannelLoss(Hook):
             parts = [f"{name} {loss:.4f} ({tokens:,} tok)" for name, (loss, tokens) in reduced.items()]
             ctx.writer.console("channel loss | " + " | ".join(parts))
 
-    def on_eval(self, ctx, metrics: dict[str, float]) -> None:
+    def on_eval(self, ctx: HookContext, metrics: dict[str, float]) -> None:
         self.valid.keep_pending()
         for name, (loss, _) in self._exchange(self.valid).items():
             metrics[f"channel_val_loss/{name}"] = loss
@@ -184,6 +202,5 @@ class ChannelLoss(Hook):
         return reduce_channels(gathered) if gathered is not None else {}
 
 
-def enable(options: dict, config) -> ChannelLoss:
-    patch_options("channel_loss", options, {})  # channel names come from data.channels
+def enable(options: Options, config: TrainConfig) -> ChannelLoss:
     return ChannelLoss()

@@ -2,7 +2,8 @@
 
 :func:`from_dict` builds a (nested) dataclass from a plain mapping, checking
 every key and value against the dataclass fields and their type hints, so a
-typo or a wrong type stops with one line naming the dotted key. Fields whose
+typo, a wrong type or a missing required key stops with one line naming the
+dotted key; a ``list[<dataclass>]`` field is read item by item (``key[i].``). Fields whose
 metadata says ``{"config": False}`` are not read from the mapping (e.g. a
 directory the loader fills in itself).
 """
@@ -59,20 +60,39 @@ def from_dict(cls: type, values: Any, where: str = "") -> Any:
     """Build dataclass ``cls`` from ``values``, checking names and types recursively."""
     if values is None:
         values = {}
+    section = where.removesuffix(".") or cls.__name__
     if not isinstance(values, dict):
-        raise ConfigError(f"config section {where or cls.__name__} must be a mapping, got {values!r}")
+        raise ConfigError(f"config section {section} must be a mapping, got {values!r}")
     names = config_fields(cls)
     kwargs = {}
     for key, value in values.items():
         path = f"{where}{key}"
         if key not in names:
             raise ConfigError(f"unknown config key {path!r}{suggest(key, names)}")
-        kind = field_type(cls, key)
-        if dataclasses.is_dataclass(kind):
-            kwargs[key] = from_dict(kind, value, f"{path}.")
-        else:
-            kwargs[key] = coerce(value, kind, path)
+        kwargs[key] = _field_value(field_type(cls, key), value, path)
+    missing = [name for name in required_fields(cls) if name not in kwargs]
+    if missing:
+        raise ConfigError(f"config section {section} needs {', '.join(missing)}")
     return cls(**kwargs)
+
+
+def _field_value(kind: Any, value: Any, path: str) -> Any:
+    if dataclasses.is_dataclass(kind):
+        return from_dict(kind, value, f"{path}.")
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) is list and len(args) == 1 and dataclasses.is_dataclass(args[0]):
+        item = args[0]
+        if not isinstance(value, list):
+            raise ConfigError(f"config key {path!r} expects a list of mappings, got {value!r}")
+        return [from_dict(item, entry, f"{path}[{i}].") for i, entry in enumerate(value)]
+    return coerce(value, kind, path)
+
+
+def required_fields(cls: type) -> list[str]:
+    """Fields of ``cls`` without a default: a mapping must set them."""
+    missing = dataclasses.MISSING
+    needed = [f for f in dataclasses.fields(cls) if f.default is missing and f.default_factory is missing]
+    return [f.name for f in needed if f.metadata.get("config", True)]
 
 
 def coerce(value: Any, kind: Any, path: str) -> Any:

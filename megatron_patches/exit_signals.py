@@ -4,8 +4,8 @@ Slurm sends SIGTERM before it kills a job (at the time limit, on preemption), an
 of ``sbatch --signal=USR1@120`` that long before; torchrun forwards SIGTERM to every rank.
 As Megatron-LM's ``--exit-signal-handler``, the handler only notes the signal; the training
 loop acts on it at the end of an iteration. A signal may reach any subset of the ranks, at
-different moments: every rank adds 1 to a count that rides in the loop's all-reduce of the
-loss (``training/step.py``), so all ranks see the same count after the same iteration, and
+different moments: every rank adds 1 to a count the loop all-reduces after every iteration
+(``training/agreement.py``), so all ranks see the same count after the same iteration, and
 the first iteration at which it is above zero is the one every rank checkpoints and stops at.
 
 System calls restart after the handler (``siginterrupt(False)``), so a signal that lands

@@ -2,10 +2,15 @@
 
 The loop (``megatron_patches.training.loop``) calls every enabled hook at fixed
 points, in the order the patches are listed in config. A patch is a module
-listed in :data:`PATCHES` exposing ``enable(options, config) -> Hook``; it
-validates its options there (before anything is built) and never imports
-another patch. Hooks marked *collective* are called on every rank, in the same
-order, so a patch may run a collective inside them; the others are rank-local.
+listed in :data:`PATCHES` exposing an ``Options`` dataclass and
+``enable(options: Options, config) -> Hook``: :func:`build_hooks` reads
+``patches.<name>`` into ``Options`` (unknown keys and wrong types fail with one
+line naming the dotted key), ``Options.__post_init__`` checks the values, and
+``enable`` checks them against the run's config, all before anything is built.
+A patch never imports another patch, nor the trainer: what a hook may use of
+the run is :class:`HookContext`. Hooks marked *collective* are called on every
+rank, in the same order, so a patch may run a collective inside them; the
+others are rank-local.
 """
 
 from __future__ import annotations
@@ -14,9 +19,16 @@ import contextlib
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
+from megatron_patches.config_io import from_dict
 from megatron_patches.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+    from megatron_patches.formats.model_config import ModelConfig
+    from megatron_patches.training.config import Config as TrainConfig
 
 # Patch name in config (`patches: {<name>: {...options}}`) -> module with `enable`.
 PATCHES = {
@@ -26,6 +38,51 @@ PATCHES = {
     "loss_spike": "megatron_patches.loss_spike",
     "probes": "megatron_patches.probes",
 }
+
+
+class PhaseInfo(Protocol):
+    """A span of iterations reading one blend at one sequence length (``training.data.Phase``)."""
+
+    name: str
+    start_iteration: int
+    end_iteration: int  # exclusive
+    seq_length: int
+    global_batch_size: int
+    micro_batch_size: int
+    channels: tuple  # channel name of each blend component (dataset_id -> name)
+
+    @property
+    def tokens_per_iteration(self) -> int: ...
+
+
+class ModelObjects(Protocol):
+    model: torch.nn.Module  # this rank's model stage, as wrapped for training (DDP)
+    gpt: torch.nn.Module  # the same, unwrapped: Megatron-Core's GPTModel
+    optimizer: Any  # Megatron-Core's MegatronOptimizer
+
+
+class MetricsSink(Protocol):
+    enabled: bool  # True on the logging rank (the last global rank), which writes
+
+    def console(self, line: str) -> None: ...
+
+    def scalars(self, metrics: dict[str, float], iteration: int) -> None: ...
+
+
+class RunState(Protocol):
+    iteration: int  # iterations completed (0-based number of the one running)
+    consumed_samples: int
+
+
+class HookContext(Protocol):
+    """What hooks may read during a run (the loop's ``TrainContext`` is one)."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    objects: ModelObjects
+    writer: MetricsSink
+    state: RunState
+    phase: PhaseInfo | None  # the phase being trained (set before the first on_phase_start)
 
 
 @dataclass
@@ -62,44 +119,61 @@ class Hook:
         """Lines for the start-up summary (``--dry-run`` and the first log lines), e.g. a path to touch."""
         return []
 
-    def plan_phases(self, phases: list, config) -> list:
-        """Before anything is built: return the run's data phases, possibly split or changed."""
+    def plan_phases(self, phases: list[PhaseInfo], config: TrainConfig) -> list[PhaseInfo]:
+        """Before anything is built: return the run's data phases, possibly split or changed.
+
+        Phases are frozen dataclasses: change them with ``dataclasses.replace``.
+        """
         return phases
 
-    def on_train_start(self, ctx) -> None:
+    def model_config(self, phase: PhaseInfo, model: ModelConfig) -> ModelConfig:
+        """The model that ``phase`` trains, if this patch changes it per phase; else ``model``.
+
+        Checkpoints record it (what their weights were trained as) and a resume
+        checks it, so a patch that changes the model mid-run (rope_schedule) says so here.
+        """
+        return model
+
+    def on_train_start(self, ctx: HookContext) -> None:
         """Collective. After model, optimizer, checkpoint and data are ready."""
 
-    def on_phase_start(self, ctx, phase) -> None:
+    def on_phase_start(self, ctx: HookContext, phase: PhaseInfo) -> None:
         """Collective. Entering ``phase`` (at start-up too, for the phase a resume lands in)."""
 
-    def on_micro_batch_loss(self, ctx, token_losses, loss_mask, batch, training: bool) -> None:
+    def on_micro_batch_loss(
+        self,
+        ctx: HookContext,
+        token_losses: torch.Tensor,
+        loss_mask: torch.Tensor,
+        batch: dict[str, torch.Tensor],
+        training: bool,
+    ) -> None:
         """Last pipeline stage, each micro-batch: per-token losses ``[b, s]`` before reduction."""
 
-    def rank0_flags(self, ctx) -> set[str]:
+    def rank0_flags(self, ctx: HookContext) -> set[str]:
         """Global rank 0 only, every iteration, after forward/backward: which of ``flag_names`` hold.
 
         For decisions only one rank can take without ranks disagreeing on the
         iteration (the file system, a wall clock). Every rank gets the answer in
-        ``after_step`` as ``report.flags["<patch>.<flag>"]`` (a bool): it rides in
-        the loop's all-reduce of the loss, in the token count's element, so it
-        costs no collective and no element of its own.
+        ``after_step`` as ``report.flags["<patch>.<flag>"]`` (a bool), the same on
+        every rank after the same iteration (how it travels is the loop's business).
         """
         return set()
 
-    def skip_update(self, ctx, loss: float, grad_norm: float | None) -> bool:
+    def skip_update(self, ctx: HookContext, loss: float, grad_norm: float | None) -> bool:
         """Collective. After forward/backward, before ``optimizer.step``: True skips the update."""
         return False
 
-    def after_step(self, ctx, report: StepReport, requests: Requests) -> None:
+    def after_step(self, ctx: HookContext, report: StepReport, requests: Requests) -> None:
         """Collective. After the update; may set ``requests.save`` / ``requests.stop``."""
 
-    def on_log(self, ctx, metrics: dict[str, float]) -> None:
+    def on_log(self, ctx: HookContext, metrics: dict[str, float]) -> None:
         """Collective, every ``log_interval``: add entries to ``metrics`` (logged by the logging rank)."""
 
-    def on_eval(self, ctx, metrics: dict[str, float]) -> None:
+    def on_eval(self, ctx: HookContext, metrics: dict[str, float]) -> None:
         """Collective, after each evaluation: add entries to ``metrics``."""
 
-    def after_save(self, ctx, path) -> None:
+    def after_save(self, ctx: HookContext, path: Path) -> None:
         """Collective, after a checkpoint is complete."""
 
     def state_dict(self) -> dict[str, Any]:
@@ -110,16 +184,19 @@ class Hook:
         pass
 
 
-def patch_options(patch: str, options: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
-    """``defaults`` updated with ``options``; an option the patch does not know is a ConfigError."""
-    unknown = sorted(set(options) - set(defaults))
-    if unknown:
-        raise ConfigError(f"patches.{patch}: unknown option(s) {unknown}; known: {sorted(defaults)}")
-    return {**defaults, **options}
+def phase_model_config(hooks: list[Hook], phase: PhaseInfo, model: ModelConfig) -> ModelConfig:
+    """The model ``phase`` trains: ``model`` as each hook's :meth:`Hook.model_config` changes it."""
+    for hook in hooks:
+        model = hook.model_config(phase, model)
+    return model
 
 
 def number_option(where: str, value: Any, integer: bool = False, minimum: float = 0.0) -> float | int:
-    """A numeric option above ``minimum`` (YAML 1.1 reads ``1e6`` as a string; accept that too)."""
+    """A numeric option above ``minimum`` (YAML 1.1 reads ``1e6`` as a string; accept that too).
+
+    For range checks in ``Options.__post_init__``: the types are already checked by
+    :func:`build_hooks`, but an option built in code is checked the same way.
+    """
     if isinstance(value, str) and not integer:
         with contextlib.suppress(ValueError):
             value = float(value)
@@ -137,7 +214,14 @@ def run_dir_file(patch: str, key: str, name: Any, run_dir: str) -> Path:
     return Path(run_dir).resolve() / name
 
 
-def build_hooks(patches: dict[str, Any], config) -> list[Hook]:
+def enable_patch(name: str, options: dict[str, Any], config: TrainConfig) -> Hook:
+    """Patch ``name`` enabled with ``options`` read into its ``Options``: unknown keys ("did you
+    mean"), wrong types and bad values fail with one line naming the dotted key."""
+    module = importlib.import_module(PATCHES[name])
+    return module.enable(from_dict(module.Options, options, f"patches.{name}."), config)
+
+
+def build_hooks(patches: dict[str, Any], config: TrainConfig) -> list[Hook]:
     """Enable the patches named in ``config.patches``; unknown names or bad options fail here."""
     hooks = []
     for name, options in patches.items():
@@ -152,6 +236,5 @@ def build_hooks(patches: dict[str, Any], config) -> list[Hook]:
         options = dict(options)
         if options.pop("enabled", True) is False:
             continue
-        module = importlib.import_module(PATCHES[name])
-        hooks.append(module.enable(options, config))
+        hooks.append(enable_patch(name, options, config))
     return hooks

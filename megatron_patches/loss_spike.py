@@ -38,27 +38,46 @@ import operator
 from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from megatron_patches.errors import ConfigError
 from megatron_patches.hooks import (
     Hook,
+    HookContext,
+    PhaseInfo,
     Requests,
     StepReport,
     number_option,
-    patch_options,
     run_dir_file,
 )
 from megatron_patches.parallel import gather_on_last_stage
 
+if TYPE_CHECKING:
+    from megatron_patches.training.config import Config as TrainConfig
+
 ACTIONS = ("continue", "skip", "stop")
-DEFAULTS = {
-    "window": 100,
-    "warmup": 20,
-    "std_factor": 4.0,
-    "min_ratio": 1.1,
-    "action": "continue",
-    "file": "loss_spikes.jsonl",
-}
+
+
+@dataclass(frozen=True)
+class Options:
+    """``patches.loss_spike``: the window, the rule, what to do, and the JSONL file in ``run_dir``."""
+
+    window: int = 100  # recent finite, non-spike losses kept
+    warmup: int = 20  # losses needed before anything is judged a spike
+    std_factor: float = 4.0
+    min_ratio: float = 1.1
+    action: str = "continue"  # continue | skip | stop
+    file: str = "loss_spikes.jsonl"
+
+    def __post_init__(self) -> None:
+        number_option("patches.loss_spike.window", self.window, integer=True, minimum=1)
+        number_option("patches.loss_spike.warmup", self.warmup, integer=True, minimum=1)
+        if self.warmup > self.window:
+            raise ConfigError(f"patches.loss_spike.warmup ({self.warmup}) exceeds window ({self.window})")
+        number_option("patches.loss_spike.std_factor", self.std_factor)
+        number_option("patches.loss_spike.min_ratio", self.min_ratio)
+        if self.action not in ACTIONS:
+            raise ConfigError(f"patches.loss_spike.action must be one of {ACTIONS}, got {self.action!r}")
 
 
 @dataclass(frozen=True)
@@ -114,7 +133,7 @@ def refuses_update(verdict: Verdict, action: str) -> bool:
     return verdict.spike and action in ("skip", "stop")
 
 
-def spike_record(report: StepReport, verdict: Verdict, action: str, phase, gathered: list) -> dict:
+def spike_record(report: StepReport, verdict: Verdict, action: str, phase: PhaseInfo, gathered: list) -> dict:
     """The JSONL line for a spike: the iteration, the statistics, and every sample of the batch."""
     samples = [
         {"sample_id": s, "dataset_id": d, "channel": phase.channels[d] if d < len(phase.channels) else None}
@@ -148,12 +167,12 @@ class LossSpikeGuard(Hook):
         self.detector, self.action, self.path = detector, action, path
         self.verdict: tuple[int, Verdict] | None = None  # (iteration, verdict) judged before the update
 
-    def skip_update(self, ctx, loss: float, grad_norm: float | None) -> bool:
+    def skip_update(self, ctx: HookContext, loss: float, grad_norm: float | None) -> bool:
         verdict = self.detector.observe(loss, grad_norm)
         self.verdict = (ctx.state.iteration + 1, verdict)
         return refuses_update(verdict, self.action)
 
-    def after_step(self, ctx, report: StepReport, requests: Requests) -> None:
+    def after_step(self, ctx: HookContext, report: StepReport, requests: Requests) -> None:
         if self.verdict is None or self.verdict[0] != report.iteration:
             # fp16 overflow: the optimizer returned before asking the hooks
             self.verdict = (report.iteration, self.detector.observe(report.loss, report.grad_norm))
@@ -166,7 +185,7 @@ class LossSpikeGuard(Hook):
         if self.action == "stop":
             requests.stop = requests.stop or f"{verdict.reason} at iteration {report.iteration}"
 
-    def _record(self, ctx, report: StepReport, verdict: Verdict, gathered: list) -> None:
+    def _record(self, ctx: HookContext, report: StepReport, verdict: Verdict, gathered: list) -> None:
         record = spike_record(report, verdict, self.action, ctx.phase, gathered)
         with self.path.open("a") as out:
             out.write(json.dumps(record) + "\n")
@@ -186,16 +205,9 @@ class LossSpikeGuard(Hook):
         self.detector.history.extend(state.get("history", []))
 
 
-def enable(options: dict, config) -> LossSpikeGuard:
-    opts = patch_options("loss_spike", options, DEFAULTS)
-    window = number_option("patches.loss_spike.window", opts["window"], integer=True, minimum=1)
-    warmup = number_option("patches.loss_spike.warmup", opts["warmup"], integer=True, minimum=1)
-    if warmup > window:
-        raise ConfigError(f"patches.loss_spike.warmup ({warmup}) exceeds window ({window})")
-    std_factor = number_option("patches.loss_spike.std_factor", opts["std_factor"])
-    min_ratio = number_option("patches.loss_spike.min_ratio", opts["min_ratio"])
-    if opts["action"] not in ACTIONS:
-        raise ConfigError(f"patches.loss_spike.action must be one of {ACTIONS}, got {opts['action']!r}")
-    path = run_dir_file("loss_spike", "file", opts["file"], config.run_dir)
-    detector = SpikeDetector(window, warmup, float(std_factor), float(min_ratio))
-    return LossSpikeGuard(detector, opts["action"], path)
+def enable(options: Options, config: TrainConfig) -> LossSpikeGuard:
+    path = run_dir_file("loss_spike", "file", options.file, config.run_dir)
+    detector = SpikeDetector(
+        options.window, options.warmup, float(options.std_factor), float(options.min_ratio)
+    )
+    return LossSpikeGuard(detector, options.action, path)

@@ -13,7 +13,7 @@ from typing import Any
 
 from megatron_patches.compat import require_signature
 from megatron_patches.errors import ConfigError
-from megatron_patches.training.model import ModelConfig
+from megatron_patches.formats.model_config import ModelConfig
 
 
 def _check_pinned_api() -> None:

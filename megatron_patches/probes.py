@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,7 +39,8 @@ import torch
 
 from megatron_patches.compat import require_signature
 from megatron_patches.errors import ConfigError
-from megatron_patches.hooks import Hook
+from megatron_patches.formats import rng_state
+from megatron_patches.hooks import Hook, HookContext
 from megatron_patches.probe_scoring import (
     ProbeBatch,
     check_rows_fit,
@@ -49,16 +51,30 @@ from megatron_patches.probe_scoring import (
     row_totals,
     token_logprobs,
 )
-from megatron_patches.training import rng_state
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from megatron_patches.probe_scoring import Probe
-    from megatron_patches.training.config import Config
-    from megatron_patches.training.loop import TrainContext
+    from megatron_patches.training.config import Config as TrainConfig
 
-OPTIONS = ("file", "tokenizer", "micro_batch_size")
+
+@dataclass(frozen=True)
+class Options:
+    """``patches.probes``: the probe file, the tokenizer that reads it, rows per forward."""
+
+    file: str
+    tokenizer: str
+    micro_batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        for key in ("file", "tokenizer"):
+            if not getattr(self, key):
+                raise ConfigError(f"patches.probes needs '{key}'")
+        if self.micro_batch_size < 1:
+            raise ConfigError(
+                f"patches.probes.micro_batch_size must be a positive integer, got {self.micro_batch_size!r}"
+            )
 
 
 def _check_pinned_api() -> None:
@@ -90,32 +106,21 @@ class ProbesHook(Hook):
         self.vocab_size = vocab_size
         self.micro_batch_size = micro_batch_size
 
-    def on_eval(self, ctx: TrainContext, metrics: dict[str, float]) -> None:
+    def on_eval(self, ctx: HookContext, metrics: dict[str, float]) -> None:
         sums, counts = score_rows(ctx.objects.model, self.batch, self.vocab_size, self.micro_batch_size)
         for name, value in probe_scores(self.probes, sums, counts).items():
             metrics[f"probe/{name}"] = value
 
 
-def enable(options: dict, config: Config) -> ProbesHook:
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise ConfigError(f"patches.probes: unknown options {unknown}; known: {list(OPTIONS)}")
-    for key in ("file", "tokenizer"):
-        if not options.get(key):
-            raise ConfigError(f"patches.probes needs '{key}'")
-    micro_batch_size = options.get("micro_batch_size", 4)
-    if not isinstance(micro_batch_size, int) or micro_batch_size < 1:
-        raise ConfigError(
-            f"patches.probes.micro_batch_size must be a positive integer, got {micro_batch_size!r}"
-        )
+def enable(options: Options, config: TrainConfig) -> ProbesHook:
     if not config.logging.eval_interval:
         raise ConfigError("patches.probes runs after each evaluation: set logging.eval_interval")
-    probes = load_probes(options["file"])
-    tokenizer = load_tokenizer(options["tokenizer"])
+    probes = load_probes(options.file)
+    tokenizer = load_tokenizer(options.tokenizer)
     rows = probe_rows(probes, tokenizer)
     check_rows_fit(rows, config.model.vocab_size, config.model.max_position_embeddings, "patches.probes")
-    batch = pack_rows(rows, pad_id=rows[0].tokens[0], micro_batch_size=micro_batch_size)
-    return ProbesHook(probes, batch, config.model.vocab_size, micro_batch_size)
+    batch = pack_rows(rows, pad_id=rows[0].tokens[0], micro_batch_size=options.micro_batch_size)
+    return ProbesHook(probes, batch, config.model.vocab_size, options.micro_batch_size)
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:

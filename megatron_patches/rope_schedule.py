@@ -18,6 +18,9 @@ model between them:
   its ``seq_length`` (which must divide it), so learning-rate schedules in
   iterations stay schedules in tokens. ``keep_tokens_per_iteration: false``
   keeps the global batch in sequences instead.
+* The patch keeps its own record of the bases (its stage spans, by iteration):
+  the loop's phases know only lengths and batches; ``Hook.model_config`` tells
+  the loop the model each phase trains (what checkpoints record).
 * At a boundary: the loop saves a checkpoint after the last iteration of the old
   stage; the next phase rebuilds ``GPTDataset``s for the new length and
   continues the blend by tokens (``data.phase_sample_offset``); every
@@ -37,12 +40,19 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import TYPE_CHECKING
 
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
 from megatron_patches.compat import require_signature
 from megatron_patches.errors import ConfigError
-from megatron_patches.hooks import Hook, Requests, StepReport, number_option, patch_options
+from megatron_patches.hooks import Hook, HookContext, PhaseInfo, Requests, StepReport, number_option
+
+if TYPE_CHECKING:
+    import torch
+
+    from megatron_patches.formats.model_config import ModelConfig
+    from megatron_patches.training.config import Config as TrainConfig
 
 require_signature(
     RotaryEmbedding.__init__,
@@ -61,16 +71,35 @@ require_signature(
 )
 require_signature(RotaryEmbedding.forward, ["self", "max_seq_len", "offset", "packed_seq", "cp_group"])
 
-STAGE_KEYS = {"until_tokens", "until_fraction", "seq_length", "rotary_base", "micro_batch_size"}
-
 
 @dataclass(frozen=True)
 class Stage:
+    """One entry of ``patches.rope_schedule.stages``."""
+
     seq_length: int
     rotary_base: float
-    until_tokens: int | None = None
-    until_fraction: Fraction | None = None  # None on the last stage
+    until_tokens: float | None = None  # whole tokens; YAML reads 9e11 as a float (or a string)
+    until_fraction: float | None = None  # of the run's tokens; neither on the last stage
     micro_batch_size: int | None = None
+
+    @property
+    def fraction(self) -> Fraction | None:
+        """``until_fraction`` exactly as written: 0.9 is 9/10, not the nearest double."""
+        return None if self.until_fraction is None else Fraction(str(self.until_fraction))
+
+
+@dataclass(frozen=True)
+class Options:
+    """``patches.rope_schedule``."""
+
+    stages: list[Stage]
+    keep_tokens_per_iteration: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            raise ConfigError("patches.rope_schedule.stages must be a non-empty list of stages")
+        for i, stage in enumerate(self.stages):
+            check_stage(stage, f"patches.rope_schedule.stages[{i}]", last=i == len(self.stages) - 1)
 
 
 @dataclass(frozen=True)
@@ -85,51 +114,28 @@ class StageSpan:
     micro_batch_size: int
 
 
-def parse_stages(raw) -> list[Stage]:
-    """Check the ``stages`` option; raise ConfigError naming the stage and the problem."""
-    if not isinstance(raw, list) or not raw:
-        raise ConfigError("patches.rope_schedule.stages must be a non-empty list of stages")
-    stages = []
-    for i, item in enumerate(raw):
-        where = f"patches.rope_schedule.stages[{i}]"
-        if not isinstance(item, dict):
-            raise ConfigError(f"{where} must be a mapping, got {item!r}")
-        unknown = sorted(set(item) - STAGE_KEYS)
-        if unknown:
-            raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(STAGE_KEYS)}")
-        for key in ("seq_length", "rotary_base"):
-            if key not in item:
-                raise ConfigError(f"{where} needs {key}")
-        stages.append(_parse_stage(item, where, last=i == len(raw) - 1))
-    return stages
-
-
-def _parse_stage(item: dict, where: str, last: bool) -> Stage:
-    seq_length = number_option(f"{where}.seq_length", item["seq_length"], integer=True)
-    rotary_base = number_option(f"{where}.rotary_base", item["rotary_base"])
-    micro_batch = item.get("micro_batch_size")
-    if micro_batch is not None:
-        number_option(f"{where}.micro_batch_size", micro_batch, integer=True)
-    tokens, fraction = item.get("until_tokens"), item.get("until_fraction")
+def check_stage(stage: Stage, where: str, last: bool) -> None:
+    """Raise ConfigError naming the stage and the problem."""
+    number_option(f"{where}.seq_length", stage.seq_length, integer=True)
+    number_option(f"{where}.rotary_base", stage.rotary_base)
+    if stage.micro_batch_size is not None:
+        number_option(f"{where}.micro_batch_size", stage.micro_batch_size, integer=True)
+    tokens, fraction = stage.until_tokens, stage.until_fraction
     if tokens is not None and fraction is not None:
         raise ConfigError(f"{where}: give until_tokens or until_fraction, not both")
     if last:
         if tokens is not None or (fraction is not None and fraction != 1):
             raise ConfigError(f"{where}: the last stage runs to the end of training; drop its until_*")
-        tokens = fraction = None
     elif tokens is None and fraction is None:
         raise ConfigError(f"{where} needs until_tokens or until_fraction (only the last stage has neither)")
     elif tokens is not None:
-        tokens = number_option(f"{where}.until_tokens", tokens)  # 9e11 is a float (or a string) in YAML
+        number_option(f"{where}.until_tokens", tokens)
         if tokens != int(tokens):
             raise ConfigError(f"{where}.until_tokens must be a whole number of tokens, got {tokens}")
-        tokens = int(tokens)
     else:
-        fraction = number_option(f"{where}.until_fraction", fraction)
+        number_option(f"{where}.until_fraction", fraction)
         if fraction >= 1:
             raise ConfigError(f"{where}.until_fraction must be below 1, got {fraction}")
-        fraction = Fraction(str(fraction))  # 0.9 means 9/10 exactly, not the nearest double
-    return Stage(seq_length, float(rotary_base), tokens, fraction, micro_batch)
 
 
 def stage_batch(stage: Stage, base_tokens: int, base_batch: int, keep_tokens: bool, where: str) -> int:
@@ -165,7 +171,7 @@ def plan_stages(
         if i == len(stages) - 1:
             end = train_iters
         else:
-            target = stage.until_tokens if stage.until_tokens is not None else stage.until_fraction * total
+            target = int(stage.until_tokens) if stage.until_tokens is not None else stage.fraction * total
             end = start + max(math.ceil((target - consumed) / per_iter[i]), 0)
         if end <= start or (end >= train_iters and i < len(stages) - 1):
             raise ConfigError(
@@ -189,7 +195,7 @@ def plan_stages(
 
 def _total_tokens(stages: list[Stage], train_iters: int, per_iter: list[int]) -> Fraction:
     """Solve sum_i (end_i - end_{i-1}) / per_iter_i = train_iters, each end = a + b * total."""
-    ends = [(Fraction(s.until_tokens or 0), s.until_fraction or Fraction(0)) for s in stages[:-1]] + [
+    ends = [(Fraction(int(s.until_tokens or 0)), s.fraction or Fraction(0)) for s in stages[:-1]] + [
         (Fraction(0), Fraction(1))
     ]
     constant = slope = Fraction(0)
@@ -203,8 +209,11 @@ def _total_tokens(stages: list[Stage], train_iters: int, per_iter: list[int]) ->
     return (train_iters - constant) / slope
 
 
-def split_phases(phases: list, spans: list[StageSpan]) -> list:
-    """Cut the data phases (main, anneal) at stage boundaries; each piece takes its stage's shape."""
+def split_phases(phases: list[PhaseInfo], spans: list[StageSpan]) -> list[PhaseInfo]:
+    """Cut the data phases (main, anneal) at stage boundaries; each piece takes its stage's shape.
+
+    The pieces do not carry the base: the patch looks it up by iteration (:meth:`RopeSchedule.span_at`).
+    """
     out = []
     for phase in phases:
         for i, span in enumerate(spans):
@@ -219,13 +228,12 @@ def split_phases(phases: list, spans: list[StageSpan]) -> list:
                         seq_length=span.seq_length,
                         global_batch_size=span.global_batch_size,
                         micro_batch_size=span.micro_batch_size,
-                        rotary_base=span.rotary_base,
                     )
                 )
     return out
 
 
-def set_rotary_base(model, base: float, rope_scaling_factor: float) -> int:
+def set_rotary_base(model: torch.nn.Module, base: float, rope_scaling_factor: float) -> int:
     """Give the ``RotaryEmbedding`` of every ``GPTModel`` in ``model`` the frequencies of ``base``.
 
     ``GPTModel`` owns one ``RotaryEmbedding`` and hands its output to every
@@ -263,11 +271,26 @@ class RopeSchedule(Hook):
         self.keep_tokens = keep_tokens
         self.boundaries = {span.end for span in spans[:-1]}
 
-    def plan_phases(self, phases: list, config) -> list:
+    def span_at(self, iteration: int) -> StageSpan:
+        """The stage that trains (0-based) ``iteration``."""
+        return next(span for span in self.spans if span.start <= iteration < span.end)
+
+    def describe(self) -> list[str]:
+        return [
+            f"rope_schedule: stage {i}: iterations {span.start}..{span.end - 1}, seq {span.seq_length}, "
+            f"rotary base {span.rotary_base:g}"
+            for i, span in enumerate(self.spans)
+        ]
+
+    def plan_phases(self, phases: list[PhaseInfo], config: TrainConfig) -> list[PhaseInfo]:
         return split_phases(phases, self.spans)
 
-    def on_phase_start(self, ctx, phase) -> None:
-        set_rotary_base(ctx.objects.model, phase.rotary_base, ctx.cfg.model.rope_scaling_factor)
+    def model_config(self, phase: PhaseInfo, model: ModelConfig) -> ModelConfig:
+        return dataclasses.replace(model, rotary_base=self.span_at(phase.start_iteration).rotary_base)
+
+    def on_phase_start(self, ctx: HookContext, phase: PhaseInfo) -> None:
+        base = self.span_at(phase.start_iteration).rotary_base
+        set_rotary_base(ctx.objects.model, base, ctx.cfg.model.rope_scaling_factor)
         batch = (
             f"{phase.tokens_per_iteration:,} tokens per iteration, kept constant"
             if self.keep_tokens
@@ -275,32 +298,25 @@ class RopeSchedule(Hook):
         )
         ctx.writer.console(
             f"rope_schedule: from iteration {ctx.state.iteration}: seq_length {phase.seq_length}, "
-            f"rotary base {phase.rotary_base:g}, global batch {phase.global_batch_size} sequences ({batch})"
+            f"rotary base {base:g}, global batch {phase.global_batch_size} sequences ({batch})"
         )
 
-    def after_step(self, ctx, report: StepReport, requests: Requests) -> None:
+    def after_step(self, ctx: HookContext, report: StepReport, requests: Requests) -> None:
         if report.iteration in self.boundaries:
             requests.save = requests.save or f"rope stage ends, the next starts at {report.iteration}"
 
-    def on_log(self, ctx, metrics: dict[str, float]) -> None:
-        metrics["rope/base"] = float(ctx.phase.rotary_base)
+    def on_log(self, ctx: HookContext, metrics: dict[str, float]) -> None:
+        metrics["rope/base"] = float(self.span_at(ctx.phase.start_iteration).rotary_base)
         metrics["seq_length"] = float(ctx.phase.seq_length)
 
 
-def enable(options: dict, config) -> RopeSchedule:
-    opts = patch_options("rope_schedule", options, {"stages": None, "keep_tokens_per_iteration": True})
+def enable(options: Options, config: TrainConfig) -> RopeSchedule:
     if config.model.position_embedding_type != "rope":
         raise ConfigError(
             f"patches.rope_schedule needs model.position_embedding_type rope, "
             f"got {config.model.position_embedding_type!r}"
         )
-    keep = opts["keep_tokens_per_iteration"]
-    if not isinstance(keep, bool):
-        raise ConfigError(
-            f"patches.rope_schedule.keep_tokens_per_iteration must be true or false, got {keep!r}"
-        )
-    stages = parse_stages(opts["stages"])
-    train = config.train
+    keep, stages, train = options.keep_tokens_per_iteration, options.stages, config.train
     base_tokens = train.global_batch_size * config.data.seq_length
     batches = [
         stage_batch(s, base_tokens, train.global_batch_size, keep, f"patches.rope_schedule.stages[{i}]")

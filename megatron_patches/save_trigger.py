@@ -7,11 +7,10 @@ checkpoint now (before a risky change, a node drain, a deadline) without
 killing it. Here, at the end of every iteration:
 
 * Only global rank 0 looks at the file system (two ``stat`` calls), once the
-  iteration's forward/backward is done; its answer, two bits, reaches every
-  rank inside the loop's all-reduce of the loss, packed into the token count's
-  element (``Hook.rank0_flags``), so the trigger adds no collective and no
-  element at all (each element of a tiny all-reduce costs latency on gloo: 3
-  elements took ~0.1 ms more than 2 on the 2-core CI machine).
+  iteration's forward/backward is done; its answer, two flags
+  (``Hook.rank0_flags``), reaches every rank through the loop's per-iteration
+  agreement (``training/agreement.py``), one small all-reduce that the loop
+  runs whatever the patches, so the trigger adds no collective of its own.
   Every rank therefore saves (or stops) after the same iteration; a rank that
   saw the file one iteration later than another would enter the checkpoint's
   collectives alone and hang the job.
@@ -32,14 +31,25 @@ exact paths to touch. This patch calls no Megatron-Core function.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from megatron_patches.errors import ConfigError
-from megatron_patches.hooks import Hook, Requests, StepReport, patch_options, run_dir_file
+from megatron_patches.hooks import Hook, HookContext, Requests, StepReport, run_dir_file
 
-DEFAULTS = {"save_file": "save", "stop_file": "stop"}
+if TYPE_CHECKING:
+    from megatron_patches.training.config import Config as TrainConfig
+
+
+@dataclass(frozen=True)
+class Options:
+    """``patches.save_trigger``: the two file names, inside ``run_dir``."""
+
+    save_file: str = "save"
+    stop_file: str = "stop"
 
 
 def requested(save_path: Path, stop_path: Path) -> list[int]:
@@ -66,18 +76,18 @@ class SaveTrigger(Hook):
             f"checkpoint and stop: touch {self.stop_path}",
         ]
 
-    def rank0_flags(self, ctx) -> set[str]:
+    def rank0_flags(self, ctx: HookContext) -> set[str]:
         save, stop = requested(self.save_path, self.stop_path)
         return {name for name, present in (("save", save), ("stop", stop)) if present}
 
-    def after_step(self, ctx, report: StepReport, requests: Requests) -> None:
+    def after_step(self, ctx: HookContext, report: StepReport, requests: Requests) -> None:
         if report.flags[f"{self.name}.save"]:
             requests.save = requests.save or f"{self.save_path} exists"
         if report.flags[f"{self.name}.stop"]:
             requests.stop = requests.stop or f"{self.stop_path} exists"
             self.stopping = True
 
-    def after_save(self, ctx, path) -> None:
+    def after_save(self, ctx: HookContext, path: Path) -> None:
         if torch.distributed.get_rank() != 0:
             return
         self.save_path.unlink(missing_ok=True)  # any complete checkpoint answers a pending `save`
@@ -85,9 +95,11 @@ class SaveTrigger(Hook):
             self.stop_path.unlink(missing_ok=True)
 
 
-def enable(options: dict, config) -> SaveTrigger:
-    opts = patch_options("save_trigger", options, DEFAULTS)
-    paths = [run_dir_file("save_trigger", k, opts[k], config.run_dir) for k in ("save_file", "stop_file")]
+def enable(options: Options, config: TrainConfig) -> SaveTrigger:
+    paths = [
+        run_dir_file("save_trigger", key, getattr(options, key), config.run_dir)
+        for key in ("save_file", "stop_file")
+    ]
     if paths[0] == paths[1]:
         raise ConfigError(f"patches.save_trigger: save_file and stop_file are the same file {paths[0]}")
     return SaveTrigger(*paths)

@@ -2,14 +2,14 @@
 
 Each rule measures one number and compares it with a threshold; a rejected document is written to
 `rejected/<rule>.jsonl` with the measured value so a person can check what a rule drops. Code,
-markdown and math get their own defaults (`CHANNEL_DEFAULTS`): prose rules such as the symbol
-ratio or line repetition would wash them out. Any threshold set to null in the config is off.
+markdown and math get their own defaults (`thresholds.CHANNEL_DEFAULTS`): prose rules such as the
+symbol ratio or line repetition would wash them out. Any threshold set to null in the config is off.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,56 +19,9 @@ from megatron_patches.errors import ConfigError
 from . import repetition
 from .document import Document
 from .label import LabelConfig, infer_channel
+from .thresholds import Thresholds
 
 _URL = re.compile(r"(?:https?://|www\.)[^\s<>\"'\u3000-\u303f\uff00-\uffef]+", re.IGNORECASE)
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    min_chars: int | None = 30
-    max_chars: int | None = 500_000
-    min_zh_ratio: float | None = None  # Han / non-space characters
-    min_en_ratio: float | None = None  # Latin letters / non-space characters
-    min_alpha_ratio: float | None = 0.5  # letters of any script / non-space characters
-    max_digit_ratio: float | None = 0.3
-    max_symbol_ratio: float | None = 0.3  # not letter, digit or space / non-space characters
-    max_url_ratio: float | None = 0.3  # characters inside URLs / all characters
-    max_dup_line_ratio: float | None = 0.3  # Gopher: duplicate lines / lines
-    max_dup_line_char_ratio: float | None = 0.2  # Gopher: characters in duplicate lines
-    max_top_ngram: dict[int, float] | None = field(default_factory=lambda: {2: 0.20, 3: 0.18, 4: 0.16})
-    max_dup_ngram: dict[int, float] | None = field(default_factory=lambda: {5: 0.15, 7: 0.13, 10: 0.10})
-    max_blocklist_hits: int | None = 0
-
-
-_NO_PROSE_RULES = dict(
-    min_alpha_ratio=None,
-    max_symbol_ratio=None,
-    max_dup_line_ratio=None,
-    max_dup_line_char_ratio=None,
-    max_top_ngram=None,
-    max_dup_ngram=None,
-)
-CHANNEL_DEFAULTS: dict[str, dict] = {
-    "code": dict(_NO_PROSE_RULES, min_alpha_ratio=0.25, max_symbol_ratio=0.6, max_digit_ratio=0.5),
-    "markdown": dict(_NO_PROSE_RULES, min_alpha_ratio=0.35, max_symbol_ratio=0.45, max_dup_ngram={10: 0.3}),
-    "math": dict(_NO_PROSE_RULES, min_alpha_ratio=0.25, max_symbol_ratio=0.5, max_digit_ratio=0.5),
-}
-
-
-def thresholds_from(values: dict, where: str, base: Thresholds | None = None) -> Thresholds:
-    """Build Thresholds from a config mapping; unknown keys are an error naming `where`."""
-    names = {f.name for f in fields(Thresholds)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ConfigError(f"{where}: unknown threshold(s) {unknown}; known: {sorted(names)}")
-    coerced = {}
-    for key, value in values.items():
-        if key in ("max_top_ngram", "max_dup_ngram") and value is not None:
-            if not isinstance(value, dict):
-                raise ConfigError(f"{where}.{key} must map n to a fraction, got {value!r}")
-            value = {int(n): float(v) for n, v in value.items()}
-        coerced[key] = value
-    return replace(base or Thresholds(), **coerced)
 
 
 @dataclass

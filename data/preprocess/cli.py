@@ -9,7 +9,7 @@ from pathlib import Path
 from megatron_patches.errors import ConfigError
 from megatron_patches.paths import refuse_overlap
 
-from .config import load_config
+from .config import PipelineConfig, load_config
 from .jsonl import expand_inputs
 from .pipeline import configured_files, run_pipeline, run_stage
 
@@ -18,6 +18,7 @@ _HELP = {
     "clean": "quality rules with per-channel thresholds, then PII masking",
     "label": "assign channels (source rules, content heuristics) and optional quality scores",
     "dedup": "exact + MinHash-LSH near-duplicate removal (local cores or Apache Spark)",
+    "dedup-plan": "documents and tokens each dedup threshold would keep, per channel (writes nothing else)",
     "train-tokenizer": "SentencePiece BPE + HF tokenizer directory",
     "tokenize": "documents to Megatron <channel>_text_document.bin/.idx + blend.yaml",
 }
@@ -49,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
             stage.add_argument("--vocab-size", type=int)
         if name == "tokenize":
             stage.add_argument("--tokenizer", type=Path, help=".model file or HF tokenizer directory")
+        if name == "dedup-plan":
+            stage.add_argument("--thresholds", required=True, help="comma-separated, e.g. 0.6,0.7,0.8,0.9")
+            stage.add_argument("--tokenizer", type=Path, help="count tokens with it (default: bytes / 4)")
     run = sub.add_parser("run", help="every stage in order, from one config (resumes complete stages)")
     _common(run, needs_input=False)
     return parser
@@ -94,5 +98,21 @@ def main(argv: list[str] | None = None) -> int:
 
         run_tokenize(config, inputs, args.out, tokenizer, overwrite=args.overwrite)
         return 0
+    if args.stage == "dedup-plan":
+        return _plan(args, config, inputs)
     run_stage(args.stage, config, inputs, args.out, overwrite=args.overwrite)
+    return 0
+
+
+def _plan(args: argparse.Namespace, config: PipelineConfig, inputs: list[Path]) -> int:
+    from .dedup.plan import format_plan, plan_dedup
+
+    try:
+        thresholds = [float(value) for value in args.thresholds.split(",")]
+    except ValueError as err:
+        raise ConfigError(f"--thresholds expects comma-separated numbers, got {args.thresholds!r}") from err
+    if args.tokenizer is not None:
+        refuse_overlap({"--out": args.out}, {"--tokenizer": args.tokenizer})
+    rows = plan_dedup(config, inputs, args.out, thresholds, args.tokenizer, overwrite=args.overwrite)
+    print(format_plan(rows, config, args.tokenizer))
     return 0

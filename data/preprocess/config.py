@@ -15,16 +15,24 @@ from megatron_patches.config_io import from_dict, read_yaml, set_dotted
 from megatron_patches.errors import ConfigError
 
 from .label import LabelConfig
+from .thresholds import Thresholds, channel_thresholds
 
 
 @dataclass
 class CleanConfig:
     enabled: bool = True
-    thresholds: dict = field(default_factory=dict)  # overrides of clean.Thresholds for every channel
+    thresholds: dict = field(default_factory=dict)  # overrides of thresholds.Thresholds for every channel
     channels: dict = field(default_factory=dict)  # channel -> overrides on top of its defaults
     blocklists: list = field(default_factory=list)  # plain keyword files
     desensitize: bool = True  # mask PII in kept and rejected documents and malformed-line previews
     pii_types: list | None = None  # default: every type in pii.TYPES
+
+    def __post_init__(self) -> None:
+        self.resolved_thresholds()  # a typo in clean.thresholds or clean.channels fails at load
+
+    def resolved_thresholds(self) -> tuple[Thresholds, dict[str, Thresholds]]:
+        """(every channel's thresholds, {channel: its own thresholds}), typed."""
+        return channel_thresholds(self.thresholds, self.channels)
 
 
 @dataclass
@@ -35,6 +43,14 @@ class DedupConfig:
     rows: int = 5
     num_perm: int | None = None  # default bands * rows
     threshold: float = 0.8  # Jaccard similarity above which two documents are duplicates
+    # channel -> its own threshold (e.g. news-like 0.7, knowledge-like 0.85); a pair across two
+    # channels is a duplicate only above the stricter (higher) of the two.
+    channel_thresholds: dict = field(default_factory=dict)
+    # line-level dedup (dedup/lines.py): cut lines of at least line_min_chars characters that occur
+    # in at least line_min_docs documents (0: off) of line_channels (empty: every channel)
+    line_min_docs: int = 0
+    line_min_chars: int = 20
+    line_channels: list = field(default_factory=list)
     verify: str = "exact"  # exact | signature | none (none: threshold unused, LSH bands decide)
     keep: str = "quality"  # quality (then longest) | longest
     exact: bool = True  # also drop exact duplicates of the normalized text
@@ -45,6 +61,10 @@ class DedupConfig:
     @property
     def perms(self) -> int:
         return self.num_perm or self.bands * self.rows
+
+    def threshold_for(self, channel: str | None) -> float:
+        """The threshold of a document's channel (unlabelled documents: `threshold`)."""
+        return float(self.channel_thresholds.get(channel or "unlabelled", self.threshold))
 
 
 @dataclass
@@ -66,6 +86,10 @@ class TokenizeConfig:
     tokenizer: str | None = None  # .model file or HF directory; default: the train-tokenizer output
     batch_docs: int = 256
     append_eod: bool = True
+    # input: the input order | icp: each document followed by its most similar unvisited neighbour
+    # (in-context pretraining) | spread: members of a near-duplicate cluster placed far apart
+    order: str = "input"
+    order_block_docs: int = 100_000  # icp/spread reorder within blocks of this many documents
 
 
 @dataclass
@@ -98,6 +122,7 @@ class PipelineConfig:
 
 
 STAGES = ("clean", "label", "dedup", "train-tokenizer", "tokenize")
+ORDERS = ("input", "icp", "spread")  # tokenize.order
 
 
 def validate(config: PipelineConfig) -> PipelineConfig:
@@ -111,8 +136,19 @@ def validate(config: PipelineConfig) -> PipelineConfig:
             raise ConfigError(f"{name} must be one of {list(allowed)}, got {value!r}")
     if d.bands < 1 or d.rows < 1 or d.ngram < 1 or d.perms < d.bands * d.rows:
         raise ConfigError(f"dedup: need bands, rows, ngram >= 1 and num_perm >= bands*rows, got {d}")
-    if not 0.0 < d.threshold <= 1.0:
-        raise ConfigError(f"dedup.threshold must be in (0, 1], got {d.threshold}")
+    per_channel = {f"dedup.channel_thresholds.{c}": v for c, v in d.channel_thresholds.items()}
+    for key, value in {"dedup.threshold": d.threshold, **per_channel}.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 < value <= 1.0:
+            raise ConfigError(f"{key} must be a number in (0, 1], got {value!r}")
+    if d.line_min_docs < 0 or (d.line_min_docs and d.line_min_docs < 2) or d.line_min_chars < 1:
+        raise ConfigError(
+            f"dedup.line_min_docs must be 0 (off) or >= 2 and line_min_chars >= 1, got {d.line_min_docs} "
+            f"and {d.line_min_chars}"
+        )
+    if config.tokenize.order not in ORDERS:
+        raise ConfigError(f"tokenize.order must be one of {list(ORDERS)}, got {config.tokenize.order!r}")
+    if config.tokenize.order_block_docs < 2:
+        raise ConfigError(f"tokenize.order_block_docs must be >= 2, got {config.tokenize.order_block_docs}")
     if config.tokenizer.vocab_size < 256 + 128:
         raise ConfigError(
             f"tokenizer.vocab_size {config.tokenizer.vocab_size} is too small (byte fallback uses 256)"

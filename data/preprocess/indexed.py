@@ -1,5 +1,7 @@
 """Megatron-Core `IndexedDataset` files (`.bin` + `.idx`), written in constant memory.
 
+The format itself (header, dtype codes) is `megatron_patches.formats.indexed`; this is the writer.
+
 `megatron.core.datasets.indexed_dataset.IndexedDatasetBuilder` keeps every sequence length in a
 Python list until `finalize`, which is what makes Megatron-LM's preprocessing run out of memory on
 big inputs. Here each worker appends tokens to a `.bin` part and lengths to a `.len` part (int32),
@@ -10,23 +12,16 @@ result is byte-for-byte what the builder writes for one `add_item` + `end_docume
 
 from __future__ import annotations
 
-import os
-import struct
 from array import array
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-_HEADER = b"MMIDIDX\x00\x00"
-_VERSION = 1
-_DTYPE_CODES = {np.dtype(np.uint16): 8, np.dtype(np.int32): 4}  # megatron.core DType codes
+from megatron_patches.formats.indexed import pack_header
+from megatron_patches.paths import atomic_file
+
 _CHUNK = 1 << 22  # index entries per streamed chunk
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    """The dtype Megatron's `DType.optimal_dtype(vocab_size)` picks."""
-    return np.dtype(np.uint16) if vocab_size < 65500 else np.dtype(np.int32)
 
 
 class PartWriter:
@@ -70,33 +65,33 @@ def merge_parts(stems: Sequence[Path], prefix: Path, dtype: np.dtype) -> tuple[i
     """Concatenate parts (in order) into `<prefix>.bin/.idx`; returns (documents, tokens)."""
     lengths_files = [Path(f"{s}.len") for s in stems]
     count = sum(p.stat().st_size for p in lengths_files) // 4
-    bin_tmp, idx_tmp = Path(f"{prefix}.bin.tmp"), Path(f"{prefix}.idx.tmp")
-    with open(bin_tmp, "wb") as out:
-        for stem in stems:
-            _copy(Path(f"{stem}.bin"), out)
+    with atomic_file(f"{prefix}.bin") as bin_tmp, atomic_file(f"{prefix}.idx") as idx_tmp:
+        with open(bin_tmp, "wb") as out:
+            for stem in stems:
+                _copy(Path(f"{stem}.bin"), out)
+        tokens = _write_index(idx_tmp, lengths_files, count, dtype)
+        expected = tokens * dtype.itemsize
+        if bin_tmp.stat().st_size != expected:
+            raise RuntimeError(f"{bin_tmp}: {bin_tmp.stat().st_size} bytes, index says {expected}")
+    return count, tokens
+
+
+def _write_index(path: Path, lengths_files: list[Path], count: int, dtype: np.dtype) -> int:
+    """Write the `.idx` of `count` sequences whose lengths the files hold; returns the token count."""
     itemsize = dtype.itemsize
     tokens = 0
-    with open(idx_tmp, "wb") as idx:
-        idx.write(_HEADER)
-        idx.write(struct.pack("<Q", _VERSION))
-        idx.write(struct.pack("<B", _DTYPE_CODES[dtype]))
-        idx.write(struct.pack("<Q", count))  # sequences
-        idx.write(struct.pack("<Q", count + 1))  # document_indices entries: 0, 1, ..., count
-        for path in lengths_files:
-            _copy(path, idx)
-        for path in lengths_files:  # byte offset of every sequence
-            for chunk in _chunks(path):
+    with open(path, "wb") as idx:
+        idx.write(pack_header(dtype, count, count + 1))  # document_indices entries: 0, 1, ..., count
+        for lengths in lengths_files:
+            _copy(lengths, idx)
+        for lengths in lengths_files:  # byte offset of every sequence
+            for chunk in _chunks(lengths):
                 pointers = np.cumsum(chunk, dtype=np.int64) - chunk + tokens
                 idx.write((pointers * itemsize).astype(np.int64).tobytes())
                 tokens += int(chunk.sum(dtype=np.int64))
         for start in range(0, count + 1, _CHUNK):
             idx.write(np.arange(start, min(count + 1, start + _CHUNK), dtype=np.int64).tobytes())
-    expected = tokens * itemsize
-    if bin_tmp.stat().st_size != expected:
-        raise RuntimeError(f"{bin_tmp}: {bin_tmp.stat().st_size} bytes, index says {expected}")
-    os.replace(bin_tmp, f"{prefix}.bin")
-    os.replace(idx_tmp, f"{prefix}.idx")
-    return count, tokens
+    return tokens
 
 
 def _chunks(lengths_file: Path):

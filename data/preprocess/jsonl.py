@@ -2,7 +2,7 @@
 
 Reading yields a :class:`Document` for each good line and a :class:`Malformed` for each bad one
 (invalid UTF-8, not JSON, not an object, no text field, text not a string, a truncated compressed
-file), so a stage counts every line it saw. Writing goes to ``<name>.tmp`` files renamed on close.
+file), so a stage counts every line it saw. Writing goes to hidden ``.<name>.tmp`` files renamed on close.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import IO
 import orjson
 
 from megatron_patches.errors import ConfigError
+from megatron_patches.paths import commit_file, temp_file
 
 from .document import Document, Malformed
 from .ranges import WHOLE_FILE, Span, is_compressed
@@ -218,7 +219,7 @@ class ShardWriter:
         self._finish_part()
         suffix = ".jsonl.gz" if self.compress else ".jsonl"
         final = self.directory / f"{self.stem}-{len(self.parts):05d}{suffix}"
-        tmp = final.with_name(final.name + ".tmp")
+        tmp = temp_file(final)
         raw = gzip.open(tmp, "wt", encoding="utf-8") if self.compress else open(tmp, "w", encoding="utf-8")  # noqa: SIM115
         self._handle, self._count = raw, 0
         self.parts.append(final)
@@ -227,7 +228,7 @@ class ShardWriter:
         if self._handle is not None:
             self._handle.close()
             final = self.parts[-1]
-            os.replace(final.with_name(final.name + ".tmp"), final)
+            commit_file(temp_file(final), final)
             self._handle = None
 
     def close(self) -> list[Path]:

@@ -6,13 +6,13 @@ that worker results merge by plain addition; :meth:`Stats.nested` turns the slas
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
+
+from megatron_patches.paths import temp_dir_target, write_json_atomic  # write_json_atomic: re-exported
 
 
 class Stats(Counter):
@@ -29,14 +29,6 @@ class Stats(Counter):
         return out
 
 
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, ensure_ascii=False, indent=2, sort_keys=False)
-        handle.write("\n")
-    os.replace(tmp, path)
-
-
 def write_report(directory: Path, stage: str, stats: Stats, started: float, **extra: Any) -> dict[str, Any]:
     """Write `report.json` (counts, throughput, anything in `extra`) and print a one-line summary."""
     seconds = max(time.time() - started, 1e-9)
@@ -49,7 +41,7 @@ def write_report(directory: Path, stage: str, stats: Stats, started: float, **ex
     print(
         f"[{stage}] {stats['docs_in']} docs in, {stats['docs_out']} out, {dropped} dropped, "
         f"{stats['malformed_lines']} malformed lines; {report['docs_per_s']} docs/s, "
-        f"{report['mb_per_s']} MB/s -> {str(directory).removesuffix('.tmp')}",
+        f"{report['mb_per_s']} MB/s -> {temp_dir_target(directory)}",
         file=sys.stderr,
     )
     return report

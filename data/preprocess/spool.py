@@ -10,7 +10,6 @@ per part. Names, contents and document order are therefore independent of the ra
 from __future__ import annotations
 
 import gzip
-import os
 import shutil
 from array import array
 from dataclasses import dataclass
@@ -19,6 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
+
+from megatron_patches.paths import atomic_file
 
 from .engines.local import Progress, run_tasks
 from .report import Stats
@@ -110,14 +111,12 @@ def _copy_range(src: Path, start: int, end: int, dst: BinaryIO) -> None:
 
 
 def write_part(plan: PartPlan, progress: Progress) -> Stats:
-    """Write one part from its slices, through `<part>.tmp` renamed into place (as ShardWriter does)."""
-    tmp = plan.final.with_name(plan.final.name + ".tmp")
-    with gzip.open(tmp, "wb") if plan.compress else open(tmp, "wb") as out:
+    """Write one part from its slices, through a temporary file renamed into place (as ShardWriter does)."""
+    with atomic_file(plan.final) as tmp, gzip.open(tmp, "wb") if plan.compress else open(tmp, "wb") as out:
         for piece in plan.slices:
             start, end = _byte_range(piece)
             _copy_range(piece.spool, start, end, out)
             progress.update(piece.count, end - start)
-    os.replace(tmp, plan.final)
     return Stats()
 
 

@@ -12,15 +12,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from megatron_patches.errors import ConfigError
+from megatron_patches.paths import atomic_dir
 
 from . import pii
 from .config import PipelineConfig
@@ -44,19 +43,9 @@ def is_complete(directory: Path) -> bool:
     return (directory / "report.json").is_file()
 
 
-@contextmanager
-def staged_dir(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield `<out>.tmp`; on success replace `out` with it. A failure leaves `out` untouched."""
-    if out.exists() and not overwrite:
-        raise ConfigError(f"{out} already exists; pass --overwrite to replace it")
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    yield tmp
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+def staged_dir(out: Path, overwrite: bool) -> AbstractContextManager[Path]:
+    """Yield a temporary directory that replaces `out` on success; a failure leaves `out` untouched."""
+    return atomic_dir(out, overwrite, exists_hint="pass --overwrite to replace it", writers="stage runs")
 
 
 @dataclass(frozen=True)

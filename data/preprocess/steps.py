@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import pii
-from .clean import CHANNEL_DEFAULTS, Blocklist, Cleaner, thresholds_from
+from .clean import Blocklist, Cleaner
 from .config import PipelineConfig
 from .document import Document
 from .engines.local import Progress
@@ -19,16 +19,9 @@ from .stage import FileTask, Step, StepResult, map_file
 
 def build_cleaner(config: PipelineConfig) -> Cleaner:
     section = config.clean
-    default = thresholds_from(section.thresholds, "clean.thresholds")
-    channels = {}
-    for channel in sorted(set(CHANNEL_DEFAULTS) | set(section.channels)):
-        base = thresholds_from(CHANNEL_DEFAULTS.get(channel, {}), f"clean defaults for {channel}", default)
-        channels[channel] = thresholds_from(
-            section.channels.get(channel) or {}, f"clean.channels.{channel}", base
-        )
     paths = [config.path(p) for p in section.blocklists]
     blocklist = Blocklist([p for p in paths if p is not None]) if paths else None
-    return Cleaner(default, channels, blocklist, config.label)
+    return Cleaner(*section.resolved_thresholds(), blocklist, config.label)
 
 
 def clean_step(config: PipelineConfig) -> Step:

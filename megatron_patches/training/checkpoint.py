@@ -4,14 +4,16 @@ A checkpoint is ``<save>/iter_XXXXXXX/``, written by
 ``megatron.core.dist_checkpointing.save`` from the model's and the distributed
 optimizer's sharded state dicts plus the scheduler, every rank's RNG streams
 (sharded by PP/TP position, see :func:`rng_state.sharded`), the iteration, consumed
-samples and ``model_config``. It is written as
-``iter_XXXXXXX.tmp`` and renamed once every rank has finished; the tracker file
-``latest_checkpointed_iteration.txt`` is replaced last, and only then are
-checkpoints beyond ``keep_last`` deleted. An interrupted save therefore leaves
-a ``.tmp`` directory that nothing reads, never a directory that looks complete.
+samples and ``model_config``. Rank 0 makes a temporary directory named after
+its owner (``.iter_XXXXXXX.partial-<host>-<pid>-<hex>``, ``megatron_patches.paths``),
+every rank writes into it, and rank 0 renames it once every rank has finished;
+the tracker file ``latest_checkpointed_iteration.txt`` is replaced last, and
+only then are checkpoints beyond ``keep_last`` deleted. An interrupted save
+therefore leaves a hidden directory that nothing reads, never one that looks
+complete; the next save removes it once its owner is gone.
 
-The on-disk names (tracker file, iteration directories) belong to
-``tools.convert.mcore_io``, the one module that knows the layout. Every read
+The on-disk names (tracker file, iteration directories, common-state keys)
+belong to ``megatron_patches.formats.checkpoint``, which the converter shares. Every read
 goes through ``megatron_patches.safe_load``, which refuses pickled code and
 truncated shards before Megatron-Core unpickles anything.
 """
@@ -19,7 +21,6 @@ truncated shards before Megatron-Core unpickles anything.
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +28,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from megatron_patches import checkpoint_writers, safe_load
+from megatron_patches import checkpoint_writers, paths, safe_load
 from megatron_patches.errors import ConfigError
-from megatron_patches.training import rng_state
-from megatron_patches.training.model import RUNTIME_ONLY_FIELDS, ModelConfig
-from tools.convert import mcore_io
+from megatron_patches.formats import checkpoint as ckpt_format
+from megatron_patches.formats import rng_state
+from megatron_patches.formats.model_config import RUNTIME_ONLY_FIELDS, ModelConfig
 
 if TYPE_CHECKING:
     from megatron.core.models.gpt import GPTModel
@@ -39,11 +40,8 @@ if TYPE_CHECKING:
 
     from megatron_patches.training.schedules import PretrainScheduler
 
-CHECKPOINT_VERSION = 3.0
 # The distributed optimizer's format re-shards across DP sizes only; TP/PP must match on resume.
 OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
-PARALLEL_LAYOUT = "parallel_layout"  # [TP, PP] of the run that wrote the checkpoint
-RUN_SETTINGS = "run_settings"  # seed, data, tokenizer ... of the run that wrote it (run_settings.py)
 
 
 @dataclass
@@ -56,22 +54,9 @@ class TrainState:
     run_settings: dict | None = None  # what the resume must keep (run_settings.py); saved, checked on resume
 
 
-def latest_checkpoint(root: str | Path | None) -> Path | None:
-    """The directory the tracker in ``root`` points at, or None when ``root`` has no tracker."""
-    if root is None or not (Path(root) / mcore_io.TRACKER_FILE).is_file():
-        return None
-    return mcore_io.iteration_dir(root)
-
-
-def iteration_of(path: Path) -> int | str:
-    """The iteration of an ``iter_XXXXXXX`` checkpoint directory, or ``"release"``."""
-    name = Path(path).name
-    return name if name == mcore_io.RELEASE else int(name.removeprefix("iter_"))
-
-
 def check_architecture(path: Path, model: ModelConfig) -> None:
     """Stop with one line when the checkpoint at ``path`` holds another architecture."""
-    saved = mcore_io.read_model_config(path.parent, iteration_of(path)).to_dict()
+    saved = _saved_model_config(path).to_dict()
     mine = model.to_dict()
     keys = [k for k in sorted(set(saved) | set(mine)) if k not in RUNTIME_ONLY_FIELDS]
     diffs = [
@@ -85,9 +70,13 @@ def check_architecture(path: Path, model: ModelConfig) -> None:
 
 def model_config_from(path: Path, current: ModelConfig) -> ModelConfig:
     """The checkpoint's architecture, keeping ``current``'s runtime-only choices (kernels, dropout)."""
-    saved = mcore_io.read_model_config(path.parent, iteration_of(path))
+    saved = _saved_model_config(path)
     runtime = {name: getattr(current, name) for name in RUNTIME_ONLY_FIELDS}
     return dataclasses.replace(saved, **runtime)
+
+
+def _saved_model_config(path: Path) -> ModelConfig:
+    return ModelConfig.from_dict(ckpt_format.read_common(path).model_config)
 
 
 def _sharded_state(
@@ -102,21 +91,23 @@ def _sharded_state(
     from megatron.core import parallel_state as ps
 
     model_sd = model.sharded_state_dict()
+    common = ckpt_format.CommonState(
+        model_config=model_cfg.to_dict(),
+        iteration=train_state.iteration,
+        consumed_samples=train_state.consumed_samples,
+        parallel_layout=[
+            ps.get_tensor_model_parallel_world_size(),
+            ps.get_pipeline_model_parallel_world_size(),
+        ],
+        run_settings=train_state.run_settings or {},
+        patch_state=train_state.patch_state or {},
+    )
     return {
         "model": model_sd,
         "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=loading, metadata=OPTIMIZER_SHARDING),
         "opt_param_scheduler": scheduler.state_dict(),
         "rng_state": rng_state.sharded(loading, rng_per_global_rank),
-        PARALLEL_LAYOUT: [
-            ps.get_tensor_model_parallel_world_size(),
-            ps.get_pipeline_model_parallel_world_size(),
-        ],
-        "iteration": train_state.iteration,
-        "consumed_samples": train_state.consumed_samples,
-        "patch_state": train_state.patch_state or {},
-        RUN_SETTINGS: train_state.run_settings or {},
-        "checkpoint_version": CHECKPOINT_VERSION,
-        "model_config": model_cfg.to_dict(),
+        **common.to_dict(),
     }
 
 
@@ -133,37 +124,28 @@ def save(
     from megatron.core import dist_checkpointing
 
     root = Path(save_dir)
-    final = root / mcore_io.iteration_dir_name(train_state.iteration)
-    tmp = final.with_name(final.name + ".tmp")
-    if torch.distributed.get_rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    torch.distributed.barrier()
+    final = root / ckpt_format.iteration_dir_name(train_state.iteration)
+    temp = _temp_dir_from_rank0(root, final)
     state = _sharded_state(model, optimizer, scheduler, train_state, model_cfg, loading=False)
     checkpoint_writers.bind_to_this_process()  # its writer processes must not outlive a killed rank
-    dist_checkpointing.save(state, str(tmp))
+    dist_checkpointing.save(state, str(temp))
     torch.distributed.barrier()
     if torch.distributed.get_rank() == 0:
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        mcore_io.write_tracker(root, train_state.iteration)
-        _prune(root, keep_last)
+        paths.commit_atomic_dir(temp, final)
+        ckpt_format.write_tracker(root, train_state.iteration)
+        ckpt_format.prune(root, keep_last)
     torch.distributed.barrier()
     return final
 
 
-def _prune(root: Path, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` complete checkpoints (never the tracked one)."""
-    tracked = mcore_io.read_tracker(root)
-    complete = sorted(
-        (int(p.name.removeprefix("iter_")), p)
-        for p in root.glob("iter_*")
-        if p.is_dir() and p.name[5:].isdigit()
-    )
-    for iteration, path in complete[:-keep_last] if keep_last > 0 else []:
-        if iteration != tracked:
-            shutil.rmtree(path, ignore_errors=True)
+def _temp_dir_from_rank0(root: Path, final: Path) -> Path:
+    """The save's temporary directory: rank 0 makes it (after removing dead saves' ones), all ranks get it."""
+    path = [None]
+    if torch.distributed.get_rank() == 0:
+        paths.report_cleanup(ckpt_format.clean_stale_saves(root), "saves")
+        path = [str(paths.begin_atomic_dir(final, replace=True, writers="saves"))]
+    torch.distributed.broadcast_object_list(path, src=0)  # the name holds rank 0's pid
+    return Path(path[0])
 
 
 def load(
@@ -188,7 +170,11 @@ def load(
         rng_state.restore(state["rng_state"])
     else:
         rng_state.restore_dp_rank(state["rng_state"])
-    return TrainState(state["iteration"], state["consumed_samples"], state.get("patch_state") or {})
+    return TrainState(
+        state[ckpt_format.ITERATION],
+        state[ckpt_format.CONSUMED_SAMPLES],
+        state.get(ckpt_format.PATCH_STATE) or {},
+    )
 
 
 def _torch_adams(optimizer: MegatronOptimizer) -> Iterator[MegatronOptimizer]:
@@ -247,17 +233,19 @@ def _common_state(path: Path) -> dict[str, Any]:
 def saved_progress(path: Path) -> TrainState:
     """Iteration and consumed samples of the checkpoint at ``path``, from its common state only."""
     common = _common_state(path)
-    return TrainState(int(common.get("iteration", 0)), int(common.get("consumed_samples", 0)))
+    return TrainState(
+        int(common.get(ckpt_format.ITERATION, 0)), int(common.get(ckpt_format.CONSUMED_SAMPLES, 0))
+    )
 
 
 def saved_settings(path: Path) -> dict | None:
     """The run settings the checkpoint at ``path`` was written with; None when it predates them."""
-    return _common_state(path).get(RUN_SETTINGS) or None
+    return _common_state(path).get(ckpt_format.RUN_SETTINGS) or None
 
 
 def saved_layout(path: Path) -> tuple[int, int] | None:
     """(TP, PP) the checkpoint at ``path`` was written at; None for checkpoints that predate the record."""
-    layout = _common_state(path).get(PARALLEL_LAYOUT)
+    layout = _common_state(path).get(ckpt_format.PARALLEL_LAYOUT)
     return None if layout is None else (int(layout[0]), int(layout[1]))
 
 
@@ -265,7 +253,7 @@ def start_from_pretrained(
     path: Path, model: GPTModel, optimizer: MegatronOptimizer, model_cfg: ModelConfig
 ) -> None:
     """Fill the model with a release's weights (fresh optimizer state), in either format."""
-    if mcore_io.checkpoint_format(path) == "torch_dist":
+    if ckpt_format.checkpoint_format(path) == "torch_dist":
         load_pretrained_torch_dist(path, model)
     else:
         load_pretrained(path, model, model_cfg)
@@ -294,15 +282,15 @@ def check_pretrained_layout(path: Path, tp: int, pp: int, num_layers: int) -> No
     load with a screenful of missing and unexpected keys. ``torch_dist``
     checkpoints are parallelism-independent and pass.
     """
-    if mcore_io.checkpoint_format(path) != "torch":
+    if ckpt_format.checkpoint_format(path) != "torch":
         return
-    tp_ckpt, pp_ckpt = mcore_io.legacy_layout(path)
+    tp_ckpt, pp_ckpt = ckpt_format.legacy_layout(path)
     reshard = f"re-shard it with `python -m tools.convert mcore2mcore --tp {tp} --pp {pp}`"
     if (tp_ckpt, pp_ckpt) != (tp, pp):
         raise ConfigError(
             f"{path} was converted for TP={tp_ckpt} PP={pp_ckpt} but this run is TP={tp} PP={pp}; {reshard}"
         )
-    stored = mcore_io.pipeline_layers(path, pp)
+    stored = ckpt_format.pipeline_layers(path, pp)
     built = [num_layers // pp] * pp
     if stored != built:
         raise ConfigError(
@@ -317,12 +305,12 @@ def load_pretrained(path: Path, model, model_cfg: ModelConfig) -> None:
 
     pp_size = ps.get_pipeline_model_parallel_world_size()
     check_pretrained_layout(path, ps.get_tensor_model_parallel_world_size(), pp_size, model_cfg.num_layers)
-    state, _ = mcore_io.load_model_for_rank(
+    state, _ = ckpt_format.load_model_for_rank(
         path.parent,
         ps.get_tensor_model_parallel_rank(),
         ps.get_pipeline_model_parallel_rank(),
         pp_size,
-        iteration=iteration_of(path),
+        iteration=ckpt_format.iteration_of(path),
         spec="te" if model_cfg.transformer_impl == "transformer_engine" else "local",
     )
     model.load_state_dict(state, strict=True)

@@ -19,7 +19,7 @@ import yaml
 
 from megatron_patches.config_io import config_fields, field_type, from_dict, read_yaml, set_dotted, suggest
 from megatron_patches.errors import ConfigError
-from megatron_patches.training.model import ModelConfig
+from megatron_patches.formats.model_config import ModelConfig
 
 
 @dataclass
@@ -40,7 +40,11 @@ class DataConfig:
     tokenizer: str | None = None  # HF tokenizer dir; gives eod/vocab when no blend.yaml does
     eod_id: int | None = None
     reset_position_ids: bool = False
-    reset_attention_mask: bool = False  # refused when true: no attention mask reaches the model
+    # document masking: a token attends only to its own document of a packed sample (an experiment
+    # option: Megatron builds a [s, s] mask per sample; local spec only, not Transformer Engine)
+    reset_attention_mask: bool = False
+    # false: documents enter samples in .bin order (tokenize.order: icp); samples are still shuffled
+    shuffle_documents: bool = True
     eod_mask_loss: bool = False
     anneal_fraction: float = 0.0  # the final fraction of iterations reads anneal_data_path
     anneal_data_path: list = field(default_factory=list)

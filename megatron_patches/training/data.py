@@ -25,14 +25,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from megatron_patches.errors import ConfigError
-from megatron_patches.training.indexed import check_prefix
+from megatron_patches.formats.indexed import DOCUMENT_SUFFIX, check_prefix
 
 if TYPE_CHECKING:
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
     from megatron_patches.training.config import DataConfig
-
-DOCUMENT_SUFFIX = "_text_document"
 
 
 @dataclass(frozen=True)
@@ -46,7 +44,6 @@ class Phase:
     seq_length: int
     global_batch_size: int
     micro_batch_size: int
-    rotary_base: float | None = None  # set by a sequence-length stage; None keeps the model's
     channels: tuple = ()  # channel name of each blend component (dataset_id -> name)
 
     @property
@@ -56,12 +53,6 @@ class Phase:
     @property
     def tokens_per_iteration(self) -> int:
         return self.global_batch_size * self.seq_length
-
-    def model_config(self, model):
-        """The model this phase trains: ``model`` (a ModelConfig) with the phase's rotary base, if any."""
-        if self.rotary_base is None:
-            return model
-        return dataclasses.replace(model, rotary_base=self.rotary_base)
 
 
 def parse_blend(data_path: list | tuple) -> tuple[list[str], list[float]]:
@@ -176,6 +167,7 @@ def micro_batch_sample_ids(
 
 def collate(samples: list[dict], sample_ids: list[int]) -> dict[str, torch.Tensor]:
     keys = ("tokens", "labels", "loss_mask", "position_ids")
+    keys += ("attention_mask",) if "attention_mask" in samples[0] else ()  # data.reset_attention_mask
     batch = {key: torch.stack([torch.as_tensor(s[key]) for s in samples]) for key in keys}
     batch["dataset_id"] = torch.tensor([int(s.get("dataset_id", 0)) for s in samples], dtype=torch.long)
     batch["sample_id"] = torch.tensor(sample_ids, dtype=torch.long)
@@ -217,12 +209,18 @@ def build_phase_datasets(
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, MockGPTDataset
 
+    from megatron_patches.document_order import documents_in_file_order
+
     blend = _checked_blend(phase.data_path)
+    in_file_order = not data_cfg.shuffle_documents
+    if in_file_order:  # Megatron's index cache does not know this choice: keep its indices apart
+        cache_dir = str(Path(cache_dir) / "documents_in_file_order")
     config = _dataset_config(phase, blend, split, seed, tokenizer, cache_dir, data_cfg)
     cls = GPTDataset if blend else MockGPTDataset
-    train, valid, _ = BlendedMegatronDatasetBuilder(
-        cls, [train_samples, valid_samples, 0], lambda: True, config
-    ).build()
+    with documents_in_file_order(in_file_order):
+        train, valid, _ = BlendedMegatronDatasetBuilder(
+            cls, [train_samples, valid_samples, 0], lambda: True, config
+        ).build()
     return train, valid
 
 
@@ -255,9 +253,9 @@ def _dataset_config(
         path_to_cache=cache_dir,
         tokenizer=tokenizer,
         reset_position_ids=data_cfg.reset_position_ids,
-        reset_attention_mask=False,  # no attention mask reaches the model (validation refuses true)
+        reset_attention_mask=data_cfg.reset_attention_mask,
         eod_mask_loss=data_cfg.eod_mask_loss,
-        create_attention_mask=False,
+        create_attention_mask=data_cfg.reset_attention_mask,  # otherwise attention is plain causal
     )
 
 

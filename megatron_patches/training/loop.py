@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 from megatron_patches.exit_signals import ExitSignals
-from megatron_patches.hooks import Hook, Requests, StepReport
+from megatron_patches.hooks import Hook, Requests, StepReport, phase_model_config
 from megatron_patches.training import checkpoint
+from megatron_patches.training.agreement import LOOP_FLAGS, RankAgreement
 from megatron_patches.training.builder import TrainingObjects
 from megatron_patches.training.config import Config
 from megatron_patches.training.data import Phase, PhaseData, phase_at
@@ -28,15 +29,7 @@ from megatron_patches.training.metrics import (
     format_eta,
     peak_flops_per_gpu,
 )
-from megatron_patches.training.step import (
-    LOOP_FLAGS,
-    exit_signal_bits,
-    forward_backward,
-    global_loss,
-    optimizer_step,
-    rank0_flag_names,
-    split_flag_bits,
-)
+from megatron_patches.training.step import forward_backward, global_loss, optimizer_step
 
 
 @dataclass
@@ -83,7 +76,7 @@ class Trainer:
         self.last_saved_iteration = ctx.state.iteration
         self.last_grad_norm: float | None = None
         self.device = next(ctx.objects.gpt.parameters()).device
-        self.flag_names = rank0_flag_names(hooks)  # bit j of the flags in the loss all-reduce
+        self.agreement = RankAgreement(hooks, self.device)  # rank 0's flags and exit signals, shared
         self.exit_signals = ExitSignals()  # SIGTERM/SIGUSR1: checkpoint and stop, as `touch stop`
 
     # -- the run ---------------------------------------------------------------------------
@@ -102,7 +95,7 @@ class Trainer:
             exit_interval = cfg.train.exit_interval
             if exit_interval and ctx.state.iteration % exit_interval == 0:
                 requests.stop = f"exit_interval {exit_interval}"
-            if report.exit_signals:  # any rank's signal, counted in the loss all-reduce: all stop here
+            if report.exit_signals:  # any rank's signal, counted by the agreement: all stop here
                 world = torch.distributed.get_world_size()
                 requests.stop = requests.stop or self.exit_signals.reason(report.exit_signals, world)
             for hook in self.hooks:
@@ -179,10 +172,8 @@ class Trainer:
             self.hooks,
             ctx,
         )
-        num_flags = len(self.flag_names)
-        mine = self._rank0_flag_bits() + exit_signal_bits(self.exit_signals.received is not None, num_flags)
-        loss, total_tokens, bits = global_loss(loss_sum, tokens, self.device, mine)
-        flag_bits, signalled_ranks = split_flag_bits(bits, num_flags)
+        loss, total_tokens = global_loss(loss_sum, tokens, self.device)
+        agreed = self.agreement.exchange(self._rank0_answers, self.exit_signals.received is not None)
         lr = objs.optimizer.param_groups[0]["lr"]  # the step's LR: the scheduler moves it after the step
         updated, grad_norm = self._update(loss)
         report = StepReport(
@@ -194,8 +185,8 @@ class Trainer:
             skipped=not updated,
             sample_ids=[int(i) for b in batches for i in b["sample_id"]],
             dataset_ids=[int(i) for b in batches for i in b["dataset_id"]],
-            flags={name: bool(flag_bits >> j & 1) for j, name in enumerate(self.flag_names)},
-            exit_signals=signalled_ranks,
+            flags=agreed.flags,
+            exit_signals=agreed.exit_signals,
         )
         return report, time.perf_counter() - start
 
@@ -212,19 +203,14 @@ class Trainer:
         ctx.state.consumed_samples += ctx.phase.global_batch_size
         return updated, grad_norm
 
-    def _rank0_flag_bits(self) -> int:
-        """On global rank 0, the loop's and the hooks' yes/no answers as bits (``flag_names``); else 0."""
-        if torch.distributed.get_rank() != 0:
-            return 0
+    def _rank0_answers(self) -> set[str]:
+        """On global rank 0: the loop's and the hooks' yes/no answers that hold, by flag name."""
         minutes = self.ctx.cfg.checkpoint.save_interval_minutes
         wall_clock_save = bool(minutes) and time.monotonic() - self.last_save_time >= 60 * minutes
         answers = {LOOP_FLAGS[0]} if wall_clock_save else set()
         for hook in self.hooks:
             answers.update(f"{hook.name}.{flag}" for flag in hook.rank0_flags(self.ctx))
-        unknown = answers.difference(self.flag_names)
-        if unknown:
-            raise RuntimeError(f"rank0_flags answered {sorted(unknown)}, not in the hooks' flag_names")
-        return sum(1 << j for j, name in enumerate(self.flag_names) if name in answers)
+        return answers
 
     # -- logging ---------------------------------------------------------------------------
     def _after_iteration(self, report: StepReport, seconds: float) -> None:
@@ -307,7 +293,7 @@ class Trainer:
                 )
                 loss_sum, tokens = loss_sum + s, tokens + t
         ctx.objects.model.train()
-        loss, _, _ = global_loss(loss_sum, tokens, self.device)
+        loss, _ = global_loss(loss_sum, tokens, self.device)
         metrics = {"lm loss validation": loss, "lm loss validation ppl": math.exp(min(loss, 50.0))}
         for hook in self.hooks:
             hook.on_eval(ctx, metrics)
@@ -326,7 +312,7 @@ class Trainer:
             return requests.save or requests.stop
         if cfg.save_interval and it % cfg.save_interval == 0:
             return f"interval of {cfg.save_interval} iterations"
-        if report.flags[LOOP_FLAGS[0]]:  # rank 0's clock decided, in the loss all-reduce
+        if report.flags[LOOP_FLAGS[0]]:  # rank 0's clock decided, shared by the agreement
             return f"wall-clock interval of {cfg.save_interval_minutes:g} minutes"
         return None
 
@@ -344,7 +330,7 @@ class Trainer:
             objs.optimizer,
             objs.scheduler,
             ctx.state,
-            ctx.phase.model_config(ctx.cfg.model),  # the rotary base the weights were trained with
+            phase_model_config(self.hooks, ctx.phase, ctx.cfg.model),  # e.g. the rotary base trained with
             ctx.cfg.checkpoint.keep_last,
         )
         self.last_save_time = time.monotonic()

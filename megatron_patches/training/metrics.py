@@ -7,8 +7,8 @@ checkpoint, so the writer first cuts ``metrics.jsonl`` back to the resumed
 iteration (a rewrite, renamed over the old file) and opens a TensorBoard event
 file with ``purge_step`` (TensorBoard then hides the older files' later steps);
 W&B resumes the run whose id is kept in ``<run_dir>/wandb_run_id``.
-Also here: model FLOPs per iteration (Megatron-LM's formula) for the MFU
-estimate, and the peak bf16 throughput of known GPUs.
+Also here: the peak bf16 throughput of known GPUs for the MFU estimate (the
+model FLOPs per iteration come from :mod:`megatron_patches.flops`).
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import secrets
 import time
 from pathlib import Path
 from typing import Any
 
-from megatron_patches.training.model import ModelConfig
+from megatron_patches import paths
+from megatron_patches.flops import flops_per_iteration  # noqa: F401 - the loop and bench take it from here
 
 # Dense bf16 tensor-core peak per GPU, FLOP/s (vendor datasheets).
 PEAK_BF16_FLOPS = {
@@ -33,24 +33,6 @@ PEAK_BF16_FLOPS = {
     "A800": 312e12,
     "L40S": 362e12,
 }
-
-
-def flops_per_iteration(cfg: ModelConfig, seq_length: int, global_batch_size: int) -> float:
-    """Forward + backward model FLOPs of one iteration (Megatron-LM's accounting, no recompute).
-
-    Per token and layer: QKV and output projections with GQA, attention scores
-    and values (causal mask not discounted, as Megatron-LM), and the MLP (3
-    matrices with SwiGLU); plus the output layer. Backward costs twice forward.
-    """
-    h, layers, s = cfg.hidden_size, cfg.num_layers, seq_length
-    kv = cfg.groups * cfg.head_dim
-    q = cfg.num_attention_heads * cfg.head_dim
-    attn_proj = 2 * h * (q + 2 * kv) + 2 * q * h
-    attn_scores = 2 * 2 * s * q
-    mlp = 2 * h * cfg.ffn_hidden_size * (3 if cfg.swiglu else 2)
-    logits = 2 * h * cfg.padded_vocab_size(1)
-    per_token_forward = layers * (attn_proj + attn_scores + mlp) + logits
-    return 3.0 * per_token_forward * s * global_batch_size
 
 
 def peak_flops_per_gpu() -> float | None:
@@ -130,7 +112,7 @@ def keep_records_until(path: Path, iteration: int) -> int:
     kept = [line for line in lines if _iteration_of(line) <= iteration]
     if not text or (len(kept) == len(lines) and text.endswith("\n")):
         return 0
-    _replace_text(path, "".join(line + "\n" for line in kept))
+    paths.write_text_atomic(path, "".join(line + "\n" for line in kept))
     return len(lines) - len(kept)
 
 
@@ -140,12 +122,6 @@ def _iteration_of(line: str) -> float:
         return int(json.loads(line)["iteration"])
     except (ValueError, KeyError, TypeError):
         return math.inf
-
-
-def _replace_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def init_wandb(run_dir: Path, logging_cfg, config: dict) -> Any:
@@ -161,7 +137,7 @@ def init_wandb(run_dir: Path, logging_cfg, config: dict) -> Any:
     run_id = id_file.read_text().strip() if id_file.is_file() else ""
     if not run_id:
         run_id = secrets.token_hex(4)  # W&B ids: lower-case letters and digits
-        _replace_text(id_file, run_id + "\n")
+        paths.write_text_atomic(id_file, run_id + "\n")
     return wandb.init(
         project=logging_cfg.wandb_project,
         entity=logging_cfg.wandb_entity,

@@ -15,11 +15,12 @@ from pathlib import Path
 import torch
 import yaml
 
-from megatron_patches import cpu, parallel
+from megatron_patches import cpu, parallel, paths
+from megatron_patches.formats.hf_files import copy_tokenizer_files
+from megatron_patches.formats.indexed import token_count
 from megatron_patches.training import builder, checkpoint
 from megatron_patches.training.config import Config, load_config
 from megatron_patches.training.data import DatasetTokenizer, PhaseData, channel_names, parse_blend
-from megatron_patches.training.indexed import token_count
 from megatron_patches.training.loop import TrainContext, Trainer
 from megatron_patches.training.metrics import MetricsWriter
 from megatron_patches.training.model import describe_fused_kernels
@@ -61,7 +62,6 @@ def describe(cfg: Config, plan: RunPlan) -> str:
     lines += [
         f"phase {p.name}: iterations {p.start_iteration}..{p.end_iteration - 1}, seq {p.seq_length}, "
         f"global batch {p.global_batch_size}, channels {list(p.channels)}"
-        + (f", rotary base {p.rotary_base:g}" if p.rotary_base is not None else "")
         for p in plan.phases
     ]
     lines += describe_data(plan)
@@ -91,7 +91,7 @@ def train(cfg: Config, plan: RunPlan) -> int:
     logging_rank = rank == world - 1  # holds the last pipeline stage, where the loss is
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        paths.write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         _keep_tokenizer(plan)
     torch.distributed.barrier()
     parallel.initialize(plan.layout, cfg.seed, cfg.model)
@@ -109,13 +109,14 @@ def train(cfg: Config, plan: RunPlan) -> int:
 
 
 def _keep_tokenizer(plan: RunPlan) -> None:
-    """Copy the tokenizer beside the checkpoints, so `tools.convert mcore2hf` exports a complete HF dir."""
-    from tools.convert.hf_io import copy_side_files
+    """Copy the tokenizer beside the checkpoints, so `tools.convert mcore2hf` exports a complete HF dir.
 
+    Only the tokenizer's files, as the converter's ``--tokenizer`` copies them: data/preprocess
+    bookkeeping beside it (stage report, fingerprint, tokenizer_info.json) is not part of a model.
+    """
     if plan.data.tokenizer and not (plan.save_dir / "tokenizer_config.json").exists():
         plan.save_dir.mkdir(parents=True, exist_ok=True)
-        # data/preprocess bookkeeping (stage report, cache fingerprint) is not part of a model export.
-        copy_side_files(Path(plan.data.tokenizer), plan.save_dir, skip=("report.json", "fingerprint.json"))
+        copy_tokenizer_files(Path(plan.data.tokenizer), plan.save_dir)
 
 
 def _restore(cfg: Config, plan: RunPlan, objects) -> checkpoint.TrainState:

@@ -36,6 +36,7 @@ SETTINGS = (
     "data.anneal_fraction",
     "data.tokenizer",
     "data.eod_id",
+    "data.shuffle_documents",
     "train.global_batch_size",
 )
 # The data position of a resume is computed from the iteration and the global batch
@@ -56,6 +57,7 @@ def run_settings(
         "data.anneal_fraction": cfg.data.anneal_fraction,
         "data.tokenizer": str(Path(tokenizer).resolve()) if tokenizer else None,
         "data.eod_id": eod_id,
+        "data.shuffle_documents": cfg.data.shuffle_documents,
         "train.global_batch_size": cfg.train.global_batch_size,
     }
 

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from megatron_patches.compat import require_signature
-from megatron_patches.errors import ConfigError
 
 if TYPE_CHECKING:
     from megatron.core.optimizer import MegatronOptimizer
@@ -74,7 +73,9 @@ def forward_step(
     tokens = batch["tokens"].to(device) if gpt.pre_process else None
     positions = batch["position_ids"].to(device) if gpt.pre_process else None
     labels = batch["labels"].to(device) if gpt.post_process else None
-    output = model(tokens, positions, None, labels=labels)
+    # data.reset_attention_mask: every stage's attention needs the document mask
+    mask = batch["attention_mask"].to(device) if "attention_mask" in batch else None
+    output = model(tokens, positions, mask, labels=labels)
     return output, partial(loss_func, hooks, ctx, batch, training)
 
 
@@ -115,84 +116,21 @@ def forward_backward(
     return float(total[0]), float(total[1])
 
 
-# Rank 0's yes/no answers (``Hook.rank0_flags``) ride in the token count's float64 element,
-# above bit 36: a global batch's loss tokens times TP stay far below 2**36 (6.9e10; a 16M-token
-# batch at TP 8 is 1.3e8; checked per phase, ``check_flag_room``), and float64 holds integers
-# exactly up to 2**53, so 17 bits fit. Above rank 0's flags, every rank adds 1 once it has
-# received an exit signal (``exit_signals``): the sum counts the signalled ranks, in
-# ``world_size.bit_length()`` bits. Why not an element of their own: on gloo an all-reduce of 3
-# elements took ~0.25 ms against ~0.15 ms for 2 on the 2-core CI machine, ~1% of a tiny iteration
-# (bench/patches_overhead.py).
-FLAG_SHIFT = 36
-MAX_FLAGS = 53 - FLAG_SHIFT
-LOOP_FLAGS = ("loop.wall_clock_save",)  # the loop's own rank-0 decision (checkpoint.save_interval_minutes)
-
-
-def rank0_flag_names(hooks: list[Hook]) -> list[str]:
-    """Every rank-0 flag of a run in bit order: the loop's, then each hook's ``<patch>.<flag>``."""
-    return [*LOOP_FLAGS, *(f"{hook.name}.{flag}" for hook in hooks for flag in hook.flag_names)]
-
-
-def pack_flags(tokens: float, bits: int) -> float:
-    """``tokens`` (an integer count) with flag ``bits`` above bit ``FLAG_SHIFT``, exact in float64."""
-    return tokens + float(bits << FLAG_SHIFT)
-
-
-def unpack_flags(total: float) -> tuple[int, int]:
-    """The sum of packed values over ranks -> (token total, flag bits); inverse of :func:`pack_flags`."""
-    whole = int(round(total))
-    return whole & ((1 << FLAG_SHIFT) - 1), whole >> FLAG_SHIFT
-
-
-def exit_signal_bits(signalled: bool, num_flags: int) -> int:
-    """This rank's part of the count of signalled ranks, above the run's ``num_flags`` rank-0 flags."""
-    return int(signalled) << num_flags
-
-
-def split_flag_bits(bits: int, num_flags: int) -> tuple[int, int]:
-    """Flag bits summed over ranks -> (rank 0's flags, number of ranks that received an exit signal)."""
-    return bits & ((1 << num_flags) - 1), bits >> num_flags
-
-
-def check_flag_room(
-    tokens_per_iteration: int, tensor_parallel: int, num_flags: int, world_size: int = 0
-) -> None:
-    """Raise if an iteration's token total could reach the flag bits, or the flags and the count of
-    signalled ranks (up to ``world_size``) do not fit above it."""
-    if num_flags + world_size.bit_length() > MAX_FLAGS:
-        count = f" and a count of up to {world_size} signalled ranks" if world_size else ""
-        raise ConfigError(
-            f"{num_flags} rank-0 flags requested by the patches{count} need "
-            f"{num_flags + world_size.bit_length()} bits; at most {MAX_FLAGS} fit"
-        )
-    if tokens_per_iteration * tensor_parallel >= 1 << FLAG_SHIFT:
-        raise ConfigError(
-            f"{tokens_per_iteration} tokens per iteration x TP {tensor_parallel} reach 2**{FLAG_SHIFT}: "
-            "too many for the loss all-reduce's token count"
-        )
-
-
-def global_loss(
-    loss_sum: float, tokens: float, device: torch.device, flag_bits: int = 0
-) -> tuple[float, int, int]:
+def global_loss(loss_sum: float, tokens: float, device: torch.device) -> tuple[float, int]:
     """Token-weighted mean loss of the global batch, known to every rank afterwards.
 
     Only last-stage ranks hold non-zero sums; summing over the whole world counts
-    each DP replica's tokens once per TP rank, so divide by TP. Rank 0's
-    ``flag_bits`` (0 elsewhere) ride in the token count's element and come back
-    to every rank: the hooks' per-iteration decisions cost no collective and no
-    element of their own. Returns (loss, tokens, flag bits).
+    each DP replica's tokens once per TP rank, so divide by TP. Returns (loss, tokens).
     """
     from megatron.core import parallel_state as ps
 
-    values = torch.tensor([loss_sum, pack_flags(tokens, flag_bits)], dtype=torch.float64, device=device)
+    values = torch.tensor([loss_sum, tokens], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(values)
     loss_total, token_total = values.tolist()
-    token_total, bits = unpack_flags(token_total)
     tp = ps.get_tensor_model_parallel_world_size()
-    total_tokens = token_total // tp
+    total_tokens = int(round(token_total)) // tp
     loss = loss_total / tp / total_tokens if total_tokens else float("nan")
-    return loss, total_tokens, bits
+    return loss, total_tokens
 
 
 def optimizer_step(

@@ -14,9 +14,12 @@ import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data.preprocess.blend import load_blend
 from megatron_patches.errors import ConfigError
-from megatron_patches.hooks import Hook, build_hooks
+from megatron_patches.formats import checkpoint as ckpt_format
+from megatron_patches.formats.blend import load_blend
+from megatron_patches.formats.indexed import check_prefix
+from megatron_patches.formats.model_config import ModelConfig
+from megatron_patches.hooks import Hook, build_hooks, phase_model_config
 from megatron_patches.parallel import Layout, validate_layout
 from megatron_patches.paths import refuse_overlap
 from megatron_patches.training import checkpoint
@@ -30,12 +33,9 @@ from megatron_patches.training.data import (
     samples_before,
     split_weights,
 )
-from megatron_patches.training.indexed import check_prefix
 from megatron_patches.training.model import resolve_transformer_impl
 from megatron_patches.training.run_settings import check_allow_change, check_resume, run_settings
 from megatron_patches.training.schedules import validate_schedule
-from megatron_patches.training.step import check_flag_room, rank0_flag_names
-from tools.convert import mcore_io
 
 
 @dataclass
@@ -77,15 +77,12 @@ def plan_run(cfg: Config, world_size: int) -> RunPlan:
     settings = run_settings(cfg, data.data_path, data.anneal_data_path, data.tokenizer, data.eod_id)
     hooks = build_hooks(cfg.patches, cfg)
     phases = _plan_phases(cfg, data, hooks)
-    num_flags = len(rank0_flag_names(hooks))
     for phase in phases:
         _check_batch(phase.global_batch_size, phase.micro_batch_size, layout, f"phase {phase.name!r}")
         _check_seq(phase.seq_length, cfg)
-        tp = layout.tensor_model_parallel_size
-        check_flag_room(phase.tokens_per_iteration, tp, num_flags, layout.world_size)  # + signalled ranks
     notes = []
     if resume_from is not None:
-        checkpoint.check_architecture(resume_from, _model_at(resume_from, phases, cfg))
+        checkpoint.check_architecture(resume_from, _model_at(resume_from, phases, hooks, cfg))
         _check_resume_layout(resume_from, layout)
         saved = checkpoint.saved_settings(resume_from)
         notes = check_resume(resume_from, saved, settings, cfg.checkpoint.allow_change)
@@ -110,10 +107,10 @@ def _find_checkpoints(cfg: Config) -> tuple[Path, Path | None, Path | None]:
         {"checkpoint.pretrained_checkpoint": cfg.checkpoint.pretrained_checkpoint},
     )
     load = cfg.checkpoint.load
-    resume_from = checkpoint.latest_checkpoint(load or save_dir)
+    resume_from = ckpt_format.latest(load or save_dir)
     if load and resume_from is None and Path(load).resolve() != save_dir.resolve():
         raise ConfigError(
-            f"checkpoint.load {load} holds no checkpoint (no {mcore_io.TRACKER_FILE}); "
+            f"checkpoint.load {load} holds no checkpoint (no {ckpt_format.TRACKER_FILE}); "
             "unset it to start from scratch"
         )
     pretrained = _find_pretrained(cfg) if resume_from is None else None
@@ -166,16 +163,16 @@ def _check_data_position(path: Path, phases: list[Phase]) -> None:
         )
 
 
-def _model_at(path: Path, phases: list[Phase], cfg: Config):
+def _model_at(path: Path, phases: list[Phase], hooks: list[Hook], cfg: Config) -> ModelConfig:
     """The model config the checkpoint at ``path`` should hold: that of the phase that wrote it.
 
-    A phase may set its own rotary base (rope_schedule); a checkpoint records the
-    base its weights were trained with, i.e. that of the iteration before it.
+    A patch may change the model per phase (rope_schedule's rotary base); a checkpoint
+    records the model its weights were trained as, i.e. that of the iteration before it.
     """
-    iteration = checkpoint.iteration_of(path)
+    iteration = ckpt_format.iteration_of(path)
     if not isinstance(iteration, int):  # a release: written by the converter, not by a phase
         return cfg.model
-    return phase_at(phases, max(iteration - 1, 0)).model_config(cfg.model)
+    return phase_model_config(hooks, phase_at(phases, max(iteration - 1, 0)), cfg.model)
 
 
 def _check_train(cfg: Config, layout: Layout) -> None:
@@ -221,11 +218,10 @@ def _check_unsupported(cfg: Config) -> None:
             "checkpoint.async_save=true is not supported: checkpoints are written synchronously "
             "(dist_checkpointing.save, then an atomic rename); remove it"
         )
-    if cfg.data.reset_attention_mask:
+    if cfg.data.reset_attention_mask and cfg.model.transformer_impl != "local":
         raise ConfigError(
-            "data.reset_attention_mask=true is not supported: no attention mask reaches the model "
-            "(core attention is plain causal), so packed documents would still see each other; "
-            "use data.reset_position_ids and data.eod_mask_loss"
+            "data.reset_attention_mask=true needs model.transformer_impl=local: Transformer Engine's "
+            "causal attention ignores the document mask, so packed documents would still see each other"
         )
 
 
@@ -309,7 +305,7 @@ def _find_pretrained(cfg: Config) -> Path | None:
     if not cfg.checkpoint.pretrained_checkpoint:
         return None
     root = Path(cfg.checkpoint.pretrained_checkpoint)
-    path = checkpoint.latest_checkpoint(root)
+    path = ckpt_format.latest(root)
     if path is None:
-        raise ConfigError(f"pretrained_checkpoint {root} has no latest_checkpointed_iteration.txt")
+        raise ConfigError(f"pretrained_checkpoint {root} has no {ckpt_format.TRACKER_FILE}")
     return path

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import signal
+from dataclasses import dataclass
 
 import torch
 
@@ -35,14 +36,22 @@ from megatron_patches.hooks import Hook
 RECORD: dict = {"phases": [], "shapes": {}, "fingerprint": {}, "saves": []}
 
 
+@dataclass(frozen=True)
+class Options:
+    touch: dict | None = None  # iteration -> file name in run_dir
+    touch_during_save: list | None = None  # [iteration, file name]
+    emb_length: int = 32
+    signal: dict | None = None  # iteration -> [rank, signal name]
+
+
 class Probe(Hook):
     name = "probe"
 
-    def __init__(self, options: dict) -> None:
-        self.touch = {int(k): v for k, v in (options.get("touch") or {}).items()}
-        self.touch_during_save = options.get("touch_during_save")
-        self.emb_length = options.get("emb_length", 32)
-        self.signal = {int(k): v for k, v in (options.get("signal") or {}).items()}
+    def __init__(self, options: Options) -> None:
+        self.touch = {int(k): v for k, v in (options.touch or {}).items()}
+        self.touch_during_save = options.touch_during_save
+        self.emb_length = options.emb_length
+        self.signal = {int(k): v for k, v in (options.signal or {}).items()}
 
     def on_train_start(self, ctx) -> None:
         RECORD["fingerprint"][ctx.state.iteration] = _fingerprint(ctx.objects.gpt)
@@ -56,7 +65,7 @@ class Probe(Hook):
             {
                 "iteration": ctx.state.iteration,
                 "seq_length": phase.seq_length,
-                "rotary_base": phase.rotary_base,
+                "rotary_base": ctx.objects.gpt.rotary_base,  # what the model uses now
                 "global_batch_size": phase.global_batch_size,
                 "inv_freq": rope.inv_freq.clone(),
                 "emb": emb.clone(),
@@ -110,7 +119,7 @@ def tensorboard_scalars(run_dir, tag: str) -> dict[int, float]:
     return {e.step: e.value for e in events.Scalars(tag)} if tag in events.Tags()["scalars"] else {}
 
 
-def enable(options: dict, config) -> Probe:
+def enable(options: Options, config) -> Probe:
     return Probe(options)
 
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from megatron_patches import channel_loss
-from megatron_patches.channel_loss import ChannelLoss, channel_sums, enable, named_totals, reduce_channels
+from megatron_patches.channel_loss import ChannelLoss, channel_sums, named_totals, reduce_channels
 from megatron_patches.errors import ConfigError
-from megatron_patches.hooks import StepReport
+from megatron_patches.hooks import StepReport, enable_patch
 from megatron_patches.training.config import load_config
 from tests.dist import run_on_ranks
 from tests.megatron_patches.probe import tensorboard_scalars
@@ -60,8 +60,8 @@ def test_the_window_sums_what_it_holds_at_a_bound_at_a_phase_change_and_at_the_l
 
 
 def test_channel_loss_takes_no_options():
-    with pytest.raises(ConfigError, match=r"patches.channel_loss: unknown option\(s\) \['names'\]"):
-        enable({"names": {}}, load_config(None, []))
+    with pytest.raises(ConfigError, match=r"unknown config key 'patches.channel_loss.names'"):
+        enable_patch("channel_loss", {"names": {}}, load_config(None, []))
 
 
 def _args(run_dir: Path, data: list) -> list[str]:

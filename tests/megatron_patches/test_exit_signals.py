@@ -11,7 +11,7 @@ from tests.megatron_patches.training.test_train import _train, losses, tiny_args
 
 def test_sigterm_to_one_rank_stops_all_ranks_at_one_checkpoint_and_the_resume_is_exact(tmp_path, capfd):
     # The signal reaches rank 1 only (not rank 0, which alone reads the trigger files) during
-    # iteration 3's hooks; every rank counts it in iteration 4's loss all-reduce and stops there.
+    # iteration 3's hooks; every rank counts it in iteration 4's agreement and stops there.
     data = two_channels(tmp_path)
     common = (
         "parallel.pipeline_model_parallel_size=2",

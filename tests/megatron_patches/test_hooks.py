@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from megatron_patches.errors import ConfigError
-from megatron_patches.hooks import build_hooks, number_option, patch_options, run_dir_file
+from megatron_patches.hooks import PATCHES, build_hooks, number_option, run_dir_file
 from megatron_patches.training import run
 from megatron_patches.training.config import load_config
 
@@ -13,7 +13,6 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_option_helpers_accept_yaml_numbers_and_name_what_is_wrong():
-    assert patch_options("p", {"a": 2}, {"a": 1, "b": 3}) == {"a": 2, "b": 3}
     assert number_option("x", "1e6") == 1e6  # YAML 1.1 reads 1e6 as a string
     assert number_option("x", 3, integer=True) == 3
     with pytest.raises(ConfigError, match=r"x must be an integer above 0, got '3'"):
@@ -21,6 +20,58 @@ def test_option_helpers_accept_yaml_numbers_and_name_what_is_wrong():
     with pytest.raises(ConfigError, match=r"x must be a number above 1, got True"):
         number_option("x", True, minimum=1)
     assert run_dir_file("p", "f", "a.jsonl", "/runs/r") == Path("/runs/r/a.jsonl")
+
+
+@pytest.mark.parametrize(
+    ("patches", "message"),
+    [
+        (
+            {"loss_spike": {"warmpu": 3}},
+            "unknown config key 'patches.loss_spike.warmpu'; did you mean 'warmup'?",
+        ),
+        (
+            {"loss_spike": {"min_ratio": "high"}},
+            "config key 'patches.loss_spike.min_ratio' expects float, got 'high'",
+        ),
+        ({"save_trigger": {"save_file": ["a"]}}, "config key 'patches.save_trigger.save_file' expects str"),
+        (
+            {
+                "rope_schedule": {
+                    "stages": [{"seq_length": 64, "rotary_base": 1e4}],
+                    "keep_tokens_per_iteration": 1,
+                }
+            },
+            "config key 'patches.rope_schedule.keep_tokens_per_iteration' expects bool, got 1",
+        ),
+        ({"rope_schedule": {}}, "config section patches.rope_schedule needs stages"),
+        ({"probes": {"file": "p.yaml"}}, "config section patches.probes needs tokenizer"),
+    ],
+)
+def test_patch_options_are_typed_and_a_bad_key_is_one_line_naming_it(patches, message):
+    with pytest.raises(ConfigError) as err:
+        build_hooks(patches, load_config(None, ["run_dir=/tmp/r"]))
+    assert str(err.value).startswith(message)
+    assert "\n" not in str(err.value)
+
+
+def test_every_patch_reads_its_options_into_a_dataclass():
+    import dataclasses
+    import importlib
+
+    for name, module_name in PATCHES.items():
+        options = importlib.import_module(module_name).Options
+        assert dataclasses.is_dataclass(options), name
+
+
+def test_the_loops_context_provides_everything_the_hook_context_promises():
+    import dataclasses
+
+    from megatron_patches.hooks import HookContext
+    from megatron_patches.training.loop import TrainContext
+
+    promised = set(HookContext.__annotations__)
+    assert promised == {"cfg", "run_dir", "objects", "writer", "state", "phase"}
+    assert promised <= {f.name for f in dataclasses.fields(TrainContext)}
 
 
 def test_patches_switch_off_by_config():

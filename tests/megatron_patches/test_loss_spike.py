@@ -8,8 +8,16 @@ import statistics
 import pytest
 
 from megatron_patches.errors import ConfigError
-from megatron_patches.hooks import StepReport
-from megatron_patches.loss_spike import SpikeDetector, Verdict, enable, mean_std, refuses_update, spike_record
+from megatron_patches.hooks import StepReport, enable_patch
+from megatron_patches.loss_spike import (
+    Options,
+    SpikeDetector,
+    Verdict,
+    enable,
+    mean_std,
+    refuses_update,
+    spike_record,
+)
 from megatron_patches.training.config import load_config
 from megatron_patches.training.data import Phase
 from tests.dist import run_on_ranks
@@ -92,10 +100,10 @@ def test_spike_record_lists_every_sample_of_the_batch_with_its_channel():
 
 def test_the_window_travels_in_checkpoints():
     cfg = load_config(None, ["run_dir=/tmp/r"])
-    guard = enable({"window": 4, "warmup": 2}, cfg)
+    guard = enable(Options(window=4, warmup=2), cfg)
     for loss in (3.0, 2.0, 1.0, 5.0, 4.0):
         guard.detector.observe(loss)
-    resumed = enable({"window": 4, "warmup": 2}, cfg)
+    resumed = enable(Options(window=4, warmup=2), cfg)
     resumed.load_state_dict(guard.state_dict())
     assert list(resumed.detector.history) == [2.0, 1.0, 5.0, 4.0]
     assert resumed.detector.judge(9.0) == guard.detector.judge(9.0)
@@ -106,14 +114,17 @@ def test_the_window_travels_in_checkpoints():
     [
         ({"action": "rollback"}, "action must be one of ('continue', 'skip', 'stop')"),
         ({"window": 10, "warmup": 20}, "warmup (20) exceeds window (10)"),
-        ({"std_factor": "x"}, "std_factor must be a number above 0"),
-        ({"window": 1.5}, "window must be an integer above 1"),
+        ({"std_factor": "x"}, "config key 'patches.loss_spike.std_factor' expects float, got 'x'"),
+        ({"std_factor": -1}, "std_factor must be a number above 0, got -1"),
+        ({"window": 1.5}, "config key 'patches.loss_spike.window' expects int, got 1.5"),
+        ({"window": 1}, "window must be an integer above 1"),
+        ({"windw": 5}, "unknown config key 'patches.loss_spike.windw'; did you mean 'window'?"),
         ({"file": "/abs.jsonl"}, "file must be a file name inside run_dir"),
     ],
 )
 def test_bad_options_are_named(options, message):
     with pytest.raises(ConfigError) as err:
-        enable(options, load_config(None, ["run_dir=/tmp/r"]))
+        enable_patch("loss_spike", options, load_config(None, ["run_dir=/tmp/r"]))
     assert message in str(err.value)
 
 

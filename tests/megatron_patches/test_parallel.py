@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from megatron_patches.errors import ConfigError
+from megatron_patches.formats.model_config import ModelConfig
 from megatron_patches.parallel import Layout, validate_layout
-from megatron_patches.training.model import ModelConfig
 from tests.dist import RankFailure, run_on_ranks
 
 TINY = ModelConfig(

@@ -8,6 +8,7 @@ import torch
 
 from megatron_patches import probes
 from megatron_patches.errors import ConfigError
+from megatron_patches.hooks import enable_patch
 from megatron_patches.parallel import Layout, initialize
 from megatron_patches.probe_scoring import probe_scores
 from megatron_patches.training.config import Config, LoggingConfig
@@ -46,7 +47,7 @@ def _score_at_tp1_and_save(options: dict, checkpoint_dir: str) -> tuple[dict, di
     cfg = _config()
     initialize(Layout(1), seed=7, model=cfg.model)
     model = build_model_for_this_rank(cfg.model).eval()
-    hook = probes.enable(options, cfg)
+    hook = enable_patch("probes", options, cfg)
     sums, counts = probes.score_rows(model, hook.batch, hook.vocab_size, micro_batch_size=3)
     dist_checkpointing.save({"model": model.sharded_state_dict()}, checkpoint_dir)
     return probe_scores(hook.probes, sums, counts), _hand_scores(options["tokenizer"], model)
@@ -61,7 +62,7 @@ def _score_at(tp: int, pp: int, options: dict, checkpoint_dir: str) -> dict:
     state = dist_checkpointing.load({"model": model.sharded_state_dict()}, checkpoint_dir)
     model.load_state_dict(state["model"])
     model.train()  # as the trainer leaves it: the patch switches to eval and back
-    hook = probes.enable(options, cfg)
+    hook = enable_patch("probes", options, cfg)
     sums, counts = probes.score_rows(model, hook.batch, hook.vocab_size, micro_batch_size=2)
     assert model.training
     return probe_scores(hook.probes, sums, counts)
@@ -124,8 +125,10 @@ def test_probes_are_logged_and_leave_the_training_losses_bit_identical(tmp_path,
 @pytest.mark.parametrize(
     ("options", "overrides", "message"),
     [
-        ({"tokenizer": None}, {}, "patches.probes needs 'tokenizer'"),
-        ({"bogus": 1}, {}, "unknown options ['bogus']"),
+        ({"tokenizer": ""}, {}, "patches.probes needs 'tokenizer'"),
+        ({"tokenizer": None}, {}, "config key 'patches.probes.tokenizer' expects str, got None"),
+        ({"bogus": 1}, {}, "unknown config key 'patches.probes.bogus'"),
+        ({"fle": "x"}, {}, "unknown config key 'patches.probes.fle'; did you mean 'file'?"),
         ({}, {"eval_interval": None}, "set logging.eval_interval"),
         ({}, {"vocab_size": 100}, "gives token id"),
         ({"micro_batch_size": 0}, {}, "micro_batch_size must be a positive integer"),
@@ -136,7 +139,7 @@ def test_bad_options_are_refused_at_enable(probe_options, options, overrides, me
     cfg.logging.eval_interval = overrides.get("eval_interval", 1)
     cfg.model.vocab_size = overrides.get("vocab_size", cfg.model.vocab_size)
     with pytest.raises(ConfigError) as err:
-        probes.enable({**probe_options, **options}, cfg)
+        enable_patch("probes", {**probe_options, **options}, cfg)
     assert message in str(err.value)
 
 
@@ -153,7 +156,7 @@ def _megatron_scores_of_converted(mcore_dir: str, options: dict) -> dict:
         mcore_dir, ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(), 2
     )
     model.load_state_dict(state, strict=True)
-    hook = probes.enable(options, cfg)
+    hook = enable_patch("probes", options, cfg)
     sums, counts = probes.score_rows(model, hook.batch, hook.vocab_size, micro_batch_size=2)
     return probe_scores(hook.probes, sums, counts)
 
@@ -165,8 +168,8 @@ def test_megatron_and_hf_scores_agree_on_a_converted_checkpoint(tmp_path, probe_
     from tests.tiny_hf import build_model
     from tests.tools.convert.tiny import randomize
     from tools.convert import commands
-    from tools.eval.hf import load_model, load_tokenizer
     from tools.eval.probes import score_hf
+    from tools.hf_runtime.loading import load_model, load_tokenizer
 
     hf_dir = build_model(tmp_path / "hf", "llama", num_hidden_layers=4)
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)

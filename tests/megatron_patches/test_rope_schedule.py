@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from megatron_patches.errors import ConfigError
-from megatron_patches.rope_schedule import enable, parse_stages, plan_stages, split_phases
+from megatron_patches.hooks import enable_patch, phase_model_config
+from megatron_patches.rope_schedule import Stage, plan_stages, split_phases
 from megatron_patches.training.config import load_config
 from megatron_patches.training.data import phase_sample_offset, plan_phases
 from tests.dist import run_on_ranks
@@ -16,7 +17,7 @@ from tests.megatron_patches.training.test_train import losses, tiny_args, two_ch
 from tools.convert import mcore_io
 
 
-def _spans(stages, train_iters=100, batch=64, seq=4096, keep=True):
+def _schedule(stages, train_iters=100, batch=64, seq=4096, keep=True):
     cfg = load_config(
         None,
         [
@@ -27,7 +28,11 @@ def _spans(stages, train_iters=100, batch=64, seq=4096, keep=True):
             f"patches.rope_schedule={{stages: {stages}, keep_tokens_per_iteration: {str(keep).lower()}}}",
         ],
     )
-    return enable(cfg.patches["rope_schedule"], cfg).spans
+    return enable_patch("rope_schedule", cfg.patches["rope_schedule"], cfg)
+
+
+def _spans(stages, train_iters=100, batch=64, seq=4096, keep=True):
+    return _schedule(stages, train_iters, batch, seq, keep).spans
 
 
 def test_ninety_percent_at_4k_then_32k_keeps_tokens_per_iteration():
@@ -61,15 +66,20 @@ def test_fractions_of_tokens_hold_when_tokens_per_iteration_change():
 
 def test_stages_cut_the_anneal_phase_and_the_blend_continues_by_tokens():
     phases = plan_phases(100, [1, "main"], 4096, 64, 1, anneal_fraction=0.1, anneal_data_path=[1, "ann"])
-    spans = _spans(
+    schedule = _schedule(
         "[{until_fraction: 0.95, seq_length: 4096, rotary_base: 1e4}, {seq_length: 32768, rotary_base: 1e6}]"
     )
-    split = split_phases(phases, spans)
-    assert [(p.name, p.start_iteration, p.end_iteration, p.seq_length, p.rotary_base) for p in split] == [
+    split = split_phases(phases, schedule.spans)
+    model = load_config(None, []).model
+    base = {p.name: schedule.model_config(p, model).rotary_base for p in split}
+    assert [(p.name, p.start_iteration, p.end_iteration, p.seq_length, base[p.name]) for p in split] == [
         ("main/stage0", 0, 90, 4096, 1e4),
         ("anneal/stage0", 90, 95, 4096, 1e4),
         ("anneal/stage1", 95, 100, 32768, 1e6),
     ]
+    # The patch's own record: the loop's phases carry no rotary base; checkpoints get it from the hooks.
+    assert not hasattr(split[2], "rotary_base")
+    assert phase_model_config([schedule], split[2], model).rotary_base == 1e6 != model.rotary_base
     assert phase_sample_offset(split, 95) == 5 * 64 * 4096 // 32768  # after the 4K anneal tokens
 
 
@@ -84,8 +94,17 @@ def test_stages_cut_the_anneal_phase_and_the_blend_continues_by_tokens():
             "[{until_fraction: 1.5, seq_length: 64, rotary_base: 1}, {seq_length: 64, rotary_base: 2}]",
             "below 1",
         ),
-        ("[{seq_length: 64, rotary_base: -5}]", "rotary_base must be a number above 0, got -5"),
-        ("[{seq_length: 64, rotary_base: 1e4, rope: 1}]", "unknown key(s) ['rope']"),
+        ("[{seq_length: 64, rotary_base: -5}]", "stages[0].rotary_base must be a number above 0, got -5"),
+        (
+            "[{seq_length: 64, rotary_base: 1e4, rope: 1}]",
+            "unknown config key 'patches.rope_schedule.stages[0].rope'",
+        ),
+        (
+            "[{seq_length: 64, rotary_bse: 1e4}]",
+            "unknown config key 'patches.rope_schedule.stages[0].rotary_bse'; did you mean 'rotary_base'?",
+        ),
+        ("[{seq_length: 6.5, rotary_base: 1e4}]", "'patches.rope_schedule.stages[0].seq_length' expects int"),
+        ("{seq_length: 64}", "'patches.rope_schedule.stages' expects a list of mappings"),
         (
             "[{until_fraction: 0.5, seq_length: 48, rotary_base: 1e4}, {seq_length: 64, rotary_base: 1e6}]",
             "needs a global batch of 5.33333 sequences of 48",
@@ -107,12 +126,10 @@ def test_bad_schedules_are_named(stages, message):
     assert message in str(err.value)
 
 
-def test_parse_reads_fractions_exactly():
-    [first, _] = parse_stages(
-        [{"until_fraction": 0.9, "seq_length": 8, "rotary_base": 1}, {"seq_length": 8, "rotary_base": 1}]
-    )
-    assert plan_stages(parse_stages([{"seq_length": 8, "rotary_base": 1}]), 7, [2], 1)[0].end == 7
-    assert first.until_fraction * 100 == 90  # not 90.00000000000001, which would switch a step late
+def test_fractions_are_read_exactly():
+    first = Stage(seq_length=8, rotary_base=1, until_fraction=0.9)
+    assert plan_stages([Stage(seq_length=8, rotary_base=1)], 7, [2], 1)[0].end == 7
+    assert first.fraction * 100 == 90  # not 90.00000000000001, which would switch a step late
 
 
 SCHEDULE = (

@@ -3,7 +3,8 @@
 import pytest
 
 from megatron_patches.errors import ConfigError
-from megatron_patches.save_trigger import enable, requested
+from megatron_patches.hooks import enable_patch
+from megatron_patches.save_trigger import requested
 from megatron_patches.training import run
 from megatron_patches.training.config import load_config
 from tests.dist import run_on_ranks
@@ -32,12 +33,14 @@ def test_trigger_files_and_the_paths_printed_at_start_up(tmp_path, capsys):
         ({"save_file": "/tmp/save"}, "save_file must be a file name inside run_dir"),
         ({"stop_file": "../stop"}, "stop_file must be a file name inside run_dir"),
         ({"save_file": "x", "stop_file": "x"}, "save_file and stop_file are the same file"),
-        ({"interval": 3}, "unknown option(s) ['interval']"),
+        ({"interval": 3}, "unknown config key 'patches.save_trigger.interval'"),
+        ({"stop_fle": "x"}, "unknown config key 'patches.save_trigger.stop_fle'; did you mean 'stop_file'?"),
+        ({"save_file": 3}, "config key 'patches.save_trigger.save_file' expects str, got 3"),
     ],
 )
 def test_bad_options_are_named(options, message):
     with pytest.raises(ConfigError) as err:
-        enable(options, load_config(None, ["run_dir=/tmp/r"]))
+        enable_patch("save_trigger", options, load_config(None, ["run_dir=/tmp/r"]))
     assert message in str(err.value)
 
 

@@ -15,17 +15,13 @@ from typing import Any
 import torch
 
 from megatron_patches.errors import ConfigError
-from megatron_patches.paths import refuse_overlap
-from megatron_patches.training.model import ModelConfig
-from tools.convert import layout, mcore_io
+from megatron_patches.formats import checkpoint as ckpt_format
+from megatron_patches.formats.hf_files import PIPELINE_FILES, copy_side_files, copy_tokenizer_files
+from megatron_patches.formats.model_config import ModelConfig
+from megatron_patches.paths import atomic_dir, refuse_overlap
+from tools.convert import layout
 from tools.convert.families import Family, default_family, family_named, family_of
-from tools.convert.hf_io import (
-    PIPELINE_FILES,
-    copy_side_files,
-    copy_tokenizer_files,
-    make_portable,
-    read_json,
-)
+from tools.convert.hf_io import make_portable, read_json
 from tools.convert.progress import Progress
 from tools.convert.sources import HFSource, McoreSource, Source
 from tools.convert.writers import model_dtype, rank_count, write_hf, write_mcore
@@ -66,8 +62,8 @@ class MegatronTarget:
 
     def pipeline(self, cfg: ModelConfig) -> layout.Pipeline:
         """Validate everything about the target for ``cfg``; nothing is written before this."""
-        if self.fmt not in mcore_io.FORMATS:
-            raise ConfigError(f"--format must be one of {mcore_io.FORMATS}, got {self.fmt!r}")
+        if self.fmt not in ckpt_format.FORMATS:
+            raise ConfigError(f"--format must be one of {ckpt_format.FORMATS}, got {self.fmt!r}")
         if self.spec not in layout.SPECS:
             raise ConfigError(f"--spec must be one of {layout.SPECS}, got {self.spec!r}")
         if self.fmt == "torch_dist" and self.spec != "local":
@@ -85,14 +81,14 @@ def _to_mcore(source: Source, side_dir: Path, run: Run, target: MegatronTarget) 
     iteration = iteration if isinstance(iteration, int) else 0
     total = len(source.names()) if target.fmt == "torch_dist" else rank_count(source, target.tp, pipeline)
     progress = Progress(run.command, total, run.quiet)
-    with mcore_io.atomic_output_dir(run.out, run.force) as tmp:
-        copy_side_files(side_dir, tmp, skip=(mcore_io.TRACKER_FILE,))
+    with atomic_dir(run.out, run.force, writers="conversions") as tmp:
+        copy_side_files(side_dir, tmp, skip=(ckpt_format.TRACKER_FILE,))
         dtype = parse_dtype(target.dtype)
-        iter_dir = tmp / mcore_io.RELEASE
+        iter_dir = tmp / ckpt_format.RELEASE
         write_mcore(
             source, iter_dir, target.tp, pipeline, progress, target.fmt, target.spec, dtype, iteration
         )
-        mcore_io.write_tracker(tmp, mcore_io.RELEASE)
+        ckpt_format.write_tracker(tmp, ckpt_format.RELEASE)
     return progress.summary()
 
 
@@ -136,9 +132,9 @@ def _export(
 ) -> str:
     family.expand(source.cfg)  # fails here, before writing, if the family cannot hold the model
     progress = Progress(run.command, 0, run.quiet)
-    with mcore_io.atomic_output_dir(run.out, run.force) as tmp:
+    with atomic_dir(run.out, run.force, writers="conversions") as tmp:
         for side_dir in side_dirs:
-            copy_side_files(side_dir, tmp, skip=("config.json", mcore_io.TRACKER_FILE, *PIPELINE_FILES))
+            copy_side_files(side_dir, tmp, skip=("config.json", ckpt_format.TRACKER_FILE, *PIPELINE_FILES))
         if tokenizer:
             copy_tokenizer_files(Path(tokenizer), tmp)
         make_portable(tmp, config)

@@ -1,46 +1,29 @@
 """Megatron-Core's side of a conversion: parameter names and shapes, pipeline stages, layer specs.
 
-Pure functions of a :class:`ModelConfig` and a TP/PP layout. The names are
-those of megatron-core 0.16.1's ``GPTModel`` with the local layer spec; the
-Transformer Engine spec differs only in the names :data:`TE_RENAMES` lists and
-in carrying an ``_extra_state`` on every TE module (:func:`extra_state_keys`).
+Pure functions of a :class:`ModelConfig` and a TP/PP layout. The parameter
+names of either layer spec belong to ``megatron_patches.formats.param_names``
+(re-exported here).
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
-import torch
-
 from megatron_patches.errors import ConfigError
+from megatron_patches.formats.model_config import ModelConfig
+from megatron_patches.formats.param_names import (  # noqa: F401  (re-exported: the converter's names)
+    EMBEDDING,
+    FINAL_NORM,
+    OUTPUT,
+    SPECS,
+    TE_RENAMES,
+    extra_state_keys,
+    from_spec,
+    layer_param,
+    split_layer_name,
+    to_spec,
+)
 from megatron_patches.parallel import Layout, validate_layout
-from megatron_patches.training.model import ModelConfig
-
-EMBEDDING = "embedding.word_embeddings.weight"
-FINAL_NORM = "decoder.final_layernorm.weight"
-OUTPUT = "output_layer.weight"
-SPECS = ("local", "te")
-
-# Local spec name (layer-relative) -> Transformer Engine spec name: TE fuses the
-# pre-attention and pre-MLP norms into the following linear layer.
-TE_RENAMES = {
-    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
-    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
-}
-_LOCAL_EXTRA = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
-_TE_EXTRA = (*_LOCAL_EXTRA, "self_attention.core_attention")
-_LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
-
-
-def layer_param(layer: int, suffix: str) -> str:
-    return f"decoder.layers.{layer}.{suffix}"
-
-
-def split_layer_name(name: str) -> tuple[int, str] | None:
-    """``decoder.layers.7.mlp.linear_fc1.weight`` -> ``(7, "mlp.linear_fc1.weight")``."""
-    match = _LAYER_KEY.match(name)
-    return (int(match.group(1)), match.group(2)) if match else None
 
 
 def canonical_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -153,44 +136,3 @@ def stage_params(names: list[str], pipeline: Pipeline, stage: int) -> list[tuple
         elif (name == EMBEDDING and stage == 0) or (name in (FINAL_NORM, OUTPUT) and stage == last):
             out.append((name, name))
     return out
-
-
-def to_spec(local_name: str, spec: str) -> str:
-    """A local-spec parameter name as ``spec`` names it."""
-    if spec not in SPECS:
-        raise ConfigError(f"--spec must be one of {SPECS}, got {spec!r}")
-    layer = split_layer_name(local_name)
-    if spec == "te" and layer and layer[1] in TE_RENAMES:
-        return layer_param(layer[0], TE_RENAMES[layer[1]])
-    return local_name
-
-
-def from_spec(name: str) -> str | None:
-    """Any spec's state-dict key -> local-spec name; None for ``_extra_state`` entries."""
-    if name.endswith("._extra_state"):
-        return None
-    layer = split_layer_name(name)
-    if layer:
-        for local, te in TE_RENAMES.items():
-            if layer[1] == te:
-                return layer_param(layer[0], local)
-    return name
-
-
-def extra_state_keys(cfg: ModelConfig, layers: int, last_stage: bool, spec: str) -> dict[str, object]:
-    """The non-tensor ``_extra_state`` entries a strict ``load_state_dict`` expects on one rank.
-
-    Megatron-Core's own linear layers report ``None``; Transformer Engine
-    modules without FP8 metadata report an empty uint8 tensor (TE 2.x).
-    """
-    te = spec == "te"
-    modules = list(_TE_EXTRA if te else _LOCAL_EXTRA)
-    if te and cfg.qk_layernorm:
-        modules += ["self_attention.q_layernorm", "self_attention.k_layernorm"]
-    value = (lambda: torch.empty(0, dtype=torch.uint8)) if te else (lambda: None)
-    keys = {layer_param(i, f"{m}._extra_state"): value() for i in range(layers) for m in modules}
-    if last_stage:
-        if te:
-            keys["decoder.final_layernorm._extra_state"] = value()
-        keys["output_layer._extra_state"] = None  # GPTModel's output layer is Megatron's own in both specs
-    return keys

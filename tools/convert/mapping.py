@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_patches.errors import ConfigError
-from megatron_patches.training.model import ModelConfig
+from megatron_patches.formats.model_config import ModelConfig
 
 LAYER = "{i}"  # placeholder for the global layer number in entry names
 

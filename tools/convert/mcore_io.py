@@ -1,147 +1,55 @@
-"""The one place that knows how Megatron checkpoints lie on disk (converter and trainer share it).
+"""The converter's checkpoint I/O: legacy rank files and whole-model ``torch_dist`` saves and loads.
 
-::
+Names, tracker, version, common-state keys and legacy rank-file reading belong
+to ``megatron_patches.formats.checkpoint`` (re-exported here for older callers);
+this module adds what only the converter does with them::
 
-    ROOT/latest_checkpointed_iteration.txt      "release" or an iteration number
-    ROOT/release/ | ROOT/iter_0000100/           one iteration
-        mp_rank_{tp:02d}/model_optim_rng.pt          legacy ``torch`` format, PP = 1
-        mp_rank_{tp:02d}_{pp:03d}/model_optim_rng.pt legacy ``torch`` format, PP > 1
-        metadata.json, common.pt, *.distcp          ``torch_dist`` (Megatron-Core dist_checkpointing)
     ROOT/config.json, tokenizer files, ...       HF side files, so an export is a complete HF directory
 
 A legacy rank file is a ``torch.save`` dict: ``model`` (that rank's GPTModel
-state dict, layer numbers local to its stage), ``model_config``
-(``ModelConfig.to_dict()``), ``checkpoint_version`` (3.0), ``iteration`` and
-``pipeline_layers`` (layers per stage). A ``torch_dist`` checkpoint holds
-``model`` (``GPTModel.sharded_state_dict()``) plus the common entries
-``model_config``, ``iteration`` and ``checkpoint_version``.
+state dict, layer numbers local to its stage) plus the common entries of
+``CommonState`` with ``pipeline_layers`` (layers per stage). A ``torch_dist``
+checkpoint holds ``model`` (``GPTModel.sharded_state_dict()``) plus the common
+entries ``model_config``, ``iteration`` and ``checkpoint_version``.
 
-Public API: :func:`read_tracker`, :func:`write_tracker`, :func:`iteration_dir_name`,
-:func:`iteration_dir`, :func:`resolve`, :func:`rank_dir_name`, :func:`rank_file`,
-:func:`checkpoint_format`, :func:`legacy_layout`, :func:`pipeline_layers`, :func:`save_rank`,
-:func:`load_rank`, :func:`read_model_config`, :func:`load_model_for_rank`, :func:`atomic_output_dir`,
-:func:`save_torch_dist`, :func:`load_torch_dist`, :func:`stop_dist_checkpoint_workers`.
+Public API: :func:`save_rank`, :func:`save_torch_dist`, :func:`load_torch_dist`,
+:func:`stop_dist_checkpoint_workers`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
-import re
-import shutil
-import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from megatron_patches import checkpoint_writers, paths, safe_load
+from megatron_patches import checkpoint_writers, safe_load
 from megatron_patches.errors import ConfigError
-from megatron_patches.training.model import ModelConfig
-from tools.convert import layout
-from tools.convert.progress import human_bytes
-
-TRACKER_FILE = "latest_checkpointed_iteration.txt"
-RANK_FILE = "model_optim_rng.pt"
-RELEASE = "release"
-CHECKPOINT_VERSION = 3.0
-FORMATS = ("torch", "torch_dist")
-_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
-
-
-def read_tracker(root: str | Path) -> int | str:
-    """The iteration ``ROOT/latest_checkpointed_iteration.txt`` names: an int, or ``"release"``."""
-    path = Path(root) / TRACKER_FILE
-    try:
-        text = path.read_text().strip()
-    except FileNotFoundError:
-        raise ConfigError(f"{root} is not a Megatron checkpoint: {TRACKER_FILE} not found") from None
-    if text == RELEASE:
-        return RELEASE
-    if not text.isdigit():
-        raise ConfigError(f"{path} holds {text!r}, neither an iteration number nor 'release'")
-    return int(text)
-
-
-def write_tracker(root: str | Path, iteration: int | str) -> None:
-    """Atomically point ``root``'s tracker at ``iteration``."""
-    iteration_dir_name(iteration)  # validates
-    tmp = Path(root) / f".{TRACKER_FILE}.tmp"
-    tmp.write_text(f"{iteration}\n")
-    os.replace(tmp, Path(root) / TRACKER_FILE)
-
-
-def iteration_dir_name(iteration: int | str) -> str:
-    if iteration == RELEASE:
-        return RELEASE
-    if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
-        raise ConfigError(f"iteration must be a non-negative int or 'release', got {iteration!r}")
-    return f"iter_{iteration:07d}"
-
-
-def iteration_dir(root: str | Path, iteration: int | str | None = None) -> Path:
-    """``root``'s directory for ``iteration`` (default: the tracker's); it must exist."""
-    chosen = read_tracker(root) if iteration is None else iteration
-    path = Path(root) / iteration_dir_name(chosen)
-    if not path.is_dir():
-        raise ConfigError(f"checkpoint iteration directory not found: {path}")
-    return path
-
-
-def resolve(path: str | Path, iteration: int | str | None = None) -> tuple[Path, Path]:
-    """(root, iteration dir) for a checkpoint root (with a tracker) or for an iteration directory itself."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ConfigError(f"Megatron checkpoint directory not found: {path}")
-    if (path / TRACKER_FILE).exists() or iteration is not None:
-        return path, iteration_dir(path, iteration)
-    return path.parent, path
-
-
-def rank_dir_name(tp_rank: int, pp_rank: int, pp_size: int) -> str:
-    return f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
-
-
-def rank_file(iter_dir: str | Path, tp_rank: int, pp_rank: int, pp_size: int) -> Path:
-    return Path(iter_dir) / rank_dir_name(tp_rank, pp_rank, pp_size) / RANK_FILE
-
-
-def checkpoint_format(iter_dir: str | Path) -> str:
-    """``torch`` (legacy per-rank files) or ``torch_dist``."""
-    iter_dir = Path(iter_dir)
-    if (iter_dir / "metadata.json").is_file():
-        return "torch_dist"
-    if any(_RANK_DIR.match(p.name) for p in iter_dir.iterdir() if p.is_dir()):
-        return "torch"
-    raise ConfigError(f"{iter_dir} holds neither mp_rank_* directories nor a torch_dist checkpoint")
-
-
-def legacy_layout(iter_dir: str | Path) -> tuple[int, int]:
-    """(TP, PP) of a legacy checkpoint, from its rank directories; every rank must be present."""
-    ranks = {
-        (int(m.group(1)), int(m.group(2) or 0))
-        for p in Path(iter_dir).iterdir()
-        if (m := _RANK_DIR.match(p.name))
-    }
-    tp = 1 + max(t for t, _ in ranks)
-    pp = 1 + max(p for _, p in ranks)
-    for tp_rank in range(tp):
-        for pp_rank in range(pp):
-            if not rank_file(iter_dir, tp_rank, pp_rank, pp).is_file():
-                raise ConfigError(
-                    f"incomplete checkpoint: {rank_file(iter_dir, tp_rank, pp_rank, pp)} is missing"
-                )
-    return tp, pp
-
-
-def pipeline_layers(iter_dir: str | Path, pp_size: int) -> list[int]:
-    """Layers per pipeline stage of a legacy checkpoint, as its rank files record them."""
-    state = load_rank(iter_dir, 0, 0, pp_size, mmap=True)
-    if "pipeline_layers" not in state:
-        raise ConfigError(f"{iter_dir} records no pipeline_layers; it was not written by this project")
-    return list(state["pipeline_layers"])
+from megatron_patches.formats.checkpoint import (  # noqa: F401  (re-exported: older callers name them here)
+    FORMATS,
+    RANK_FILE,
+    RELEASE,
+    TRACKER_FILE,
+    CommonState,
+    checkpoint_format,
+    iteration_dir,
+    iteration_dir_name,
+    legacy_layout,
+    load_model_for_rank,
+    load_rank,
+    model_config_of,
+    rank_dir_name,
+    rank_file,
+    read_common,
+    read_model_config,
+    read_tracker,
+    resolve,
+    write_tracker,
+)
+from megatron_patches.formats.model_config import ModelConfig
 
 
 def save_rank(
@@ -156,13 +64,9 @@ def save_rank(
 ) -> Path:
     path = rank_file(iter_dir, tp_rank, pp_rank, pp_size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {
-        "model": model,
-        "model_config": model_config.to_dict(),
-        "checkpoint_version": CHECKPOINT_VERSION,
-        "iteration": iteration,
-        "pipeline_layers": list(pipeline_layers or [model_config.num_layers]),
-    }
+    stages = list(pipeline_layers or [model_config.num_layers])
+    common = CommonState(model_config.to_dict(), iteration, pipeline_layers=stages)
+    state = {"model": model, **common.to_dict()}
     with _without_zip_crc32():
         torch.save(state, path)
     return path
@@ -182,99 +86,6 @@ def _without_zip_crc32() -> Iterator[None]:
         yield
     finally:
         config.save.compute_crc32 = before
-
-
-def load_rank(iter_dir: str | Path, tp_rank: int, pp_rank: int, pp_size: int, mmap: bool = False) -> dict:
-    """One legacy rank file, loaded safely (``weights_only``); ``mmap`` reads tensors lazily."""
-    path = rank_file(iter_dir, tp_rank, pp_rank, pp_size)
-    if not path.is_file():
-        raise ConfigError(f"checkpoint rank file not found: {path}")
-    state = safe_load.safe_torch_load(path, path, mmap=mmap)
-    if not isinstance(state, dict) or "model" not in state:
-        raise ConfigError(f"{path} has no 'model' state dict")
-    return state
-
-
-def model_config_of(state: dict, where: str | Path) -> ModelConfig:
-    if "model_config" not in state:
-        raise ConfigError(f"{where} stores no model_config; it was not written by this project")
-    return ModelConfig.from_dict(state["model_config"])
-
-
-def read_model_config(root: str | Path, iteration: int | str | None = None) -> ModelConfig:
-    """The ModelConfig stored in a checkpoint (legacy or torch_dist), without loading weights."""
-    iter_dir = iteration_dir(root, iteration)
-    if checkpoint_format(iter_dir) == "torch_dist":
-        return model_config_of(safe_load.verify_torch_dist(iter_dir).common, iter_dir)
-    _, pp = legacy_layout(iter_dir)
-    return model_config_of(load_rank(iter_dir, 0, 0, pp, mmap=True), iter_dir)
-
-
-def load_model_for_rank(
-    root: str | Path,
-    tp_rank: int,
-    pp_rank: int,
-    pp_size: int,
-    iteration: int | str | None = None,
-    spec: str = "local",
-) -> tuple[dict[str, Any], ModelConfig]:
-    """One rank's ``model`` state dict, named for ``spec`` (``local``/``te``), and its ModelConfig.
-
-    Loads with ``strict=True`` into the GPTModel of that TP/PP rank built from
-    the returned config. For starting training from a converted ``release``.
-    """
-    state = load_rank(iteration_dir(root, iteration), tp_rank, pp_rank, pp_size)
-    cfg = model_config_of(state, root)
-    tensors = {name: value for key, value in state["model"].items() if (name := layout.from_spec(key))}
-    layers = 1 + max((layout.split_layer_name(n) or (-1,))[0] for n in tensors)
-    named = {layout.to_spec(name, spec): value for name, value in tensors.items()}
-    named.update(layout.extra_state_keys(cfg, layers, "decoder.final_layernorm.weight" in tensors, spec))
-    return named, cfg
-
-
-@contextlib.contextmanager
-def atomic_output_dir(target: str | Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory beside ``target``; rename it to ``target`` only on success.
-
-    An existing ``target`` is refused unless ``force``; an interrupted or
-    failed write leaves no directory that looks complete. The temporary
-    directory's name records this host and pid, so that the next run on
-    ``target`` removes those of killed runs (and says so).
-    """
-    target = Path(target)
-    if target.exists() and not force:
-        raise ConfigError(f"output {target} already exists; pass --force to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _report_stale(paths.clean_stale_temp_dirs(target))
-    # Not tempfile.mkdtemp: its 0700 mode would survive the rename and lock other
-    # users of a shared cluster out of the checkpoint; mkdir honours the umask.
-    tmp = paths.owned_temp_dir(target)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.rename(target, old)
-        os.rename(tmp, target)
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
-    else:
-        os.rename(tmp, target)
-
-
-def _report_stale(cleanup: paths.Cleanup) -> None:
-    """One line for what a killed conversion left and this run removed; one per leftover it kept."""
-    if cleanup.removed:
-        names = ", ".join(p.name for p in cleanup.removed)
-        print(
-            f"removed {len(cleanup.removed)} partial output(s) of killed conversions ({names}) "
-            f"in {cleanup.removed[0].parent}, freed {human_bytes(cleanup.freed_bytes)}",
-            file=sys.stderr,
-        )
-    for path, why in cleanup.kept:
-        print(f"left partial output {path} ({why}); delete it once its conversion is gone", file=sys.stderr)
 
 
 @contextlib.contextmanager
@@ -340,12 +151,7 @@ def save_torch_dist(
         model = _whole_model(cfg, dtype)
         _fill(model, tensors)
         Path(iter_dir).mkdir(parents=True, exist_ok=True)
-        state = {
-            "model": model.sharded_state_dict(),
-            "model_config": cfg.to_dict(),
-            "iteration": iteration,
-            "checkpoint_version": CHECKPOINT_VERSION,
-        }
+        state = {"model": model.sharded_state_dict(), **CommonState(cfg.to_dict(), iteration).to_dict()}
         checkpoint_writers.bind_to_this_process()  # a killed conversion leaves no writer behind
         dist_checkpointing.save(state, str(iter_dir))
         stop_dist_checkpoint_workers()

@@ -9,18 +9,12 @@ import time
 import torch
 from tqdm import tqdm
 
+from megatron_patches.paths import human_bytes
+
 
 def peak_rss_bytes() -> int:
     """This process's peak resident set size (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def human_bytes(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
-            return f"{count:.2f} {unit}" if unit != "B" else f"{int(count)} B"
-        count /= 1024
-    raise AssertionError("unreachable")
 
 
 class Progress:

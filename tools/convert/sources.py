@@ -15,7 +15,8 @@ from typing import Protocol
 import torch
 
 from megatron_patches.errors import ConfigError
-from megatron_patches.training.model import ModelConfig
+from megatron_patches.formats import checkpoint as ckpt_format
+from megatron_patches.formats.model_config import ModelConfig
 from tools.convert import layout, mcore_io
 from tools.convert.families import Family, default_family, family_of
 from tools.convert.hf_io import HFCheckpoint
@@ -109,16 +110,16 @@ class McoreSource:
     """Canonical tensors merged from the TP shards of a Megatron checkpoint (legacy or torch_dist)."""
 
     def __init__(self, path: str | Path, iteration: int | str | None = None) -> None:
-        self.root, self.iter_dir = mcore_io.resolve(path, iteration)
-        self.format = mcore_io.checkpoint_format(self.iter_dir)
+        self.root, self.iter_dir = ckpt_format.resolve(path, iteration)
+        self.format = ckpt_format.checkpoint_format(self.iter_dir)
         if self.format == "torch_dist":
             tensors, self.cfg, self.iteration = mcore_io.load_torch_dist(self.iter_dir)
             self.tp, self.pp = 1, 1
             self._stages = {0: [tensors]}
         else:
-            self.tp, self.pp = mcore_io.legacy_layout(self.iter_dir)
-            first = mcore_io.load_rank(self.iter_dir, 0, 0, self.pp, mmap=True)
-            self.cfg = mcore_io.model_config_of(first, self.iter_dir)
+            self.tp, self.pp = ckpt_format.legacy_layout(self.iter_dir)
+            first = ckpt_format.load_rank(self.iter_dir, 0, 0, self.pp, mmap=True)
+            self.cfg = ckpt_format.model_config_of(first, self.iter_dir)
             self.iteration = first.get("iteration", 0)
             self._stages = {}
         layout.check_supported(self.cfg)
@@ -131,7 +132,9 @@ class McoreSource:
         if stage not in self._stages:
             if self.format == "torch":
                 self._stages.clear()  # at most one stage's files mapped at a time
-            ranks = [mcore_io.load_rank(self.iter_dir, t, stage, self.pp, mmap=True) for t in range(self.tp)]
+            ranks = [
+                ckpt_format.load_rank(self.iter_dir, t, stage, self.pp, mmap=True) for t in range(self.tp)
+            ]
             self._stages[stage] = [self._local_names(r["model"]) for r in ranks]
         return self._stages[stage]
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_patches.formats import checkpoint as ckpt_format
 from tools.convert import layout, mcore_io
 from tools.convert.families import Family
 from tools.convert.hf_io import ShardedSafetensorsWriter
@@ -74,7 +75,7 @@ def write_mcore(
     for stage in range(pipeline.size):
         last = stage == pipeline.size - 1
         for tp_rank in range(tp):
-            progress.shard(mcore_io.rank_dir_name(tp_rank, stage, pipeline.size))
+            progress.shard(ckpt_format.rank_dir_name(tp_rank, stage, pipeline.size))
             model = {
                 layout.to_spec(name, spec): progress.add(tensor)
                 for name, tensor in rank_tensors(source, tp, tp_rank, pipeline, stage, dtype)

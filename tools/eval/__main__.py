@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from megatron_patches import cpu
+from megatron_patches import cpu, paths
 from megatron_patches.errors import ConfigError, run_cli
-from tools.eval.hf import DTYPES, load_model, load_tokenizer
 from tools.eval.rewrites import REWRITES
+from tools.hf_runtime.loading import DTYPES, load_model, load_tokenizer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -207,14 +206,14 @@ def run_probes(args: argparse.Namespace) -> int:
     for name, value in scores.items():
         print(f"{name:<40} {value:.6f}")
     if args.json:
-        args.json.write_text(json.dumps(scores, indent=1) + "\n")
+        paths.write_json_atomic(args.json, scores, indent=1, ensure_ascii=True)
     return 0
 
 
 def run_bench(args: argparse.Namespace) -> int:
     from tools.eval import bench
     from tools.eval.rewrites import NONE_CORRECT
-    from tools.infer.generation import Sampling, check_sampling, generate
+    from tools.hf_runtime.generation import Sampling, check_sampling, generate
 
     sampling = Sampling(max_new_tokens=args.max_new_tokens, stop="\n")
     check_sampling(sampling)
@@ -237,7 +236,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
 def run_inspect(args: argparse.Namespace) -> int:
     from tools.eval import inspect
-    from tools.eval.hf import require_family
+    from tools.eval.families import require_family
 
     require_family(args.hf)
     model, tokenizer = _load(args, attn_implementation="eager")

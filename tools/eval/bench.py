@@ -25,13 +25,13 @@ malformed lines are counted and listed, not guessed at. See
 from __future__ import annotations
 
 import json
-import os
 import re
 import string
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from megatron_patches import paths
 from megatron_patches.errors import ConfigError
 from tools.eval.rewrites import NONE_CORRECT, Item, Prompted, Skip, read_items, rewrite, rewrite_example
 
@@ -171,11 +171,9 @@ def run_bench(
 
 
 def write_records(result: BenchResult, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
+    with paths.atomic_file(path) as temp, temp.open("w", encoding="utf-8") as f:
         for record in result.records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def summary(result: BenchResult) -> str:

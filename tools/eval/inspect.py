@@ -26,7 +26,8 @@ import torch
 
 from megatron_patches.errors import ConfigError
 from tools.eval import plots
-from tools.eval.hf import load_model, load_tokenizer, model_device, require_family
+from tools.eval.families import require_family
+from tools.hf_runtime.loading import load_model, load_tokenizer, model_device
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

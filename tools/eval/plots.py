@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from megatron_patches import paths
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -25,8 +26,7 @@ def pyplot() -> ModuleType:
 def save(fig: Figure, path: str | Path) -> None:
     """Write ``fig`` to ``path`` through a temporary file, then close it."""
     path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
     fig.tight_layout()
-    fig.savefig(tmp, dpi=120)
+    with paths.atomic_file(path) as temp:  # the format from the final name: the temporary one ends in .tmp
+        fig.savefig(temp, dpi=120, format=path.suffix.lstrip(".") or "png")
     pyplot().close(fig)
-    os.replace(tmp, path)

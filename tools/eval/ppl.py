@@ -24,13 +24,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from megatron_patches.errors import ConfigError
+from megatron_patches.formats.indexed import DOCUMENT_SUFFIX, check_prefix
 from megatron_patches.probe_scoring import token_logprobs
-from tools.eval.hf import model_device
+from tools.hf_runtime.loading import model_device
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-SUFFIX = "_text_document"
 
 
 @dataclass(frozen=True)
@@ -79,10 +78,8 @@ def find_channels(paths: list[str]) -> list[Channel]:
 
 
 def _indexed(prefix: Path) -> Channel:
-    from megatron_patches.training.indexed import check_prefix
-
     check_prefix(str(prefix))
-    return Channel(prefix.name.removesuffix(SUFFIX), prefix, "indexed")
+    return Channel(prefix.name.removesuffix(DOCUMENT_SUFFIX), prefix, "indexed")
 
 
 def channel_documents(

@@ -20,7 +20,7 @@ from megatron_patches.probe_scoring import (
     row_totals,
     token_logprobs,
 )
-from tools.eval.hf import model_device
+from tools.hf_runtime.loading import model_device
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

@@ -20,13 +20,15 @@ from __future__ import annotations
 import csv
 import os
 import re
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron_patches import paths
 from megatron_patches.errors import ConfigError
+from megatron_patches.formats import checkpoint as ckpt_format
+from megatron_patches.tensorboard_scalars import tensorboard_scalars  # noqa: F401 - re-exported
 from tools.eval import plots
 from tools.eval.ppl import ChannelResult
 
@@ -55,9 +57,7 @@ def is_hf_export(path: Path) -> bool:
 
 
 def is_megatron_checkpoint(path: Path) -> bool:
-    return path.name.startswith("iter_") and (
-        (path / "metadata.json").is_file() or any(path.glob("mp_rank_*"))
-    )
+    return ckpt_format.is_iteration_dir(path) and path.name != ckpt_format.RELEASE
 
 
 def find_snapshots(run_dir: Path) -> list[Snapshot]:
@@ -92,15 +92,15 @@ def megatron_to_hf(checkpoint_dir: Path, out_dir: Path, tokenizer: Path | None =
     converter installed included) ends with the converter's last error line.
     ``tokenizer`` (an HF tokenizer directory) is shipped with the export.
     """
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     template = CONVERT_COMMAND + (TOKENIZER_OPTION if tokenizer else ())
-    args = [a.format(checkpoint=checkpoint_dir, out=tmp, tokenizer=tokenizer) for a in template]
-    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True)
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ConfigError(f"converting {checkpoint_dir} failed: {last}")
-    tmp.rename(out_dir)
+    hint = "it is no complete HF export: delete it to convert again"
+    # create=False: the converter refuses an existing output
+    with paths.atomic_dir(out_dir, exists_hint=hint, writers="exports", create=False) as temp:
+        args = [a.format(checkpoint=checkpoint_dir, out=temp, tokenizer=tokenizer) for a in template]
+        proc = subprocess.run([sys.executable, *args], capture_output=True, text=True)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise ConfigError(f"converting {checkpoint_dir} failed: {last}")
     return out_dir
 
 
@@ -113,7 +113,7 @@ def resolve_hf_dirs(
         if snap.hf_dir:
             ready.append((snap.iteration, snap.hf_dir))
         elif convert:
-            target = export_root / f"iter_{snap.iteration:07d}"
+            target = export_root / ckpt_format.iteration_dir_name(snap.iteration)
             if not is_hf_export(target):
                 megatron_to_hf(snap.megatron_dir, target, tokenizer)
             ready.append((snap.iteration, target))
@@ -125,53 +125,11 @@ def resolve_hf_dirs(
 
 
 def write_csv(rows: list[tuple[int, ChannelResult]], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as f:
+    with paths.atomic_file(path) as temp, temp.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["iteration", "channel", "tokens", "loss", "ppl"])
         for iteration, r in rows:
             writer.writerow([iteration, r.channel, r.tokens, f"{r.loss:.6f}", f"{r.ppl:.6f}"])
-    os.replace(tmp, path)
-
-
-def tensorboard_scalars(log_dir: Path) -> dict[str, dict[int, float]]:
-    """Every scalar tag's ``{step: value}`` in the event files under ``log_dir``, steps in order.
-
-    A resumed run writes a new event file that repeats the steps the killed run
-    logged past its checkpoint; the value written last (by wall time, then by
-    file name, which starts with the file's creation time) is the one kept. The
-    trainer opens that file with a purge marker (``SummaryWriter(purge_step=)``),
-    which also drops the killed run's steps the resumed run has not reached yet,
-    as TensorBoard does.
-    """
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-
-    files = sorted(Path(log_dir).rglob("*tfevents*"))
-    if not files:
-        raise ConfigError(f"{log_dir} holds no TensorBoard event files")
-    events = [event for path in files for event in EventFileLoader(str(path)).Load()]
-    scalars: dict[str, dict[int, float]] = {}
-    for event in sorted(events, key=lambda e: e.wall_time):  # stable: file order breaks ties
-        if _is_purge_marker(event):  # the steps from here on belong to the resumed run
-            for tag, points in scalars.items():
-                scalars[tag] = {step: v for step, v in points.items() if step < event.step}
-        for value in event.summary.value:
-            if value.metadata.plugin_data.plugin_name == "scalars":
-                scalars.setdefault(value.tag, {})[event.step] = _scalar(value)
-    return {tag: dict(sorted(points.items())) for tag, points in scalars.items() if points}
-
-
-def _is_purge_marker(event) -> bool:
-    from tensorboard.compat.proto.event_pb2 import SessionLog
-
-    return event.HasField("session_log") and event.session_log.status == SessionLog.START
-
-
-def _scalar(value) -> float:
-    """A scalar summary's value (the loader hands ``simple_value``s over as 0-d tensors)."""
-    from tensorboard.util import tensor_util
-
-    return float(tensor_util.make_ndarray(value.tensor))
 
 
 def plot_trends(rows: list[tuple[int, ChannelResult]], path: Path) -> None:

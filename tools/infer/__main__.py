@@ -15,8 +15,8 @@ import os
 from pathlib import Path
 
 from megatron_patches.errors import ConfigError, run_cli
-from tools.eval.hf import DTYPES, load_model, load_tokenizer, model_type
-from tools.infer.generation import Sampling, check_sampling, stream
+from tools.hf_runtime.generation import Sampling, check_sampling, stream
+from tools.hf_runtime.loading import DTYPES, load_model, load_tokenizer, model_type
 from tools.infer.records import OrderedWriter, read_inputs, recover_output
 from tools.infer.replicas import ReplicaSpec, device_groups, parse_devices, run_replicas
 

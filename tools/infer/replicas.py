@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from megatron_patches.errors import ConfigError
-from tools.infer.generation import Sampling, generate
+from tools.hf_runtime.generation import Sampling, generate
 from tools.infer.records import OrderedWriter
 
 if TYPE_CHECKING:
@@ -92,7 +92,7 @@ def load_replica(spec: ReplicaSpec, gpus: int) -> PreTrainedModel:
     """The model on this process's devices: CPU, one GPU, or spread over ``gpus`` GPUs."""
     from transformers import AutoModelForCausalLM
 
-    from tools.eval.hf import DTYPES, load_model
+    from tools.hf_runtime.loading import DTYPES, load_model
 
     if gpus <= 1:
         device = "cuda:0" if gpus else "cpu"
@@ -105,7 +105,7 @@ def load_replica(spec: ReplicaSpec, gpus: int) -> PreTrainedModel:
 
 def _replica_main(spec: ReplicaSpec, gpus: int, tasks, results, parent_pid: int) -> None:
     try:
-        from tools.eval.hf import load_tokenizer
+        from tools.hf_runtime.loading import load_tokenizer
 
         torch.set_num_threads(spec.threads)
         model = load_replica(spec, gpus)

@@ -18,8 +18,8 @@ from typing import Protocol
 import numpy as np
 
 from megatron_patches.errors import ConfigError
+from megatron_patches.formats.indexed import token_dtype
 
-from ..indexed import token_dtype
 from .hf import USER_DEFINED, load_proto
 from .segment_cache import SegmentCache, is_exact
 

@@ -9,9 +9,11 @@ import pytest
 
 from data.demo import synth
 from data.preprocess import clean, repetition
+from data.preprocess.config import load_config
 from data.preprocess.document import Document
 from data.preprocess.stage import run_file_stage
 from data.preprocess.steps import build_cleaner, clean_file
+from data.preprocess.thresholds import thresholds_from
 from megatron_patches.errors import ConfigError
 
 from .conftest import config_for, write_jsonl
@@ -90,8 +92,43 @@ def test_per_channel_thresholds_from_config(tmp_path):
     code = synth.code_doc(random.Random(1), synth.stdlib_sources())
     keep, rule, value = build_cleaner(config)(Document(text=code, id="c"), "code")
     assert (keep, rule, value) == (False, "too_short", len(code))
-    with pytest.raises(ConfigError, match="unknown threshold"):
+    with pytest.raises(ConfigError, match="unknown config key 'clean.thresholds.min_charz'"):
         build_cleaner(config_for(tmp_path, **{"clean.thresholds": {"min_charz": 3}}))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            {"clean.thresholds": {"max_digit_ratoi": 0.2}},
+            "unknown config key 'clean.thresholds.max_digit_ratoi'; did you mean 'max_digit_ratio'?",
+        ),
+        (
+            {"clean.channels": {"code": {"min_char": 5}}},
+            "unknown config key 'clean.channels.code.min_char'; did you mean 'min_chars'?",
+        ),
+        ({"clean.thresholds": {"min_chars": "ten"}}, "config key 'clean.thresholds.min_chars' expects int"),
+        (
+            {"clean.channels": {"zh": {"max_top_ngram": {"two": 0.2}}}},
+            "clean.channels.zh.max_top_ngram must map n to a fraction",
+        ),
+        ({"clean.channels": {"zh": [1]}}, "config section clean.channels.zh must be a mapping"),
+    ],
+)
+def test_a_bad_threshold_stops_the_config_load_with_one_line_naming_it(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_thresholds_layer_defaults_overrides_channel_defaults_then_the_channels_own():
+    config = load_config(
+        None, {"clean.thresholds": {"min_chars": 7}, "clean.channels": {"code": {"max_digit_ratio": 0.9}}}
+    )
+    default, channels = config.clean.resolved_thresholds()
+    assert (default.min_chars, channels["code"].min_chars, channels["math"].min_chars) == (7, 7, 7)
+    assert channels["code"].max_digit_ratio == 0.9 and channels["math"].max_digit_ratio == 0.5
+    assert channels["code"].max_top_ngram is None  # code keeps its own default: no prose rule
 
 
 def test_rejected_files_hold_rule_value_and_document(tmp_path):
@@ -183,11 +220,9 @@ def test_desensitize_off_leaves_rejected_text_as_written(tmp_path):
     ],
 )
 def test_length_and_script_ratio_rules(overrides, text, rule, value):
-    thresholds = clean.thresholds_from(
-        {"max_digit_ratio": None, "max_symbol_ratio": None, **overrides}, "test"
-    )
+    thresholds = thresholds_from({"max_digit_ratio": None, "max_symbol_ratio": None, **overrides}, "test")
     assert clean.check(text, thresholds) == (False, rule, value)
-    relaxed = clean.thresholds_from({k: None for k in overrides}, "test", thresholds)
+    relaxed = thresholds_from({k: None for k in overrides}, "test", thresholds)
     assert clean.check(text, relaxed)[1] != rule  # the rule, not another one, made the verdict
 
 

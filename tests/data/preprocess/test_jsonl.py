@@ -121,7 +121,7 @@ def test_clean_stage_counts_and_writes_every_malformed_line(tmp_path):
     kept = sum(len(p.read_text().splitlines()) for p in (tmp_path / "out").glob("part-*.jsonl"))
     rejected = sum(report.get("rejected", {}).values())
     assert report["docs_in"] == kept + rejected and kept >= len(GOOD)
-    assert not (tmp_path / "out.tmp").exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
 
 
 def test_shard_writer_numbers_parts_and_leaves_no_temp_files(tmp_path):
@@ -131,7 +131,7 @@ def test_shard_writer_numbers_parts_and_leaves_no_temp_files(tmp_path):
     parts = writer.close()
     assert [p.name for p in parts] == [f"part-00003-0000{k}.jsonl" for k in range(3)]
     assert [len(p.read_text().splitlines()) for p in parts] == [2, 2, 1]
-    assert not list(tmp_path.glob("*.tmp"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [p.name for p in parts]  # no temporary left
 
 
 def test_missing_input_is_a_config_error(tmp_path):

@@ -39,7 +39,7 @@ def test_int_is_accepted_for_float_fields_and_null_for_optional(tmp_path):
         ("", ["train.micro_batch_size=two"], "config key 'train.micro_batch_size' expects int, got 'two'"),
         ("", ["bf16=1"], "config key 'train.bf16' expects bool, got 1"),
         ("", ["num_layers=true"], "config key 'model.num_layers' expects int, got True"),
-        ("model: [1, 2]\n", [], "config section model. must be a mapping, got [1, 2]"),
+        ("model: [1, 2]\n", [], "config section model must be a mapping, got [1, 2]"),
         ("", ["novalue"], "override 'novalue' is not of the form key=value"),
     ],
 )

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from megatron_patches.errors import ConfigError
+from megatron_patches.formats.indexed import check_prefix
 from megatron_patches.training.config import DataConfig
 from megatron_patches.training.data import (
     DatasetTokenizer,
@@ -17,7 +18,6 @@ from megatron_patches.training.data import (
     plan_phases,
     samples_before,
 )
-from megatron_patches.training.indexed import check_prefix
 from tests.dist import run_on_ranks
 from tests.megatron_patches.training.corpus import EOD, write_corpus
 

@@ -79,7 +79,7 @@ def test_dp2_tp2_pp2_learns_and_checkpoints(tmp_path):
     checkpoints = tmp_path / "run" / "checkpoints"
     assert (checkpoints / "latest_checkpointed_iteration.txt").read_text().strip() == "30"
     assert (checkpoints / "iter_0000030" / "metadata.json").is_file()
-    assert not list(checkpoints.glob("*.tmp"))
+    assert not [p.name for p in checkpoints.iterdir() if p.name.startswith(".")]  # no temporary left
 
 
 @pytest.mark.parametrize(

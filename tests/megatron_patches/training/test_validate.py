@@ -38,7 +38,10 @@ def test_the_base_config_is_valid(args):
         (["data.split=0,1,0"], "data.split must be 'train,valid,test' weights with a positive train share"),
         (["model.make_vocab_size_divisible_by=0"], "model.make_vocab_size_divisible_by must be positive"),
         (["checkpoint.async_save=true"], "checkpoint.async_save=true is not supported"),
-        (["data.reset_attention_mask=true"], "data.reset_attention_mask=true is not supported"),
+        (
+            ["data.reset_attention_mask=true", "model.transformer_impl=transformer_engine"],
+            "data.reset_attention_mask=true needs model.transformer_impl=local",
+        ),
     ],
 )
 def test_bad_values_are_refused_in_validation(args, extra, message):

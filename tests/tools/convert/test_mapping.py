@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megatron_patches.errors import ConfigError
-from megatron_patches.training.model import ModelConfig
+from megatron_patches.formats.model_config import ModelConfig
 from tools.convert import layout, mapping
 from tools.convert.families import FAMILIES
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import stat
-
 import pytest
 import torch
 
@@ -33,28 +30,6 @@ def test_directory_names():
     assert mcore_io.rank_dir_name(3, 1, 2) == "mp_rank_03_001"
     with pytest.raises(ConfigError):
         mcore_io.iteration_dir_name(-1)
-
-
-def test_atomic_output_dir_cleans_up_on_error(tmp_path):
-    with pytest.raises(RuntimeError), mcore_io.atomic_output_dir(tmp_path / "ckpt") as tmp:
-        (tmp / "half.pt").write_text("x")
-        raise RuntimeError("interrupted")
-    assert list(tmp_path.iterdir()) == []
-    with mcore_io.atomic_output_dir(tmp_path / "ckpt") as tmp:
-        (tmp / "whole.pt").write_text("x")
-    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"] and (tmp_path / "ckpt" / "whole.pt").exists()
-
-
-@pytest.mark.parametrize("umask, mode", [(0o022, 0o755), (0o027, 0o750)], ids=["022", "027"])
-def test_atomic_output_dir_honours_the_umask(tmp_path, umask, mode):
-    # A shared cluster's other users must be able to read a finished checkpoint.
-    before = os.umask(umask)
-    try:
-        with mcore_io.atomic_output_dir(tmp_path / "ckpt") as tmp:
-            (tmp / "release").mkdir()
-    finally:
-        os.umask(before)
-    assert stat.S_IMODE((tmp_path / "ckpt").stat().st_mode) == mode
 
 
 def test_load_model_for_rank_names_keys_for_either_spec(tmp_path):

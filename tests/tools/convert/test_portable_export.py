@@ -8,6 +8,7 @@ import pytest
 import torch
 import transformers
 
+from megatron_patches.formats.hf_files import copy_tokenizer_files
 from tests import transformers4
 from tests.tools.convert import tiny
 from tools.convert import commands
@@ -65,9 +66,7 @@ def _trainer_checkpoint(case: str, tmp_path, tokenizer=None):
     for path in ckpt.glob("*.json"):
         path.unlink()  # no HF config: trained from scratch
     if tokenizer is not None:
-        for path in tokenizer.iterdir():
-            if path.name != "report.json":  # the trainer's _keep_tokenizer skips it, keeps the rest
-                (ckpt / path.name).write_bytes(path.read_bytes())
+        copy_tokenizer_files(tokenizer, ckpt)  # what the trainer's _keep_tokenizer does
     return hf, ckpt
 
 

@@ -10,7 +10,8 @@ from megatron_patches.errors import ConfigError
 from tests.tiny_hf import build_model
 from tests.tools.eval.cli import REPO, run_eval
 from tools.eval import inspect
-from tools.eval.hf import load_model, load_tokenizer, model_type, require_family
+from tools.eval.families import require_family
+from tools.hf_runtime.loading import load_model, load_tokenizer, model_type
 
 
 def _with_model_type(directory, model_type: str, **extra) -> str:

@@ -11,8 +11,8 @@ from megatron_patches.errors import ConfigError
 from tests.tiny_hf import SENTENCES, build_model
 from tests.tools.eval.cli import run_eval
 from tools.eval import trends
-from tools.eval.hf import load_model, load_tokenizer
 from tools.eval.ppl import evaluate_channels, find_channels, windows
+from tools.hf_runtime.loading import load_model, load_tokenizer
 
 DOCS = [" ".join(SENTENCES[i : i + 3]) for i in range(0, len(SENTENCES), 2)]
 
@@ -154,7 +154,7 @@ def test_megatron_checkpoints_convert_through_the_adapter(tmp_path, monkeypatch,
     ready, skipped = trends.resolve_hf_dirs(trends.find_snapshots(tmp_path / "run"), tmp_path / "hf", True)
     assert (ready, skipped) == ([(30, tmp_path / "hf" / "iter_0000030")], [])
     assert trends.is_hf_export(tmp_path / "hf" / "iter_0000030")
-    assert not (tmp_path / "hf" / "iter_0000030.tmp").exists()
+    assert [p.name for p in (tmp_path / "hf").iterdir()] == ["iter_0000030"]  # no temporary left
     monkeypatch.setattr(trends, "CONVERT_COMMAND", ("-c", "import sys; sys.exit('no such checkpoint')"))
     with pytest.raises(ConfigError, match="converting .*iter_0000030 failed: no such checkpoint"):
         trends.megatron_to_hf(checkpoint, tmp_path / "other")

@@ -8,8 +8,8 @@ from megatron_patches.probe_scoring import load_probes
 from tests.probe_reference import PROBES_YAML, hand_scores
 from tests.tiny_hf import build_model
 from tests.tools.eval.cli import run_eval
-from tools.eval.hf import load_model, load_tokenizer
 from tools.eval.probes import score_hf
+from tools.hf_runtime.loading import load_model, load_tokenizer
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])

@@ -7,8 +7,8 @@ import torch
 
 from megatron_patches.errors import ConfigError
 from tests.tiny_hf import build_model
-from tools.eval.hf import load_model, load_tokenizer
-from tools.infer.generation import Sampling, check_sampling, generate, relay_until_stop, stream
+from tools.hf_runtime.generation import Sampling, check_sampling, generate, relay_until_stop, stream
+from tools.hf_runtime.loading import load_model, load_tokenizer
 
 PROMPTS = ["the capital of france is", "cats", "中国的首都是北京。 water boils at"]
 
@@ -79,7 +79,7 @@ def test_sampled_outputs_depend_on_seed_and_position_not_on_batching(tiny):
 
 
 def test_the_nucleus_keeps_the_smallest_set_reaching_top_p():
-    from tools.infer.seeded import nucleus
+    from tools.hf_runtime.seeded import nucleus
 
     probs = torch.tensor([[0.1, 0.5, 0.3, 0.1]])
     assert (nucleus(probs, 0.7) > 0).tolist() == [[False, True, True, False]]

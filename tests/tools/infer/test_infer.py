@@ -12,8 +12,8 @@ import pytest
 
 from megatron_patches.errors import ConfigError
 from tests.tiny_hf import build_model
-from tools.eval.hf import load_model, load_tokenizer
-from tools.infer.generation import Sampling, generate
+from tools.hf_runtime.generation import Sampling, generate
+from tools.hf_runtime.loading import load_model, load_tokenizer
 from tools.infer.records import OrderedWriter, read_inputs, recover_output
 from tools.infer.replicas import device_groups, parse_devices, physical_group
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from megatron_patches.errors import ConfigError
-from megatron_patches.training.model import ModelConfig
+from megatron_patches.formats.model_config import ModelConfig
 from tools.convert.families.baichuan2 import BAICHUAN1_ARCHITECTURE, BAICHUAN2
 from tools.convert.families.base import Family
 from tools.convert.families.llama import LLAMA

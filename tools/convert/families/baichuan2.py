@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from megatron_patches.errors import ConfigError
-from megatron_patches.training.model import ModelConfig
+from megatron_patches.formats.model_config import ModelConfig
 from tools.convert.families.base import Family, carried_keys, dtype_name, read_llama_like
 from tools.convert.families.llama import O_PROJ, H, L, decoder
 from tools.convert.mapping import Entry, NormHead, PackedQKV

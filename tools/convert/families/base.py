@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from megatron_patches.errors import ConfigError
-from megatron_patches.training.model import ModelConfig
+from megatron_patches.formats.model_config import ModelConfig
 from tools.convert import layout
 from tools.convert.mapping import Entry, ZeroBias
 

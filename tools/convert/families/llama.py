@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_patches.training.model import ModelConfig
+from megatron_patches.formats.model_config import ModelConfig
 from tools.convert.families.base import Family, llama_like_fields, read_llama_like, transformers_config
 from tools.convert.mapping import QKV, Entry, GatedMLP, Replicated, RowParallel, VocabParallel, ZeroBias
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_patches.training.model import ModelConfig
+from megatron_patches.formats.model_config import ModelConfig
 from tools.convert.families.base import Family, llama_like_fields, read_llama_like, transformers_config, warn
 from tools.convert.families.llama import O_PROJ, QKV_WEIGHT, decoder
 from tools.convert.mapping import Entry

@@ -2,7 +2,7 @@
 
 Batches are left-padded so every prompt ends where generation starts; decoding
 is greedy unless a temperature is given, and then each item is sampled with its
-own generator (``tools/infer/seeded.py``). ``stop`` ends a sequence at the first
+own generator (``tools/hf_runtime/seeded.py``). ``stop`` ends a sequence at the first
 occurrence of that string in its new text (the text is cut there), so a batch
 stops as soon as every sequence has met it or ``max_new_tokens`` is reached.
 """
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, TextIO
 import torch
 
 from megatron_patches.errors import ConfigError
-from tools.infer.seeded import SeededSampler, item_seed
+from tools.hf_runtime.seeded import SeededSampler, item_seed
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

@@ -3,7 +3,9 @@
 Resuming bit-exactly needs Python's, NumPy's and torch's generators plus
 Megatron-Core's CUDA-RNG tracker (``tensor_parallel.get_cuda_rng_tracker``,
 the per-TP-rank dropout/init streams). :func:`sharded` stores them as
-Megatron-LM's ``get_rng_state`` does for ``torch_dist``.
+Megatron-LM's ``get_rng_state`` does for ``torch_dist``. In the bottom layer
+because both the checkpoint and the probes patch (which must not disturb the
+streams) use it; Megatron-Core is imported only inside the functions.
 """
 
 from __future__ import annotations

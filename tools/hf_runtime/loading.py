@@ -1,4 +1,4 @@
-"""Loading an HF export (model + tokenizer) for evaluation, with one-line errors."""
+"""Loading an HF export (model + tokenizer) for evaluation and inference, with one-line errors."""
 
 from __future__ import annotations
 
@@ -14,15 +14,6 @@ from megatron_patches.errors import ConfigError
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-# Families the lenses (tools/eval/inspect.py) work on: transformers' own modeling code with the
-# model.model.layers / model.model.norm / lm_head layout and eager attention that returns weights.
-SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
-# Families the converter writes that the lenses refuse, and why.
-UNSUPPORTED_FAMILIES = {
-    "baichuan": "Baichuan2's modeling code ships with the checkpoint (trust_remote_code) and cannot "
-    "return attention weights (its attention is scaled_dot_product_attention only); export it as "
-    "llama with `python -m tools.convert hf2hf --hf DIR --out OUT --to llama` and inspect that",
-}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -74,17 +65,6 @@ def _require_consent(config: dict, what: str, trust_remote_code: bool) -> None:
 def model_type(path: str | Path, trust_remote_code: bool = False) -> str:
     """The ``model_type`` of an HF directory transformers can load (ConfigError otherwise)."""
     return load_config(path, trust_remote_code).model_type
-
-
-def require_family(path: str | Path) -> None:
-    """Refuse a model the lenses cannot look into, before anything is loaded."""
-    family = declared_config(path)["model_type"]
-    if family in UNSUPPORTED_FAMILIES:
-        raise ConfigError(f"{path}: the lenses do not support {family!r}: {UNSUPPORTED_FAMILIES[family]}")
-    if family not in SUPPORTED_FAMILIES:
-        raise ConfigError(
-            f"{path}: model family {family!r} is not supported; supported: {list(SUPPORTED_FAMILIES)}"
-        )
 
 
 def load_model(

@@ -1,0 +1,287 @@
+"""The Megatron checkpoint format: the one module that knows how checkpoints lie on disk.
+
+The trainer (``megatron_patches.training.checkpoint``) and the converter
+(``tools.convert.mcore_io``) both read and write through it::
+
+    ROOT/latest_checkpointed_iteration.txt      "release" or an iteration number, replaced last
+    ROOT/release/ | ROOT/iter_0000100/           one iteration
+        mp_rank_{tp:02d}/model_optim_rng.pt          legacy ``torch`` format, PP = 1
+        mp_rank_{tp:02d}_{pp:03d}/model_optim_rng.pt legacy ``torch`` format, PP > 1
+        metadata.json, common.pt, *.distcp          ``torch_dist`` (Megatron-Core dist_checkpointing)
+    ROOT/.iter_0000100.partial-<host>-<pid>-<hex>/  a save in progress, or a killed one's: nothing reads it
+
+Every checkpoint stores the common entries of :class:`CommonState`
+(``model_config``, ``iteration``, ``checkpoint_version`` and, from the trainer,
+consumed samples, the parallel layout, run settings and patch state); a
+legacy rank file holds them beside its ``model`` state dict. Reads go through
+``megatron_patches.safe_load``; nothing here imports Megatron-Core.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from megatron_patches import paths, safe_load
+from megatron_patches.errors import ConfigError
+from megatron_patches.formats import param_names
+from megatron_patches.formats.model_config import ModelConfig
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+RELEASE = "release"
+RANK_FILE = "model_optim_rng.pt"
+CHECKPOINT_VERSION = 3.0
+FORMATS = ("torch", "torch_dist")
+DIST_MARKER = "metadata.json"  # written by dist_checkpointing.save into every torch_dist checkpoint
+_ITERATION_DIR = re.compile(r"^iter_(\d{7,})$")
+_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
+_SAVE_TEMP = re.compile(r"^\.(?P<name>iter_\d{7,})\.partial-")
+
+# Keys of the common (unsharded) state.
+ITERATION = "iteration"
+CONSUMED_SAMPLES = "consumed_samples"
+VERSION = "checkpoint_version"
+MODEL_CONFIG = "model_config"  # ModelConfig.to_dict()
+PARALLEL_LAYOUT = "parallel_layout"  # [TP, PP] of the run that wrote the checkpoint
+RUN_SETTINGS = "run_settings"  # seed, data, tokenizer ... of the run that wrote it
+PATCH_STATE = "patch_state"  # the patches' own state, by patch name
+PIPELINE_LAYERS = "pipeline_layers"  # layers per pipeline stage (legacy rank files)
+
+
+@dataclass
+class CommonState:
+    """The entries every checkpoint stores beside its tensors; None means "not recorded"."""
+
+    model_config: dict[str, Any]
+    iteration: int | str = 0
+    consumed_samples: int | None = None
+    parallel_layout: list[int] | None = None
+    run_settings: dict | None = None
+    patch_state: dict | None = None
+    pipeline_layers: list[int] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The entries to save, with this format's :data:`CHECKPOINT_VERSION`."""
+        recorded = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        return {**recorded, VERSION: CHECKPOINT_VERSION}
+
+    @classmethod
+    def from_dict(cls, common: dict[str, Any], where: str | Path) -> CommonState:
+        """The entries of a loaded common state; one without ``model_config`` is not this project's."""
+        if MODEL_CONFIG not in common:
+            raise ConfigError(f"{where} stores no model_config; it was not written by this project")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in common.items() if k in names})
+
+
+def read_tracker(root: str | Path) -> int | str:
+    """The iteration ``ROOT/latest_checkpointed_iteration.txt`` names: an int, or ``"release"``."""
+    path = Path(root) / TRACKER_FILE
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        raise ConfigError(f"{root} is not a Megatron checkpoint: {TRACKER_FILE} not found") from None
+    if text == RELEASE:
+        return RELEASE
+    if not text.isdigit():
+        raise ConfigError(f"{path} holds {text!r}, neither an iteration number nor 'release'")
+    return int(text)
+
+
+def write_tracker(root: str | Path, iteration: int | str) -> None:
+    """Atomically point ``root``'s tracker at ``iteration``."""
+    iteration_dir_name(iteration)  # validates
+    paths.write_text_atomic(Path(root) / TRACKER_FILE, f"{iteration}\n")
+
+
+def iteration_dir_name(iteration: int | str) -> str:
+    """``iter_0000100`` for 100, ``release`` for ``"release"``."""
+    if iteration == RELEASE:
+        return RELEASE
+    if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
+        raise ConfigError(f"iteration must be a non-negative int or 'release', got {iteration!r}")
+    return f"iter_{iteration:07d}"
+
+
+def iteration_of(iter_dir: str | Path) -> int | str:
+    """The iteration an ``iter_XXXXXXX`` or ``release`` directory holds."""
+    name = Path(iter_dir).name
+    if name == RELEASE:
+        return RELEASE
+    match = _ITERATION_DIR.match(name)
+    if match is None:
+        raise ConfigError(f"{iter_dir} is named neither iter_XXXXXXX nor {RELEASE}")
+    return int(match[1])
+
+
+def is_iteration_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a checkpoint iteration (``iter_XXXXXXX`` or ``release``) in either format."""
+    path = Path(path)
+    if not (path.name == RELEASE or _ITERATION_DIR.match(path.name)) or not path.is_dir():
+        return False
+    return (path / DIST_MARKER).is_file() or any(_RANK_DIR.match(p.name) for p in path.iterdir())
+
+
+def iteration_dir(root: str | Path, iteration: int | str | None = None) -> Path:
+    """``root``'s directory for ``iteration`` (default: the tracker's); it must exist."""
+    chosen = read_tracker(root) if iteration is None else iteration
+    path = Path(root) / iteration_dir_name(chosen)
+    if not path.is_dir():
+        raise ConfigError(f"checkpoint iteration directory not found: {path}")
+    return path
+
+
+def latest(root: str | Path | None) -> Path | None:
+    """The directory the tracker in ``root`` points at, or None when ``root`` has no tracker."""
+    if root is None or not (Path(root) / TRACKER_FILE).is_file():
+        return None
+    return iteration_dir(root)
+
+
+def resolve(path: str | Path, iteration: int | str | None = None) -> tuple[Path, Path]:
+    """(root, iteration dir) for a checkpoint root (with a tracker) or for an iteration directory itself."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"Megatron checkpoint directory not found: {path}")
+    if (path / TRACKER_FILE).exists() or iteration is not None:
+        return path, iteration_dir(path, iteration)
+    return path.parent, path
+
+
+def complete_iterations(root: str | Path) -> list[tuple[int, Path]]:
+    """``(iteration, directory)`` of every ``iter_XXXXXXX`` directory in ``root``, oldest first.
+
+    Saves in progress live in hidden temporary directories, so every one listed is complete.
+    """
+    found = []
+    for path in Path(root).iterdir() if Path(root).is_dir() else []:
+        match = _ITERATION_DIR.match(path.name)
+        if match and path.is_dir():
+            found.append((int(match[1]), path))
+    return sorted(found)
+
+
+def prune(root: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` complete checkpoints (never the tracked one); say which."""
+    if keep_last <= 0:
+        return []
+    tracked = read_tracker(root)
+    doomed = [path for it, path in complete_iterations(root)[:-keep_last] if it != tracked]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
+def clean_stale_saves(root: str | Path) -> paths.Cleanup:
+    """Remove the temporary directories of saves into ``root`` whose writer is gone; report the rest."""
+    root = Path(root)
+    names = sorted({m["name"] for p in root.glob(".iter_*") if (m := _SAVE_TEMP.match(p.name))})
+    total = paths.Cleanup()
+    for name in names:
+        one = paths.clean_stale_temp_dirs(root / name)
+        total.removed += one.removed
+        total.freed_bytes += one.freed_bytes
+        total.kept += one.kept
+    return total
+
+
+def rank_dir_name(tp_rank: int, pp_rank: int, pp_size: int) -> str:
+    """``mp_rank_TT`` (PP = 1) or ``mp_rank_TT_PPP``: a legacy rank file's directory."""
+    return f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+
+
+def rank_file(iter_dir: str | Path, tp_rank: int, pp_rank: int, pp_size: int) -> Path:
+    return Path(iter_dir) / rank_dir_name(tp_rank, pp_rank, pp_size) / RANK_FILE
+
+
+def checkpoint_format(iter_dir: str | Path) -> str:
+    """``torch`` (legacy per-rank files) or ``torch_dist``."""
+    iter_dir = Path(iter_dir)
+    if (iter_dir / DIST_MARKER).is_file():
+        return "torch_dist"
+    if any(_RANK_DIR.match(p.name) for p in iter_dir.iterdir() if p.is_dir()):
+        return "torch"
+    raise ConfigError(f"{iter_dir} holds neither mp_rank_* directories nor a torch_dist checkpoint")
+
+
+def legacy_layout(iter_dir: str | Path) -> tuple[int, int]:
+    """(TP, PP) of a legacy checkpoint, from its rank directories; every rank must be present."""
+    ranks = {
+        (int(m.group(1)), int(m.group(2) or 0))
+        for p in Path(iter_dir).iterdir()
+        if (m := _RANK_DIR.match(p.name))
+    }
+    tp = 1 + max(t for t, _ in ranks)
+    pp = 1 + max(p for _, p in ranks)
+    for tp_rank in range(tp):
+        for pp_rank in range(pp):
+            if not rank_file(iter_dir, tp_rank, pp_rank, pp).is_file():
+                raise ConfigError(
+                    f"incomplete checkpoint: {rank_file(iter_dir, tp_rank, pp_rank, pp)} is missing"
+                )
+    return tp, pp
+
+
+def load_rank(iter_dir: str | Path, tp_rank: int, pp_rank: int, pp_size: int, mmap: bool = False) -> dict:
+    """One legacy rank file, loaded safely (``weights_only``); ``mmap`` reads tensors lazily."""
+    path = rank_file(iter_dir, tp_rank, pp_rank, pp_size)
+    if not path.is_file():
+        raise ConfigError(f"checkpoint rank file not found: {path}")
+    state = safe_load.safe_torch_load(path, path, mmap=mmap)
+    if not isinstance(state, dict) or "model" not in state:
+        raise ConfigError(f"{path} has no 'model' state dict")
+    return state
+
+
+def pipeline_layers(iter_dir: str | Path, pp_size: int) -> list[int]:
+    """Layers per pipeline stage of a legacy checkpoint, as its rank files record them."""
+    state = load_rank(iter_dir, 0, 0, pp_size, mmap=True)
+    if PIPELINE_LAYERS not in state:
+        raise ConfigError(f"{iter_dir} records no pipeline_layers; it was not written by this project")
+    return list(state[PIPELINE_LAYERS])
+
+
+def read_common(iter_dir: str | Path) -> CommonState:
+    """The common state of a checkpoint iteration (legacy or torch_dist), without loading weights."""
+    iter_dir = Path(iter_dir)
+    if checkpoint_format(iter_dir) == "torch_dist":
+        return CommonState.from_dict(safe_load.load_common(iter_dir), iter_dir)
+    _, pp = legacy_layout(iter_dir)
+    return CommonState.from_dict(load_rank(iter_dir, 0, 0, pp, mmap=True), iter_dir)
+
+
+def model_config_of(state: dict, where: str | Path) -> ModelConfig:
+    """The ModelConfig in a loaded common state or legacy rank file."""
+    return ModelConfig.from_dict(CommonState.from_dict(state, where).model_config)
+
+
+def read_model_config(root: str | Path, iteration: int | str | None = None) -> ModelConfig:
+    """The ModelConfig stored in a checkpoint (legacy or torch_dist), without loading weights."""
+    return ModelConfig.from_dict(read_common(iteration_dir(root, iteration)).model_config)
+
+
+def load_model_for_rank(
+    root: str | Path,
+    tp_rank: int,
+    pp_rank: int,
+    pp_size: int,
+    iteration: int | str | None = None,
+    spec: str = "local",
+) -> tuple[dict[str, Any], ModelConfig]:
+    """One legacy rank's ``model`` state dict, named for ``spec`` (``local``/``te``), and its ModelConfig.
+
+    Loads with ``strict=True`` into the GPTModel of that TP/PP rank built from
+    the returned config. For starting training from a converted ``release``.
+    """
+    state = load_rank(iteration_dir(root, iteration), tp_rank, pp_rank, pp_size)
+    cfg = model_config_of(state, root)
+    tensors = {name: value for key, value in state["model"].items() if (name := param_names.from_spec(key))}
+    layers = 1 + max((param_names.split_layer_name(n) or (-1,))[0] for n in tensors)
+    named = {param_names.to_spec(name, spec): value for name, value in tensors.items()}
+    last_stage = param_names.FINAL_NORM in tensors
+    named.update(param_names.extra_state_keys(cfg, layers, last_stage, spec))
+    return named, cfg
