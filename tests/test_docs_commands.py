@@ -109,6 +109,11 @@ CHECKS = {
     " --vocab-size 64000": Parse(),
     "python -m data.preprocess tokenize --input 'work/dedup/part-*' --tokenizer work/tokenizer"
     " --out work/tokenized": Parse(),
+    "python -m data.preprocess dedup-plan --config data/demo/config.yaml --out runs/plan"
+    " --thresholds 0.6,0.7,0.8,0.9 [--tokenizer DIR]": Parse(
+        "python -m data.preprocess dedup-plan --config data/demo/config.yaml --out runs/plan"
+        " --thresholds 0.6,0.7,0.8,0.9 --tokenizer DIR"
+    ),
     # docs/convert.md
     "python -m tools.convert hf2mcore --hf Llama-2-7b-hf --out ckpt --tp 4 --pp 2 [--format torch|torch_dist]"
     " [--dtype bf16]": Parse(
@@ -143,8 +148,25 @@ CHECKS = {
         " --devices 0,1,2,3,4,5,6,7 --max-new-tokens 256 --temperature 0.7 --batch-size 8"
     ),
     'python -m tools.infer --model DIR --prompt "中国的首都是"': Parse(),
+    # docs/scaling.md
+    "python -m tools.scaling plan --config BASE.yaml --out OUT --widths 64,96,128 --tokens 2e5,4e5,8e5"
+    " [--lrs 1e-3,3e-3] [--batches 16,32] [--set section.key=value]": Parse(
+        "python -m tools.scaling plan --config BASE.yaml --out OUT --widths 64,96,128 --tokens 2e5,4e5,8e5"
+        " --lrs 1e-3,3e-3 --batches 16,32 --set section.key=value"
+    ),
+    "python -m tools.scaling plan --config BASE.yaml --out OUT --widths 64,96,128 --flops 1e12,4e12": Parse(),
+    "python -m tools.scaling run --out OUT [--nproc 2] [--index I] [--launcher CMD]": Parse(
+        "python -m tools.scaling run --out OUT --nproc 2 --index 3 --launcher CMD"
+    ),
+    "python -m tools.scaling run --out OUT --slurm --sbatch-line=--partition=gpu": Parse(),
+    "python -m tools.scaling fit --out OUT [--loss val|train] [--bootstrap 200]"
+    " [--bench ACC.yaml --chance 0.25]": Parse(
+        "python -m tools.scaling fit --out OUT --loss train --bootstrap 200 --bench ACC.yaml --chance 0.25"
+    ),
+    "python -m tools.scaling predict --out OUT --flops 1e21": Parse(),
+    "make scaling-demo": Parse(),
     # bench/README.md
-    "python bench/patches_overhead.py --iters 800 --reps 6": Parse(),
+    "python bench/patches_overhead.py --preset tiny-long --iters 300 --reps 3": Parse(),
     "python bench/train_throughput.py --preset tiny-long": Parse(),
     "python bench/preprocess.py --mb 200": Parse(),
     "python bench/preprocess.py --mb 200 --only tokenize --repeat 3": Parse(),
@@ -354,7 +376,7 @@ def test_the_readme_is_a_short_manual_with_contents():
     readme = (REPO / "README.md").read_text()
     assert len(readme.encode()) <= README_LIMIT_BYTES
     assert "## Contents" in readme
-    for room in ("data", "training", "patches", "convert", "eval_infer", "gpu_cluster"):
+    for room in ("data", "training", "patches", "convert", "eval_infer", "scaling", "gpu_cluster"):
         assert f"docs/{room}.md" in readme
         assert (REPO / "docs" / f"{room}.md").is_file()
 
