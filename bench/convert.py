@@ -1,14 +1,16 @@
 """Benchmark ``tools.convert`` on a synthetic Llama-2-7B (real shapes, random bf16).
 
 Builds the HF checkpoint layer by layer (never whole in memory), copies its
-bytes once as the baseline, then converts hf2mcore at TP=4 PP=2 and back with
-mcore2hf, each in its own process, and prints wall time, throughput, peak RSS
-and the ratio to the plain copy measured in this same run (dirty pages are
-flushed before each timed step, none of which syncs itself). The round trip is
-checked byte for byte: the exported files must equal the synthetic ones.
+bytes once as the baseline, then converts hf2mcore at TP=4 PP=2 (legacy rank
+files) and to torch_dist, and each back with mcore2hf, each in its own process,
+and prints wall time, throughput, peak RSS and the ratio to the plain copy
+measured in this same run (dirty pages are flushed before each timed step, none
+of which syncs itself). The round trips are checked byte for byte: the exported
+files must equal the synthetic ones.
 
-    python bench/convert.py                      # 32 layers: ~13.5 GB per copy, ~41 GB of disk at peak
+    python bench/convert.py                      # 32 layers: ~13.5 GB per copy, ~68 GB of disk at peak
     python bench/convert.py --layers 8           # same shapes, fewer layers
+    python bench/convert.py --layers 8 --cold    # each step reads its inputs from disk, not the page cache
 """
 
 from __future__ import annotations
@@ -79,20 +81,28 @@ def write_synthetic(cfg: ModelConfig, directory: Path) -> int:
     return writer.total_bytes
 
 
-def settle() -> None:
-    """Flush dirty pages first, so no step pays for the previous step's writeback."""
+def settle(inputs: Path | None = None, cold: bool = False) -> None:
+    """Flush dirty pages first, so no step pays for the previous step's writeback; ``cold``: also drop
+    the step's inputs from the page cache (``posix_fadvise(DONTNEED)``), so it reads them from disk."""
     os.sync()
+    if cold and inputs is not None:
+        for path in (p for p in inputs.rglob("*") if p.is_file()):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
 
 
-def timed_copy(source: Path, target: Path) -> float:
-    settle()
+def timed_copy(source: Path, target: Path, cold: bool = False) -> float:
+    settle(source, cold)
     start = time.perf_counter()
     shutil.copytree(source, target)
     return time.perf_counter() - start
 
 
-def run_convert(*args: str) -> tuple[float, str]:
-    settle()
+def run_convert(*args: str, inputs: Path | None = None, cold: bool = False) -> tuple[float, str]:
+    settle(inputs, cold)
     start = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-m", "tools.convert", *args, "--quiet"], cwd=REPO, capture_output=True, text=True
@@ -121,6 +131,7 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=4)
     parser.add_argument("--pp", type=int, default=2)
     parser.add_argument("--workdir", help="where to write (default: a temporary directory, removed after)")
+    parser.add_argument("--cold", action="store_true", help="drop each step's inputs from the page cache")
     args = parser.parse_args()
 
     cfg = llama2_7b(args.layers)
@@ -130,14 +141,20 @@ def main() -> None:
         total = write_synthetic(cfg, work / "hf")
         print(f"synthetic Llama-2-7B shapes, {args.layers} layers: {human_bytes(total)} bf16 written in "
               f"{time.perf_counter() - start:.1f} s")  # fmt: skip
-        copy_s = timed_copy(work / "hf", work / "copy")
+        copy_s = timed_copy(work / "hf", work / "copy", args.cold)
         shutil.rmtree(work / "copy")
-        layout_args = ("--tp", str(args.tp), "--pp", str(args.pp))
-        to_mcore_s, to_mcore = run_convert(
-            "hf2mcore", "--hf", str(work / "hf"), "--out", str(work / "mcore"), *layout_args
-        )
-        to_hf_s, to_hf = run_convert("mcore2hf", "--mcore", str(work / "mcore"), "--out", str(work / "back"))
-        exact = same_files(work / "hf", work / "back")
+        steps = []
+        for name, fmt_args in (
+            (f"legacy TP{args.tp} PP{args.pp}", ("--tp", str(args.tp), "--pp", str(args.pp))),
+            ("torch_dist", ("--format", "torch_dist")),
+        ):
+            mcore = work / name.split()[0]
+            back = work / f"back-{mcore.name}"
+            to_mcore = ("hf2mcore", "--hf", str(work / "hf"), "--out", str(mcore), *fmt_args)
+            steps.append((f"hf2mcore {name}", *run_convert(*to_mcore, inputs=work / "hf", cold=args.cold)))
+            to_hf = ("mcore2hf", "--mcore", str(mcore), "--out", str(back))
+            steps.append((f"mcore2hf from {mcore.name}", *run_convert(*to_hf, inputs=mcore, cold=args.cold)))
+        exact = all(same_files(work / "hf", back) for back in work.glob("back-*"))
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
@@ -145,16 +162,13 @@ def main() -> None:
     gib = total / (1 << 30)
     print(f"{'step':<28}{'wall s':>9}{'GiB/s':>9}{'x copy':>9}   peak RSS")
     print(f"{'plain file copy (baseline)':<28}{copy_s:>9.1f}{gib / copy_s:>9.2f}{1.0:>9.2f}   -")
-    for label, seconds, summary in (
-        (f"hf2mcore TP{args.tp} PP{args.pp}", to_mcore_s, to_mcore),
-        ("mcore2hf", to_hf_s, to_hf),
-    ):
+    for label, seconds, summary in steps:
         print(
             f"{label:<28}{seconds:>9.1f}{gib / seconds:>9.2f}{seconds / copy_s:>9.2f}   {peak_rss(summary)}"
         )
-    print(f"round trip byte-identical: {exact}")
-    print(to_mcore)
-    print(to_hf)
+    print(f"round trips byte-identical: {exact}")
+    for _, _, summary in steps:
+        print(summary)
     if not exact:
         raise SystemExit("round trip differs")
 

@@ -41,6 +41,7 @@ PRESETS = {
         str(REPO / "launch/configs/llama2_7b.yaml"),
         "data.mock=true",
         "patches={}",
+        "parallel.sequence_parallel=null",  # the 7B config's SP needs TP > 1; null: on where TP > 1
         "model.num_layers=22",
         "model.hidden_size=2048",
         "model.ffn_hidden_size=5632",
@@ -81,6 +82,29 @@ def run_backend(preset: str, backend: str, iters: int, nproc: int, workdir: Path
     )
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["seconds"] for r in records]
+
+
+def peak_memory_gib(run_dir: Path) -> float | None:
+    """The last rank's peak allocated GPU memory, as the trainer logged it (None on CPU)."""
+    from megatron_patches.tensorboard_scalars import tensorboard_scalars
+
+    series = tensorboard_scalars(run_dir / "tensorboard").get("peak-memory-gib", {})
+    return max(series.values(), default=None)
+
+
+def planned_memory_gib(cfg, nproc: int) -> float:
+    """The memory plan's total per GPU for the preset (what `--dry-run` prints), in GiB."""
+    from megatron_patches.parallel import Layout
+    from megatron_patches.training.data import Phase
+    from megatron_patches.training.memory_budget import run_plans
+    from megatron_patches.training.memory_plan import GIB
+
+    train, parallel = cfg.train, cfg.parallel
+    layout = Layout(nproc, parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size)
+    phase = Phase(
+        "main", 0, train.train_iters, (), cfg.data.seq_length, train.global_batch_size, train.micro_batch_size
+    )
+    return max(plan.total for _, _, plan in run_plans(cfg, layout, [phase])) / GIB
 
 
 def global_batch(preset: str, nproc: int) -> int:
@@ -124,8 +148,9 @@ def main() -> None:
         f"preset {args.preset} on {device}, {nproc} ranks, {tokens} tokens/iteration, "
         f"median of iterations {args.warmup + 1}..{args.iters}"
     )
-    header = ("backend", "s/iter", "tokens/s", "tok/s/rank", "MFU", "vs unfused")
-    print("{:10s} {:>9s} {:>11s} {:>11s} {:>6s} {:>10s}".format(*header))
+    planned = planned_memory_gib(cfg, nproc)
+    header = ("backend", "s/iter", "tokens/s", "tok/s/rank", "MFU", "vs unfused", "peak GiB", "plan GiB")
+    print("{:10s} {:>9s} {:>11s} {:>11s} {:>6s} {:>10s} {:>8s} {:>8s}".format(*header))
     baseline = None
     with tempfile.TemporaryDirectory() as tmp:
         for backend in backends:
@@ -134,9 +159,11 @@ def main() -> None:
             )
             baseline = baseline or seconds
             mfu = f"{flops / seconds / nproc / peak:6.1%}" if peak else "   n/a"
+            measured = peak_memory_gib(Path(tmp) / backend)
             print(
                 f"{backend:10s} {seconds:9.4f} {tokens / seconds:11,.0f} {tokens / seconds / nproc:11,.0f} "
-                f"{mfu} {baseline / seconds:9.2f}x"
+                f"{mfu} {baseline / seconds:9.2f}x "
+                f"{'n/a' if measured is None else f'{measured:.2f}':>8s} {planned:8.2f}"
             )
 
 

@@ -13,6 +13,8 @@
 #   MASTER_ADDR    rendezvous host       (default: first host of $SLURM_JOB_NODELIST, else localhost)
 #   MASTER_PORT    rendezvous port       (default: 29500)
 #   PYTHON         interpreter           (default: .venv/bin/python if present, else python3)
+#   MAX_RESTARTS   torchrun --max-restarts (default 0): when a rank dies, restart every rank of this
+#                  node from the newest checkpoint (the run resumes by itself), at most this many times
 
 # GPUs this node gives the job: those CUDA_VISIBLE_DEVICES names (what Slurm binds for --gpus, or
 # the user's choice), else SLURM_GPUS_ON_NODE, else every GPU `nvidia-smi -L` lists; 0 without any.
@@ -80,6 +82,6 @@ launch_training() {
     trap '' USR1
     "$python" -m torch.distributed.run \
         --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
-        --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+        --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --max-restarts "${MAX_RESTARTS:-0}" \
         -m megatron_patches.training --config "$config" "$@"
 }

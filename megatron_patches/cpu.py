@@ -72,6 +72,8 @@ class CudaToCpuMode(TorchFunctionMode):
         elif "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs = {**kwargs, "device": _CPU}
         if func in _SPECIAL:
+            if func in _BACKWARD:
+                return _backward_inside(self, func, args, kwargs)
             if func is torch.Tensor.cuda:
                 return args[0]
             if func is torch.Tensor.type and len(args) == 1 and not kwargs:
@@ -82,7 +84,45 @@ class CudaToCpuMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-_SPECIAL = frozenset({torch.Tensor.cuda, torch.Tensor.type, torch.Tensor.to})
+_BACKWARD = frozenset({torch.autograd.backward, torch.Tensor.backward})
+_SPECIAL = frozenset({torch.Tensor.cuda, torch.Tensor.type, torch.Tensor.to, *_BACKWARD})
+# Positional parameters after the first (the tensors) of each backward entry point.
+_BACKWARD_PARAMS = {
+    torch.autograd.backward: ("grad_tensors", "retain_graph", "create_graph", "grad_variables", "inputs"),
+    torch.Tensor.backward: ("grad_tensors", "retain_graph", "create_graph", "inputs"),
+}
+
+
+def _backward_inside(mode: TorchFunctionMode, func, args: tuple, kwargs: dict) -> None:
+    """Run a backward pass with ``mode`` active, as the forward pass ran.
+
+    torch 2.13 hands ``torch.autograd.backward``/``Tensor.backward`` to the active torch-function
+    mode, which is popped while its handler runs: calling ``func`` here would run the whole
+    backward pass without the CUDA-to-CPU rewrites, and activation recompute (which re-runs
+    forward code in backward, e.g. ``get_default_causal_mask(device="cuda")``) would fail. So
+    the autograd engine is called directly, inside the mode, as ``torch.autograd.backward`` does.
+    """
+    from torch.autograd import _make_grads, _tensor_or_tensors_to_tuple
+    from torch.autograd.graph import _engine_run_backward
+
+    call = dict(zip(_BACKWARD_PARAMS[func], args[1:], strict=False), **kwargs)
+    tensors = (args[0],) if isinstance(args[0], torch.Tensor) else tuple(args[0])
+    grads = call.get("grad_tensors", call.get("gradient"))
+    grads = _make_grads(tensors, _tensor_or_tensors_to_tuple(grads, len(tensors)), is_grads_batched=False)
+    create_graph = bool(call.get("create_graph", False))
+    retain_graph = call.get("retain_graph")
+    inputs = call.get("inputs")
+    inputs = () if inputs is None else ((inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs))
+    with mode:
+        _engine_run_backward(
+            tensors,
+            grads,
+            create_graph if retain_graph is None else retain_graph,
+            create_graph,
+            inputs,
+            allow_unreachable=True,
+            accumulate_grad=True,
+        )
 
 
 class _NullStream:
@@ -163,6 +203,8 @@ def quiet_expected_warnings() -> None:
     warnings.filterwarnings("ignore", message=r".*full scope is deprecated")
     # fp32 (CPU) runs: DistributedOptimizer.zero_grad reads .grad of its shard views.
     warnings.filterwarnings("ignore", message=r"The .grad attribute of a Tensor that is not a leaf")
+    # sequence parallel: a CUDA stream-scheduling hint, meaningless without CUDA.
+    warnings.filterwarnings("ignore", message=r".*CUDA_DEVICE_MAX_CONNECTIONS")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     # torch deprecations that Megatron-Core 0.16.1's dist_checkpointing triggers on every load.
     warnings.filterwarnings(

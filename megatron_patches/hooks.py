@@ -101,12 +101,24 @@ class StepReport:
     exit_signals: int = 0  # ranks that have received SIGTERM/SIGUSR1 (megatron_patches.exit_signals)
 
 
+@dataclass(frozen=True)
+class Rollback:
+    """Go back to the newest checkpoint in this process and continue from there."""
+
+    reason: str
+    # Skip the samples read since that checkpoint plus this many more; None: read them again.
+    skip_margin: int | None = 0
+
+
 @dataclass
 class Requests:
     """What hooks ask of the loop at the end of an iteration (already agreed by all ranks)."""
 
     save: str | None = None  # reason for a checkpoint now
     stop: str | None = None  # reason to end the run cleanly after saving
+    # Stop without a checkpoint: the newest one on disk (from before a bad stretch) stays the resume point.
+    stop_without_save: bool = False
+    rollback: Rollback | None = None  # reload the newest checkpoint instead of saving or stopping
 
 
 class Hook:

@@ -18,10 +18,17 @@ never applies an update on a non-finite loss or grad norm
   and every sample of the global batch (sample id in the phase's blended
   dataset, ``dataset_id``, channel), gathered from all data-parallel ranks of
   the last pipeline stage; then the ``action``:
-  ``continue`` (update as usual), ``skip`` (no update; the data moves on), or
-  ``stop`` (no update, checkpoint, exit 0: the checkpoint holds the weights
-  that produced the spike and the data position after it, so one can inspect
-  the batch, resume past it, or roll back further).
+  ``continue`` (update as usual), ``skip`` (no update; the data moves on),
+  ``stop`` (no update, exit 0 *without* a checkpoint: the newest one, from before
+  the anomaly, stays the resume point; skip the logged samples with
+  ``data.skip_samples`` and resume), or ``rollback`` (``Requests.rollback``: the
+  loop reloads the newest checkpoint in-process, skips the samples read since it
+  plus ``skip_margin``, logs ``rollbacks.jsonl``; after ``max_rollbacks`` it
+  stops as ``stop`` does, and within ``cooldown`` iterations of the last
+  rolled-back anomaly another one is only skipped).
+* A *drop* (``drop_ratio`` > 0: loss under ``mean - drop_std_factor * std`` and
+  under ``drop_ratio * mean``; runs of one token, repeated boilerplate) is an
+  anomaly too, logged with reason ``loss drop`` (a rise: ``loss spike``).
 * The decision is taken in ``skip_update`` from the all-reduced loss, so every
   rank takes the same one without another collective; only a spike gathers.
 
@@ -46,6 +53,7 @@ from megatron_patches.hooks import (
     HookContext,
     PhaseInfo,
     Requests,
+    Rollback,
     StepReport,
     number_option,
     run_dir_file,
@@ -55,7 +63,7 @@ from megatron_patches.parallel import gather_on_last_stage
 if TYPE_CHECKING:
     from megatron_patches.training.config import Config as TrainConfig
 
-ACTIONS = ("continue", "skip", "stop")
+ACTIONS = ("continue", "skip", "stop", "rollback")
 
 
 @dataclass(frozen=True)
@@ -66,8 +74,16 @@ class Options:
     warmup: int = 20  # losses needed before anything is judged a spike
     std_factor: float = 4.0
     min_ratio: float = 1.1
-    action: str = "continue"  # continue | skip | stop
+    # A drop (runs of one token, repeated text): loss below mean - drop_std_factor * std and below
+    # drop_ratio * mean. drop_ratio 0 (the default) detects no drops.
+    drop_std_factor: float = 4.0
+    drop_ratio: float = 0.0
+    action: str = "continue"  # continue | skip | stop | rollback
     file: str = "loss_spikes.jsonl"
+    # rollback: reload the newest checkpoint, skip the samples read since it plus skip_margin more.
+    max_rollbacks: int = 3  # then stop (without a checkpoint: the newest one predates the anomaly)
+    cooldown: int = 10  # iterations after a rolled-back anomaly in which another one is only skipped
+    skip_margin: int = 0
 
     def __post_init__(self) -> None:
         number_option("patches.loss_spike.window", self.window, integer=True, minimum=1)
@@ -76,6 +92,13 @@ class Options:
             raise ConfigError(f"patches.loss_spike.warmup ({self.warmup}) exceeds window ({self.window})")
         number_option("patches.loss_spike.std_factor", self.std_factor)
         number_option("patches.loss_spike.min_ratio", self.min_ratio)
+        number_option("patches.loss_spike.drop_std_factor", self.drop_std_factor)
+        if self.drop_ratio != 0:
+            number_option("patches.loss_spike.drop_ratio", self.drop_ratio)
+        if self.drop_ratio >= 1:
+            raise ConfigError(f"patches.loss_spike.drop_ratio must be below 1, got {self.drop_ratio!r}")
+        for key in ("max_rollbacks", "cooldown", "skip_margin"):
+            number_option(f"patches.loss_spike.{key}", getattr(self, key), integer=True, minimum=-1)
         if self.action not in ACTIONS:
             raise ConfigError(f"patches.loss_spike.action must be one of {ACTIONS}, got {self.action!r}")
 
@@ -105,9 +128,18 @@ def mean_std(values) -> tuple[float, float]:
 class SpikeDetector:
     """The rolling statistics and the rule; pure, no processes."""
 
-    def __init__(self, window: int, warmup: int, std_factor: float, min_ratio: float) -> None:
+    def __init__(
+        self,
+        window: int,
+        warmup: int,
+        std_factor: float,
+        min_ratio: float,
+        drop_std_factor: float = 4.0,
+        drop_ratio: float = 0.0,
+    ) -> None:
         self.history: deque[float] = deque(maxlen=window)
         self.warmup, self.std_factor, self.min_ratio = warmup, std_factor, min_ratio
+        self.drop_std_factor, self.drop_ratio = drop_std_factor, drop_ratio
 
     def judge(self, loss: float, grad_norm: float | None = None) -> Verdict:
         if not math.isfinite(loss):
@@ -117,9 +149,16 @@ class SpikeDetector:
         if len(self.history) < max(self.warmup, 2):
             return Verdict(False, None, None, None)
         mean, std = mean_std(self.history)
-        score = (loss - mean) / std if std > 0 else (math.inf if loss > mean else 0.0)
-        spike = loss > mean + self.std_factor * std and loss > self.min_ratio * mean
-        return Verdict(spike, score, mean, std, "loss spike" if spike else "")
+        score = (
+            (loss - mean) / std
+            if std > 0
+            else (math.copysign(math.inf, loss - mean) if loss != mean else 0.0)
+        )
+        if loss > mean + self.std_factor * std and loss > self.min_ratio * mean:
+            return Verdict(True, score, mean, std, "loss spike")
+        if loss < mean - self.drop_std_factor * std and loss < self.drop_ratio * mean:
+            return Verdict(True, score, mean, std, "loss drop")
+        return Verdict(False, score, mean, std)
 
     def observe(self, loss: float, grad_norm: float | None = None) -> Verdict:
         """Judge ``loss``, then add it to the window unless it is a spike."""
@@ -130,7 +169,7 @@ class SpikeDetector:
 
 
 def refuses_update(verdict: Verdict, action: str) -> bool:
-    return verdict.spike and action in ("skip", "stop")
+    return verdict.spike and action in ("skip", "stop", "rollback")
 
 
 def spike_record(report: StepReport, verdict: Verdict, action: str, phase: PhaseInfo, gathered: list) -> dict:
@@ -163,9 +202,14 @@ def _json_number(value):
 class LossSpikeGuard(Hook):
     name = "loss_spike"
 
-    def __init__(self, detector: SpikeDetector, action: str, path: Path) -> None:
+    def __init__(
+        self, detector: SpikeDetector, action: str, path: Path, options: Options | None = None
+    ) -> None:
         self.detector, self.action, self.path = detector, action, path
+        self.options = options or Options(action=action)
         self.verdict: tuple[int, Verdict] | None = None  # (iteration, verdict) judged before the update
+        self.rollbacks = 0  # roll-backs so far (kept across the checkpoint reloads they cause)
+        self.quiet_until = 0  # no roll-back for an anomaly before this iteration (the cool-down)
 
     def skip_update(self, ctx: HookContext, loss: float, grad_norm: float | None) -> bool:
         verdict = self.detector.observe(loss, grad_norm)
@@ -180,13 +224,31 @@ class LossSpikeGuard(Hook):
         if not verdict.spike:
             return
         gathered = gather_on_last_stage((report.sample_ids, report.dataset_ids))
+        action = self.decide(f"{verdict.reason} at iteration {report.iteration}", report.iteration, requests)
         if ctx.writer.enabled:  # the logging rank, on the last stage: it has the gathered ids
-            self._record(ctx, report, verdict, gathered)
-        if self.action == "stop":
-            requests.stop = requests.stop or f"{verdict.reason} at iteration {report.iteration}"
+            self._record(ctx, report, verdict, gathered, action)
 
-    def _record(self, ctx: HookContext, report: StepReport, verdict: Verdict, gathered: list) -> None:
-        record = spike_record(report, verdict, self.action, ctx.phase, gathered)
+    def decide(self, what: str, iteration: int, requests: Requests) -> str:
+        """Ask the loop for the action (the same on every rank: all judged the same loss); say which."""
+        action = self.action
+        if action == "rollback" and self.rollbacks >= self.options.max_rollbacks:
+            action = "stop"
+            what += f" after {self.rollbacks} roll-backs (max_rollbacks)"
+        elif action == "rollback" and iteration < self.quiet_until:
+            return "skip (roll-back cool-down)"
+        if action == "stop":
+            # The newest checkpoint predates the anomaly: it stays the resume point.
+            requests.stop, requests.stop_without_save = requests.stop or what, True
+        elif action == "rollback":
+            self.rollbacks += 1
+            self.quiet_until = iteration + self.options.cooldown
+            requests.rollback = Rollback(what, self.options.skip_margin)
+        return action
+
+    def _record(
+        self, ctx: HookContext, report: StepReport, verdict: Verdict, gathered: list, action: str
+    ) -> None:
+        record = spike_record(report, verdict, action, ctx.phase, gathered)
         with self.path.open("a") as out:
             out.write(json.dumps(record) + "\n")
         if verdict.score is not None and math.isfinite(verdict.score):
@@ -194,20 +256,32 @@ class LossSpikeGuard(Hook):
         ctx.writer.console(
             f"{verdict.reason} at iteration {report.iteration}: loss {report.loss:.4f}"
             + (f", mean {verdict.mean:.4f} std {verdict.std:.4f}" if verdict.mean is not None else "")
-            + f"; action {self.action}; batch written to {self.path}"
+            + f"; action {action}; batch written to {self.path}"
         )
 
     def state_dict(self) -> dict:
-        return {"history": list(self.detector.history)}
+        return {
+            "history": list(self.detector.history),
+            "rollbacks": self.rollbacks,
+            "quiet_until": self.quiet_until,
+        }
 
     def load_state_dict(self, state: dict) -> None:
+        """The window as it was; the roll-back count and cool-down never go back (a roll-back reloads)."""
         self.detector.history.clear()
         self.detector.history.extend(state.get("history", []))
+        self.rollbacks = max(self.rollbacks, state.get("rollbacks", 0))
+        self.quiet_until = max(self.quiet_until, state.get("quiet_until", 0))
 
 
 def enable(options: Options, config: TrainConfig) -> LossSpikeGuard:
     path = run_dir_file("loss_spike", "file", options.file, config.run_dir)
     detector = SpikeDetector(
-        options.window, options.warmup, float(options.std_factor), float(options.min_ratio)
+        options.window,
+        options.warmup,
+        float(options.std_factor),
+        float(options.min_ratio),
+        float(options.drop_std_factor),
+        float(options.drop_ratio),
     )
-    return LossSpikeGuard(detector, options.action, path)
+    return LossSpikeGuard(detector, options.action, path, options)

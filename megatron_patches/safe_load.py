@@ -13,26 +13,41 @@ Only a directory that passes is handed to Megatron-Core. A vetted directory is
 remembered by the size and mtime of its files, so the trainer's repeated reads
 (plan, then load, on every rank) vet it once per process.
 
-Every torch_dist read of the project goes through :func:`load_common` and
-:func:`load_sharded`, which vet first (``tests/megatron_patches/test_safe_load.py``
+Megatron-LM stores its ``argparse.Namespace`` (``args``) in rank files and
+``common.pt``; :func:`safe_torch_load` admits that class and Megatron-Core's
+enums (``AttnBackend`` ...) besides what ``weights_only`` admits, nothing else.
+
+Every torch_dist read of the project goes through :func:`load_common`,
+:func:`load_sharded` and :func:`read_region` (one piece of one stored tensor, for
+readers that stream), which vet first (``tests/megatron_patches/test_safe_load.py``
 fails on a direct ``dist_checkpointing`` read elsewhere).
 
-Public API: :func:`load_common`, :func:`load_sharded`, :func:`verify_torch_dist`, :class:`Vetted`,
-:func:`read_metadata`, :func:`safe_torch_load`.
+Public API: :func:`load_common`, :func:`load_sharded`, :func:`read_region`, :func:`verify_torch_dist`,
+:class:`Vetted`, :func:`read_metadata`, :func:`safe_torch_load`.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
+import enum
+import functools
+import importlib
 import io
 import itertools
 import os
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
 import torch
+from torch.distributed.checkpoint import FileSystemReader, load
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from megatron_patches.errors import ConfigError
 
@@ -67,6 +82,8 @@ _METADATA_CLASSES = {
     "collections": {"OrderedDict"},
 }
 _TORCH_CONSTANTS = (torch.dtype, torch.layout, torch.memory_format)
+# Modules whose Enum classes Megatron-LM's args hold (attention_backend, fp8_recipe, cuda_graph_scope ...).
+_ARGS_ENUM_MODULES = ("megatron.core.enums", "megatron.core.transformer.enums")
 _ZIP_MAGIC = b"PK\x03\x04"
 _BLOCKED_GLOBAL = re.compile(r"GLOBAL (\S+)")
 _TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
@@ -129,11 +146,26 @@ def safe_torch_load(source: str | Path | bytes, where: str | Path, mmap: bool = 
     """``torch.load(weights_only=True)`` of a file or of bytes; any failure is one line naming ``where``."""
     stream = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
-        return torch.load(stream, map_location="cpu", mmap=mmap, weights_only=True)
+        with torch.serialization.safe_globals(_args_classes()):
+            return torch.load(stream, map_location="cpu", mmap=mmap, weights_only=True)
     except FileNotFoundError:
         raise ConfigError(f"checkpoint file not found: {where}") from None
     except Exception as err:  # noqa: BLE001 - torch raises many types for a damaged file
         raise ConfigError(f"cannot read {where}: {_reason(err)}") from None
+
+
+@functools.cache
+def _args_classes() -> list[type]:
+    """``argparse.Namespace`` and the Enum classes of :data:`_ARGS_ENUM_MODULES` (data, not code)."""
+    classes: list[type] = [argparse.Namespace]
+    for name in _ARGS_ENUM_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # the converter's pure paths run without Megatron-Core
+            continue
+        found = [c for c in vars(module).values() if isinstance(c, type) and c.__module__ == name]
+        classes += [c for c in found if issubclass(c, enum.Enum)]
+    return classes
 
 
 def _reason(err: Exception) -> str:
@@ -159,7 +191,47 @@ def load_sharded(sharded_state_dict: dict, iter_dir: str | Path) -> dict:
     from megatron.core import dist_checkpointing
 
     verify_torch_dist(iter_dir)
-    return dist_checkpointing.load(sharded_state_dict, str(iter_dir))
+    with torch.serialization.safe_globals(_args_classes()):  # common.pt's args, vetted just above
+        return dist_checkpointing.load(sharded_state_dict, str(iter_dir))
+
+
+def read_region(iter_dir: str | Path, key: str, offsets: tuple[int, ...], into: torch.Tensor) -> None:
+    """Fill ``into`` with the region of stored tensor ``key`` starting at ``offsets``; nothing else is read.
+
+    ``torch.distributed.checkpoint.load`` with a one-region plan, fed the vetted metadata (the
+    reader never unpickles ``.metadata`` itself); stored chunks are cast to ``into``'s dtype.
+    """
+    vetted = verify_torch_dist(iter_dir)
+    stored = vetted.metadata.state_dict_metadata.get(key)
+    if not isinstance(stored, TensorStorageMetadata):
+        raise ConfigError(f"{iter_dir} holds no tensor {key}")
+    ends = [o + n for o, n in zip(offsets, into.shape, strict=True)]
+    if any(end > size for end, size in zip(ends, stored.size, strict=True)):
+        raise ConfigError(f"{iter_dir}: {key} is {list(stored.size)}, too small for {ends}")
+
+    class VettedReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            return vetted.metadata  # FileSystemReader's own would unpickle .metadata unrestricted
+
+    region = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=into.shape)
+    planner = _RegionPlanner(key, stored, region)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        load({key: into}, storage_reader=VettedReader(str(iter_dir)), planner=planner, no_dist=True)
+
+
+class _RegionPlanner(DefaultLoadPlanner):
+    """Reads one region of one tensor: torch's default planner reads whole tensors into offset 0 only."""
+
+    def __init__(self, key: str, stored: TensorStorageMetadata, region: ChunkStorageMetadata) -> None:
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self.key, self.stored, self.region = key, stored, region
+
+    def create_local_plan(self) -> LoadPlan:
+        return LoadPlan(create_read_items_for_chunk_list(self.key, self.stored, [self.region]))
+
+    def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
+        return self.state_dict[index.fqn]  # the region itself, whatever its offset in the stored tensor
 
 
 def verify_torch_dist(iter_dir: str | Path) -> Vetted:

@@ -11,9 +11,11 @@ The trainer (``megatron_patches.training.checkpoint``) and the converter
     ROOT/.iter_0000100.partial-<host>-<pid>-<hex>/  a save in progress, or a killed one's: nothing reads it
 
 Every checkpoint stores the common entries of :class:`CommonState`
-(``model_config``, ``iteration``, ``checkpoint_version`` and, from the trainer,
-consumed samples, the parallel layout, run settings and patch state); a
-legacy rank file holds them beside its ``model`` state dict. Reads go through
+(``model_config``, ``iteration``, ``checkpoint_version``, Megatron-LM's ``args``
+namespace and, from the trainer, consumed samples, the parallel layout, run
+settings and patch state); a legacy rank file holds them beside its ``model``
+state dict. Megatron-LM's own checkpoints (same layout, no ``model_config``)
+read through their ``args`` (``formats.megatron_lm_args``). Reads go through
 ``megatron_patches.safe_load``; nothing here imports Megatron-Core.
 """
 
@@ -28,7 +30,8 @@ from typing import Any
 
 from megatron_patches import paths, safe_load
 from megatron_patches.errors import ConfigError
-from megatron_patches.formats import param_names
+from megatron_patches.formats import megatron_lm_args, param_names
+from megatron_patches.formats.megatron_lm_args import ARGS
 from megatron_patches.formats.model_config import ModelConfig
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
@@ -50,6 +53,8 @@ PARALLEL_LAYOUT = "parallel_layout"  # [TP, PP] of the run that wrote the checkp
 RUN_SETTINGS = "run_settings"  # seed, data, tokenizer ... of the run that wrote it
 PATCH_STATE = "patch_state"  # the patches' own state, by patch name
 PIPELINE_LAYERS = "pipeline_layers"  # layers per pipeline stage (legacy rank files)
+SKIP_SAMPLES = "skip_samples"  # [[first id, last id, phase], ...] the run never reads (roll-backs)
+BRANCHED_FROM = "branched_from"  # the checkpoint.load_iteration the run went back to, if any
 
 
 @dataclass
@@ -63,6 +68,9 @@ class CommonState:
     run_settings: dict | None = None
     patch_state: dict | None = None
     pipeline_layers: list[int] | None = None
+    skip_samples: list | None = None
+    branched_from: int | None = None
+    args: Any = None  # Megatron-LM's argparse.Namespace, for its --use-checkpoint-args
 
     def to_dict(self) -> dict[str, Any]:
         """The entries to save, with this format's :data:`CHECKPOINT_VERSION`."""
@@ -70,12 +78,33 @@ class CommonState:
         return {**recorded, VERSION: CHECKPOINT_VERSION}
 
     @classmethod
-    def from_dict(cls, common: dict[str, Any], where: str | Path) -> CommonState:
-        """The entries of a loaded common state; one without ``model_config`` is not this project's."""
-        if MODEL_CONFIG not in common:
-            raise ConfigError(f"{where} stores no model_config; it was not written by this project")
+    def from_dict(
+        cls, common: dict[str, Any], where: str | Path, model_config: ModelConfig | None = None
+    ) -> CommonState:
+        """The entries of a loaded common state; see :func:`architecture` for a foreign one's model config."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in common.items() if k in names})
+        entries = {k: v for k, v in common.items() if k in names}
+        if MODEL_CONFIG not in entries:  # Megatron-LM's own, or a checkpoint recording no architecture
+            entries[MODEL_CONFIG] = architecture(common, where, model_config).to_dict()
+        return cls(**entries)
+
+
+def architecture(common: dict[str, Any], where: str | Path, given: ModelConfig | None = None) -> ModelConfig:
+    """The model config of a checkpoint: this project's ``model_config``, else Megatron-LM's ``args``.
+
+    ``given`` (``--model-config`` / ``checkpoint.pretrained_model_config``) stands in for a
+    checkpoint that records neither, e.g. one written by a script that dropped ``args``.
+    """
+    if MODEL_CONFIG in common:
+        return ModelConfig.from_dict(common[MODEL_CONFIG])
+    if common.get(ARGS) is not None:
+        return megatron_lm_args.model_config_from_args(common[ARGS], where)
+    if given is not None:
+        return given
+    raise ConfigError(
+        f"{where} records neither model_config nor Megatron-LM args; "
+        f"give the architecture with {megatron_lm_args.SUPPLY}"
+    )
 
 
 def read_tracker(root: str | Path) -> int | str:
@@ -240,28 +269,44 @@ def load_rank(iter_dir: str | Path, tp_rank: int, pp_rank: int, pp_size: int, mm
 def pipeline_layers(iter_dir: str | Path, pp_size: int) -> list[int]:
     """Layers per pipeline stage of a legacy checkpoint, as its rank files record them."""
     state = load_rank(iter_dir, 0, 0, pp_size, mmap=True)
-    if PIPELINE_LAYERS not in state:
-        raise ConfigError(f"{iter_dir} records no pipeline_layers; it was not written by this project")
-    return list(state[PIPELINE_LAYERS])
+    if PIPELINE_LAYERS in state:
+        return list(state[PIPELINE_LAYERS])
+    # Megatron-LM records no split: count the layers each stage's (TP rank 0) file holds.
+    counts = []
+    for stage in range(pp_size):
+        model = state["model"] if stage == 0 else load_rank(iter_dir, 0, stage, pp_size, mmap=True)["model"]
+        layers = (param_names.split_layer_name(param_names.from_spec(key) or "") for key in model)
+        counts.append(len({layer[0] for layer in layers if layer}))
+    return counts
 
 
-def read_common(iter_dir: str | Path) -> CommonState:
+def read_common(iter_dir: str | Path, model_config: ModelConfig | None = None) -> CommonState:
     """The common state of a checkpoint iteration (legacy or torch_dist), without loading weights."""
-    iter_dir = Path(iter_dir)
+    return CommonState.from_dict(_stored_common(Path(iter_dir)), iter_dir, model_config)
+
+
+def records_vocabulary(iter_dir: str | Path) -> bool:
+    """Whether it records its tokenizer's vocabulary size (Megatron-LM's args hold only the padded one)."""
+    return MODEL_CONFIG in _stored_common(Path(iter_dir))
+
+
+def _stored_common(iter_dir: Path) -> dict[str, Any]:
     if checkpoint_format(iter_dir) == "torch_dist":
-        return CommonState.from_dict(safe_load.load_common(iter_dir), iter_dir)
+        return safe_load.load_common(iter_dir)
     _, pp = legacy_layout(iter_dir)
-    return CommonState.from_dict(load_rank(iter_dir, 0, 0, pp, mmap=True), iter_dir)
+    return load_rank(iter_dir, 0, 0, pp, mmap=True)
 
 
-def model_config_of(state: dict, where: str | Path) -> ModelConfig:
-    """The ModelConfig in a loaded common state or legacy rank file."""
-    return ModelConfig.from_dict(CommonState.from_dict(state, where).model_config)
+def model_config_of(state: dict, where: str | Path, model_config: ModelConfig | None = None) -> ModelConfig:
+    """The ModelConfig of a loaded common state or legacy rank file; see :func:`architecture`."""
+    return architecture(state, where, model_config)
 
 
-def read_model_config(root: str | Path, iteration: int | str | None = None) -> ModelConfig:
-    """The ModelConfig stored in a checkpoint (legacy or torch_dist), without loading weights."""
-    return ModelConfig.from_dict(read_common(iteration_dir(root, iteration)).model_config)
+def read_model_config(
+    root: str | Path, iteration: int | str | None = None, model_config: ModelConfig | None = None
+) -> ModelConfig:
+    """The ModelConfig of a checkpoint (legacy or torch_dist), without loading weights."""
+    return ModelConfig.from_dict(read_common(iteration_dir(root, iteration), model_config).model_config)
 
 
 def load_model_for_rank(
@@ -271,6 +316,7 @@ def load_model_for_rank(
     pp_size: int,
     iteration: int | str | None = None,
     spec: str = "local",
+    model_config: ModelConfig | None = None,
 ) -> tuple[dict[str, Any], ModelConfig]:
     """One legacy rank's ``model`` state dict, named for ``spec`` (``local``/``te``), and its ModelConfig.
 
@@ -278,7 +324,7 @@ def load_model_for_rank(
     the returned config. For starting training from a converted ``release``.
     """
     state = load_rank(iteration_dir(root, iteration), tp_rank, pp_rank, pp_size)
-    cfg = model_config_of(state, root)
+    cfg = model_config_of(state, root, model_config)
     tensors = {name: value for key, value in state["model"].items() if (name := param_names.from_spec(key))}
     layers = 1 + max((param_names.split_layer_name(n) or (-1,))[0] for n in tensors)
     named = {param_names.to_spec(name, spec): value for name, value in tensors.items()}

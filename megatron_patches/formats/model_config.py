@@ -28,7 +28,14 @@ RUNTIME_ONLY_FIELDS = (
     "hidden_dropout",
     "attention_dropout",
     "init_method_std",
+    "recompute_granularity",
+    "recompute_method",
+    "recompute_num_layers",
 )
+# Activation recompute (Megatron-LM's names): "full" recomputes whole layers in backward
+# (recompute_method uniform|block, recompute_num_layers), "selective" only core attention.
+RECOMPUTE_GRANULARITIES = ("full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
 
 
 @dataclass
@@ -63,6 +70,9 @@ class ModelConfig:
     attention_dropout: float = 0.0
     transformer_impl: str = "local"
     attention_backend: str = "auto"
+    recompute_granularity: str | None = None  # None | full | selective
+    recompute_method: str | None = None  # uniform | block (full only)
+    recompute_num_layers: int | None = None  # full: layers per group (uniform) or per stage (block)
 
     @property
     def groups(self) -> int:
@@ -120,4 +130,39 @@ class ModelConfig:
         if self.transformer_impl not in TRANSFORMER_IMPLS:
             raise ConfigError(
                 f"transformer_impl must be one of {TRANSFORMER_IMPLS}, got {self.transformer_impl!r}"
+            )
+        self._validate_recompute()
+
+    def _validate_recompute(self) -> None:
+        """Megatron-Core's rules, as one line before anything is built (its asserts are per rank)."""
+        granularity, method, layers = (
+            self.recompute_granularity,
+            self.recompute_method,
+            self.recompute_num_layers,
+        )
+        if granularity is None:
+            if method is not None or layers is not None:
+                raise ConfigError(
+                    "model.recompute_method/recompute_num_layers need model.recompute_granularity=full"
+                )
+            return
+        if granularity not in RECOMPUTE_GRANULARITIES:
+            raise ConfigError(
+                f"model.recompute_granularity must be one of {RECOMPUTE_GRANULARITIES}, got {granularity!r}"
+            )
+        if granularity == "selective":
+            if method is not None or layers is not None:
+                raise ConfigError(
+                    "model.recompute_granularity=selective recomputes core attention only: "
+                    "unset model.recompute_method and model.recompute_num_layers"
+                )
+            return
+        if method not in RECOMPUTE_METHODS:
+            raise ConfigError(
+                f"model.recompute_granularity=full needs model.recompute_method in {RECOMPUTE_METHODS}, "
+                f"got {method!r}"
+            )
+        if layers is None or layers < 1:
+            raise ConfigError(
+                f"model.recompute_granularity=full needs model.recompute_num_layers >= 1, got {layers}"
             )

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from megatron_patches.training.config import Config, OptimConfig
+from megatron_patches.training.config import Config, DDPConfig, OptimConfig
 from megatron_patches.training.model import build_model_for_this_rank
 from megatron_patches.training.schedules import PretrainScheduler
 
@@ -42,14 +42,26 @@ def params_dtype(cfg: Config) -> torch.dtype:
 
 def build(cfg: Config) -> TrainingObjects:
     dtype = params_dtype(cfg)
-    model = wrap_for_training(build_model_for_this_rank(cfg.model, dtype, calculate_per_token_loss=True))
+    gpt = build_model_for_this_rank(
+        cfg.model,
+        dtype,
+        calculate_per_token_loss=True,
+        sequence_parallel=bool(cfg.parallel.sequence_parallel),  # plan_run resolved the default
+    )
+    model = wrap_for_training(gpt, cfg.ddp)
     optimizer = build_optimizer(cfg.optimizer, model, dtype)
     scheduler = PretrainScheduler(optimizer, cfg.optimizer, cfg.train.train_iters)
     return TrainingObjects(model, optimizer, scheduler)
 
 
-def wrap_for_training(gpt: torch.nn.Module) -> torch.nn.Module:
-    """``Float16Module`` (bf16) and Megatron-Core's ``DistributedDataParallel`` around one stage."""
+def wrap_for_training(gpt: torch.nn.Module, ddp: DDPConfig | None = None) -> torch.nn.Module:
+    """``Float16Module`` (bf16) and Megatron-Core's ``DistributedDataParallel`` around one stage.
+
+    With ``ddp.overlap_grad_reduce`` the pipeline schedules hold back the gradient reduce of all
+    but the last micro-batch (``no_sync_func``) and start each bucket's reduce-scatter as soon as
+    its gradients are ready; with ``ddp.overlap_param_gather`` the next forward pass all-gathers
+    the updated weights bucket by bucket (forward pre-hooks) instead of the optimizer step.
+    """
     from megatron.core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,
@@ -60,14 +72,35 @@ def wrap_for_training(gpt: torch.nn.Module) -> torch.nn.Module:
     if gpt.config.params_dtype != torch.float32:
         # As Megatron-LM: bf16 compute, inputs cast on the first stage, fp32 outputs on the last.
         gpt = Float16Module(gpt.config, gpt)
+    ddp = ddp or DDPConfig()
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         use_distributed_optimizer=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=ddp.overlap_grad_reduce,
+        overlap_param_gather=ddp.overlap_param_gather,
+        bucket_size=ddp.bucket_size,
+        average_in_collective=ddp.average_in_collective,
         check_for_nan_in_grad=False,
     )
-    gpt.config.finalize_model_grads_func = finalize_model_grads
-    return DistributedDataParallel(gpt.config, ddp_config, gpt)
+    config = gpt.config
+    config.finalize_model_grads_func = finalize_model_grads
+    model = DistributedDataParallel(config, ddp_config, gpt)
+    if ddp.overlap_grad_reduce:  # as Megatron-LM's setup for one model chunk
+        config.no_sync_func = model.no_sync
+        config.grad_sync_func = model.start_grad_sync
+    if ddp.overlap_param_gather:
+        config.param_sync_func = model.start_param_sync
+    return model
+
+
+def gather_params(model: torch.nn.Module) -> None:
+    """Finish the weights' all-gather that ``ddp.overlap_param_gather`` defers to the next forward.
+
+    Whatever reads the weights outside a forward pass (a checkpoint save) calls this first; a
+    no-op without the overlap, where the optimizer step has already gathered them.
+    """
+    if model.ddp_config.overlap_param_gather:
+        model.start_param_sync(force_sync=True)
 
 
 def build_optimizer(opt: OptimConfig, model: torch.nn.Module, dtype: torch.dtype) -> MegatronOptimizer:

@@ -32,6 +32,7 @@ from megatron_patches import checkpoint_writers, paths, safe_load
 from megatron_patches.errors import ConfigError
 from megatron_patches.formats import checkpoint as ckpt_format
 from megatron_patches.formats import rng_state
+from megatron_patches.formats.megatron_lm_args import megatron_lm_args
 from megatron_patches.formats.model_config import RUNTIME_ONLY_FIELDS, ModelConfig
 
 if TYPE_CHECKING:
@@ -52,11 +53,16 @@ class TrainState:
     consumed_samples: int = 0
     patch_state: dict | None = None
     run_settings: dict | None = None  # what the resume must keep (run_settings.py); saved, checked on resume
+    skip_samples: list | None = None  # skip_windows as JSON: data never read (roll-backs, data.skip_samples)
+    branched_from: int | None = None  # checkpoint.load_iteration this run went back to
 
 
-def check_architecture(path: Path, model: ModelConfig) -> None:
-    """Stop with one line when the checkpoint at ``path`` holds another architecture."""
-    saved = _saved_model_config(path).to_dict()
+def check_architecture(path: Path, model: ModelConfig, given: ModelConfig | None = None) -> None:
+    """Stop with one line when the checkpoint at ``path`` holds another architecture.
+
+    ``given`` (checkpoint.pretrained_model_config) stands in for a checkpoint that records none.
+    """
+    saved = _saved_model_config(path, given, model).to_dict()
     mine = model.to_dict()
     keys = [k for k in sorted(set(saved) | set(mine)) if k not in RUNTIME_ONLY_FIELDS]
     diffs = [
@@ -68,15 +74,23 @@ def check_architecture(path: Path, model: ModelConfig) -> None:
         raise ConfigError(f"checkpoint {path} is another architecture ({'; '.join(diffs)})")
 
 
-def model_config_from(path: Path, current: ModelConfig) -> ModelConfig:
+def model_config_from(path: Path, current: ModelConfig, given: ModelConfig | None = None) -> ModelConfig:
     """The checkpoint's architecture, keeping ``current``'s runtime-only choices (kernels, dropout)."""
-    saved = _saved_model_config(path)
+    saved = _saved_model_config(path, given, current)
     runtime = {name: getattr(current, name) for name in RUNTIME_ONLY_FIELDS}
     return dataclasses.replace(saved, **runtime)
 
 
-def _saved_model_config(path: Path) -> ModelConfig:
-    return ModelConfig.from_dict(ckpt_format.read_common(path).model_config)
+def _saved_model_config(path: Path, given: ModelConfig | None, current: ModelConfig) -> ModelConfig:
+    """This project's model_config, else Megatron-LM's args, else ``given``; else one line naming the key.
+
+    Megatron-LM's args record only the padded vocabulary: the run's ``model.vocab_size`` (its
+    tokenizer's) stands when it fits, so the padded rows stay out of the loss as in our own runs.
+    """
+    saved = ModelConfig.from_dict(ckpt_format.read_common(path, given).model_config)
+    if current.vocab_size <= saved.vocab_size and not ckpt_format.records_vocabulary(path):
+        return dataclasses.replace(saved, vocab_size=current.vocab_size)
+    return saved
 
 
 def _sharded_state(
@@ -91,16 +105,17 @@ def _sharded_state(
     from megatron.core import parallel_state as ps
 
     model_sd = model.sharded_state_dict()
+    layout = [ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()]
     common = ckpt_format.CommonState(
         model_config=model_cfg.to_dict(),
         iteration=train_state.iteration,
         consumed_samples=train_state.consumed_samples,
-        parallel_layout=[
-            ps.get_tensor_model_parallel_world_size(),
-            ps.get_pipeline_model_parallel_world_size(),
-        ],
+        parallel_layout=layout,
         run_settings=train_state.run_settings or {},
         patch_state=train_state.patch_state or {},
+        args=megatron_lm_args(model_cfg, *layout),  # Megatron-LM's --use-checkpoint-args reads it
+        skip_samples=train_state.skip_samples or [],
+        branched_from=train_state.branched_from,
     )
     return {
         "model": model_sd,
@@ -165,6 +180,9 @@ def load(
     with torch.no_grad():  # fp32 main params are views of the model's leaf parameters
         optimizer.load_state_dict(state["optimizer"])
     restore_adam_steps(optimizer, steps)
+    # OptimizerParamScheduler.load_state_dict *adds* the saved step count (step(increment=n)): from
+    # a scheduler that already stepped (an in-process roll-back) the LR would land n steps too far.
+    scheduler.num_steps = 0
     scheduler.load_state_dict(state["opt_param_scheduler"])
     if older:
         rng_state.restore(state["rng_state"])
@@ -174,6 +192,8 @@ def load(
         state[ckpt_format.ITERATION],
         state[ckpt_format.CONSUMED_SAMPLES],
         state.get(ckpt_format.PATCH_STATE) or {},
+        skip_samples=state.get(ckpt_format.SKIP_SAMPLES) or [],
+        branched_from=state.get(ckpt_format.BRANCHED_FROM),
     )
 
 
@@ -241,6 +261,12 @@ def saved_progress(path: Path) -> TrainState:
 def saved_settings(path: Path) -> dict | None:
     """The run settings the checkpoint at ``path`` was written with; None when it predates them."""
     return _common_state(path).get(ckpt_format.RUN_SETTINGS) or None
+
+
+def saved_lineage(path: Path) -> tuple[list, int | None]:
+    """(skipped windows as JSON, the load_iteration it branched from) of the checkpoint at ``path``."""
+    common = _common_state(path)
+    return common.get(ckpt_format.SKIP_SAMPLES) or [], common.get(ckpt_format.BRANCHED_FROM)
 
 
 def saved_layout(path: Path) -> tuple[int, int] | None:
@@ -312,5 +338,6 @@ def load_pretrained(path: Path, model, model_cfg: ModelConfig) -> None:
         pp_size,
         iteration=ckpt_format.iteration_of(path),
         spec="te" if model_cfg.transformer_impl == "transformer_engine" else "local",
+        model_config=model_cfg,  # check_architecture matched it to a checkpoint that records none
     )
     model.load_state_dict(state, strict=True)

@@ -26,6 +26,21 @@ from megatron_patches.formats.model_config import ModelConfig
 class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    # Megatron-LM's --sequence-parallel: norms/dropout shard the sequence over TP (activation memory / TP).
+    # None: on when TP > 1 on a GPU, off on CPU; plan_run resolves it to a bool before anything is built.
+    sequence_parallel: bool | None = None
+    # Needs Transformer Engine's attention: refused on the local spec.
+    context_parallel_size: int = 1
+
+
+@dataclass
+class DDPConfig:
+    """Megatron-Core's ``DistributedDataParallelConfig`` fields (Megatron-LM's argument names)."""
+
+    overlap_grad_reduce: bool = False  # reduce-scatter gradient buckets during backward
+    overlap_param_gather: bool = False  # all-gather updated weights during the next forward
+    bucket_size: int | None = None  # parameters per bucket; None: Megatron-Core's default
+    average_in_collective: bool = False  # average gradients inside the collective (not before it)
 
 
 @dataclass
@@ -46,8 +61,12 @@ class DataConfig:
     # false: documents enter samples in .bin order (tokenize.order: icp); samples are still shuffled
     shuffle_documents: bool = True
     eod_mask_loss: bool = False
+    num_workers: int = 0  # threads that read an iteration's samples (0: read them in the training thread)
     anneal_fraction: float = 0.0  # the final fraction of iterations reads anneal_data_path
     anneal_data_path: list = field(default_factory=list)
+    # [[start, end], ...]: sample ids (both included, as the loss-spike log prints them) never read;
+    # [start, end, phase] for a phase other than main. Checkpoints keep them (training.skip_windows).
+    skip_samples: list = field(default_factory=list)
 
 
 @dataclass
@@ -62,6 +81,9 @@ class TrainConfig:
     # every manual_gc_interval iterations (0: only before evaluations and checkpoints).
     manual_gc: bool = False
     manual_gc_interval: int = 0
+    # The memory plan (training/memory_plan.py) refuses a run above this per GPU; None: the visible
+    # GPU's memory, no limit on CPU.
+    gpu_memory_gb: float | None = None
 
 
 @dataclass
@@ -87,8 +109,12 @@ class OptimConfig:
 class CheckpointConfig:
     save: str | None = None  # default: <run_dir>/checkpoints
     load: str | None = None  # resume from here (default: save, when it has a checkpoint)
+    load_iteration: int | None = None  # resume from this older checkpoint (default: the tracker's)
     pretrained_checkpoint: str | None = None  # a converter `release` dir: weights only
     use_checkpoint_args: bool = False  # take the model section from the checkpoint loaded (as Megatron-LM)
+    # The architecture of a pretrained checkpoint that records neither model_config nor Megatron-LM args:
+    # a YAML of model fields or a Megatron-LM argument list file.
+    pretrained_model_config: str | None = None
     save_interval: int | None = None
     save_interval_minutes: float | None = None
     keep_last: int = 3
@@ -116,6 +142,7 @@ class Config:
     seed: int = 1234
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    ddp: DDPConfig = field(default_factory=DDPConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optimizer: OptimConfig = field(default_factory=OptimConfig)

@@ -19,6 +19,7 @@ import dataclasses
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,8 @@ import torch
 
 from megatron_patches.errors import ConfigError
 from megatron_patches.formats.indexed import DOCUMENT_SUFFIX, check_prefix
+from megatron_patches.training import skip_windows
+from megatron_patches.training.read_ahead import ReadAhead
 
 if TYPE_CHECKING:
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
@@ -174,12 +177,22 @@ def collate(samples: list[dict], sample_ids: list[int]) -> dict[str, torch.Tenso
     return batch
 
 
-def micro_batches(dataset, offset: int, phase: Phase, dp_rank: int, dp_size: int) -> Iterator[dict]:
-    """The micro-batches of one iteration for this DP rank, read from sample ``offset`` on."""
-    for ids in micro_batch_sample_ids(
+def micro_batches(
+    dataset, offset: int, phase: Phase, dp_rank: int, dp_size: int, spans: list = ()
+) -> Iterator[dict]:
+    """The micro-batches of one iteration for this DP rank, read from position ``offset`` on.
+
+    ``spans`` are the phase's skipped windows (``skip_windows``): positions map to sample ids past them.
+    """
+    for positions in micro_batch_sample_ids(
         offset, phase.global_batch_size, phase.micro_batch_size, dp_rank, dp_size
     ):
+        ids = [skip_windows.dataset_index(p, spans) for p in positions]
         yield collate([dataset[i] for i in ids], ids)
+
+
+def read_micro_batches(dataset, offset: int, phase: Phase, dp_rank: int, dp_size: int, spans: list) -> list:
+    return list(micro_batches(dataset, offset, phase, dp_rank, dp_size, spans))
 
 
 class DatasetTokenizer:
@@ -272,8 +285,10 @@ class PhaseData:
         eval_iters: int,
         dp_rank: int,
         dp_size: int,
+        skipped: list | None = None,
     ) -> None:
         self.phases = phases
+        self.skipped: list = skipped or []  # skip_windows.Window list: data.skip_samples and roll-backs
         self.data_cfg = data_cfg
         self.tokenizer = tokenizer
         self.seed = seed
@@ -282,14 +297,16 @@ class PhaseData:
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.phase: Phase | None = None
         self.train = self.valid = None
+        self.read_ahead = ReadAhead(data_cfg.num_workers)
 
     def enter(self, phase: Phase) -> None:
         """Build the datasets of ``phase`` (Megatron caches their indices in ``cache_dir``)."""
         last_offset = phase_sample_offset(self.phases, phase.end_iteration - 1)
+        skipped = skip_windows.skipped_count(skip_windows.of_phase(self.skipped, phase.name))
         valid_samples = self.eval_iters * phase.global_batch_size
         self.train, self.valid = build_phase_datasets(
             phase,
-            last_offset + phase.global_batch_size,
+            last_offset + phase.global_batch_size + skipped,
             valid_samples,
             self.data_cfg.split,
             self.seed,
@@ -300,8 +317,37 @@ class PhaseData:
         self.phase = phase
 
     def train_batches(self, iteration: int) -> list[dict]:
+        # data.num_workers: the next iterations of this phase are read in the background meanwhile
+        ahead = range(iteration + 1, min(iteration + 1 + self.data_cfg.num_workers, self.phase.end_iteration))
+        return self.read_ahead.get(self._train_read(iteration), [self._train_read(i) for i in ahead])
+
+    def _train_read(self, iteration: int) -> partial:
         offset = phase_sample_offset(self.phases, iteration)
-        return list(micro_batches(self.train, offset, self.phase, self.dp_rank, self.dp_size))
+        spans = skip_windows.of_phase(self.skipped, self.phase.name)
+        return partial(read_micro_batches, self.train, offset, self.phase, self.dp_rank, self.dp_size, spans)
+
+    def read_windows(self, first_iteration: int, end_iteration: int, margin: int) -> list:
+        """The sample ids iterations ``first_iteration .. end_iteration-1`` read, as windows, per phase.
+
+        ``margin`` more samples are added after the last one (the data just past a bad window is
+        often bad too). The ids already skipped inside are part of the window: merging is harmless.
+        """
+        windows = []
+        for phase in self.phases:
+            lo, hi = max(first_iteration, phase.start_iteration), min(end_iteration, phase.end_iteration)
+            if lo >= hi:
+                continue
+            spans = skip_windows.of_phase(self.skipped, phase.name)
+            first = skip_windows.dataset_index(phase_sample_offset(self.phases, lo), spans)
+            last_position = phase_sample_offset(self.phases, hi - 1) + phase.global_batch_size - 1
+            windows.append([first, skip_windows.dataset_index(last_position, spans), phase.name])
+        if windows:
+            windows[-1][1] += margin
+        return [tuple(w) for w in windows]
+
+    def skip(self, windows: list) -> None:
+        """Never read ``windows`` from now on; the next :meth:`enter` sizes the datasets for them."""
+        self.skipped = skip_windows.merge(self.skipped + list(windows))
 
     def valid_batches(self, eval_iteration: int) -> list[dict]:
         offset = eval_iteration * self.phase.global_batch_size

@@ -18,9 +18,9 @@ import torch
 
 from megatron_patches.exit_signals import ExitSignals
 from megatron_patches.hooks import Hook, Requests, StepReport, phase_model_config
-from megatron_patches.training import checkpoint
+from megatron_patches.training import checkpoint, rollback, skip_windows
 from megatron_patches.training.agreement import LOOP_FLAGS, RankAgreement
-from megatron_patches.training.builder import TrainingObjects
+from megatron_patches.training.builder import TrainingObjects, gather_params
 from megatron_patches.training.config import Config
 from megatron_patches.training.data import Phase, PhaseData, phase_at
 from megatron_patches.training.metrics import (
@@ -78,6 +78,7 @@ class Trainer:
         self.device = next(ctx.objects.gpt.parameters()).device
         self.agreement = RankAgreement(hooks, self.device)  # rank 0's flags and exit signals, shared
         self.exit_signals = ExitSignals()  # SIGTERM/SIGUSR1: checkpoint and stop, as `touch stop`
+        self.startup = None  # run.py's StartupTimer: logs the time to the first loss, once
 
     # -- the run ---------------------------------------------------------------------------
     def run(self) -> int:
@@ -89,8 +90,12 @@ class Trainer:
         for hook in self.hooks:
             hook.on_train_start(ctx)
         while ctx.state.iteration < cfg.train.train_iters:
+            entered = time.perf_counter()
             self._enter_phase_if_needed()
             report, seconds = self._train_iteration()
+            if self.startup is not None:  # entering the first phase builds the dataset indices
+                ctx.writer.console(self.startup.first_loss(time.perf_counter() - entered - seconds, seconds))
+                self.startup = None
             requests = Requests()
             exit_interval = cfg.train.exit_interval
             if exit_interval and ctx.state.iteration % exit_interval == 0:
@@ -104,6 +109,8 @@ class Trainer:
             interval = cfg.train.manual_gc_interval
             if interval and ctx.state.iteration % interval == 0:
                 self._manual_collect()
+            if requests.rollback and self._roll_back(requests) and not requests.stop:
+                continue
             reason = self._checkpoint_reason(report, requests)
             if reason:
                 self.save(reason)
@@ -113,6 +120,21 @@ class Trainer:
         if cfg.checkpoint.save_at_end and self.last_saved_iteration != ctx.state.iteration:
             self.save("end of training")
         return 0
+
+    def _roll_back(self, requests: Requests) -> bool:
+        """A hook's roll-back: reload the newest checkpoint (and skip data); without one, stop unsaved.
+
+        A stop asked in the same iteration stops without saving too: the newest checkpoint is
+        the state rolled back to, and a relaunch meets (and skips) the same bad data again.
+        """
+        self._manual_collect()
+        record = rollback.roll_back(self.ctx, self.hooks, self.save_dir, requests.rollback)
+        if record is None:
+            requests.stop = f"{requests.rollback.reason}; no checkpoint to roll back to"
+        else:
+            self.last_saved_iteration = self.ctx.state.iteration
+        requests.stop_without_save = requests.stop_without_save or bool(requests.stop)
+        return record is not None
 
     @contextlib.contextmanager
     def _manual_gc(self):
@@ -255,6 +277,8 @@ class Trainer:
         if peak:
             flops = flops_per_iteration(ctx.cfg.model, ctx.phase.seq_length, ctx.phase.global_batch_size)
             metrics["mfu"] = flops / per_iter / world / peak
+        if torch.cuda.is_available():  # against the memory plan (bench/gpu_check.sh)
+            metrics["peak-memory-gib"] = torch.cuda.max_memory_allocated() / 2**30
         for hook in self.hooks:
             hook.on_log(ctx, metrics)
         ctx.writer.scalars(metrics, it)
@@ -265,6 +289,7 @@ class Trainer:
             f"grad norm {metrics.get('grad-norm', float('nan')):.3f} | "
             f"tokens/s {metrics['tokens-per-sec']:,.0f} ({metrics['tokens-per-sec-per-gpu']:,.0f}/rank)"
             + (f" | MFU {metrics['mfu']:.1%}" if "mfu" in metrics else "")
+            + (f" | peak memory {metrics['peak-memory-gib']:.2f} GiB" if "peak-memory-gib" in metrics else "")
             + (f" | skipped {win.skipped}" if win.skipped else "")
             + f" | ETA {eta}"
         )
@@ -308,6 +333,8 @@ class Trainer:
         A stop's reason comes from whoever asked (the stop file, exit_interval, a signal, a spike).
         """
         cfg, it = self.ctx.cfg.checkpoint, self.ctx.state.iteration
+        if requests.stop_without_save:
+            return None
         if requests.save or requests.stop:
             return requests.save or requests.stop
         if cfg.save_interval and it % cfg.save_interval == 0:
@@ -322,8 +349,10 @@ class Trainer:
             return None  # this iteration is already on disk (e.g. interval and trigger together)
         self._manual_collect()
         ctx.state.patch_state = {hook.name: hook.state_dict() for hook in self.hooks}
+        ctx.state.skip_samples = skip_windows.to_json(ctx.data.skipped)
         start = time.perf_counter()
         objs = ctx.objects
+        gather_params(objs.model)  # ddp.overlap_param_gather: the last step's weights are not gathered yet
         path = checkpoint.save(
             self.save_dir,
             objs.gpt,

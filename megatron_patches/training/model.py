@@ -75,7 +75,7 @@ def transformer_config(
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
-        sequence_parallel=False,
+        sequence_parallel=False,  # the trainer passes parallel.sequence_parallel
     )
     values.update(overrides)
     return TransformerConfig(**values)
@@ -100,6 +100,9 @@ def _architecture_fields(cfg: ModelConfig) -> dict[str, Any]:
         init_method_std=cfg.init_method_std,
         hidden_dropout=cfg.hidden_dropout,
         attention_dropout=cfg.attention_dropout,
+        recompute_granularity=cfg.recompute_granularity,
+        recompute_method=cfg.recompute_method,
+        recompute_num_layers=cfg.recompute_num_layers,
     )
 
 
@@ -136,6 +139,7 @@ def describe_fused_kernels(cfg: ModelConfig) -> str:
 def layer_spec(cfg: ModelConfig) -> ModuleSpec:
     """Megatron-Core's local spec on CPU; Transformer Engine's when asked for and present."""
     from megatron.core.models.gpt import gpt_layer_specs
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
     if cfg.transformer_impl == "transformer_engine":
         if not transformer_engine_available():
@@ -144,11 +148,51 @@ def layer_spec(cfg: ModelConfig) -> ModuleSpec:
     spec = gpt_layer_specs.get_gpt_layer_local_spec(
         qk_layernorm=cfg.qk_layernorm, normalization=cfg.normalization
     )
+    if spec.submodules.input_layernorm is WrappedTorchNorm:  # apex's FusedLayerNorm handles SP itself
+        spec.submodules.input_layernorm = SequenceParallelTorchNorm
+        spec.submodules.pre_mlp_layernorm = SequenceParallelTorchNorm
     if cfg.attention_backend in ("auto", "sdpa"):
         from megatron_patches.sdpa_attention import SDPAttention
 
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return spec
+
+
+class SequenceParallelTorchNorm:
+    """Megatron-Core's torch norm (local spec) that also runs under sequence parallelism.
+
+    Megatron-Core's ``WrappedTorchNorm`` refuses ``sequence_parallel``. With SP each TP rank
+    normalizes its own slice of the sequence, so each rank's norm-weight gradient covers only
+    its tokens: ``finalize_model_grads`` all-reduces the gradients of parameters tagged
+    ``sequence_parallel`` over TP (Transformer Engine's and apex's norms tag theirs). Untagged,
+    the replicated norm weights drift apart across TP ranks without an error.
+    """
+
+    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **kwargs: Any):
+        import copy
+
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+        unsharded = copy.copy(config)  # the same norm; the tag below does what SP needs of it
+        unsharded.sequence_parallel = False
+        norm = WrappedTorchNorm(unsharded, hidden_size, eps, **kwargs)
+        for param in norm.parameters():
+            param.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+def _block_spec(spec: ModuleSpec, config: TransformerConfig, vp_stage: int | None) -> Any:
+    """The decoder's spec with the local spec's final norm also SP-capable (Megatron picks
+    ``WrappedTorchNorm`` for it when Transformer Engine and apex are absent)."""
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    if spec.submodules.input_layernorm is not SequenceParallelTorchNorm:
+        return spec  # Transformer Engine's or apex's norms, which handle SP themselves
+    layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[spec] * layers, layer_norm=SequenceParallelTorchNorm)
 
 
 def build_gpt_model(
@@ -163,7 +207,7 @@ def build_gpt_model(
 
     return GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(cfg),
+        transformer_layer_spec=_block_spec(layer_spec(cfg), config, vp_stage),
         vocab_size=cfg.padded_vocab_size(config.tensor_model_parallel_size),
         max_sequence_length=cfg.max_position_embeddings,
         pre_process=pre_process,

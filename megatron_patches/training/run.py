@@ -18,12 +18,13 @@ import yaml
 from megatron_patches import cpu, parallel, paths
 from megatron_patches.formats.hf_files import copy_tokenizer_files
 from megatron_patches.formats.indexed import token_count
-from megatron_patches.training import builder, checkpoint
+from megatron_patches.training import builder, checkpoint, memory_budget
 from megatron_patches.training.config import Config, load_config
 from megatron_patches.training.data import DatasetTokenizer, PhaseData, channel_names, parse_blend
 from megatron_patches.training.loop import TrainContext, Trainer
 from megatron_patches.training.metrics import MetricsWriter
 from megatron_patches.training.model import describe_fused_kernels
+from megatron_patches.training.startup import StartupTimer
 from megatron_patches.training.validate import RunPlan, plan_run
 
 
@@ -43,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.overrides)
     world = int(os.environ.get("WORLD_SIZE", 1))
     plan = plan_run(cfg, world)
+    budget = cfg.train.gpu_memory_gb or memory_budget.device_memory_gb()
+    memory_budget.check_fits(cfg, plan.layout, plan.phases, budget)  # every rank refuses the same plan
     if args.dry_run:
         print(describe(cfg, plan))
         return 0
@@ -64,6 +67,7 @@ def describe(cfg: Config, plan: RunPlan) -> str:
         f"global batch {p.global_batch_size}, channels {list(p.channels)}"
         for p in plan.phases
     ]
+    lines += memory_budget.describe_run(cfg, plan.layout, plan.phases)
     lines += describe_data(plan)
     lines.append(f"resume from: {plan.resume_from or plan.pretrained or 'scratch'}")
     lines += plan.notes  # e.g. a setting checkpoint.allow_change lets this resume change
@@ -86,7 +90,9 @@ def describe_data(plan: RunPlan) -> list[str]:
 
 def train(cfg: Config, plan: RunPlan) -> int:
     """Build everything on this rank and run; returns the exit code."""
-    rank, world = parallel.init_distributed()
+    startup = StartupTimer()
+    with startup.phase("process groups"):
+        rank, world = parallel.init_distributed()
     run_dir = Path(cfg.run_dir)
     logging_rank = rank == world - 1  # holds the last pipeline stage, where the loss is
     if rank == 0:
@@ -94,15 +100,22 @@ def train(cfg: Config, plan: RunPlan) -> int:
         paths.write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         _keep_tokenizer(plan)
     torch.distributed.barrier()
-    parallel.initialize(plan.layout, cfg.seed, cfg.model)
-    objects = builder.build(cfg)
-    state = _restore(cfg, plan, objects)
+    with startup.phase("process groups"):
+        parallel.initialize(plan.layout, cfg.seed, cfg.model)
+    with startup.phase("model build"):
+        objects = builder.build(cfg)
+    with startup.phase("checkpoint load"):
+        state = _restore(cfg, plan, objects)
     state.run_settings = plan.settings  # the checkpoints this run writes record its own settings
+    if cfg.checkpoint.load_iteration is not None:  # a relaunch then continues this branch (rollback.py)
+        state.branched_from = cfg.checkpoint.load_iteration
     writer = MetricsWriter(run_dir, cfg.logging, logging_rank, cfg.to_dict(), state.iteration)
     writer.console(describe(cfg, plan).replace("\n", "\n    "))
     ctx = TrainContext(cfg, run_dir, objects, _phase_data(cfg, plan), writer, state)
     try:
-        return Trainer(ctx, plan.hooks, plan.save_dir).run()
+        trainer = Trainer(ctx, plan.hooks, plan.save_dir)
+        trainer.startup = startup
+        return trainer.run()
     finally:
         writer.close()
         _shutdown()
@@ -146,6 +159,7 @@ def _phase_data(cfg: Config, plan: RunPlan) -> PhaseData:
         cfg.logging.eval_iters if cfg.logging.eval_interval else 0,
         ps.get_data_parallel_rank(),
         ps.get_data_parallel_world_size(),
+        plan.skipped,
     )
 
 

@@ -14,15 +14,18 @@ import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from megatron_patches.errors import ConfigError
 from megatron_patches.formats import checkpoint as ckpt_format
+from megatron_patches.formats import megatron_lm_args
 from megatron_patches.formats.blend import load_blend
 from megatron_patches.formats.indexed import check_prefix
 from megatron_patches.formats.model_config import ModelConfig
-from megatron_patches.hooks import Hook, build_hooks, phase_model_config
+from megatron_patches.hooks import Hook, build_hooks, number_option, phase_model_config
 from megatron_patches.parallel import Layout, validate_layout
 from megatron_patches.paths import refuse_overlap
-from megatron_patches.training import checkpoint
+from megatron_patches.training import checkpoint, rollback
 from megatron_patches.training.config import Config
 from megatron_patches.training.data import (
     Phase,
@@ -34,6 +37,7 @@ from megatron_patches.training.data import (
     split_weights,
 )
 from megatron_patches.training.model import resolve_transformer_impl
+from megatron_patches.training.parallel_options import check_parallel_options, resolve_sequence_parallel
 from megatron_patches.training.run_settings import check_allow_change, check_resume, run_settings
 from megatron_patches.training.schedules import validate_schedule
 
@@ -58,12 +62,14 @@ class RunPlan:
     pretrained: Path | None
     settings: dict = field(default_factory=dict)  # run_settings: stored in every checkpoint
     notes: list = field(default_factory=list)  # lines for the log (e.g. changes allow_change admitted)
+    skipped: list = field(default_factory=list)  # skip_windows: data.skip_samples and the checkpoint's
 
 
 def plan_run(cfg: Config, world_size: int) -> RunPlan:
     save_dir, resume_from, pretrained = _find_checkpoints(cfg)
+    given = _given_model_config(cfg)
     if cfg.checkpoint.use_checkpoint_args and (resume_from or pretrained):
-        cfg.model = checkpoint.model_config_from(resume_from or pretrained, cfg.model)
+        cfg.model = checkpoint.model_config_from(resume_from or pretrained, cfg.model, given)
     cfg.model = resolve_transformer_impl(cfg.model)  # every later step sees local or transformer_engine
     layout = Layout(
         world_size, cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
@@ -71,6 +77,9 @@ def plan_run(cfg: Config, world_size: int) -> RunPlan:
     validate_layout(layout, cfg.model)
     _check_train(cfg, layout)
     _check_unsupported(cfg)
+    cfg.parallel.sequence_parallel = resolve_sequence_parallel(
+        cfg.parallel.sequence_parallel, layout.tensor_model_parallel_size, torch.cuda.is_available()
+    )
     validate_schedule(cfg.optimizer, cfg.train.train_iters)
     data = _resolve_data(cfg)
     check_allow_change(cfg.checkpoint.allow_change)
@@ -80,6 +89,7 @@ def plan_run(cfg: Config, world_size: int) -> RunPlan:
     for phase in phases:
         _check_batch(phase.global_batch_size, phase.micro_batch_size, layout, f"phase {phase.name!r}")
         _check_seq(phase.seq_length, cfg)
+    check_parallel_options(cfg, layout, [phase.seq_length for phase in phases])
     notes = []
     if resume_from is not None:
         checkpoint.check_architecture(resume_from, _model_at(resume_from, phases, hooks, cfg))
@@ -87,11 +97,12 @@ def plan_run(cfg: Config, world_size: int) -> RunPlan:
         saved = checkpoint.saved_settings(resume_from)
         notes = check_resume(resume_from, saved, settings, cfg.checkpoint.allow_change)
         _check_data_position(resume_from, phases)
+    skipped = rollback.planned_windows(cfg.data.skip_samples, resume_from, phases)
     if pretrained is not None:
-        checkpoint.check_architecture(pretrained, cfg.model)
+        checkpoint.check_architecture(pretrained, cfg.model, given)
         tp, pp = layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size
         checkpoint.check_pretrained_layout(pretrained, tp, pp, cfg.model.num_layers)
-    return RunPlan(layout, data, phases, hooks, save_dir, resume_from, pretrained, settings, notes)
+    return RunPlan(layout, data, phases, hooks, save_dir, resume_from, pretrained, settings, notes, skipped)
 
 
 def _find_checkpoints(cfg: Config) -> tuple[Path, Path | None, Path | None]:
@@ -108,6 +119,11 @@ def _find_checkpoints(cfg: Config) -> tuple[Path, Path | None, Path | None]:
     )
     load = cfg.checkpoint.load
     resume_from = ckpt_format.latest(load or save_dir)
+    if cfg.checkpoint.load_iteration is not None:
+        number_option("checkpoint.load_iteration", cfg.checkpoint.load_iteration, integer=True, minimum=-1)
+        root = Path(load or save_dir)
+        keep_last = cfg.checkpoint.keep_last
+        resume_from = rollback.resume_point(root, save_dir, cfg.checkpoint.load_iteration, keep_last)
     if load and resume_from is None and Path(load).resolve() != save_dir.resolve():
         raise ConfigError(
             f"checkpoint.load {load} holds no checkpoint (no {ckpt_format.TRACKER_FILE}); "
@@ -299,6 +315,12 @@ def _tokenizer_eod(tokenizer_dir: str | None) -> int:
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"tokenizer {tokenizer_dir} has no eos token; set data.eod_id")
     return int(tokenizer.eos_token_id)
+
+
+def _given_model_config(cfg: Config) -> ModelConfig | None:
+    """checkpoint.pretrained_model_config: the architecture of a checkpoint that records none."""
+    path = cfg.checkpoint.pretrained_model_config
+    return megatron_lm_args.read_model_config_file(path) if path else None
 
 
 def _find_pretrained(cfg: Config) -> Path | None:

@@ -97,3 +97,41 @@ def test_training_on_cpu_torch_is_refused_where_nvidia_smi_lists_gpus(tmp_path, 
     monkeypatch.delenv("ALLOW_CPU_TRAINING")
     monkeypatch.setenv("PATH", str(tmp_path / "no-driver"))  # no nvidia-smi: a CPU machine
     cpu.refuse_hidden_gpus()
+
+
+def test_backward_passes_run_inside_the_cpu_runtime():
+    # Activation recompute re-runs forward code (device="cuda" masks) during backward: every
+    # backward entry point must keep the CUDA-to-CPU rewrites on, with its arguments honoured.
+    out = subprocess.run([sys.executable, "-c", BACKWARD_PROBE], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+BACKWARD_PROBE = r"""
+import torch
+from megatron_patches import cpu
+cpu.enable()
+
+
+class MaskInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * torch.ones(grad.shape, device="cuda")  # what a recomputed causal mask does
+
+
+x = torch.ones(3, requires_grad=True)
+torch.autograd.backward(MaskInBackward.apply(x).sum())
+assert torch.equal(x.grad, torch.ones(3)), x.grad
+y = MaskInBackward.apply(x)
+y.backward(torch.full((3,), 2.0), retain_graph=True)
+y.backward(torch.full((3,), 2.0))  # the retained graph runs again
+assert torch.equal(x.grad, torch.full((3,), 5.0)), x.grad
+w = torch.ones(2, requires_grad=True)
+torch.autograd.backward([(MaskInBackward.apply(x) * 3).sum() + (w * 4).sum()], inputs=[w])
+assert torch.equal(x.grad, torch.full((3,), 5.0)) and torch.equal(w.grad, torch.full((2,), 4.0))
+print("ok")
+"""

@@ -112,7 +112,9 @@ def test_the_window_travels_in_checkpoints():
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"action": "rollback"}, "action must be one of ('continue', 'skip', 'stop')"),
+        ({"action": "rewind"}, "action must be one of ('continue', 'skip', 'stop', 'rollback')"),
+        ({"drop_ratio": 1.5}, "drop_ratio must be below 1, got 1.5"),
+        ({"max_rollbacks": -1}, "max_rollbacks must be an integer above -1, got -1"),
         ({"window": 10, "warmup": 20}, "warmup (20) exceeds window (10)"),
         ({"std_factor": "x"}, "config key 'patches.loss_spike.std_factor' expects float, got 'x'"),
         ({"std_factor": -1}, "std_factor must be a number above 0, got -1"),
@@ -170,14 +172,14 @@ def test_continue_logs_the_spike_and_a_nan_loss_never_updates_the_weights(tmp_pa
     assert math.isnan(losses(run_dir)[7])
 
 
-def test_stop_saves_the_weights_that_spiked_and_exits_cleanly(tmp_path):
+def test_stop_exits_cleanly_and_leaves_the_checkpoint_from_before_the_spike_as_the_resume_point(tmp_path):
     run_dir = tmp_path / "run"
-    args = _spike_args(run_dir, two_channels(tmp_path), "stop")
+    args = _spike_args(run_dir, two_channels(tmp_path), "stop", "checkpoint.save_interval=3")
     results = run_on_ranks(train_with_probe, 2, args, {5: 10.0}, timeout=300)
     assert [code for code, _ in results] == [0, 0]
     assert [(s["iteration"], s["action"]) for s in _spikes(run_dir)] == [(5, "stop")]
     for _, record in results:
         assert record["fingerprint"][5] == record["fingerprint"][4]  # no update from the spike
-        assert record["saves"] == [5]
+        assert record["saves"] == [3]  # nothing saved at the spike: iterations 4 and 5 led to it
     assert max(losses(run_dir)) == 5
-    assert (run_dir / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "5"
+    assert (run_dir / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "3"

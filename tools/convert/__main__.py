@@ -62,6 +62,10 @@ def _mcore_arg(parser: argparse.ArgumentParser, verb: str) -> None:
         "--mcore", required=True, help="checkpoint root (with the tracker file) or one iteration dir"
     )
     parser.add_argument("--iteration", type=_iteration, help=f"iteration to {verb} (default: the tracker's)")
+    parser.add_argument(
+        "--model-config",
+        help="architecture of a checkpoint recording none: YAML of model fields or Megatron-LM arguments",
+    )
 
 
 def _hf_output_args(parser: argparse.ArgumentParser) -> None:

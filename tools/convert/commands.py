@@ -17,6 +17,7 @@ import torch
 from megatron_patches.errors import ConfigError
 from megatron_patches.formats import checkpoint as ckpt_format
 from megatron_patches.formats.hf_files import PIPELINE_FILES, copy_side_files, copy_tokenizer_files
+from megatron_patches.formats.megatron_lm_args import read_model_config_file
 from megatron_patches.formats.model_config import ModelConfig
 from megatron_patches.paths import atomic_dir, refuse_overlap
 from tools.convert import layout
@@ -108,16 +109,23 @@ def mcore2mcore(
     out: str | Path,
     *,
     iteration: int | str | None = None,
+    model_config: str | None = None,
     force: bool = False,
     quiet: bool = False,
     **target: Any,
 ) -> str:
     """Re-shard a Megatron checkpoint (legacy or torch_dist) to a ``release`` at a new layout."""
     refuse_overlap({"--out": out}, {"--mcore": mcore})
-    source = McoreSource(mcore, iteration)
+    source = _mcore_source(mcore, iteration, model_config)
     return _to_mcore(
         source, source.root, Run("mcore2mcore", Path(out), force, quiet), MegatronTarget(**target)
     )
+
+
+def _mcore_source(mcore: str | Path, iteration: int | str | None, model_config: str | None) -> McoreSource:
+    """The checkpoint to read; ``--model-config`` (YAML or Megatron-LM argument list) for one without args."""
+    given = read_model_config_file(model_config) if model_config else None
+    return McoreSource(mcore, iteration, given)
 
 
 def _export(
@@ -204,6 +212,7 @@ def mcore2hf(
     hf_config: str | None = None,
     tokenizer: str | None = None,
     family: str | None = None,
+    model_config: str | None = None,
     dtype: str | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     force: bool = False,
@@ -213,7 +222,7 @@ def mcore2hf(
     # An iteration directory's root may hold the output (tools.eval converts into <root>/hf/): an --out
     # that is or contains the root also contains the iteration, so that is refused all the same.
     refuse_overlap({"--out": out}, {"--mcore": mcore, "--hf-config": hf_config, "--tokenizer": tokenizer})
-    source = McoreSource(mcore, iteration)
+    source = _mcore_source(mcore, iteration, model_config)
     source.check()
     base = _base_config(source, hf_config, tokenizer)
     chosen = _export_family(family, base, source.cfg)

@@ -107,19 +107,25 @@ class HFSource:
 
 
 class McoreSource:
-    """Canonical tensors merged from the TP shards of a Megatron checkpoint (legacy or torch_dist)."""
+    """Canonical tensors merged from the TP shards of a Megatron checkpoint (legacy or torch_dist).
 
-    def __init__(self, path: str | Path, iteration: int | str | None = None) -> None:
+    This project's checkpoints and Megatron-LM's (through their ``args``) describe
+    their model; ``model_config`` is the architecture of one that does not.
+    """
+
+    def __init__(
+        self, path: str | Path, iteration: int | str | None = None, model_config: ModelConfig | None = None
+    ) -> None:
         self.root, self.iter_dir = ckpt_format.resolve(path, iteration)
         self.format = ckpt_format.checkpoint_format(self.iter_dir)
         if self.format == "torch_dist":
-            tensors, self.cfg, self.iteration = mcore_io.load_torch_dist(self.iter_dir)
+            self._dist, self.cfg, self.iteration = mcore_io.open_torch_dist(self.iter_dir, model_config)
             self.tp, self.pp = 1, 1
-            self._stages = {0: [tensors]}
+            self._stages = {0: [self._dist.metas()]}  # shapes only: _shards reads each tensor when asked
         else:
             self.tp, self.pp = ckpt_format.legacy_layout(self.iter_dir)
             first = ckpt_format.load_rank(self.iter_dir, 0, 0, self.pp, mmap=True)
-            self.cfg = ckpt_format.model_config_of(first, self.iter_dir)
+            self.cfg = ckpt_format.model_config_of(first, self.iter_dir, model_config)
             self.iteration = first.get("iteration", 0)
             self._stages = {}
         layout.check_supported(self.cfg)
@@ -185,10 +191,13 @@ class McoreSource:
 
     def _shards(self, name: str) -> list[torch.Tensor]:
         stage, local = self._locate(name)
+        if self.format == "torch_dist":
+            return [self._dist.read(local)]
         return [tensors[local] for tensors in self._load_stage(stage)]
 
     def meta(self, name: str) -> torch.Tensor:
-        shards = [torch.empty_like(s, device="meta") for s in self._shards(name)]
+        stage, local = self._locate(name)
+        shards = [torch.empty_like(tensors[local], device="meta") for tensors in self._load_stage(stage)]
         return self._by_name[name].merge(shards, self.cfg)
 
     def tensor(self, name: str) -> torch.Tensor:

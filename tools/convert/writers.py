@@ -68,9 +68,7 @@ def write_mcore(
 ) -> None:
     cfg = source.cfg
     if fmt == "torch_dist":
-        whole = layout.Pipeline((cfg.num_layers,))
-        tensors = ((name, progress.add(t)) for name, t in rank_tensors(source, 1, 0, whole, 0, dtype))
-        mcore_io.save_torch_dist(iter_dir, tensors, cfg, dtype or model_dtype(source), iteration)
+        write_torch_dist(source, iter_dir, progress, dtype, iteration)
         return
     for stage in range(pipeline.size):
         last = stage == pipeline.size - 1
@@ -82,9 +80,31 @@ def write_mcore(
             }
             model.update(layout.extra_state_keys(cfg, pipeline.counts[stage], last, spec))
             mcore_io.save_rank(
-                iter_dir, tp_rank, stage, pipeline.size, model, cfg, iteration, list(pipeline.counts)
+                iter_dir, tp_rank, stage, pipeline.size, model, cfg, iteration, list(pipeline.counts), tp
             )
             del model  # else it lives on while the next rank's dict is built: two shards in memory
+
+
+def write_torch_dist(
+    source: Source, iter_dir: Path, progress: Progress, dtype: torch.dtype | None, iteration: int = 0
+) -> None:
+    """The whole (TP=1) model as one torch_dist checkpoint, each tensor read as the writer reaches it."""
+    cfg = source.cfg
+    shapes = layout.canonical_shapes(cfg)
+    vocab_rows = cfg.padded_vocab_size(1)
+    whole = layout.Pipeline((cfg.num_layers,))
+    canonical = {local: name for name, local in layout.stage_params(source.names(), whole, 0)}
+    for vocab in (layout.EMBEDDING, layout.OUTPUT):
+        if vocab in shapes:
+            shapes[vocab] = (vocab_rows, *shapes[vocab][1:])  # Megatron-Core pads the vocabulary
+    params = [(local, shapes[name]) for local, name in canonical.items()]
+
+    def fetch(local: str) -> torch.Tensor:
+        source.release()  # what the previous fetch read: the writer is done with it
+        return progress.add(owned(source.shard(canonical[local], 1, 0), dtype))
+
+    mcore_io.save_torch_dist(iter_dir, params, fetch, cfg, dtype or model_dtype(source), iteration)
+    source.release()
 
 
 def hf_plan(
