@@ -17,12 +17,11 @@ from megatron_patches.formats.model_config import ModelConfig
 
 
 def _check_pinned_api() -> None:
+    """Checked when the parallel state is set up, not at import: the converter imports this module
+    for :class:`Layout` and :func:`validate_layout` alone, and importing Megatron-Core costs it seconds."""
     from megatron.core import parallel_state
 
     require_signature(parallel_state.get_data_parallel_group, ["with_context_parallel"])
-
-
-_check_pinned_api()
 
 
 @dataclass(frozen=True)
@@ -78,6 +77,8 @@ def initialize(layout: Layout, seed: int, model: ModelConfig | None = None) -> N
     import torch
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    _check_pinned_api()
 
     actual = torch.distributed.get_world_size()
     if actual != layout.world_size:

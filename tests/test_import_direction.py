@@ -196,11 +196,14 @@ def test_relative_imports_resolve_to_their_module():
 
 
 def test_the_model_config_and_the_formats_import_without_megatron():
-    """The converter's pure mapping tables and the bottom layer's formats load no Megatron-Core."""
+    """The converter's mapping tables and CLI and the bottom layer's formats load no Megatron-Core.
+
+    Importing Megatron-Core costs seconds; a conversion of HF or legacy files never needs it."""
     formats = sorted(m for m in project_modules() if m.startswith("megatron_patches.formats."))
+    modules = ["tools.convert.mapping", "tools.convert.commands", *formats]
     code = (
         "import importlib, sys\n"
-        f"for name in {['tools.convert.mapping', *formats]!r}: importlib.import_module(name)\n"
+        f"for name in {modules!r}: importlib.import_module(name)\n"
         "print(sorted(m for m in sys.modules if m == 'megatron' or m.startswith('megatron.')))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
