@@ -74,6 +74,7 @@ LAUNCH_TEST = (
     "tests/launch/test_launch_scripts.py::test_pretrain_7b_refuses_to_train_on_mock_data_unless_asked"
 )
 SAVE_TEST = "tests/megatron_patches/test_save_trigger.py::test_touch_save_then_stop_on_two_pipeline_stages"
+FLAGSHIP_TEST = "tests/launch/test_flagship_plans.py::test_flagship_config_plans_fit_80_gb_per_gpu"
 CHECKS = {
     # README.md
     "make test": Parse(),
@@ -92,6 +93,12 @@ CHECKS = {
         " --dry-run"
     ),
     "bash launch/pretrain_tiny.sh": Launch(),
+    "WORLD_SIZE=64 python -m megatron_patches.training --config launch/configs/llama2_70b.yaml --dry-run"
+    " data.mock=true": RunBy(FLAGSHIP_TEST),
+    "WORLD_SIZE=8 python -m megatron_patches.training --config launch/configs/llama2_7b_long_context.yaml"
+    " --dry-run data.mock=true": RunBy(FLAGSHIP_TEST),
+    # docs/gpu_cluster.md
+    "MAX_RESTARTS=3 DATA_BLEND=/data/tokenized/blend.yaml bash launch/pretrain_7b.sh": Launch(),
     # docs/data.md
     "python -m data.preprocess run --config data/demo/config.yaml --out runs/demo/data": RunBy(
         "tests/data/preprocess/test_cli.py::test_demo_run_end_to_end_and_resume"
@@ -171,6 +178,13 @@ CHECKS = {
     "python bench/preprocess.py --mb 200": Parse(),
     "python bench/preprocess.py --mb 200 --only tokenize --repeat 3": Parse(),
     "python bench/convert.py": Parse(),
+    "python bench/convert.py --layers 2 --cold": Parse(),
+    "bash bench/gpu_check.sh [RESULT_DIR]": RunBy(
+        "tests/bench/test_gpu_check.py::test_gpu_check_runs_every_step_after_a_failure_and_reports_it"
+    ),
+    "pip download megatron-core==0.16.1 --python-version 3.12 --only-binary :all: --no-deps -d .whl": Foreign(
+        "pip fetching the wheel bench/gpu_check.sh carries to an offline GPU machine (needs PyPI)"
+    ),
 }
 
 
