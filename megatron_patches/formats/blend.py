@@ -81,7 +81,9 @@ def load_blend(path: Path) -> dict:
         blend = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise ConfigError(f"blend file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
-    missing = [key for key in _REQUIRED_KEYS if key not in (blend or {})]
+    if not isinstance(blend, dict):
+        raise ConfigError(f"blend file {path} must be a YAML mapping, got {type(blend).__name__}")
+    missing = [key for key in _REQUIRED_KEYS if key not in blend]
     if missing:
         raise ConfigError(
             f"blend file {path} lacks {missing}; write it with `python -m data.preprocess tokenize`"

@@ -20,7 +20,8 @@ import yaml
 
 from megatron_patches.config_io import set_dotted
 from megatron_patches.errors import ConfigError
-from megatron_patches.flops import training_flops_per_token
+from megatron_patches.flops import model_flops_per_token
+from megatron_patches.formats.model_config import ModelConfig
 
 FFN_MULTIPLE = 16  # FFN widths are rounded up to this (tensor-core friendly, divisible by small TPs)
 
@@ -169,19 +170,10 @@ def plan_grid(raw: dict[str, Any], spec: GridSpec) -> list[Point]:
 
 
 def _flops_per_token(model: dict[str, Any], shape: Shape, seq: int) -> float:
-    multiple = int(model.get("make_vocab_size_divisible_by", 128))
-    padded_vocab = -(-int(model.get("vocab_size", 256)) // multiple) * multiple
-    return training_flops_per_token(
-        num_layers=shape.num_layers,
-        hidden_size=shape.hidden_size,
-        ffn_hidden_size=shape.ffn_hidden_size,
-        num_attention_heads=shape.num_attention_heads,
-        num_query_groups=shape.num_query_groups,
-        head_dim=shape.head_dim,
-        padded_vocab_size=padded_vocab,
-        seq_length=seq,
-        swiglu=bool(model.get("swiglu", True)),
-    )
+    """The trainer's FLOPs per token for the base model at ``shape`` (one formula: megatron_patches.flops)."""
+    sizes = asdict(shape)
+    sizes["kv_channels"] = sizes.pop("head_dim")
+    return model_flops_per_token(ModelConfig.from_dict({**model, **sizes}), seq)
 
 
 def _point(raw: dict[str, Any], shape: Shape, per_token: float, iters: int, lr: float, batch: int, seq: int):
