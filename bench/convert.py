@@ -1,16 +1,23 @@
-"""Benchmark ``tools.convert`` on a synthetic Llama-2-7B (real shapes, random bf16).
+"""Benchmark ``tools.convert`` on a synthetic Llama-2-7B (real shapes, random bf16) against a plain copy.
 
-Builds the HF checkpoint layer by layer (never whole in memory), copies its
-bytes once as the baseline, then converts hf2mcore at TP=4 PP=2 (legacy rank
-files) and to torch_dist, and each back with mcore2hf, each in its own process,
-and prints wall time, throughput, peak RSS and the ratio to the plain copy
-measured in this same run (dirty pages are flushed before each timed step, none
-of which syncs itself). The round trips are checked byte for byte: the exported
-files must equal the synthetic ones.
+Builds the HF checkpoint layer by layer (never whole in memory), then, for each cache
+state asked for (warm: inputs in the page cache; cold: each step's inputs dropped from
+it first with ``posix_fadvise(DONTNEED)``), times a plain copy of the same bytes
+(``shutil.copytree``: in-kernel ``sendfile``) and, each as its own
+``python -m tools.convert`` process (start-up included), hf2mcore at TP=4 PP=2 (legacy
+rank files) and to torch_dist, and mcore2hf back from each. Dirty pages are flushed
+before every timed step, none of which syncs itself. Each round trip must give back
+the synthetic files byte for byte; its outputs are deleted before the next step, so
+the disk holds at most three copies (~40 GB at 32 layers). Every row shows the load
+average when it ran: on a shared machine, compare ratios from one run only.
 
-    python bench/convert.py                      # 32 layers: ~13.5 GB per copy, ~68 GB of disk at peak
-    python bench/convert.py --layers 8           # same shapes, fewer layers
-    python bench/convert.py --layers 8 --cold    # each step reads its inputs from disk, not the page cache
+    python bench/convert.py                        # 32 layers (12.55 GiB), warm and cold, ~10 min quiet
+    python bench/convert.py --cache warm           # one cache state
+    python bench/convert.py --layers 8             # same shapes, fewer layers
+    python bench/convert.py --workdir /big/disk    # kept: a rerun reuses its synthetic model
+
+For a figure to publish, run it on a quiet machine (load average below 1) with the
+default arguments, and quote the ratio column.
 """
 
 from __future__ import annotations
@@ -125,52 +132,81 @@ def same_files(left: Path, right: Path) -> bool:
     )
 
 
+STEPS = (
+    ("legacy", lambda a: ("--tp", str(a.tp), "--pp", str(a.pp))),
+    ("torch_dist", lambda a: ("--format", "torch_dist")),
+)
+
+
+def load() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def measure(work: Path, args: argparse.Namespace, cold: bool) -> list[tuple[str, float, str, str]]:
+    """(label, seconds, peak RSS, load average) of the copy and each conversion; outputs deleted after."""
+    rows = [("plain file copy (baseline)", timed_copy(work / "hf", work / "copy", cold), "-", load())]
+    shutil.rmtree(work / "copy")
+    for name, fmt_args in STEPS:
+        mcore, back = work / name, work / f"back-{name}"
+        label = f"legacy TP{args.tp} PP{args.pp}" if name == "legacy" else name
+        to_mcore = ("hf2mcore", "--hf", str(work / "hf"), "--out", str(mcore), *fmt_args(args))
+        seconds, summary = run_convert(*to_mcore, inputs=work / "hf", cold=cold)
+        rows.append((f"hf2mcore {label}", seconds, peak_rss(summary), load()))
+        seconds, summary = run_convert(
+            "mcore2hf", "--mcore", str(mcore), "--out", str(back), inputs=mcore, cold=cold
+        )
+        rows.append((f"mcore2hf from {name}", seconds, peak_rss(summary), load()))
+        if not same_files(work / "hf", back):
+            raise SystemExit(f"round trip through {name} differs from the synthetic model")
+        shutil.rmtree(mcore)
+        shutil.rmtree(back)
+    return rows
+
+
+def print_table(title: str, rows: list[tuple[str, float, str, str]], gib: float) -> None:
+    copy_s = rows[0][1]
+    print(f"\n{title}")
+    print(f"{'step':<30}{'wall s':>8}{'GiB/s':>8}{'x copy':>8}  {'peak RSS':<11}load 1/5/15 min")
+    for label, seconds, rss, when in rows:
+        print(f"{label:<30}{seconds:>8.1f}{gib / seconds:>8.2f}{seconds / copy_s:>8.2f}  {rss:<11}{when}")
+
+
+def synthetic(cfg: ModelConfig, hf: Path, layers: int) -> int:
+    """The synthetic model's bytes: written now, or found from an earlier run in the same --workdir."""
+    if (hf / "config.json").is_file():
+        return sum(p.stat().st_size for p in hf.glob("*.safetensors"))
+    start = time.perf_counter()
+    total = write_synthetic(cfg, hf)
+    print(f"synthetic Llama-2-7B shapes, {layers} layers: {human_bytes(total)} bf16 written in "
+          f"{time.perf_counter() - start:.1f} s")  # fmt: skip
+    return total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--layers", type=int, default=32, help="decoder layers (Llama-2-7B has 32)")
     parser.add_argument("--tp", type=int, default=4)
     parser.add_argument("--pp", type=int, default=2)
-    parser.add_argument("--workdir", help="where to write (default: a temporary directory, removed after)")
-    parser.add_argument("--cold", action="store_true", help="drop each step's inputs from the page cache")
+    parser.add_argument(
+        "--workdir", help="where to write and keep the synthetic model (default: a temporary dir)"
+    )
+    parser.add_argument("--cache", choices=("warm", "cold", "both"), default="both", help="page-cache state")
+    parser.add_argument("--cold", dest="cache", action="store_const", const="cold", help="--cache cold")
     args = parser.parse_args()
 
     cfg = llama2_7b(args.layers)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-convert-"))
     try:
-        start = time.perf_counter()
-        total = write_synthetic(cfg, work / "hf")
-        print(f"synthetic Llama-2-7B shapes, {args.layers} layers: {human_bytes(total)} bf16 written in "
-              f"{time.perf_counter() - start:.1f} s")  # fmt: skip
-        copy_s = timed_copy(work / "hf", work / "copy", args.cold)
-        shutil.rmtree(work / "copy")
-        steps = []
-        for name, fmt_args in (
-            (f"legacy TP{args.tp} PP{args.pp}", ("--tp", str(args.tp), "--pp", str(args.pp))),
-            ("torch_dist", ("--format", "torch_dist")),
-        ):
-            mcore = work / name.split()[0]
-            back = work / f"back-{mcore.name}"
-            to_mcore = ("hf2mcore", "--hf", str(work / "hf"), "--out", str(mcore), *fmt_args)
-            steps.append((f"hf2mcore {name}", *run_convert(*to_mcore, inputs=work / "hf", cold=args.cold)))
-            to_hf = ("mcore2hf", "--mcore", str(mcore), "--out", str(back))
-            steps.append((f"mcore2hf from {mcore.name}", *run_convert(*to_hf, inputs=mcore, cold=args.cold)))
-        exact = all(same_files(work / "hf", back) for back in work.glob("back-*"))
+        total = synthetic(cfg, work / "hf", args.layers)
+        states = ("warm", "cold") if args.cache == "both" else (args.cache,)
+        tables = [(state, measure(work, args, state == "cold")) for state in states]
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
-
     gib = total / (1 << 30)
-    print(f"{'step':<28}{'wall s':>9}{'GiB/s':>9}{'x copy':>9}   peak RSS")
-    print(f"{'plain file copy (baseline)':<28}{copy_s:>9.1f}{gib / copy_s:>9.2f}{1.0:>9.2f}   -")
-    for label, seconds, summary in steps:
-        print(
-            f"{label:<28}{seconds:>9.1f}{gib / seconds:>9.2f}{seconds / copy_s:>9.2f}   {peak_rss(summary)}"
-        )
-    print(f"round trips byte-identical: {exact}")
-    for _, _, summary in steps:
-        print(summary)
-    if not exact:
-        raise SystemExit("round trip differs")
+    for state, rows in tables:
+        print_table(f"{state} cache, {human_bytes(total)} ({os.cpu_count()} CPUs):", rows, gib)
+    print("round trips byte-identical: True")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,12 @@
     python bench/train_throughput.py                    # tiny config on CPU, 2 gloo ranks
     python bench/train_throughput.py --preset tiny-long # the same at 1024-token sequences
     python bench/train_throughput.py --preset 1b        # ~1.1B Llama on the local GPUs (bf16)
+    python bench/train_throughput.py --preset tiny-moe  # MoE vs its dense twin at equal active params
+
+A MoE preset (``*-moe``) is measured side by side with its dense twin (the preset without
+``-moe``): the same model whose routed experts (8, top-2, each half the dense FFN) give every
+token the dense FFN's width, so both do the same active work; the ratio column is then MoE
+against dense, per backend, measured in the same run.
 
 Each backend trains the same config for --iters iterations through torchrun;
 the median iteration time after --warmup iterations gives tokens/s, tokens/s
@@ -52,12 +58,29 @@ PRESETS = {
         "logging.eval_interval=null",
     ],
 }
+# MoE twins of the tiny presets at equal active parameters: 8 routed experts of half the dense FFN (176),
+# top-2, expert-parallel over the 2 ranks (4 experts each), alltoall dispatch, aux loss on.
+MOE_OVERRIDES = [
+    "model.num_moe_experts=8",
+    "model.moe_router_topk=2",
+    "model.moe_ffn_hidden_size=88",
+    "model.moe_aux_loss_coeff=0.01",
+    "model.moe_token_dispatcher_type=alltoall",
+    "parallel.expert_model_parallel_size=2",
+]
+PRESETS["tiny-moe"] = [*PRESETS["tiny"], *MOE_OVERRIDES]
+PRESETS["tiny-long-moe"] = [*PRESETS["tiny-long"], *MOE_OVERRIDES]
+
+
+def dense_twin(preset: str) -> str | None:
+    """The dense preset a MoE preset is compared with (equal active parameters), else None."""
+    return preset.removesuffix("-moe") if preset.endswith("-moe") else None
 
 
 def run_backend(preset: str, backend: str, iters: int, nproc: int, workdir: Path) -> list[float]:
     impl = "transformer_engine" if backend == "te" else "local"
     attention = "auto" if backend == "te" else backend
-    run_dir = workdir / backend
+    run_dir = workdir / f"{preset}-{backend}"
     cmd = [
         sys.executable,
         "-m",
@@ -100,7 +123,12 @@ def planned_memory_gib(cfg, nproc: int) -> float:
     from megatron_patches.training.memory_plan import GIB
 
     train, parallel = cfg.train, cfg.parallel
-    layout = Layout(nproc, parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size)
+    layout = Layout(
+        nproc,
+        parallel.tensor_model_parallel_size,
+        parallel.pipeline_model_parallel_size,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+    )
     phase = Phase(
         "main", 0, train.train_iters, (), cfg.data.seq_length, train.global_batch_size, train.micro_batch_size
     )
@@ -108,7 +136,7 @@ def planned_memory_gib(cfg, nproc: int) -> float:
 
 
 def global_batch(preset: str, nproc: int) -> int:
-    return {"tiny": 8, "tiny-long": 4}.get(preset, 4 * nproc * 8)
+    return {"tiny": 8, "tiny-long": 4}.get(dense_twin(preset) or preset, 4 * nproc * 8)
 
 
 def main() -> None:
@@ -124,10 +152,7 @@ def main() -> None:
 
     import torch
 
-    from megatron_patches.training.config import load_config
-    from megatron_patches.training.metrics import flops_per_iteration, peak_flops_per_gpu
     from megatron_patches.training.model import transformer_engine_available
-    from megatron_patches.training.run import parse_args
 
     gpus = torch.cuda.device_count()
     nproc = args.nproc or (gpus if gpus else 2)
@@ -136,35 +161,53 @@ def main() -> None:
         if args.backends
         else ["unfused", "sdpa"] + (["te"] if gpus and transformer_engine_available() else [])
     )
-    parsed = parse_args(
-        PRESETS[args.preset][2:] + [f"train.global_batch_size={global_batch(args.preset, nproc)}"]
-    )
-    cfg = load_config(PRESETS[args.preset][1], parsed.overrides)
+    presets = [p for p in (dense_twin(args.preset), args.preset) if p]  # a MoE preset after its twin
+    configs = {preset: preset_config(preset, nproc) for preset in presets}
+    cfg = configs[args.preset]
     tokens = cfg.train.global_batch_size * cfg.data.seq_length
-    flops = flops_per_iteration(cfg.model, cfg.data.seq_length, cfg.train.global_batch_size)
-    peak = peak_flops_per_gpu()
     device = torch.cuda.get_device_name() if gpus else f"CPU ({os.cpu_count()} cores)"
     print(
         f"preset {args.preset} on {device}, {nproc} ranks, {tokens} tokens/iteration, "
         f"median of iterations {args.warmup + 1}..{args.iters}"
     )
-    planned = planned_memory_gib(cfg, nproc)
-    header = ("backend", "s/iter", "tokens/s", "tok/s/rank", "MFU", "vs unfused", "peak GiB", "plan GiB")
-    print("{:10s} {:>9s} {:>11s} {:>11s} {:>6s} {:>10s} {:>8s} {:>8s}".format(*header))
-    baseline = None
+    versus = "vs dense" if len(presets) > 1 else "vs unfused"  # MoE: against the twin, same backend
+    header = ("preset", "backend", "s/iter", "tokens/s", "tok/s/rank", "MFU", versus, "peak GiB", "plan GiB")
+    print("{:14s} {:10s} {:>9s} {:>11s} {:>11s} {:>6s} {:>10s} {:>8s} {:>8s}".format(*header))
+    baselines: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for backend in backends:
-            seconds = statistics.median(
-                run_backend(args.preset, backend, args.iters, nproc, Path(tmp))[args.warmup :]
-            )
-            baseline = baseline or seconds
-            mfu = f"{flops / seconds / nproc / peak:6.1%}" if peak else "   n/a"
-            measured = peak_memory_gib(Path(tmp) / backend)
-            print(
-                f"{backend:10s} {seconds:9.4f} {tokens / seconds:11,.0f} {tokens / seconds / nproc:11,.0f} "
-                f"{mfu} {baseline / seconds:9.2f}x "
-                f"{'n/a' if measured is None else f'{measured:.2f}':>8s} {planned:8.2f}"
-            )
+            for preset in presets:
+                times = run_backend(preset, backend, args.iters, nproc, Path(tmp))
+                seconds = statistics.median(times[args.warmup :])
+                key = backend if len(presets) > 1 else "first"
+                baselines.setdefault(key, seconds)
+                measured = peak_memory_gib(Path(tmp) / f"{preset}-{backend}")
+                row = throughput_row(configs[preset], seconds, nproc, baselines[key] / seconds)
+                print(
+                    f"{preset:14s} {backend:10s} {row} "
+                    f"{'n/a' if measured is None else f'{measured:.2f}':>8s} "
+                    f"{planned_memory_gib(configs[preset], nproc):8.2f}"
+                )
+
+
+def preset_config(preset: str, nproc: int):
+    """The trainer config ``preset`` runs with on ``nproc`` ranks."""
+    from megatron_patches.training.config import load_config
+    from megatron_patches.training.run import parse_args
+
+    parsed = parse_args(PRESETS[preset][2:] + [f"train.global_batch_size={global_batch(preset, nproc)}"])
+    return load_config(PRESETS[preset][1], parsed.overrides)
+
+
+def throughput_row(cfg, seconds: float, nproc: int, ratio: float) -> str:
+    """s/iter, tokens/s, tokens/s per rank, MFU (active parameters for MoE) and the ratio column."""
+    from megatron_patches.training.metrics import flops_per_iteration, peak_flops_per_gpu
+
+    tokens = cfg.train.global_batch_size * cfg.data.seq_length
+    peak = peak_flops_per_gpu()
+    flops = flops_per_iteration(cfg.model, cfg.data.seq_length, cfg.train.global_batch_size)
+    mfu = f"{flops / seconds / nproc / peak:6.1%}" if peak else "   n/a"
+    return f"{seconds:9.4f} {tokens / seconds:11,.0f} {tokens / seconds / nproc:11,.0f} {mfu} {ratio:9.2f}x"
 
 
 if __name__ == "__main__":

@@ -85,3 +85,32 @@ launch_training() {
         --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --max-restarts "${MAX_RESTARTS:-0}" \
         -m megatron_patches.training --config "$config" "$@"
 }
+
+# The GPU-cluster pretraining scripts' common body (pretrain_7b.sh, pretrain_moe.sh): the layout from
+# TP/PP/EP (each only where set; the config holds the shipped layout), the data from DATA_BLEND (or
+# MOCK=1, or a data.* override; refused otherwise), LOAD, RUN_DIR (default runs/<config name>).
+#
+#   launch_pretrain SCRIPT_NAME CONFIG.yaml [key=value ...]
+launch_pretrain() {
+    local script="$1" config="$2"; shift 2
+    RUN_DIR="${RUN_DIR:-runs/$(basename "$config" .yaml)}"
+    local args=("run_dir=$RUN_DIR") arg data_in_args=0
+    if [ -n "${TP:-}" ]; then args+=("parallel.tensor_model_parallel_size=$TP"); fi
+    if [ -n "${PP:-}" ]; then args+=("parallel.pipeline_model_parallel_size=$PP"); fi
+    if [ -n "${EP:-}" ]; then args+=("parallel.expert_model_parallel_size=$EP"); fi
+    for arg in "$@"; do
+        case "$arg" in data.blend=* | data.data_path=* | data.mock=*) data_in_args=1 ;; esac
+    done
+    if [ -n "${DATA_BLEND:-}" ]; then
+        args+=("data.blend=$DATA_BLEND")
+    elif [ "${MOCK:-0}" = 1 ]; then
+        args+=("data.mock=true")
+    elif [ "$data_in_args" = 0 ]; then
+        echo "$script: error: DATA_BLEND is not set; point it at the blend.yaml of" \
+            "\`python -m data.preprocess tokenize\`, or set MOCK=1 to train on mock data on purpose" >&2
+        return 2
+    fi
+    if [ -n "${LOAD:-}" ]; then args+=("checkpoint.pretrained_checkpoint=$LOAD"); fi
+    echo "run dir: $RUN_DIR   (touch $RUN_DIR/save: checkpoint now;  touch $RUN_DIR/stop: checkpoint and exit)"
+    launch_training "$config" "${args[@]}" "$@"
+}

@@ -4,7 +4,7 @@
 #   DATA_BLEND=/data/tokenized/blend.yaml bash launch/pretrain_7b.sh [key=value ...]
 #
 # Layout and paths from the environment (see launch/_launch.sh for the distributed ones):
-#   TP (default 2), PP (default 1)       tensor / pipeline parallel sizes
+#   TP (default 2), PP (default 1)       tensor / pipeline parallel sizes (default: the config's)
 #   DATA_BLEND                           blend.yaml written by `python -m data.preprocess tokenize`
 #   MOCK=1                               train on mock data instead (refused unless asked for)
 #   RUN_DIR (default runs/llama2_7b)     checkpoints, TensorBoard, metrics.jsonl, save/stop trigger files
@@ -17,27 +17,4 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 source "$here/_launch.sh"
 
-TP="${TP:-2}"
-PP="${PP:-1}"
-RUN_DIR="${RUN_DIR:-runs/llama2_7b}"
-args=(
-    "parallel.tensor_model_parallel_size=$TP"
-    "parallel.pipeline_model_parallel_size=$PP"
-    "run_dir=$RUN_DIR"
-)
-data_in_args=0
-for arg in "$@"; do
-    case "$arg" in data.blend=* | data.data_path=* | data.mock=*) data_in_args=1 ;; esac
-done
-if [ -n "${DATA_BLEND:-}" ]; then
-    args+=("data.blend=$DATA_BLEND")
-elif [ "${MOCK:-0}" = 1 ]; then
-    args+=("data.mock=true")
-elif [ "$data_in_args" = 0 ]; then
-    echo "pretrain_7b.sh: error: DATA_BLEND is not set; point it at the blend.yaml of" \
-        "\`python -m data.preprocess tokenize\`, or set MOCK=1 to train on mock data on purpose" >&2
-    exit 2
-fi
-if [ -n "${LOAD:-}" ]; then args+=("checkpoint.pretrained_checkpoint=$LOAD"); fi
-echo "run dir: $RUN_DIR   (touch $RUN_DIR/save: checkpoint now;  touch $RUN_DIR/stop: checkpoint and exit)"
-launch_training "$here/configs/llama2_7b.yaml" "${args[@]}" "$@"
+launch_pretrain pretrain_7b.sh "$here/configs/llama2_7b.yaml" "$@"

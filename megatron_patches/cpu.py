@@ -19,7 +19,11 @@ touched. Each piece below says which Megatron-Core behaviour needs it:
   then warns that the CPU RNG changed inside the fork, which is now expected,
   so that one warning is filtered.
 * ``torch.cuda.synchronize`` / ``empty_cache`` and streams and events used by
-  DDP become no-ops.
+  DDP and the MoE all-to-all dispatcher become no-ops.
+* Mixture-of-Experts (:func:`_patch_megatron_moe`): the router's GEMM names
+  Transformer Engine's ``te_general_gemm`` unguarded; the all-to-all dispatcher
+  hands gloo tensor split sizes; the aux-loss tracker averages with
+  ``ReduceOp.AVG``, which gloo lacks.
 
 Call :func:`enable` once per process before building any Megatron object;
 call ``model_parallel_cuda_manual_seed`` after ``initialize_model_parallel``
@@ -132,7 +136,9 @@ class _NullStream:
         pass
 
     def __getattr__(self, name):
-        return lambda *args, **kwargs: None
+        # Chainable: MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize calls
+        # ``stream.record_event()`` and later ``event.synchronize()``.
+        return lambda *args, **kwargs: _NullStream()
 
     def __enter__(self):
         return self
@@ -186,6 +192,70 @@ def _patch_megatron_rng() -> None:
     mp_random._get_cuda_rng_state = get_state
     mp_random._set_cuda_rng_state = set_state
     logging.getLogger(mp_random.__name__).addFilter(_FilterForkWarning())
+
+
+def _patch_megatron_moe() -> None:
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    from megatron_patches.compat import require_signature
+
+    require_signature(moe_utils.maybe_move_tensor_to_cpu, ["tensor", "as_numpy", "record_stream"])
+    # moe_utils.RouterGatingLinearFunction.forward tests ``te_general_gemm is not None``, a name
+    # that only exists when Transformer Engine imported (a NameError otherwise).
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+    def split_sizes_on_host(tensor, as_numpy: bool = False, record_stream: bool = False):
+        # MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize: on a GPU the split sizes become
+        # numpy arrays here; a CPU tensor came back unchanged, and gloo's all_to_all_single
+        # wants int split sizes, not a tensor.
+        if as_numpy and isinstance(tensor, torch.Tensor):
+            return tensor.numpy()
+        return tensor
+
+    token_dispatcher.maybe_move_tensor_to_cpu = split_sizes_on_host
+    _patch_all_reduce_average()
+
+
+def _patch_megatron_mla() -> None:
+    """Multi-Latent Attention without Transformer Engine: ``multi_latent_attention`` imports TE's layers from
+    ``megatron.core.extensions.transformer_engine``, which imports without TE but holds mocks there, so
+    its ``HAVE_TE`` is True and ``MultiLatentAttention.__init__``'s ``isinstance(.., TELinear)`` raises
+    TypeError. With TE's layers absent, MLA's own fallback (``HAVE_TE = False``) is the truth."""
+    from megatron.core.transformer import multi_latent_attention as mla
+
+    names = ("TELinear", "TEColumnParallelLinear")
+    if not all(hasattr(mla, name) for name in (*names, "HAVE_TE")):
+        raise RuntimeError("megatron.core.transformer.multi_latent_attention changed: re-check the TE shim")
+    if all(isinstance(getattr(mla, name), type) for name in names):
+        return  # real Transformer Engine layers
+
+    class NoTransformerEngine:  # matches no layer, so every isinstance check is False
+        pass
+
+    mla.HAVE_TE = False
+    for name in names:
+        setattr(mla, name, NoTransformerEngine)
+
+
+def _patch_all_reduce_average() -> None:
+    """``ReduceOp.AVG`` as a sum divided by the group size: gloo has no AVG, and Megatron-Core's
+    ``moe_utils.reduce_aux_losses_tracker_across_ranks`` (the aux/z-loss logging) uses it."""
+    import torch.distributed as dist
+
+    from megatron_patches.compat import require_signature
+
+    original = dist.all_reduce
+    require_signature(original, ["tensor", "op", "group", "async_op"])
+
+    def all_reduce(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
+        if op != dist.ReduceOp.AVG or async_op:
+            return original(tensor, op=op, group=group, async_op=async_op)
+        original(tensor, op=dist.ReduceOp.SUM, group=group)
+        tensor.div_(dist.get_world_size(group))
+        return None
+
+    dist.all_reduce = all_reduce
 
 
 def quiet_expected_warnings() -> None:
@@ -263,6 +333,8 @@ def enable() -> bool:
     quiet_expected_warnings()
     _patch_torch_cuda()
     _patch_megatron_rng()
+    _patch_megatron_moe()
+    _patch_megatron_mla()
     _ACTIVE_MODE = CudaToCpuMode()
     _ACTIVE_MODE.__enter__()
     return True

@@ -5,7 +5,9 @@ count the same FLOPs, so the formula lives here, below both.
 Per token and layer: QKV and output projections with GQA, attention scores
 and values (causal mask not discounted, as Megatron-LM), and the MLP (3
 matrices with SwiGLU); plus the output layer. Backward costs twice forward.
-No activation recompute is counted.
+No activation recompute is counted. A MoE layer's MLP counts the experts a token
+is routed to (top-k x ``moe_ffn_hidden_size``) plus the shared experts, as Megatron-LM's
+``num_floating_point_operations`` (the router's small GEMM is not counted there either).
 """
 
 from __future__ import annotations
@@ -26,16 +28,23 @@ def training_flops_per_token(
     padded_vocab_size: int,
     seq_length: int,
     swiglu: bool = True,
+    moe_layers: int = 0,
+    moe_active_ffn_hidden_size: int = 0,
 ) -> float:
-    """Forward + backward FLOPs of one token of a ``seq_length`` sequence."""
+    """Forward + backward FLOPs of one token of a ``seq_length`` sequence.
+
+    ``moe_layers`` of the layers are MoE layers whose MLP width per token is
+    ``moe_active_ffn_hidden_size`` (routed experts' and shared experts' widths together).
+    """
     h, s = hidden_size, seq_length
     kv = num_query_groups * head_dim
     q = num_attention_heads * head_dim
     attn_proj = 2 * h * (q + 2 * kv) + 2 * q * h
     attn_scores = 2 * 2 * s * q
-    mlp = 2 * h * ffn_hidden_size * (3 if swiglu else 2)
+    mlp_width = (num_layers - moe_layers) * ffn_hidden_size + moe_layers * moe_active_ffn_hidden_size
+    mlp = 2 * h * mlp_width * (3 if swiglu else 2)
     logits = 2 * h * padded_vocab_size
-    per_token_forward = num_layers * (attn_proj + attn_scores + mlp) + logits
+    per_token_forward = num_layers * (attn_proj + attn_scores) + mlp + logits
     return 3.0 * per_token_forward
 
 
@@ -51,7 +60,17 @@ def model_flops_per_token(cfg: ModelConfig, seq_length: int) -> float:
         padded_vocab_size=cfg.padded_vocab_size(1),
         seq_length=seq_length,
         swiglu=cfg.swiglu,
+        moe_layers=sum(cfg.moe_layer_pattern()),
+        moe_active_ffn_hidden_size=moe_active_ffn_hidden_size(cfg),
     )
+
+
+def moe_active_ffn_hidden_size(cfg: ModelConfig) -> int:
+    """The MLP width one token passes through in a MoE layer: top-k routed experts plus the shared ones."""
+    if cfg.num_moe_experts is None:
+        return 0
+    routed = cfg.moe_router_topk * (cfg.moe_ffn_hidden_size or cfg.ffn_hidden_size)
+    return routed + (cfg.moe_shared_expert_intermediate_size or 0)
 
 
 def flops_per_iteration(cfg: ModelConfig, seq_length: int, global_batch_size: int) -> float:

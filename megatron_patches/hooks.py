@@ -37,6 +37,7 @@ PATCHES = {
     "rope_schedule": "megatron_patches.rope_schedule",
     "loss_spike": "megatron_patches.loss_spike",
     "probes": "megatron_patches.probes",
+    "moe_load": "megatron_patches.moe_load",
 }
 
 
@@ -58,6 +59,8 @@ class PhaseInfo(Protocol):
 class ModelObjects(Protocol):
     model: torch.nn.Module  # this rank's model stage, as wrapped for training (DDP)
     gpt: torch.nn.Module  # the same, unwrapped: Megatron-Core's GPTModel
+    # With the interleaved pipeline both are ModuleLists of this rank's model chunks, one per virtual
+    # stage (parallel.model_chunks lists them); walking .modules() reaches every chunk.
     optimizer: Any  # Megatron-Core's MegatronOptimizer
 
 
@@ -103,11 +106,12 @@ class StepReport:
 
 @dataclass(frozen=True)
 class Rollback:
-    """Go back to the newest checkpoint in this process and continue from there."""
+    """Reload, in this process, the newest checkpoint at least ``lookback`` iterations old; continue."""
 
     reason: str
     # Skip the samples read since that checkpoint plus this many more; None: read them again.
     skip_margin: int | None = 0
+    lookback: int = 0  # the checkpoint is at least this many iterations older than the anomaly
 
 
 @dataclass
@@ -187,6 +191,11 @@ class Hook:
 
     def after_save(self, ctx: HookContext, path: Path) -> None:
         """Collective, after a checkpoint is complete."""
+
+    def rollback_lookback(self) -> int | None:
+        """Iterations a roll-back of this patch may reach back (``Rollback.lookback``), or None if it
+        asks for none: pruning by ``checkpoint.keep_last`` spares the checkpoints that needs."""
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         """Patch state saved in checkpoints (must be equal on all ranks)."""

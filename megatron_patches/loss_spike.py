@@ -25,7 +25,9 @@ never applies an update on a non-finite loss or grad norm
   loop reloads the newest checkpoint in-process, skips the samples read since it
   plus ``skip_margin``, logs ``rollbacks.jsonl``; after ``max_rollbacks`` it
   stops as ``stop`` does, and within ``cooldown`` iterations of the last
-  rolled-back anomaly another one is only skipped).
+  rolled-back anomaly another one is only skipped). ``lookback`` > 0 reloads a checkpoint
+  at least that many iterations before the anomaly instead, and ``checkpoint.keep_last``
+  pruning spares it.
 * A *drop* (``drop_ratio`` > 0: loss under ``mean - drop_std_factor * std`` and
   under ``drop_ratio * mean``; runs of one token, repeated boilerplate) is an
   anomaly too, logged with reason ``loss drop`` (a rise: ``loss spike``).
@@ -84,6 +86,9 @@ class Options:
     max_rollbacks: int = 3  # then stop (without a checkpoint: the newest one predates the anomaly)
     cooldown: int = 10  # iterations after a rolled-back anomaly in which another one is only skipped
     skip_margin: int = 0
+    # rollback: reload a checkpoint at least this many iterations older than the anomaly (the data
+    # just before a detection is suspect too); checkpoint.keep_last then spares that checkpoint.
+    lookback: int = 0
 
     def __post_init__(self) -> None:
         number_option("patches.loss_spike.window", self.window, integer=True, minimum=1)
@@ -97,7 +102,7 @@ class Options:
             number_option("patches.loss_spike.drop_ratio", self.drop_ratio)
         if self.drop_ratio >= 1:
             raise ConfigError(f"patches.loss_spike.drop_ratio must be below 1, got {self.drop_ratio!r}")
-        for key in ("max_rollbacks", "cooldown", "skip_margin"):
+        for key in ("max_rollbacks", "cooldown", "skip_margin", "lookback"):
             number_option(f"patches.loss_spike.{key}", getattr(self, key), integer=True, minimum=-1)
         if self.action not in ACTIONS:
             raise ConfigError(f"patches.loss_spike.action must be one of {ACTIONS}, got {self.action!r}")
@@ -242,8 +247,11 @@ class LossSpikeGuard(Hook):
         elif action == "rollback":
             self.rollbacks += 1
             self.quiet_until = iteration + self.options.cooldown
-            requests.rollback = Rollback(what, self.options.skip_margin)
+            requests.rollback = Rollback(what, self.options.skip_margin, self.options.lookback)
         return action
+
+    def rollback_lookback(self) -> int | None:
+        return self.options.lookback if self.action == "rollback" else None
 
     def _record(
         self, ctx: HookContext, report: StepReport, verdict: Verdict, gathered: list, action: str

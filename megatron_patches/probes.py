@@ -41,6 +41,7 @@ from megatron_patches.compat import require_signature
 from megatron_patches.errors import ConfigError
 from megatron_patches.formats import rng_state
 from megatron_patches.hooks import Hook, HookContext
+from megatron_patches.parallel import model_chunks
 from megatron_patches.probe_scoring import (
     ProbeBatch,
     check_rows_fit,
@@ -139,17 +140,22 @@ def score_rows(
     ``model`` is this rank's stage (wrapped or not); every rank returns the same
     two float64 tensors of ``batch.rows`` entries.
     """
+    from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     micro_batches = [
         {key: getattr(batch, key)[i : i + micro_batch_size] for key in ("tokens", "labels", "mask")}
         for i in range(0, batch.tokens.shape[0], micro_batch_size)
     ]
+    chunks = model_chunks(model)
+    scored = len(micro_batches)
+    if len(chunks) > 1:  # the interleaved schedule runs micro-batches in groups of PP: pad, then drop
+        micro_batches += [micro_batches[-1]] * (-scored % ps.get_pipeline_model_parallel_world_size())
     with preserved_rng(), eval_mode(model), torch.no_grad():
         reports = get_forward_backward_func()(
             forward_step_func=partial(_forward_step, vocab_size),
-            data_iterator=iter(micro_batches),
-            model=model,
+            data_iterator=[iter(micro_batches) for _ in chunks] if len(chunks) > 1 else iter(micro_batches),
+            model=chunks if len(chunks) > 1 else chunks[0],
             num_microbatches=len(micro_batches),
             seq_length=batch.seq_length,
             micro_batch_size=micro_batch_size,
@@ -158,7 +164,7 @@ def score_rows(
     device = next(model.parameters()).device
     totals = torch.zeros((2, batch.tokens.shape[0]), dtype=torch.float64, device=device)
     if reports:  # last pipeline stage
-        logprobs = torch.cat([r["token_logprobs"] for r in reports])
+        logprobs = torch.cat([r["token_logprobs"] for r in reports[:scored]])
         totals[0], totals[1] = row_totals(logprobs, batch.mask)
     _from_last_stage(totals)
     return totals[0, : batch.rows].cpu(), totals[1, : batch.rows].cpu()

@@ -43,11 +43,6 @@ from pathlib import Path
 from typing import IO, Any, NamedTuple
 
 import torch
-from torch.distributed.checkpoint import FileSystemReader, load
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorStorageMetadata
-from torch.distributed.checkpoint.planner import LoadPlan
-from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from megatron_patches.errors import ConfigError
 
@@ -201,6 +196,11 @@ def read_region(iter_dir: str | Path, key: str, offsets: tuple[int, ...], into: 
     ``torch.distributed.checkpoint.load`` with a one-region plan, fed the vetted metadata (the
     reader never unpickles ``.metadata`` itself); stored chunks are cast to ``into``'s dtype.
     """
+    # torch.distributed.checkpoint is imported here, not at the top: it is a third of the start-up of
+    # every command that imports this module (tools.convert's legacy conversions never need it).
+    from torch.distributed.checkpoint import FileSystemReader, load
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
+
     vetted = verify_torch_dist(iter_dir)
     stored = vetted.metadata.state_dict_metadata.get(key)
     if not isinstance(stored, TensorStorageMetadata):
@@ -214,24 +214,33 @@ def read_region(iter_dir: str | Path, key: str, offsets: tuple[int, ...], into: 
             return vetted.metadata  # FileSystemReader's own would unpickle .metadata unrestricted
 
     region = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=into.shape)
-    planner = _RegionPlanner(key, stored, region)
+    planner = _region_planner_class()(key, stored, region)
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
         load({key: into}, storage_reader=VettedReader(str(iter_dir)), planner=planner, no_dist=True)
 
 
-class _RegionPlanner(DefaultLoadPlanner):
-    """Reads one region of one tensor: torch's default planner reads whole tensors into offset 0 only."""
+@functools.cache
+def _region_planner_class() -> type:
+    """The planner class, defined on first use (its base class is torch.distributed.checkpoint's)."""
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.planner import LoadPlan
+    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-    def __init__(self, key: str, stored: TensorStorageMetadata, region: ChunkStorageMetadata) -> None:
-        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
-        self.key, self.stored, self.region = key, stored, region
+    class _RegionPlanner(DefaultLoadPlanner):
+        """Reads one region of one tensor: torch's default planner reads whole tensors into offset 0 only."""
 
-    def create_local_plan(self) -> LoadPlan:
-        return LoadPlan(create_read_items_for_chunk_list(self.key, self.stored, [self.region]))
+        def __init__(self, key: str, stored: Any, region: Any) -> None:
+            super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+            self.key, self.stored, self.region = key, stored, region
 
-    def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
-        return self.state_dict[index.fqn]  # the region itself, whatever its offset in the stored tensor
+        def create_local_plan(self) -> LoadPlan:
+            return LoadPlan(create_read_items_for_chunk_list(self.key, self.stored, [self.region]))
+
+        def lookup_tensor(self, index: Any) -> torch.Tensor:
+            return self.state_dict[index.fqn]  # the region itself, whatever its offset in the stored tensor
+
+    return _RegionPlanner
 
 
 def verify_torch_dist(iter_dir: str | Path) -> Vetted:

@@ -61,9 +61,23 @@ class SDPAttention(DotProductAttention):
     """``DotProductAttention`` whose forward is one fused ``scaled_dot_product_attention``."""
 
     def __init__(
-        self, config, layer_number: int, attn_mask_type, attention_type: str, *args, **kwargs
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type,
+        attention_type: str,
+        *args,
+        k_channels: int | None = None,
+        v_channels: int | None = None,
+        **kwargs,
     ) -> None:
         super().__init__(config, layer_number, attn_mask_type, attention_type, *args, **kwargs)
+        if v_channels is not None:
+            # Multi-Latent Attention (MultiLatentAttention.__init__) passes its head widths: queries and
+            # keys k_channels wide, values v_channels; the output holds v_channels per head. The parent
+            # (Megatron-Core 0.16.1's DotProductAttention) takes neither and assumes kv_channels for both.
+            heads = self.num_attention_heads_per_partition
+            self.hidden_size_per_partition = heads * v_channels
         unsupported = {
             "a causal mask": attn_mask_type != AttnMaskType.causal,
             "vanilla softmax": config.softmax_type != "vanilla",

@@ -86,6 +86,11 @@ CHECKS = {
         "make -o install convert HF={tiny_hf} OUT={tmp}/ckpt/ TP=4 PP=2"
     ),
     "DATA_BLEND=/data/tokenized/blend.yaml srun --ntasks-per-node=1 bash launch/pretrain_7b.sh": Launch(),
+    "make demo ARGS=--moe": Parse(),
+    # docs/moe.md
+    "DATA_BLEND=/data/tokenized/blend.yaml bash launch/pretrain_moe.sh CONFIG=deepseek_moe_2b": Launch(),
+    "python -m tools.convert hf2mcore --hf Mixtral-8x7B-v0.1 --out ckpt --tp 2 --pp 2 --ep 4": Parse(),
+    "python -m tools.convert hf2mcore --hf DeepSeek-V2-Lite --out ckpt --tp 2 --ep 4 --etp 1": Parse(),
     # docs/training.md
     "python -m megatron_patches.training --config launch/configs/tiny.yaml"
     " [key=value ...] [--dry-run]": Parse(
@@ -103,6 +108,8 @@ CHECKS = {
     "python -m data.preprocess run --config data/demo/config.yaml --out runs/demo/data": RunBy(
         "tests/data/preprocess/test_cli.py::test_demo_run_end_to_end_and_resume"
     ),
+    "python -m data.preprocess run --config data/demo/config.yaml --out runs/demo/spark --engine spark"
+    " --spark-master 'local[2]'": Parse(),
     "python -m data.preprocess clean --input 'raw/*.jsonl.gz' --out work/clean [--config c.yaml]": Parse(
         "python -m data.preprocess clean --input 'raw/*.jsonl.gz' --out work/clean --config c.yaml"
     ),
@@ -133,6 +140,7 @@ CHECKS = {
         " --hf-config DIR --tokenizer DIR"
     ),
     "python -m tools.convert mcore2mcore --mcore ckpt --out ckpt-tp2pp4 --tp 2 --pp 4": Parse(),
+    "python -m tools.convert hf2mcore --hf Llama-2-7b-hf --out ckpt --tp 1 --pp 2 --vpp 2": Parse(),
     "python -m tools.convert hf2hf --hf Qwen2.5-7B --out qwen-as-llama --to llama": Parse(),
     "make convert HF=/models/Llama-2-7b-hf OUT=ckpt TP=4 PP=2": Parse(),
     "make convert DIRECTION=mcore2hf MCORE=ckpt OUT=hf-out": Parse(),
@@ -175,6 +183,8 @@ CHECKS = {
     # bench/README.md
     "python bench/patches_overhead.py --preset tiny-long --iters 300 --reps 3": Parse(),
     "python bench/train_throughput.py --preset tiny-long": Parse(),
+    "python bench/train_throughput.py --preset tiny-moe --backends sdpa": Parse(),
+    "python bench/moe_load_overhead.py": Parse(),
     "python bench/preprocess.py --mb 200": Parse(),
     "python bench/preprocess.py --mb 200 --only tokenize --repeat 3": Parse(),
     "python bench/convert.py": Parse(),

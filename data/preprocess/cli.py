@@ -10,7 +10,8 @@ from megatron_patches.errors import ConfigError
 from megatron_patches.paths import refuse_overlap
 
 from .config import PipelineConfig, load_config
-from .jsonl import expand_inputs
+from .engines import ENGINES
+from .jsonl import expand_inputs, refuse_url
 from .pipeline import configured_files, run_pipeline, run_stage
 
 PROG = "python -m data.preprocess"
@@ -37,15 +38,19 @@ def _common(parser: argparse.ArgumentParser, needs_input: bool) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
 
 
+def _engine(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--engine", choices=ENGINES, help="local cores or Apache Spark")
+    parser.add_argument("--spark-master", help="e.g. local[2]; default: what spark-submit configured")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Raw JSONL to Megatron-Core .bin/.idx.")
     sub = parser.add_subparsers(dest="stage", required=True)
     for name, help_text in _HELP.items():
         stage = sub.add_parser(name, help=help_text)
         _common(stage, needs_input=True)
-        if name == "dedup":
-            stage.add_argument("--engine", choices=("local", "spark"))
-            stage.add_argument("--spark-master", help="e.g. local[2]; default: what spark-submit configured")
+        if name != "dedup-plan":
+            _engine(stage)
         if name == "train-tokenizer":
             stage.add_argument("--vocab-size", type=int)
         if name == "tokenize":
@@ -55,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
             stage.add_argument("--tokenizer", type=Path, help="count tokens with it (default: bytes / 4)")
     run = sub.add_parser("run", help="every stage in order, from one config (resumes complete stages)")
     _common(run, needs_input=False)
+    _engine(run)
     return parser
 
 
@@ -63,7 +69,10 @@ def _overrides(args: argparse.Namespace) -> dict:
         "workers": args.workers,
         "range_mb": args.range_mb,
         "text_field": args.text_field,
+        # a flag overrides the config for every stage, dedup's own keys included
+        "engine": getattr(args, "engine", None),
         "dedup.engine": getattr(args, "engine", None),
+        "spark_master": getattr(args, "spark_master", None),
         "dedup.spark_master": getattr(args, "spark_master", None),
         "tokenizer.vocab_size": getattr(args, "vocab_size", None),
     }
@@ -72,6 +81,7 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    refuse_url(args.out, "--out")
     config = load_config(args.config, _overrides(args))
     if args.stage == "run":
         if not config.input:

@@ -37,7 +37,7 @@ class CleanConfig:
 
 @dataclass
 class DedupConfig:
-    engine: str = "local"  # local | spark
+    engine: str | None = None  # local | spark; default: the top-level `engine`
     ngram: int = 5
     bands: int = 20
     rows: int = 5
@@ -55,8 +55,8 @@ class DedupConfig:
     keep: str = "quality"  # quality (then longest) | longest
     exact: bool = True  # also drop exact duplicates of the normalized text
     seed: int = 1
-    spark_master: str | None = None  # e.g. local[2]; None: whatever spark-submit configured
-    spark_conf: dict = field(default_factory=dict)
+    spark_master: str | None = None  # default: the top-level `spark_master`
+    spark_conf: dict = field(default_factory=dict)  # default: the top-level `spark_conf`
 
     @property
     def perms(self) -> int:
@@ -107,6 +107,11 @@ class PipelineConfig:
     range_mb: float = 128.0
     shard_docs: int = 100_000
     compress_output: bool = False
+    # local: every core of this machine | spark: one Spark partition per task, for every stage
+    # (dedup.engine may differ); outputs are the same byte for byte.
+    engine: str = "local"
+    spark_master: str | None = None  # e.g. local[8]; None: whatever spark-submit configured
+    spark_conf: dict = field(default_factory=dict)  # e.g. {spark.executor.memory: 8g}
     stages: list = field(default_factory=lambda: list(STAGES))
     clean: CleanConfig = field(default_factory=CleanConfig)
     label: LabelConfig = field(default_factory=LabelConfig)
@@ -127,7 +132,11 @@ ORDERS = ("input", "icp", "spread")  # tokenize.order
 
 def validate(config: PipelineConfig) -> PipelineConfig:
     d = config.dedup
+    d.engine = d.engine or config.engine
+    d.spark_master = d.spark_master or config.spark_master
+    d.spark_conf = d.spark_conf or dict(config.spark_conf)
     for name, value, allowed in (
+        ("engine", config.engine, ("local", "spark")),
         ("dedup.engine", d.engine, ("local", "spark")),
         ("dedup.verify", d.verify, ("exact", "signature", "none")),
         ("dedup.keep", d.keep, ("quality", "longest")),

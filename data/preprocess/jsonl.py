@@ -31,10 +31,23 @@ _ID_TYPES = (str, int, type(None))  # types of "id" and "channel" that parse_tex
 _CHANNEL_TYPES = (str, type(None))
 
 
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # s3://, hdfs://, gs://, file:/ (Path keeps one slash)
+
+
+def refuse_url(value: str | Path, what: str) -> None:
+    """Stages read and write with local file calls, so `hdfs://x` would be a local folder `hdfs:/x`."""
+    if _URL.match(str(value)):
+        raise ConfigError(
+            f"{what} {str(value)!r} is a URL, but data.preprocess reads and writes file system paths only: "
+            "mount the store (s3fs, gcsfuse, an HDFS NFS gateway) on every machine and pass the mounted path"
+        )
+
+
 def expand_inputs(patterns: list[str], base: Path | None = None) -> list[Path]:
     """Globs (relative to `base`) to a sorted, de-duplicated file list; an empty match is an error."""
     files: list[Path] = []
     for pattern in patterns:
+        refuse_url(pattern, "input")
         full = str(Path(base or ".") / pattern) if not os.path.isabs(pattern) else pattern
         matched = sorted(glob.glob(full, recursive=True))
         if not matched:

@@ -18,6 +18,7 @@ from megatron_patches.paths import refuse_overlap
 
 from .config import PipelineConfig
 from .dedup import run_dedup
+from .engines import engine_session
 from .jsonl import expand_inputs
 from .report import write_json_atomic
 from .stage import is_complete, run_file_stage
@@ -126,6 +127,12 @@ def run_pipeline(config: PipelineConfig, out: Path, overwrite: bool = False) -> 
     inputs = expand_inputs(config.input, config.base_dir)
     refuse_overwriting_inputs(config, inputs, out)
     out.mkdir(parents=True, exist_ok=True)
+    with engine_session(config):
+        return _run_stages(config, inputs, out, overwrite)
+
+
+def _run_stages(config: PipelineConfig, inputs: list[Path], out: Path, overwrite: bool) -> dict[str, dict]:
+    """Each stage in order, skipping those whose output is complete and up to date."""
     reports: dict[str, dict] = {}
     redo = overwrite
     documents = inputs  # what the next document stage reads

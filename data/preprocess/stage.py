@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -24,11 +23,11 @@ from megatron_patches.paths import atomic_dir
 from . import pii
 from .config import PipelineConfig
 from .document import Document, Malformed
-from .engines.local import Progress, run_tasks
-from .jsonl import Parser, RejectWriter, ShardWriter, merge_rejects, parse_line, read_documents
+from .engines.local import Progress
+from .jsonl import Parser, RejectWriter, ShardWriter, parse_line, read_documents
 from .ranges import WHOLE_FILE, Span, range_bytes, split_files
-from .report import Stats, write_report
-from .spool import SPOOL_DIR, LineSpool, assemble_parts
+from .report import Stats
+from .spool import SPOOL_DIR, LineSpool
 
 StepResult = tuple[bool, str | None, Any, str]  # keep, rule, measured value, channel
 Step = Callable[[Sequence[Document], Stats], list[StepResult]]
@@ -180,15 +179,7 @@ def run_file_stage(
     task_fn: Callable[[FileTask, Progress], Stats],
     extra_report: Callable[[Path], dict] | None = None,
 ) -> dict:
-    """Tasks (files or ranges) on all workers, then parts assembled, rejects merged, report written."""
-    started = time.time()
-    with staged_dir(out, overwrite) as tmp:
-        tasks = file_tasks(inputs, tmp, config, name)
-        stats = run_tasks(task_fn, tasks, cpu_workers(config.workers), desc=name)
-        assemble_parts(tasks, cpu_workers(config.workers))
-        merge_rejects(tmp / "rejected")
-        extra = extra_report(tmp) if extra_report else {}
-        outputs = sorted(p.name for p in tmp.iterdir() if p.name.startswith("part-"))
-        return write_report(
-            tmp, name, stats, started, inputs=[str(p) for p in inputs], outputs=outputs, **extra
-        )
+    """A document stage (clean, label) run by the skeleton on the configured engine."""
+    from .skeleton import DocumentStage, run_stage_object  # the skeleton builds on this module
+
+    return run_stage_object(DocumentStage(name, config, out, task_fn, extra_report), inputs, overwrite)

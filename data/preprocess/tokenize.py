@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 from functools import lru_cache, partial
@@ -24,11 +23,12 @@ from megatron_patches.formats.indexed import DOCUMENT_SUFFIX
 
 from .blend import write_blend
 from .config import PipelineConfig
-from .engines.local import Progress, run_tasks
+from .engines.local import Progress
 from .indexed import PartWriter, merge_parts
-from .jsonl import RejectWriter, merge_rejects, parse_text_line
-from .report import Stats, write_report
-from .stage import FileTask, cpu_workers, document_batches, file_tasks, staged_dir
+from .jsonl import RejectWriter, parse_text_line
+from .report import Stats
+from .skeleton import Stage, run_stage_object
+from .stage import FileTask, document_batches, file_tasks
 from .tokenizer.encode import Encoder, load_encoder
 
 _SAFE_CHANNEL = re.compile(r"[^A-Za-z0-9_.-]")
@@ -83,31 +83,37 @@ def tokenize_file(task: TokenizeTask, progress: Progress) -> Stats:
     return stats
 
 
+class TokenizeStage(Stage):
+    """Per task: documents to ids in per-channel part files; global step: the parts merged per channel
+    in input order, reordered (`tokenize.order`), blend.yaml written."""
+
+    name = "tokenize"
+    work = staticmethod(tokenize_file)
+
+    def __init__(self, config: PipelineConfig, out: Path, tokenizer: Path):
+        super().__init__(config, out)
+        self.tokenizer = tokenizer
+        self.encoder = load_encoder(tokenizer)  # validates the tokenizer before any work starts
+
+    def make_tasks(self, inputs: list[Path], tmp: Path) -> list[FileTask]:
+        make = partial(TokenizeTask, tokenizer=self.tokenizer)
+        return file_tasks(inputs, tmp, self.config, self.name, make)
+
+    def finish(self, tmp: Path, tasks: list[FileTask], result: Stats) -> tuple[Stats, dict]:
+        encoder = self.encoder
+        facts = TokenizerFacts(self.tokenizer, encoder.eod_id, encoder.vocab_size, encoder.dtype.name)
+        documents, tokens = _merge(tmp, encoder.dtype)
+        shutil.rmtree(tmp / "_parts", ignore_errors=True)
+        order = _reorder(tmp, sorted(documents), self.config, encoder.dtype)
+        blend = write_blend(tmp, self.out, documents, tokens, self.config.blend.ratios, facts)
+        extra = {"tokenizer": encoder.name, "tokens": sum(tokens.values()), "blend": blend}
+        return result, {**extra, **({"order": order} if order else {})}
+
+
 def run_tokenize(
     config: PipelineConfig, inputs: list[Path], out: Path, tokenizer: Path, overwrite: bool = False
 ) -> dict:
-    started = time.time()
-    encoder = load_encoder(tokenizer)  # validates the tokenizer before any work starts
-    facts = TokenizerFacts(tokenizer, encoder.eod_id, encoder.vocab_size, encoder.dtype.name)
-    with staged_dir(out, overwrite) as tmp:
-        tasks = file_tasks(inputs, tmp, config, "tokenize", partial(TokenizeTask, tokenizer=tokenizer))
-        stats = run_tasks(tokenize_file, tasks, cpu_workers(config.workers), desc="tokenize")
-        documents, tokens = _merge(tmp, encoder.dtype)
-        shutil.rmtree(tmp / "_parts", ignore_errors=True)
-        order = _reorder(tmp, sorted(documents), config, encoder.dtype)
-        merge_rejects(tmp / "rejected")
-        blend = write_blend(tmp, out, documents, tokens, config.blend.ratios, facts)
-        return write_report(
-            tmp,
-            "tokenize",
-            stats,
-            started,
-            inputs=[str(p) for p in inputs],
-            tokenizer=encoder.name,
-            tokens=sum(tokens.values()),
-            blend=blend,
-            **({"order": order} if order else {}),
-        )
+    return run_stage_object(TokenizeStage(config, out, tokenizer), inputs, overwrite)
 
 
 def _reorder(tmp: Path, channels: list[str], config: PipelineConfig, dtype: np.dtype) -> dict:

@@ -22,6 +22,7 @@ read through their ``args`` (``formats.megatron_lm_args``). Reads go through
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 import shutil
 from dataclasses import dataclass
@@ -41,15 +42,17 @@ CHECKPOINT_VERSION = 3.0
 FORMATS = ("torch", "torch_dist")
 DIST_MARKER = "metadata.json"  # written by dist_checkpointing.save into every torch_dist checkpoint
 _ITERATION_DIR = re.compile(r"^iter_(\d{7,})$")
-_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
+_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")  # TT[_PPP][_EEE]
 _SAVE_TEMP = re.compile(r"^\.(?P<name>iter_\d{7,})\.partial-")
 
+MODEL = "model"  # the model state dict; model0, model1, ... per virtual pipeline chunk (model_keys)
 # Keys of the common (unsharded) state.
 ITERATION = "iteration"
 CONSUMED_SAMPLES = "consumed_samples"
 VERSION = "checkpoint_version"
 MODEL_CONFIG = "model_config"  # ModelConfig.to_dict()
 PARALLEL_LAYOUT = "parallel_layout"  # [TP, PP] of the run that wrote the checkpoint
+DATA_PARALLEL_SIZE = "data_parallel_size"  # DP of the run that wrote it (the resume log names it)
 RUN_SETTINGS = "run_settings"  # seed, data, tokenizer ... of the run that wrote it
 PATCH_STATE = "patch_state"  # the patches' own state, by patch name
 PIPELINE_LAYERS = "pipeline_layers"  # layers per pipeline stage (legacy rank files)
@@ -65,6 +68,7 @@ class CommonState:
     iteration: int | str = 0
     consumed_samples: int | None = None
     parallel_layout: list[int] | None = None
+    data_parallel_size: int | None = None
     run_settings: dict | None = None
     patch_state: dict | None = None
     pipeline_layers: list[int] | None = None
@@ -194,12 +198,21 @@ def complete_iterations(root: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def prune(root: str | Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest ``keep_last`` complete checkpoints (never the tracked one); say which."""
+def prune(root: str | Path, keep_last: int, keep_from: int | None = None) -> list[Path]:
+    """Delete all but the newest ``keep_last`` complete checkpoints (never the tracked one); say which.
+
+    ``keep_from``: keep also the newest checkpoint at or before that iteration and all newer ones
+    (all of them when none is that old): those a roll-back with a look-back may reload.
+    """
     if keep_last <= 0:
         return []
     tracked = read_tracker(root)
-    doomed = [path for it, path in complete_iterations(root)[:-keep_last] if it != tracked]
+    found = complete_iterations(root)
+    if keep_from is None:
+        oldest_needed = float("inf")
+    else:  # -1 when none is that old: keep them all
+        oldest_needed = max((it for it, _ in found if it <= keep_from), default=-1)
+    doomed = [path for it, path in found[:-keep_last] if it != tracked and it < oldest_needed]
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     return doomed
@@ -218,13 +231,22 @@ def clean_stale_saves(root: str | Path) -> paths.Cleanup:
     return total
 
 
-def rank_dir_name(tp_rank: int, pp_rank: int, pp_size: int) -> str:
-    """``mp_rank_TT`` (PP = 1) or ``mp_rank_TT_PPP``: a legacy rank file's directory."""
-    return f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+def model_keys(num_chunks: int) -> list[str]:
+    """Megatron-LM's keys of the model state dicts (its ``generate_state_dict``): ``model``, or
+    ``model0``, ``model1``, ... one per virtual pipeline chunk of the rank (interleaved pipeline)."""
+    return [MODEL] if num_chunks == 1 else [f"{MODEL}{chunk}" for chunk in range(num_chunks)]
 
 
-def rank_file(iter_dir: str | Path, tp_rank: int, pp_rank: int, pp_size: int) -> Path:
-    return Path(iter_dir) / rank_dir_name(tp_rank, pp_rank, pp_size) / RANK_FILE
+def rank_dir_name(tp_rank: int, pp_rank: int, pp_size: int, ep_rank: int = 0, ep_size: int = 1) -> str:
+    """``mp_rank_TT``, ``_PPP`` appended if PP > 1, ``_EEE`` if EP > 1 (Megatron-LM's get_checkpoint_name)."""
+    name = f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+    return name if ep_size == 1 else f"{name}_{ep_rank:03d}"
+
+
+def rank_file(
+    iter_dir: str | Path, tp_rank: int, pp_rank: int, pp_size: int, ep_rank: int = 0, ep_size: int = 1
+) -> Path:
+    return Path(iter_dir) / rank_dir_name(tp_rank, pp_rank, pp_size, ep_rank, ep_size) / RANK_FILE
 
 
 def checkpoint_format(iter_dir: str | Path) -> str:
@@ -239,42 +261,86 @@ def checkpoint_format(iter_dir: str | Path) -> str:
 
 def legacy_layout(iter_dir: str | Path) -> tuple[int, int]:
     """(TP, PP) of a legacy checkpoint, from its rank directories; every rank must be present."""
-    ranks = {
-        (int(m.group(1)), int(m.group(2) or 0))
+    return legacy_grid(iter_dir)[:2]
+
+
+def legacy_grid(iter_dir: str | Path) -> tuple[int, int, int]:
+    """(TP, PP, EP) of a legacy checkpoint, from its rank directories; every rank must be present."""
+    ranks = [
+        [int(g) for g in m.groups() if g is not None]
         for p in Path(iter_dir).iterdir()
         if (m := _RANK_DIR.match(p.name))
-    }
-    tp = 1 + max(t for t, _ in ranks)
-    pp = 1 + max(p for _, p in ranks)
-    for tp_rank in range(tp):
-        for pp_rank in range(pp):
-            if not rank_file(iter_dir, tp_rank, pp_rank, pp).is_file():
-                raise ConfigError(
-                    f"incomplete checkpoint: {rank_file(iter_dir, tp_rank, pp_rank, pp)} is missing"
-                )
-    return tp, pp
+    ]
+    tp = 1 + max(r[0] for r in ranks)
+    pp, ep = (1 + max(r[k] if len(r) > k else 0 for r in ranks) for k in (1, 2))
+    if ep == 1 and pp > 1 and _recorded_stages(Path(iter_dir), pp) == 1:
+        pp, ep = 1, pp  # mp_rank_TT_EEE: Megatron-LM leaves out _PPP when PP = 1
+    for tp_rank, pp_rank, ep_rank in itertools.product(range(tp), range(pp), range(ep)):
+        if not (path := rank_file(iter_dir, tp_rank, pp_rank, pp, ep_rank, ep)).is_file():
+            raise ConfigError(f"incomplete checkpoint: {path} is missing")
+    return tp, pp, ep
 
 
-def load_rank(iter_dir: str | Path, tp_rank: int, pp_rank: int, pp_size: int, mmap: bool = False) -> dict:
+def _recorded_stages(iter_dir: Path, found: int) -> int:
+    """PP as mp_rank_00_000 records it (ours: pipeline_layers; Megatron-LM's: args), else ``found``."""
+    path = iter_dir / "mp_rank_00_000" / RANK_FILE
+    if not path.is_file():
+        return found  # the completeness check names it
+    state = safe_load.safe_torch_load(path, path, mmap=True)
+    if PIPELINE_LAYERS in state:
+        return len(state[PIPELINE_LAYERS])
+    return getattr(state.get(ARGS), "pipeline_model_parallel_size", None) or found
+
+
+def load_rank(
+    iter_dir: str | Path,
+    tp_rank: int,
+    pp_rank: int,
+    pp_size: int,
+    mmap: bool = False,
+    ep_rank: int = 0,
+    ep_size: int = 1,
+) -> dict:
     """One legacy rank file, loaded safely (``weights_only``); ``mmap`` reads tensors lazily."""
-    path = rank_file(iter_dir, tp_rank, pp_rank, pp_size)
+    path = rank_file(iter_dir, tp_rank, pp_rank, pp_size, ep_rank, ep_size)
     if not path.is_file():
         raise ConfigError(f"checkpoint rank file not found: {path}")
     state = safe_load.safe_torch_load(path, path, mmap=mmap)
-    if not isinstance(state, dict) or "model" not in state:
-        raise ConfigError(f"{path} has no 'model' state dict")
+    if not isinstance(state, dict) or not (MODEL in state or f"{MODEL}0" in state):
+        raise ConfigError(f"{path} has no 'model' (or virtual pipeline 'model0') state dict")
     return state
 
 
-def pipeline_layers(iter_dir: str | Path, pp_size: int) -> list[int]:
+def model_chunk_count(state: dict) -> int:
+    """Model chunks (virtual pipeline stages) a legacy rank file holds: 1, or its ``model0..`` keys."""
+    return 1 if MODEL in state else sum(1 for key in state if re.fullmatch(rf"{MODEL}\d+", key))
+
+
+def chunk_model(state: dict, chunk: int) -> dict:
+    """The model state dict of virtual pipeline chunk ``chunk`` of a legacy rank file (``model`` if one)."""
+    return state[model_keys(model_chunk_count(state))[chunk]]
+
+
+def virtual_stage(pp_rank: int, chunk: int, pp_size: int) -> int:
+    """Megatron-Core's order of the interleaved pipeline's model pieces: chunk 0 of every PP rank, then
+    chunk 1 of every rank, ... (``get_transformer_layer_offset`` with ``vp_stage``)."""
+    return chunk * pp_size + pp_rank
+
+
+def pipeline_layers(iter_dir: str | Path, pp_size: int, ep_size: int = 1) -> list[int]:
     """Layers per pipeline stage of a legacy checkpoint, as its rank files record them."""
-    state = load_rank(iter_dir, 0, 0, pp_size, mmap=True)
+    state = load_rank(iter_dir, 0, 0, pp_size, mmap=True, ep_size=ep_size)
     if PIPELINE_LAYERS in state:
         return list(state[PIPELINE_LAYERS])
-    # Megatron-LM records no split: count the layers each stage's (TP rank 0) file holds.
+    # Megatron-LM records no split: count the layers each (virtual) stage's TP rank 0 file holds.
     counts = []
-    for stage in range(pp_size):
-        model = state["model"] if stage == 0 else load_rank(iter_dir, 0, stage, pp_size, mmap=True)["model"]
+    chunks = model_chunk_count(state)
+    for stage in range(pp_size * chunks):
+        pp_rank, chunk = stage % pp_size, stage // pp_size  # virtual_stage
+        rank_state = (
+            state if pp_rank == 0 else load_rank(iter_dir, 0, pp_rank, pp_size, True, ep_size=ep_size)
+        )
+        model = chunk_model(rank_state, chunk)
         layers = (param_names.split_layer_name(param_names.from_spec(key) or "") for key in model)
         counts.append(len({layer[0] for layer in layers if layer}))
     return counts
@@ -293,8 +359,8 @@ def records_vocabulary(iter_dir: str | Path) -> bool:
 def _stored_common(iter_dir: Path) -> dict[str, Any]:
     if checkpoint_format(iter_dir) == "torch_dist":
         return safe_load.load_common(iter_dir)
-    _, pp = legacy_layout(iter_dir)
-    return load_rank(iter_dir, 0, 0, pp, mmap=True)
+    _, pp, ep = legacy_grid(iter_dir)
+    return load_rank(iter_dir, 0, 0, pp, mmap=True, ep_size=ep)
 
 
 def model_config_of(state: dict, where: str | Path, model_config: ModelConfig | None = None) -> ModelConfig:
@@ -317,17 +383,24 @@ def load_model_for_rank(
     iteration: int | str | None = None,
     spec: str = "local",
     model_config: ModelConfig | None = None,
+    ep_rank: int = 0,
+    ep_size: int = 1,
+    chunk: int = 0,
 ) -> tuple[dict[str, Any], ModelConfig]:
-    """One legacy rank's ``model`` state dict, named for ``spec`` (``local``/``te``), and its ModelConfig.
+    """One legacy rank's ``model`` state dict (of virtual pipeline ``chunk``: ``model0``, ... with VPP),
+    named for ``spec`` (``local``/``te``), and its ModelConfig.
 
-    Loads with ``strict=True`` into the GPTModel of that TP/PP rank built from
+    Loads with ``strict=True`` into the GPTModel of that TP/PP(/EP) rank built from
     the returned config. For starting training from a converted ``release``.
     """
-    state = load_rank(iteration_dir(root, iteration), tp_rank, pp_rank, pp_size)
+    state = load_rank(
+        iteration_dir(root, iteration), tp_rank, pp_rank, pp_size, ep_rank=ep_rank, ep_size=ep_size
+    )
     cfg = model_config_of(state, root, model_config)
-    tensors = {name: value for key, value in state["model"].items() if (name := param_names.from_spec(key))}
+    model = chunk_model(state, chunk)
+    tensors = {name: value for key, value in model.items() if (name := param_names.from_spec(key))}
     layers = 1 + max((param_names.split_layer_name(n) or (-1,))[0] for n in tensors)
     named = {param_names.to_spec(name, spec): value for name, value in tensors.items()}
     last_stage = param_names.FINAL_NORM in tensors
-    named.update(param_names.extra_state_keys(cfg, layers, last_stage, spec))
+    named.update(param_names.extra_state_keys(cfg, layers, last_stage, spec, tensors))
     return named, cfg

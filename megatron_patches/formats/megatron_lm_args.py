@@ -20,7 +20,7 @@ from typing import Any
 
 from megatron_patches.config_io import read_yaml
 from megatron_patches.errors import ConfigError
-from megatron_patches.formats.model_config import ModelConfig
+from megatron_patches.formats.model_config import MLA_FIELDS, ModelConfig
 
 ARGS = "args"  # the common-state / rank-file key Megatron-LM stores its namespace under
 # Megatron-LM's defaults for what an argument list may leave out (arguments.py, pretrain_gpt.py).
@@ -51,6 +51,10 @@ _REQUIRED = ("num_layers", "hidden_size", "num_attention_heads")
 # Argument-list switches whose attribute is the opposite of the flag's name.
 _NEGATIVE_FLAGS = {"disable_bias_linear": "add_bias_linear"}
 SUPPLY = "--model-config FILE (converter) or checkpoint.pretrained_model_config (trainer)"
+# MoE: Megatron-LM's argument names are ModelConfig's (moe_*), except num_experts (num_moe_experts).
+MOE_FIELDS = tuple(name for name in ModelConfig.__dataclass_fields__ if name.startswith("moe_"))
+# Multi-Latent Attention: Megatron-LM's names are ModelConfig's (MLATransformerConfig's); written when on.
+MLA_ARGS = ("multi_latent_attention", *MLA_FIELDS)
 
 
 def model_config_from_args(args: argparse.Namespace | dict[str, Any], where: str | Path) -> ModelConfig:
@@ -104,11 +108,29 @@ def _to_model_config(values: dict[str, Any], vocab: int) -> ModelConfig:
         hidden_dropout=float(values["hidden_dropout"]),
         attention_dropout=float(values["attention_dropout"]),
         transformer_impl=impl if impl in ("local", "transformer_engine") else "local",
+        **_moe_fields(values),
+        **_mla_fields(values),
     )
 
 
-def megatron_lm_args(cfg: ModelConfig, tp: int, pp: int) -> argparse.Namespace:
-    """The namespace Megatron-LM's ``--use-checkpoint-args`` reads, for a checkpoint of ``cfg`` at TP x PP."""
+def _mla_fields(values: dict[str, Any]) -> dict[str, Any]:
+    """The MLA part of a Megatron-LM namespace (none without ``multi_latent_attention``)."""
+    if not values.get("multi_latent_attention"):
+        return {}
+    return {name: values[name] for name in MLA_ARGS if name in values}
+
+
+def _moe_fields(values: dict[str, Any]) -> dict[str, Any]:
+    """The MoE part of a Megatron-LM namespace (none for a dense run: ``num_experts`` None)."""
+    if values.get("num_experts") is None:
+        return {}
+    given = {name: values[name] for name in MOE_FIELDS if values.get(name) is not None}
+    return {"num_moe_experts": int(values["num_experts"]), **given}
+
+
+def megatron_lm_args(cfg: ModelConfig, tp: int, pp: int, vpp: int | None = None) -> argparse.Namespace:
+    """The namespace Megatron-LM's ``--use-checkpoint-args`` reads, for a checkpoint of ``cfg`` at TP x PP
+    (x VPP model chunks per PP rank, whose legacy rank files hold ``model0``, ``model1``, ...)."""
     return argparse.Namespace(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
@@ -145,8 +167,10 @@ def megatron_lm_args(cfg: ModelConfig, tp: int, pp: int) -> argparse.Namespace:
         transformer_impl="transformer_engine" if cfg.transformer_impl == "transformer_engine" else "local",
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
-        virtual_pipeline_model_parallel_size=None,
-        num_experts=None,
+        virtual_pipeline_model_parallel_size=vpp,
+        num_experts=cfg.num_moe_experts,
+        **{name: getattr(cfg, name) for name in MOE_FIELDS},
+        **{name: getattr(cfg, name) for name in MLA_ARGS if cfg.multi_latent_attention},
     )
 
 

@@ -31,11 +31,37 @@ RUNTIME_ONLY_FIELDS = (
     "recompute_granularity",
     "recompute_method",
     "recompute_num_layers",
+    # MoE training knobs: they change routing and losses, never the weights a checkpoint holds.
+    "moe_router_load_balancing_type",
+    "moe_aux_loss_coeff",
+    "moe_z_loss_coeff",
+    "moe_router_bias_update_rate",
+    "moe_token_dispatcher_type",
 )
 # Activation recompute (Megatron-LM's names): "full" recomputes whole layers in backward
 # (recompute_method uniform|block, recompute_num_layers), "selective" only core attention.
 RECOMPUTE_GRANULARITIES = ("full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
+# Megatron-Core 0.16.1's values (TransformerConfig / TopKRouter); "flex" needs DeepEP (GPU).
+MOE_SCORE_FUNCTIONS = ("softmax", "sigmoid")
+MOE_LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
+MOE_TOKEN_DISPATCHERS = ("allgather", "alltoall")
+MLA_ROPE_TYPES = ("rope", "yarn")  # MLATransformerConfig.rope_type
+# MLATransformerConfig's own fields, under the same names in ModelConfig and Megatron-LM's arguments.
+MLA_FIELDS = (
+    "q_lora_rank",
+    "kv_lora_rank",
+    "qk_head_dim",
+    "qk_pos_emb_head_dim",
+    "v_head_dim",
+    "rope_type",
+    "rotary_scaling_factor",
+    "original_max_position_embeddings",
+    "beta_fast",
+    "beta_slow",
+    "mscale",
+    "mscale_all_dim",
+)
 
 
 @dataclass
@@ -73,6 +99,41 @@ class ModelConfig:
     recompute_granularity: str | None = None  # None | full | selective
     recompute_method: str | None = None  # uniform | block (full only)
     recompute_num_layers: int | None = None  # full: layers per group (uniform) or per stage (block)
+    # Mixture-of-Experts (Megatron-LM's names; Megatron-Core's MoE layer). None: a dense model.
+    num_moe_experts: int | None = None
+    moe_router_topk: int = 2
+    moe_ffn_hidden_size: int | None = None  # one routed expert's FFN width; None: ffn_hidden_size
+    moe_shared_expert_intermediate_size: int | None = None  # all shared experts together; None: none
+    moe_shared_expert_gate: bool = False  # Qwen2-MoE's sigmoid gate on the shared expert
+    moe_layer_freq: int | list[int] = 1  # N: every N-th layer is MoE; list: 1 MoE / 0 dense per layer
+    moe_router_score_function: str = "softmax"  # softmax | sigmoid
+    moe_router_pre_softmax: bool = False  # softmax over all experts before top-k (needed for top-1)
+    moe_router_topk_scaling_factor: float | None = None
+    moe_router_num_groups: int | None = None  # group-limited routing (DeepSeek-V3)
+    moe_router_group_topk: int | None = None
+    moe_router_enable_expert_bias: bool = False  # auxiliary-loss-free balancing (sigmoid router)
+    moe_grouped_gemm: bool = False  # GPU only; changes the expert parameter names
+    # Runtime-only MoE knobs (RUNTIME_ONLY_FIELDS).
+    moe_router_load_balancing_type: str = "aux_loss"  # aux_loss | seq_aux_loss | none
+    moe_aux_loss_coeff: float = 0.0
+    moe_z_loss_coeff: float | None = None
+    moe_router_bias_update_rate: float = 1e-3
+    moe_token_dispatcher_type: str = "allgather"  # allgather | alltoall (Megatron-LM's default)
+    # Multi-Latent Attention (DeepSeek-V2/V3; Megatron-Core's MLATransformerConfig names). With it on,
+    # num_query_groups/kv_channels are unused and qk_layernorm means the q/kv latent norms.
+    multi_latent_attention: bool = False
+    q_lora_rank: int | None = None  # None: queries are not compressed (DeepSeek-V2-Lite)
+    kv_lora_rank: int = 512
+    qk_head_dim: int = 128  # per-head query/key width without position embedding
+    qk_pos_emb_head_dim: int = 64  # per-head rotary part of query/key
+    v_head_dim: int = 128
+    rope_type: str = "rope"  # MLA's RoPE: rope | yarn (the YaRN fields below)
+    rotary_scaling_factor: float = 1.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
 
     @property
     def groups(self) -> int:
@@ -132,6 +193,8 @@ class ModelConfig:
                 f"transformer_impl must be one of {TRANSFORMER_IMPLS}, got {self.transformer_impl!r}"
             )
         self._validate_recompute()
+        self._validate_moe()
+        self._validate_mla()
 
     def _validate_recompute(self) -> None:
         """Megatron-Core's rules, as one line before anything is built (its asserts are per rank)."""
@@ -166,3 +229,114 @@ class ModelConfig:
             raise ConfigError(
                 f"model.recompute_granularity=full needs model.recompute_num_layers >= 1, got {layers}"
             )
+
+    def moe_layer_pattern(self) -> list[int]:
+        """1 (MoE) or 0 (dense) per layer, as Megatron-Core's ``get_gpt_decoder_layer_specs`` reads
+        ``moe_layer_freq``; all 0 for a dense model."""
+        if self.num_moe_experts is None:
+            return [0] * self.num_layers
+        freq = self.moe_layer_freq
+        if isinstance(freq, list):
+            return list(freq)
+        return [int(i % freq == 0) for i in range(self.num_layers)]
+
+    def _validate_moe(self) -> None:
+        """Megatron-Core's MoE rules (``TransformerConfig.__post_init__``, ``get_gpt_decoder_layer_specs``)
+        as one line, before any rank builds a layer."""
+        experts = self.num_moe_experts
+        if experts is None:
+            moe_only = ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size")
+            given = [name for name in moe_only if getattr(self, name) is not None]
+            if given:
+                raise ConfigError(f"model.{given[0]} is set but model.num_moe_experts is not (a dense model)")
+            return
+        if experts < 1:
+            raise ConfigError(f"model.num_moe_experts must be >= 1, got {experts}")
+        if not 1 <= self.moe_router_topk <= experts:
+            raise ConfigError(
+                f"model.moe_router_topk ({self.moe_router_topk}) must be between 1 and "
+                f"model.num_moe_experts ({experts})"
+            )
+        for name in ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"model.{name} must be positive, got {value}")
+        if self.moe_shared_expert_gate and self.moe_shared_expert_intermediate_size is None:
+            raise ConfigError("model.moe_shared_expert_gate needs model.moe_shared_expert_intermediate_size")
+        self._validate_moe_layer_freq()
+        self._validate_router()
+
+    def _validate_moe_layer_freq(self) -> None:
+        freq = self.moe_layer_freq
+        if isinstance(freq, list):
+            if len(freq) != self.num_layers or any(v not in (0, 1) or isinstance(v, bool) for v in freq):
+                raise ConfigError(
+                    f"model.moe_layer_freq as a list needs one 0 (dense) or 1 (MoE) per layer "
+                    f"({self.num_layers}), got {freq}"
+                )
+        elif freq < 1:
+            raise ConfigError(f"model.moe_layer_freq must be >= 1 (every N-th layer is MoE), got {freq}")
+        if not any(self.moe_layer_pattern()):
+            raise ConfigError(f"model.moe_layer_freq {freq} makes no layer MoE; unset model.num_moe_experts")
+
+    def _validate_router(self) -> None:
+        experts, score = self.num_moe_experts, self.moe_router_score_function
+        choices = (
+            ("moe_router_score_function", score, MOE_SCORE_FUNCTIONS),
+            ("moe_router_load_balancing_type", self.moe_router_load_balancing_type, MOE_LOAD_BALANCING_TYPES),
+            ("moe_token_dispatcher_type", self.moe_token_dispatcher_type, MOE_TOKEN_DISPATCHERS),
+        )
+        for name, value, allowed in choices:
+            if value not in allowed:
+                raise ConfigError(f"model.{name} must be one of {allowed}, got {value!r}")
+        if self.moe_router_topk == 1 and score == "softmax" and not self.moe_router_pre_softmax:
+            # Megatron-Core: a softmax over the top-1 logit alone is 1 and has no gradient.
+            raise ConfigError(
+                "model.moe_router_topk=1 with the softmax router needs model.moe_router_pre_softmax=true"
+            )
+        if self.moe_router_enable_expert_bias and score != "sigmoid":
+            raise ConfigError(
+                "model.moe_router_enable_expert_bias (aux-loss-free balancing) needs "
+                "model.moe_router_score_function=sigmoid"
+            )
+        if self.moe_aux_loss_coeff < 0 or (self.moe_z_loss_coeff or 0.0) < 0:
+            raise ConfigError("model.moe_aux_loss_coeff and model.moe_z_loss_coeff must be >= 0")
+        groups, group_topk = self.moe_router_num_groups, self.moe_router_group_topk
+        if group_topk is None:
+            if groups is not None:
+                raise ConfigError("model.moe_router_num_groups needs model.moe_router_group_topk")
+            return
+        if groups is None or groups < 1 or experts % groups:
+            raise ConfigError(
+                f"model.moe_router_group_topk needs model.moe_router_num_groups dividing "
+                f"num_moe_experts ({experts}), got {groups}"
+            )
+        if not 1 <= group_topk <= groups:
+            raise ConfigError(
+                f"model.moe_router_group_topk ({group_topk}) must be between 1 and "
+                f"model.moe_router_num_groups ({groups})"
+            )
+
+    def _validate_mla(self) -> None:
+        """Megatron-Core's ``MultiLatentAttention`` needs, as one line before anything is built."""
+        if not self.multi_latent_attention:
+            return
+        ranks = ("kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim")
+        for name in ranks + (("q_lora_rank",) if self.q_lora_rank is not None else ()):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.qk_pos_emb_head_dim % 2:
+            raise ConfigError(f"model.qk_pos_emb_head_dim must be even, got {self.qk_pos_emb_head_dim}")
+        if self.rope_type not in MLA_ROPE_TYPES:
+            raise ConfigError(f"model.rope_type must be one of {MLA_ROPE_TYPES}, got {self.rope_type!r}")
+        unsupported = {
+            "position_embedding_type=rope": self.position_embedding_type != "rope",
+            "no use_rope_scaling (MLA's own rope_type=yarn scales)": self.use_rope_scaling,
+            "no rotary_seq_len_interpolation_factor": self.rotary_seq_len_interpolation_factor is not None,
+            "rotary_percent=1.0": self.rotary_percent != 1.0,
+            "no add_qkv_bias": self.add_qkv_bias,
+            "attention_backend sdpa or auto (unfused: one head width)": self.attention_backend == "unfused",
+        }
+        missing = [need for need, violated in unsupported.items() if violated]
+        if missing:
+            raise ConfigError(f"model.multi_latent_attention needs {', '.join(missing)}")

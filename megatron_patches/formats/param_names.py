@@ -11,6 +11,7 @@ share them; nothing here imports Megatron-Core.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 import torch
 
@@ -31,6 +32,10 @@ TE_RENAMES = {
 _LOCAL_EXTRA = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
 _TE_EXTRA = (*_LOCAL_EXTRA, "self_attention.core_attention")
 _LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+# A routed expert's parameter (Megatron-Core's SequentialMLP, local spec); numbered within its EP rank.
+_EXPERT_KEY = re.compile(r"^(.+\.mlp\.experts\.local_experts\.)(\d+)(\..+)$")
+# Modules whose weight marks a Megatron-Core linear layer, each with an ``_extra_state`` (None, local spec).
+_LINEAR_WEIGHTS = (".linear_qkv.weight", ".linear_proj.weight", ".linear_fc1.weight", ".linear_fc2.weight")
 
 
 def layer_param(layer: int, suffix: str) -> str:
@@ -41,6 +46,18 @@ def split_layer_name(name: str) -> tuple[int, str] | None:
     """``decoder.layers.7.mlp.linear_fc1.weight`` -> ``(7, "mlp.linear_fc1.weight")``."""
     match = _LAYER_KEY.match(name)
     return (int(match.group(1)), match.group(2)) if match else None
+
+
+def split_expert_name(name: str) -> tuple[str, int, str] | None:
+    """``...local_experts.3.linear_fc1.weight`` -> ``("...local_experts.", 3, ".linear_fc1.weight")``."""
+    match = _EXPERT_KEY.match(name)
+    return (match.group(1), int(match.group(2)), match.group(3)) if match else None
+
+
+def renumber_expert(name: str, expert: int) -> str:
+    """``name`` (an expert parameter) for expert number ``expert``."""
+    prefix, _, suffix = split_expert_name(name)
+    return f"{prefix}{expert}{suffix}"
 
 
 def to_spec(local_name: str, spec: str) -> str:
@@ -65,13 +82,20 @@ def from_spec(name: str) -> str | None:
     return name
 
 
-def extra_state_keys(cfg: ModelConfig, layers: int, last_stage: bool, spec: str) -> dict[str, object]:
+def extra_state_keys(
+    cfg: ModelConfig, layers: int, last_stage: bool, spec: str, params: Iterable[str] = ()
+) -> dict[str, object]:
     """The non-tensor ``_extra_state`` entries a strict ``load_state_dict`` expects on one rank.
+
+    An MoE model's layers differ (dense or MoE, and which experts the rank holds), so its entries
+    are derived from the rank's parameter names ``params`` (local spec).
 
     Megatron-Core's own linear layers report ``None``; Transformer Engine
     modules without FP8 metadata report an empty uint8 tensor (TE 2.x).
     """
     te = spec == "te"
+    if cfg.num_moe_experts:
+        return _moe_extra_state_keys(params, last_stage, spec)
     modules = list(_TE_EXTRA if te else _LOCAL_EXTRA)
     if te and cfg.qk_layernorm:
         modules += ["self_attention.q_layernorm", "self_attention.k_layernorm"]
@@ -81,4 +105,16 @@ def extra_state_keys(cfg: ModelConfig, layers: int, last_stage: bool, spec: str)
         if te:
             keys["decoder.final_layernorm._extra_state"] = value()
         keys["output_layer._extra_state"] = None  # GPTModel's output layer is Megatron's own in both specs
+    return keys
+
+
+def _moe_extra_state_keys(params: Iterable[str], last_stage: bool, spec: str) -> dict[str, object]:
+    """Local spec: every Megatron-Core linear layer (routed and shared experts included) reports None."""
+    if spec != "local":
+        raise ConfigError("MoE checkpoints are written with local-spec names only (--spec local)")
+    keys = {
+        name[: -len("weight")] + "_extra_state": None for name in params if name.endswith(_LINEAR_WEIGHTS)
+    }
+    if last_stage:
+        keys["output_layer._extra_state"] = None
     return keys

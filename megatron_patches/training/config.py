@@ -31,6 +31,14 @@ class ParallelConfig:
     sequence_parallel: bool | None = None
     # Needs Transformer Engine's attention: refused on the local spec.
     context_parallel_size: int = 1
+    # Interleaved 1F1B: each pipeline rank holds this many model chunks (Megatron-LM's names; give one
+    # of the two). Needs PP >= 2, num_layers divisible by PP x VPP and micro-batches a multiple of PP.
+    virtual_pipeline_model_parallel_size: int | None = None
+    num_layers_per_virtual_pipeline_stage: int | None = None
+    # Mixture-of-Experts: experts split over EP ranks; each expert's FFN split over ETP ranks
+    # (None: TP, as Megatron-Core). EP x ETP x PP must divide the world size.
+    expert_model_parallel_size: int = 1
+    expert_tensor_parallel_size: int | None = None
 
 
 @dataclass
@@ -120,6 +128,11 @@ class CheckpointConfig:
     keep_last: int = 3
     save_at_end: bool = True  # checkpoint after the last iteration (off for benchmarks)
     async_save: bool = False  # Megatron-LM's key; refused when true: saves are synchronous
+    # Optimizer state in model space (Megatron-LM's --dist-ckpt-optim-fully-reshardable): a resume may
+    # change TP/PP/VPP/DP, but each save all-gathers the DP group's optimizer state into every rank's
+    # host memory (12 bytes x parameters / (TP x PP) per rank: 42 GB for 7B at TP2), so it is off by
+    # default as in Megatron-LM. false: per-rank shards, no gather; a resume may change DP only.
+    dist_ckpt_optim_fully_reshardable: bool = False
     # Settings a resume may change although the checkpoint recorded others (run_settings.py), e.g.
     # [data.blend] for a deliberate data-mix change mid-run; each change is logged.
     allow_change: list = field(default_factory=list)

@@ -29,6 +29,7 @@ from megatron_patches.training.metrics import (
     format_eta,
     peak_flops_per_gpu,
 )
+from megatron_patches.training.moe_losses import AuxLossWindow
 from megatron_patches.training.step import forward_backward, global_loss, optimizer_step
 
 
@@ -77,6 +78,7 @@ class Trainer:
         self.last_grad_norm: float | None = None
         self.device = next(ctx.objects.gpt.parameters()).device
         self.agreement = RankAgreement(hooks, self.device)  # rank 0's flags and exit signals, shared
+        self.moe_losses = AuxLossWindow(ctx.cfg.model, self.device)  # moe/aux_loss, moe/z_loss
         self.exit_signals = ExitSignals()  # SIGTERM/SIGUSR1: checkpoint and stop, as `touch stop`
         self.startup = None  # run.py's StartupTimer: logs the time to the first loss, once
 
@@ -194,6 +196,7 @@ class Trainer:
             self.hooks,
             ctx,
         )
+        self.moe_losses.add(ctx.data.num_microbatches())
         loss, total_tokens = global_loss(loss_sum, tokens, self.device)
         agreed = self.agreement.exchange(self._rank0_answers, self.exit_signals.received is not None)
         lr = objs.optimizer.param_groups[0]["lr"]  # the step's LR: the scheduler moves it after the step
@@ -273,6 +276,7 @@ class Trainer:
         }
         if self.last_grad_norm is not None:
             metrics["grad-norm"] = self.last_grad_norm
+        metrics.update(self.moe_losses.read())  # collective: every rank logs a window
         peak = peak_flops_per_gpu()
         if peak:
             flops = flops_per_iteration(ctx.cfg.model, ctx.phase.seq_length, ctx.phase.global_batch_size)
@@ -343,6 +347,12 @@ class Trainer:
             return f"wall-clock interval of {cfg.save_interval_minutes:g} minutes"
         return None
 
+    def _keep_from(self) -> int | None:
+        """Pruning spares the newest checkpoint at or before this iteration (and newer ones): the one a
+        roll-back with a look-back after the next iteration reloads (``rollback.target``)."""
+        lookbacks = [n for hook in self.hooks if (n := hook.rollback_lookback()) is not None]
+        return self.ctx.state.iteration + 1 - max(lookbacks) if lookbacks else None
+
     def save(self, reason: str) -> Path | None:
         ctx = self.ctx
         if self.last_saved_iteration == ctx.state.iteration:
@@ -361,6 +371,8 @@ class Trainer:
             ctx.state,
             phase_model_config(self.hooks, ctx.phase, ctx.cfg.model),  # e.g. the rotary base trained with
             ctx.cfg.checkpoint.keep_last,
+            ctx.cfg.checkpoint.dist_ckpt_optim_fully_reshardable,
+            self._keep_from(),
         )
         self.last_save_time = time.monotonic()
         self.last_saved_iteration = ctx.state.iteration

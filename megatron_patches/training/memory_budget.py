@@ -33,9 +33,10 @@ def run_layout(cfg: Config, layout: Layout) -> PlanLayout:
         pipeline_parallel=layout.pipeline_model_parallel_size,
         data_parallel=layout.data_parallel_size,
         context_parallel=parallel.context_parallel_size,
-        # not a config key yet (interleaved 1F1B is not implemented); the plan takes it already
-        virtual_pipeline=getattr(parallel, "virtual_pipeline_model_parallel_size", None) or 1,
+        virtual_pipeline=layout.model_chunks,  # either VPP key, resolved by plan_run
         sequence_parallel=bool(parallel.sequence_parallel),  # plan_run resolved the default
+        expert_parallel=layout.expert_model_parallel_size,
+        expert_tensor_parallel=layout.expert_tensor_size,
     )
 
 

@@ -35,6 +35,11 @@ from dataclasses import dataclass
 
 from megatron_patches.flops import flops_per_iteration
 from megatron_patches.formats.model_config import ModelConfig
+from megatron_patches.training.memory_plan_moe import (
+    expert_param_numels,
+    moe_bytes_per_token,
+    moe_dense_numels,
+)
 
 GIB = 1024**3
 FP32 = 4
@@ -52,6 +57,15 @@ class PlanLayout:
     context_parallel: int = 1
     virtual_pipeline: int = 1  # model chunks per pipeline rank (interleaved 1F1B when > 1)
     sequence_parallel: bool = False
+    expert_parallel: int = 1  # EP: routed experts split over this many ranks
+    expert_tensor_parallel: int = 1  # ETP: each expert's FFN split
+
+    @property
+    def expert_data_parallel(self) -> int:
+        """Replicas of each expert, its optimizer's shards (Megatron-Core's expert grid: ETP x EP x
+        expert-DP covers a stage's TP x CP x DP ranks)."""
+        ranks = self.tensor_parallel * self.context_parallel * self.data_parallel
+        return max(ranks // (self.expert_tensor_parallel * self.expert_parallel), 1)
 
 
 @dataclass(frozen=True)
@@ -98,9 +112,12 @@ def gib(num_bytes: float) -> str:
 
 
 def chunk_param_numels(
-    model: ModelConfig, tp: int, pre_process: bool, post_process: bool, num_layers: int
+    model: ModelConfig, tp: int, pre_process: bool, post_process: bool, num_layers: int, first_layer: int = 0
 ) -> list[tuple[int, bool]]:
-    """(numel, shared_embedding) of one model chunk's params on one TP rank, in registration order."""
+    """(numel, shared_embedding) of one model chunk's params on one TP rank, in registration order.
+
+    Routed experts excluded: they live in a buffer of their own (:func:`expert_param_numels`).
+    """
     h, vocab = model.hidden_size, model.padded_vocab_size(tp) // tp
     q, kv = model.num_attention_heads * model.head_dim, model.groups * model.head_dim
     tied = not model.untie_embeddings_and_output_weights
@@ -109,8 +126,9 @@ def chunk_param_numels(
         numels.append((vocab * h, tied and not post_process))
         if model.position_embedding_type == "learned_absolute":
             numels.append((model.max_position_embeddings * h, False))
-    for _ in range(num_layers):
-        numels += [(n, False) for n in _layer_numels(model, tp, h, q, kv)]
+    pattern = model.moe_layer_pattern()
+    for layer in range(first_layer, first_layer + num_layers):
+        numels += [(n, False) for n in _layer_numels(model, tp, h, q, kv, moe=bool(pattern[layer]))]
     if post_process:
         numels.append((h, False))  # final norm
         if not tied or not pre_process:
@@ -118,7 +136,7 @@ def chunk_param_numels(
     return numels
 
 
-def _layer_numels(model: ModelConfig, tp: int, h: int, q: int, kv: int) -> list[int]:
+def _layer_numels(model: ModelConfig, tp: int, h: int, q: int, kv: int, moe: bool = False) -> list[int]:
     ffn = model.ffn_hidden_size // tp
     fc1 = ffn * (2 if model.swiglu else 1)
     numels = [h, h * q // tp, (q + 2 * kv) // tp * h]  # input norm, linear_proj, linear_qkv
@@ -128,6 +146,8 @@ def _layer_numels(model: ModelConfig, tp: int, h: int, q: int, kv: int) -> list[
         numels.append((q + 2 * kv) // tp)
     if model.qk_layernorm:
         numels += [model.head_dim, model.head_dim]
+    if moe:
+        return numels + [h, *moe_dense_numels(model, tp, h)]
     numels += [h, fc1 * h, h * ffn]  # pre-MLP norm, fc1, fc2
     if model.add_bias_linear:
         numels += [fc1, h]
@@ -176,22 +196,45 @@ def shard_numel(param_ranges: list, buckets: list, dp: int, dp_rank: int) -> int
 
 
 def static_bytes(
-    model: ModelConfig, layout: PlanLayout, precision: Precision, stage: int, dp_rank: int = 0
+    model: ModelConfig,
+    layout: PlanLayout,
+    precision: Precision,
+    stage: int,
+    dp_rank: int = 0,
+    expert_dp_rank: int = 0,
 ) -> tuple[int, int, int]:
-    """(weights, gradients, optimizer state) bytes of one rank of pipeline ``stage``."""
-    weights = grads = optimizer = 0
+    """(weights, gradients, optimizer state) bytes of one rank of pipeline ``stage``.
+
+    MoE: the routed experts have their own buffer, sharded over the expert-data-parallel ranks.
+    """
+    totals = [0, 0, 0]
     for chunk in range(layout.virtual_pipeline):
         pre, post, layers = _chunk_role(model, layout, stage, chunk)
-        params = chunk_param_numels(model, layout.tensor_parallel, pre, post, layers)
+        first = chunk * (model.num_layers // layout.virtual_pipeline) + stage * layers
+        dense = chunk_param_numels(model, layout.tensor_parallel, pre, post, layers, first)
+        experts = expert_param_numels(model, layout, first, layers)
         # Megatron-Core buckets only the first stage's first chunk (later ones are off the critical path)
         bucket_size = precision.bucket_size if stage == 0 and chunk == 0 else None
-        param_ranges, buckets = bucket_ranges(params, layout.data_parallel, bucket_size)
-        numel = buckets[-1][1] if buckets else 0
-        weights += numel * precision.param_bytes
-        grads += numel * FP32
-        states = 3 if precision.bf16 else 2  # Adam m and v (+ fp32 master weights with bf16)
-        optimizer += states * FP32 * shard_numel(param_ranges, buckets, layout.data_parallel, dp_rank)
-    return weights, grads, optimizer
+        for params, dp, rank in (
+            (dense, layout.data_parallel, dp_rank),
+            (experts, layout.expert_data_parallel, expert_dp_rank),
+        ):
+            for i, value in enumerate(_buffer_bytes(params, dp, rank, bucket_size, precision)):
+                totals[i] += value
+    return totals[0], totals[1], totals[2]
+
+
+def _buffer_bytes(
+    params: list, dp: int, dp_rank: int, bucket_size: int | None, precision: Precision
+) -> tuple:
+    """(weights, gradients, optimizer state) of one DDP buffer and this DP rank's optimizer shard."""
+    if not params:
+        return 0, 0, 0
+    param_ranges, buckets = bucket_ranges(params, dp, bucket_size)
+    numel = buckets[-1][1] if buckets else 0
+    states = 3 if precision.bf16 else 2  # Adam m and v (+ fp32 master weights with bf16)
+    optimizer = states * FP32 * shard_numel(param_ranges, buckets, dp, dp_rank)
+    return numel * precision.param_bytes, numel * FP32, optimizer
 
 
 def _chunk_role(model: ModelConfig, layout: PlanLayout, stage: int, chunk: int) -> tuple[bool, bool, int]:
@@ -208,14 +251,21 @@ def layer_activation_bytes(
     layout: PlanLayout,
     bf16: bool,
     recompute_granularity: str | None = None,
+    moe: bool = False,
 ) -> int:
-    """Bytes one layer saves for backward per micro-batch (without full recompute)."""
+    """Bytes one layer (MoE with ``moe``) saves for backward per micro-batch (without full recompute)."""
     tp, e = layout.tensor_parallel, (2 if bf16 else FP32)
     tokens = seq_length * micro_batch_size / layout.context_parallel
     h, heads = model.hidden_size, model.num_attention_heads
     q, kv = heads * model.head_dim, model.groups * model.head_dim
     hidden = e * 6 * h + (8 * h if bf16 else 0) + FP32 * 2  # norms and linear inputs: whole sequence
-    split = e * (3 * q + 3 * kv + 5 * model.ffn_hidden_size)
+    split = e * (3 * q + 3 * kv)
+    if moe:
+        routed, shared = moe_bytes_per_token(model, layout, e)
+        hidden += routed
+        split += shared
+    else:
+        split += e * 5 * model.ffn_hidden_size
     if recompute_granularity != "selective":
         split += FP32 * heads  # SDPA's log-sum-exp
     per_token = hidden / (tp if layout.sequence_parallel else 1) + split / tp
@@ -235,17 +285,22 @@ def stage_activation_bytes(
     """Bytes one micro-batch leaves saved on pipeline ``stage`` (all its model chunks)."""
     granularity, method, group = recompute
     tokens = seq_length * micro_batch_size / layout.context_parallel
-    layer = layer_activation_bytes(model, seq_length, micro_batch_size, layout, bf16, granularity)
+    args = (model, seq_length, micro_batch_size, layout, bf16, granularity)
+    dense = layer_activation_bytes(*args)
+    by_kind = (dense, layer_activation_bytes(*args, moe=True) if model.num_moe_experts is not None else dense)
     e = 2 if bf16 else FP32
     sp = layout.tensor_parallel if layout.sequence_parallel else 1
     total = 0
     for chunk in range(layout.virtual_pipeline):
         pre, post, layers = _chunk_role(model, layout, stage, chunk)
-        if granularity == "full":
+        first = chunk * (model.num_layers // layout.virtual_pipeline) + stage * layers
+        kinds = model.moe_layer_pattern()[first : first + layers]
+        if granularity == "full":  # a group of MoE and dense layers: counted at their mean
+            layer = sum(by_kind[kind] for kind in kinds) / layers
             total += _full_recompute_bytes(layers, layer, tokens * model.hidden_size * e / sp, method, group)
             total += seq_length / layout.context_parallel * model.head_dim * FP32  # rotary freqs, shared
         else:
-            total += layers * layer
+            total += sum(by_kind[kind] for kind in kinds)
         if pre:
             total += tokens * INDEX_BYTES
         if post:
@@ -321,8 +376,9 @@ def _recompute_working_bytes(
     if granularity != "full":
         return 0
     layers = group if method == "uniform" else 1
-    layer = layer_activation_bytes(model, work.seq_length, work.micro_batch_size, layout, precision.bf16)
-    return layers * layer
+    kinds = (False, True) if model.num_moe_experts is not None else (False,)
+    args = (model, work.seq_length, work.micro_batch_size, layout, precision.bf16)
+    return layers * max(layer_activation_bytes(*args, moe=moe) for moe in kinds)
 
 
 def largest_micro_batch(

@@ -6,6 +6,8 @@ A resumed run repeats the iterations the previous run logged past its
 checkpoint, so the writer first cuts ``metrics.jsonl`` back to the resumed
 iteration (a rewrite, renamed over the old file) and opens a TensorBoard event
 file with ``purge_step`` (TensorBoard then hides the older files' later steps);
+an in-process roll-back tags the records it abandons (``rolled_back_at``) and
+purges TensorBoard the same way;
 W&B resumes the run whose id is kept in ``<run_dir>/wandb_run_id``.
 Also here: the peak bf16 throughput of known GPUs for the MFU estimate (the
 model FLOPs per iteration come from :mod:`megatron_patches.flops`).
@@ -65,7 +67,8 @@ class MetricsWriter:
             self.console(f"{METRICS_FILE}: {note}")
         tb_dir = logging_cfg.tensorboard_dir or str(run_dir / "tensorboard")
         self.tb = SummaryWriter(log_dir=tb_dir, purge_step=resumed_iteration + 1)
-        self.jsonl = (run_dir / METRICS_FILE).open("a")
+        self.jsonl_path = run_dir / METRICS_FILE
+        self.jsonl = self.jsonl_path.open("a")
         project = logging_cfg.wandb_project
         if project and not importlib.util.find_spec("wandb"):
             self.console(f"note: wandb is not installed, so logging.wandb_project={project!r} is skipped")
@@ -84,6 +87,22 @@ class MetricsWriter:
         if self.enabled:
             self.jsonl.write(json.dumps(record) + "\n")
             self.jsonl.flush()
+
+    def rolled_back(self, to_iteration: int, at_iteration: int) -> None:
+        """An in-process roll-back to ``to_iteration``: tag the records it abandons (:func:`tag_abandoned`)
+        and open a new TensorBoard event file with ``purge_step``, as a resume does (the abandoned
+        steps, the anomaly's ``spike/score`` included, are then hidden; ``loss_spikes.jsonl`` keeps it).
+        """
+        if not self.enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.jsonl.close()
+        tag_abandoned(self.jsonl_path, to_iteration, at_iteration)
+        self.jsonl = self.jsonl_path.open("a")
+        log_dir = self.tb.get_logdir()
+        self.tb.close()
+        self.tb = SummaryWriter(log_dir=log_dir, purge_step=to_iteration + 1)
 
     def console(self, line: str) -> None:
         if self.enabled:
@@ -114,6 +133,25 @@ def keep_records_until(path: Path, iteration: int) -> int:
         return 0
     paths.write_text_atomic(path, "".join(line + "\n" for line in kept))
     return len(lines) - len(kept)
+
+
+def tag_abandoned(path: Path, iteration: int, rolled_back_at: int) -> int:
+    """Add ``"rolled_back_at": rolled_back_at`` to the records past ``iteration``; return how many.
+
+    A roll-back at ``rolled_back_at`` abandoned them and the run logs those iterations again, so a
+    reader skips the tagged records (the last record of each iteration is right either way). An
+    earlier roll-back's tag stays. Rewritten and renamed over the log, as :func:`keep_records_until`.
+    """
+    lines = path.read_text().splitlines() if path.is_file() else []
+    tagged = 0
+    for index, line in enumerate(lines):
+        record = json.loads(line) if iteration < _iteration_of(line) < math.inf else {}
+        if record and "rolled_back_at" not in record:
+            lines[index] = json.dumps({**record, "rolled_back_at": rolled_back_at})
+            tagged += 1
+    if tagged:
+        paths.write_text_atomic(path, "".join(line + "\n" for line in lines))
+    return tagged
 
 
 def _iteration_of(line: str) -> float:

@@ -16,7 +16,7 @@ import torch
 from megatron_patches import cpu
 from megatron_patches.compat import require_signature
 from megatron_patches.errors import ConfigError
-from megatron_patches.formats.model_config import ModelConfig
+from megatron_patches.formats.model_config import MLA_FIELDS, ModelConfig
 
 if TYPE_CHECKING:  # annotations only; the functions import what they use from Megatron-Core
     from megatron.core.models.gpt import GPTModel
@@ -65,6 +65,7 @@ def transformer_config(
 ) -> TransformerConfig:
     """The Megatron-Core ``TransformerConfig`` for ``cfg`` at a TP/PP layout."""
     from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
 
     values = dict(
         **_architecture_fields(cfg),
@@ -78,6 +79,8 @@ def transformer_config(
         sequence_parallel=False,  # the trainer passes parallel.sequence_parallel
     )
     values.update(overrides)
+    if cfg.multi_latent_attention:
+        return MLATransformerConfig(**values, **_mla_fields(cfg))
     return TransformerConfig(**values)
 
 
@@ -103,7 +106,21 @@ def _architecture_fields(cfg: ModelConfig) -> dict[str, Any]:
         recompute_granularity=cfg.recompute_granularity,
         recompute_method=cfg.recompute_method,
         recompute_num_layers=cfg.recompute_num_layers,
+        **_moe_fields(cfg),
     )
+
+
+def _moe_fields(cfg: ModelConfig) -> dict[str, Any]:
+    """Megatron-Core's MoE ``TransformerConfig`` fields (the same names); none for a dense model."""
+    if cfg.num_moe_experts is None:
+        return {}
+    names = [f.name for f in dataclasses.fields(cfg) if f.name.startswith("moe_")]
+    return dict(num_moe_experts=cfg.num_moe_experts, **{name: getattr(cfg, name) for name in names})
+
+
+def _mla_fields(cfg: ModelConfig) -> dict[str, Any]:
+    """``MLATransformerConfig``'s own fields (the same names); MLA applies RoPE itself (GPTModel skips it)."""
+    return dict(rotary_base=cfg.rotary_base, **{name: getattr(cfg, name) for name in MLA_FIELDS})
 
 
 def gradient_accumulation_fusion_available() -> bool:
@@ -136,21 +153,37 @@ def describe_fused_kernels(cfg: ModelConfig) -> str:
     return "fused kernels: " + (", ".join(names) if names else "none (torch fallbacks)")
 
 
-def layer_spec(cfg: ModelConfig) -> ModuleSpec:
-    """Megatron-Core's local spec on CPU; Transformer Engine's when asked for and present."""
+def layer_spec(cfg: ModelConfig, moe: bool = False) -> ModuleSpec:
+    """Megatron-Core's local spec on CPU; Transformer Engine's when asked for and present.
+
+    ``moe``: the spec of a MoE layer (Megatron-Core's ``MoELayer``: router, routed experts,
+    shared experts) instead of the dense MLP's.
+    """
     from megatron.core.models.gpt import gpt_layer_specs
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
+    experts = dict(num_experts=cfg.num_moe_experts, moe_grouped_gemm=cfg.moe_grouped_gemm) if moe else {}
+    experts["multi_latent_attention"] = cfg.multi_latent_attention
     if cfg.transformer_impl == "transformer_engine":
         if not transformer_engine_available():
             raise ConfigError("transformer_impl=transformer_engine but transformer_engine is not installed")
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.qk_layernorm)
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            qk_layernorm=cfg.qk_layernorm, **experts
+        )
     spec = gpt_layer_specs.get_gpt_layer_local_spec(
-        qk_layernorm=cfg.qk_layernorm, normalization=cfg.normalization
+        qk_layernorm=cfg.qk_layernorm, normalization=cfg.normalization, **experts
     )
     if spec.submodules.input_layernorm is WrappedTorchNorm:  # apex's FusedLayerNorm handles SP itself
         spec.submodules.input_layernorm = SequenceParallelTorchNorm
         spec.submodules.pre_mlp_layernorm = SequenceParallelTorchNorm
+    attention = spec.submodules.self_attention.submodules
+    if attention.q_layernorm is WrappedTorchNorm:  # qk_layernorm: refused under SP as well
+        # Each TP rank normalizes its own heads; the SP tag sums their weight gradients over TP.
+        attention.q_layernorm = SequenceParallelTorchNorm
+        if cfg.multi_latent_attention:  # MLA's latent norms (MLASelfAttentionSubmodules)
+            attention.kv_layernorm = SequenceParallelTorchNorm
+        else:
+            attention.k_layernorm = SequenceParallelTorchNorm
     if cfg.attention_backend in ("auto", "sdpa"):
         from megatron_patches.sdpa_attention import SDPAttention
 
@@ -181,18 +214,26 @@ class SequenceParallelTorchNorm:
         return norm
 
 
-def _block_spec(spec: ModuleSpec, config: TransformerConfig, vp_stage: int | None) -> Any:
-    """The decoder's spec with the local spec's final norm also SP-capable (Megatron picks
-    ``WrappedTorchNorm`` for it when Transformer Engine and apex are absent)."""
-    from megatron.core.transformer.transformer_block import (
-        TransformerBlockSubmodules,
-        get_num_layers_to_build,
-    )
+def _block_spec(cfg: ModelConfig, config: TransformerConfig, vp_stage: int | None) -> Any:
+    """The decoder's spec for this stage (or virtual chunk): the local spec's final norm also
+    SP-capable (Megatron picks ``WrappedTorchNorm`` for it when Transformer Engine and apex are
+    absent), and MoE or dense layers as ``model.moe_layer_freq`` says (as Megatron-Core's
+    ``get_gpt_decoder_block_spec``, which cannot take this module's norm and attention)."""
+    from megatron.core.transformer import transformer_block
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-    if spec.submodules.input_layernorm is not SequenceParallelTorchNorm:
-        return spec  # Transformer Engine's or apex's norms, which handle SP themselves
-    layers = get_num_layers_to_build(config, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(layer_specs=[spec] * layers, layer_norm=SequenceParallelTorchNorm)
+    dense = layer_spec(cfg)
+    sp_norm = dense.submodules.input_layernorm is SequenceParallelTorchNorm
+    pattern = cfg.moe_layer_pattern()
+    if not (sp_norm or any(pattern)):
+        return dense  # Transformer Engine's or apex's norms, which handle SP themselves
+    moe = layer_spec(cfg, moe=True) if any(pattern) else dense
+    first = get_transformer_layer_offset(config, vp_stage=vp_stage)
+    layers = transformer_block.get_num_layers_to_build(config, vp_stage=vp_stage)
+    return transformer_block.TransformerBlockSubmodules(
+        layer_specs=[moe if pattern[first + i] else dense for i in range(layers)],
+        layer_norm=SequenceParallelTorchNorm if sp_norm else transformer_block.LayerNormImpl,
+    )
 
 
 def build_gpt_model(
@@ -207,7 +248,7 @@ def build_gpt_model(
 
     return GPTModel(
         config=config,
-        transformer_layer_spec=_block_spec(layer_spec(cfg), config, vp_stage),
+        transformer_layer_spec=_block_spec(cfg, config, vp_stage),
         vocab_size=cfg.padded_vocab_size(config.tensor_model_parallel_size),
         max_sequence_length=cfg.max_position_embeddings,
         pre_process=pre_process,
@@ -257,10 +298,39 @@ def mask_vocab_padding(model: GPTModel, vocab_size: int) -> None:
 def build_model_for_this_rank(
     cfg: ModelConfig, params_dtype: torch.dtype = torch.float32, **overrides: Any
 ) -> GPTModel:
-    """The stage of ``cfg`` this rank owns under the initialized parallel state."""
+    """The stage of ``cfg`` this rank owns under the initialized parallel state (no interleaving)."""
+    chunks = build_model_chunks_for_this_rank(cfg, params_dtype, **overrides)
+    if len(chunks) != 1:
+        raise ConfigError(f"this rank holds {len(chunks)} virtual pipeline chunks; use the list of them")
+    return chunks[0]
+
+
+def build_model_chunks_for_this_rank(
+    cfg: ModelConfig, params_dtype: torch.dtype = torch.float32, **overrides: Any
+) -> list[GPTModel]:
+    """This rank's model chunks, one per virtual pipeline stage (one without interleaving).
+
+    As Megatron-LM's ``get_model``: chunk ``i`` holds the layers of virtual stage ``i`` (Megatron-Core's
+    ``get_transformer_layer_offset`` with ``vp_stage``); only chunk 0 of the first PP rank embeds and
+    only the last chunk of the last PP rank has the output layer. All chunks share one config.
+    """
     from megatron.core import parallel_state as ps
 
     cfg = resolve_transformer_impl(cfg)  # plan_run already did, unless called from elsewhere
+    vpp = ps.get_virtual_pipeline_model_parallel_world_size()
+    if vpp is not None:
+        overrides = {"virtual_pipeline_model_parallel_size": vpp, **overrides}
+        if torch.distributed.get_backend() == "gloo":
+            # With PP=2 the previous and next stage are the same rank, and gloo pairs the batched
+            # send/recv of the interleaved schedule the wrong way round: losses go silently wrong
+            # from the third micro-batch on. Separate isend/irecv ops are exchanged correctly.
+            overrides = {"batch_p2p_comm": False, **overrides}
+    if cfg.num_moe_experts is not None:
+        overrides = dict(
+            expert_model_parallel_size=ps.get_expert_model_parallel_world_size(),
+            expert_tensor_parallel_size=ps.get_expert_tensor_parallel_world_size(),
+            **overrides,
+        )
     config = transformer_config(
         cfg,
         ps.get_tensor_model_parallel_world_size(),
@@ -268,6 +338,12 @@ def build_model_for_this_rank(
         params_dtype,
         **overrides,
     )
-    model = build_gpt_model(cfg, config, ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage())
-    mask_vocab_padding(model, cfg.vocab_size)
-    return model.to(cpu.device())
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        stage = vp_stage if vpp is not None else None
+        pre = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
+        post = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
+        model = build_gpt_model(cfg, config, pre, post, vp_stage=stage)
+        mask_vocab_padding(model, cfg.vocab_size)
+        chunks.append(model.to(cpu.device()))
+    return chunks

@@ -21,14 +21,18 @@ if TYPE_CHECKING:
     from megatron_patches.training.config import Config
 
 
-def resolve_sequence_parallel(sequence_parallel: bool | None, tensor_parallel: int, on_gpu: bool) -> bool:
+def resolve_sequence_parallel(
+    sequence_parallel: bool | None, tensor_parallel: int, on_gpu: bool, moe: bool = False
+) -> bool:
     """The default is on wherever it saves memory (TP > 1 on a GPU), off on CPU.
 
     On CPU it gives identical losses (tests prove it) but no memory is short there, and
     keeping it off keeps every CPU layout's sequence length free of the TP divisibility rule.
+    A MoE model with TP > 1 needs it everywhere (Megatron-Core's ``MoELayer.forward`` refuses to
+    train without it).
     """
     if sequence_parallel is None:
-        return tensor_parallel > 1 and on_gpu
+        return tensor_parallel > 1 and (on_gpu or moe)
     return sequence_parallel
 
 
@@ -38,6 +42,7 @@ def check_parallel_options(cfg: Config, layout: Layout, seq_lengths: list[int]) 
     _check_context_parallel(cfg)
     _check_recompute(cfg, layout)
     _check_ddp(cfg)
+    _check_moe(cfg, layout)
     if cfg.data.num_workers < 0:
         raise ConfigError(f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
 
@@ -81,11 +86,14 @@ def _check_recompute(cfg: Config, layout: Layout) -> None:
     model = cfg.model
     if model.recompute_granularity != "full":
         return  # ModelConfig.validate checked the combination
-    per_stage = model.num_layers // layout.pipeline_model_parallel_size
+    # Megatron-Core recomputes within one model chunk (a virtual stage with the interleaved pipeline)
+    pp, chunks = layout.pipeline_model_parallel_size, layout.model_chunks
+    per_stage = model.num_layers // (pp * chunks)
     if model.recompute_num_layers > per_stage:
+        stage = f"PP {pp}" + (f" x VPP {chunks}" if chunks > 1 else "")
         raise ConfigError(
             f"model.recompute_num_layers ({model.recompute_num_layers}) exceeds the layers per pipeline "
-            f"stage (num_layers {model.num_layers} / PP {layout.pipeline_model_parallel_size} = {per_stage})"
+            f"stage (num_layers {model.num_layers} / {stage} = {per_stage})"
         )
 
 
@@ -101,4 +109,29 @@ def _check_ddp(cfg: Config) -> None:
         raise ConfigError(
             "ddp.average_in_collective=true cannot be used: the loss is per token (gradients are summed "
             "over DP and divided by the global batch's token count), so Megatron-Core refuses it; unset it"
+        )
+
+
+def _check_moe(cfg: Config, layout: Layout) -> None:
+    """What Megatron-Core's MoE layer asserts at run time, or gloo cannot do, as one line up front."""
+    import torch
+
+    model = cfg.model
+    if model.num_moe_experts is None:
+        return
+    if layout.tensor_model_parallel_size > 1 and not cfg.parallel.sequence_parallel:
+        raise ConfigError(
+            "a MoE model with tensor_model_parallel_size > 1 needs parallel.sequence_parallel=true "
+            "(Megatron-Core's MoELayer refuses to train without it)"
+        )
+    if torch.cuda.is_available():
+        return
+    if model.moe_grouped_gemm:
+        raise ConfigError("model.moe_grouped_gemm=true needs a GPU (grouped GEMM kernels); unset it on CPU")
+    if model.moe_token_dispatcher_type == "alltoall" and layout.expert_tensor_size > 1:
+        # Its all-gather-v/reduce-scatter-v over the expert-TP group has unequal sizes, which gloo refuses.
+        raise ConfigError(
+            "moe_token_dispatcher_type=alltoall with expert_tensor_parallel_size "
+            f"{layout.expert_tensor_size} does not run on CPU (gloo); "
+            "set parallel.expert_tensor_parallel_size=1 or use allgather"
         )

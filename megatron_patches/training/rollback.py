@@ -8,9 +8,10 @@
   resume adds them to those its checkpoint recorded. A new window may only cover data the
   run has not read yet: one behind the resume position would move the position of data
   already trained on, so it is refused.
-* :func:`roll_back` (a hook's ``Requests.rollback``): reload the newest checkpoint in this
-  process (model, optimizer, scheduler, RNG, patch state), skip the samples read since it
-  (plus a margin), log the decision to ``<run_dir>/rollbacks.jsonl`` and TensorBoard.
+* :func:`roll_back` (a hook's ``Requests.rollback``): reload the newest checkpoint (at least
+  ``Rollback.lookback`` iterations before the anomaly: :func:`target`) in this process (model,
+  optimizer, scheduler, RNG, patch state), skip the samples read since it (plus a margin), log
+  the decision to ``<run_dir>/rollbacks.jsonl`` and TensorBoard.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import torch
 
 from megatron_patches.errors import ConfigError
 from megatron_patches.formats import checkpoint as ckpt_format
@@ -80,24 +83,34 @@ def planned_windows(configured: list, resume_from: Path | None, phases: list[Pha
     return skip_windows.merge(saved + windows)
 
 
+def target(save_dir: Path, anomaly: int, lookback: int) -> Path | None:
+    """The checkpoint a roll-back at iteration ``anomaly`` reloads: the newest of ``save_dir`` saved
+    before it and at least ``lookback`` iterations older (Trainer._keep_from keeps it from pruning)."""
+    newest = anomaly - max(1, lookback)
+    older = [path for it, path in ckpt_format.complete_iterations(save_dir) if it <= newest]
+    return older[-1] if older else None
+
+
 def roll_back(ctx: TrainContext, hooks: list[Hook], save_dir: Path, request: Rollback) -> dict | None:
-    """Reload the newest checkpoint of ``save_dir`` and skip what was read since; None if there is none.
+    """Reload the checkpoint :func:`target` picks and skip what was read since; None if there is none.
 
     Collective: every rank calls it after the same iteration (requests are agreed).
     """
-    path = ckpt_format.latest(save_dir)
+    anomaly = ctx.state.iteration
+    path = target(save_dir, anomaly, request.lookback)
     if path is None:
         return None
-    target = int(ckpt_format.iteration_of(path))
-    anomaly = ctx.state.iteration
+    target_iteration = int(ckpt_format.iteration_of(path))
     windows = []
     if request.skip_margin is not None:
-        windows = ctx.data.read_windows(target, anomaly, request.skip_margin)
+        windows = ctx.data.read_windows(target_iteration, anomaly, request.skip_margin)
         ctx.data.skip(windows)
-    model_cfg = phase_model_config(hooks, phase_at(ctx.data.phases, target), ctx.cfg.model)
+    model_cfg = phase_model_config(hooks, phase_at(ctx.data.phases, target_iteration), ctx.cfg.model)
     objs = ctx.objects
     loaded = checkpoint.load(path, objs.gpt, objs.optimizer, objs.scheduler, model_cfg)
     ctx.state.iteration, ctx.state.consumed_samples = loaded.iteration, loaded.consumed_samples
+    if torch.distributed.get_rank() == 0:  # a relaunch now resumes here, not from a newer abandoned one
+        ckpt_format.write_tracker(save_dir, target_iteration)
     for hook in hooks:
         hook.load_state_dict((loaded.patch_state or {}).get(hook.name, {}))
     ctx.data.skip([tuple(w) for w in skip_windows.parse(loaded.skip_samples or [], str(path))])
@@ -106,11 +119,12 @@ def roll_back(ctx: TrainContext, hooks: list[Hook], save_dir: Path, request: Rol
     record = {
         "iteration": anomaly,
         "reason": request.reason,
-        "checkpoint_iteration": target,
+        "checkpoint_iteration": target_iteration,
         "checkpoint": str(path),
         "skipped": skip_windows.to_json(windows),
         "skipped_samples": skip_windows.skipped_count([(s, e) for s, e, _ in windows]),
     }
+    ctx.writer.rolled_back(target_iteration, anomaly)
     _log(ctx, record)
     return record
 

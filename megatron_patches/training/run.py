@@ -135,7 +135,7 @@ def _keep_tokenizer(plan: RunPlan) -> None:
 def _restore(cfg: Config, plan: RunPlan, objects) -> checkpoint.TrainState:
     if plan.resume_from is not None:
         state = checkpoint.load(
-            plan.resume_from, objects.gpt, objects.optimizer, objects.scheduler, cfg.model
+            plan.resume_from, objects.gpt, objects.optimizer, objects.scheduler, cfg.model, cfg.seed
         )
         for hook in plan.hooks:
             hook.load_state_dict((state.patch_state or {}).get(hook.name, {}))

@@ -38,10 +38,18 @@ SETTINGS = (
     "data.eod_id",
     "data.shuffle_documents",
     "train.global_batch_size",
+    "parallel.expert_model_parallel_size",
+    "parallel.expert_tensor_parallel_size",
 )
-# The data position of a resume is computed from the iteration and the global batch
-# (checkpoint.consumed_samples must agree), so no override can make a new batch size resume.
-FIXED = ("train.global_batch_size",)
+# Settings no override can change on a resume, and why.
+FIXED = {
+    # The data position is computed from the iteration and the global batch (consumed_samples must agree).
+    "train.global_batch_size": "the data position is computed from it",
+    # MoE: Megatron-Core's distributed optimizer keeps the experts' state per expert-data-parallel
+    # shard; another EP/ETP fails deep in dist_checkpointing's load (a KeyError per rank).
+    "parallel.expert_model_parallel_size": "the experts' optimizer state is sharded by it",
+    "parallel.expert_tensor_parallel_size": "the experts' optimizer state is sharded by it",
+}
 
 
 def run_settings(
@@ -59,6 +67,18 @@ def run_settings(
         "data.eod_id": eod_id,
         "data.shuffle_documents": cfg.data.shuffle_documents,
         "train.global_batch_size": cfg.train.global_batch_size,
+        **_expert_layout(cfg),
+    }
+
+
+def _expert_layout(cfg: Config) -> dict:
+    """EP and ETP (None: TP) of a MoE run; None for a dense one, whose TP may change on a resume."""
+    par, moe = cfg.parallel, cfg.model.num_moe_experts is not None
+    return {
+        "parallel.expert_model_parallel_size": par.expert_model_parallel_size if moe else None,
+        "parallel.expert_tensor_parallel_size": (
+            (par.expert_tensor_parallel_size or par.tensor_model_parallel_size) if moe else None
+        ),
     }
 
 
@@ -85,8 +105,8 @@ def check_allow_change(names: list) -> None:
             )
         if name in FIXED:
             raise ConfigError(
-                f"checkpoint.allow_change: {name} cannot change on a resume (the data position is "
-                "computed from it); start a new run from the weights with checkpoint.pretrained_checkpoint"
+                f"checkpoint.allow_change: {name} cannot change on a resume ({FIXED[name]}); "
+                "start a new run from the weights with checkpoint.pretrained_checkpoint"
             )
 
 

@@ -1,8 +1,9 @@
 """One training or evaluation iteration through Megatron-Core's pipeline schedules.
 
-``forward_backward`` runs ``get_forward_backward_func()`` (no pipelining, or
-1F1B across PP stages) over one iteration's micro-batches. The loss is
-per token (``calculate_per_token_loss``): each micro-batch returns the sum of
+``forward_backward`` runs ``get_forward_backward_func()`` (no pipelining, 1F1B
+across PP stages, or interleaved 1F1B over the model chunks of virtual stages)
+over one iteration's micro-batches. The loss is per token
+(``calculate_per_token_loss``): each micro-batch returns the sum of
 its token losses and its token count, and ``finalize_model_grads`` divides the
 gradients by the global batch's token count, so the gradient is that of the
 token-weighted mean loss that is logged. The last stage hands each
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from megatron_patches.compat import require_signature
+from megatron_patches.parallel import model_chunks
 
 if TYPE_CHECKING:
     from megatron.core.optimizer import MegatronOptimizer
@@ -101,10 +103,13 @@ def forward_backward(
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    chunks = model_chunks(model)
+    # The interleaved schedule reads micro-batch k once per chunk, each chunk from its own iterator.
+    iterators = [iter(batches) for _ in chunks]
     reports = get_forward_backward_func()(
         forward_step_func=partial(forward_step, hooks, ctx, not forward_only),
-        data_iterator=iter(batches),
-        model=model,
+        data_iterator=iterators if len(chunks) > 1 else iterators[0],
+        model=chunks if len(chunks) > 1 else chunks[0],
         num_microbatches=num_microbatches,
         seq_length=seq_length,
         micro_batch_size=micro_batch_size,

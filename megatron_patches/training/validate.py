@@ -23,9 +23,9 @@ from megatron_patches.formats.blend import load_blend
 from megatron_patches.formats.indexed import check_prefix
 from megatron_patches.formats.model_config import ModelConfig
 from megatron_patches.hooks import Hook, build_hooks, number_option, phase_model_config
-from megatron_patches.parallel import Layout, validate_layout
+from megatron_patches.parallel import Layout, validate_layout, virtual_pipeline_size
 from megatron_patches.paths import refuse_overlap
-from megatron_patches.training import checkpoint, rollback
+from megatron_patches.training import checkpoint, optimizer_sharding, rollback
 from megatron_patches.training.config import Config
 from megatron_patches.training.data import (
     Phase,
@@ -71,14 +71,29 @@ def plan_run(cfg: Config, world_size: int) -> RunPlan:
     if cfg.checkpoint.use_checkpoint_args and (resume_from or pretrained):
         cfg.model = checkpoint.model_config_from(resume_from or pretrained, cfg.model, given)
     cfg.model = resolve_transformer_impl(cfg.model)  # every later step sees local or transformer_engine
+    par = cfg.parallel
+    vpp = virtual_pipeline_size(
+        cfg.model.num_layers,
+        par.pipeline_model_parallel_size,
+        par.virtual_pipeline_model_parallel_size,
+        par.num_layers_per_virtual_pipeline_stage,
+    )
     layout = Layout(
-        world_size, cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+        world_size,
+        par.tensor_model_parallel_size,
+        par.pipeline_model_parallel_size,
+        vpp,
+        expert_model_parallel_size=par.expert_model_parallel_size,
+        expert_tensor_parallel_size=par.expert_tensor_parallel_size,
     )
     validate_layout(layout, cfg.model)
     _check_train(cfg, layout)
     _check_unsupported(cfg)
     cfg.parallel.sequence_parallel = resolve_sequence_parallel(
-        cfg.parallel.sequence_parallel, layout.tensor_model_parallel_size, torch.cuda.is_available()
+        cfg.parallel.sequence_parallel,
+        layout.tensor_model_parallel_size,
+        torch.cuda.is_available(),
+        moe=cfg.model.num_moe_experts is not None,
     )
     validate_schedule(cfg.optimizer, cfg.train.train_iters)
     data = _resolve_data(cfg)
@@ -93,15 +108,16 @@ def plan_run(cfg: Config, world_size: int) -> RunPlan:
     notes = []
     if resume_from is not None:
         checkpoint.check_architecture(resume_from, _model_at(resume_from, phases, hooks, cfg))
-        _check_resume_layout(resume_from, layout)
+        relayout = _check_resume_layout(resume_from, layout) + _check_resume_chunks(resume_from, layout)
         saved = checkpoint.saved_settings(resume_from)
-        notes = check_resume(resume_from, saved, settings, cfg.checkpoint.allow_change)
+        notes = relayout + check_resume(resume_from, saved, settings, cfg.checkpoint.allow_change)
         _check_data_position(resume_from, phases)
     skipped = rollback.planned_windows(cfg.data.skip_samples, resume_from, phases)
     if pretrained is not None:
         checkpoint.check_architecture(pretrained, cfg.model, given)
         tp, pp = layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size
-        checkpoint.check_pretrained_layout(pretrained, tp, pp, cfg.model.num_layers)
+        vpp, ep = layout.virtual_pipeline_model_parallel_size, layout.expert_model_parallel_size
+        checkpoint.check_pretrained_layout(pretrained, tp, pp, cfg.model.num_layers, vpp, ep)
     return RunPlan(layout, data, phases, hooks, save_dir, resume_from, pretrained, settings, notes, skipped)
 
 
@@ -152,16 +168,52 @@ def _plan_phases(cfg: Config, data: ResolvedData, hooks: list[Hook]) -> list[Pha
     return phases
 
 
-def _check_resume_layout(path: Path, layout: Layout) -> None:
-    """A resume may change DP (nodes), not TP/PP: the optimizer state is only DP-reshardable."""
-    saved = checkpoint.saved_layout(path)
-    mine = (layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size)
-    if saved is not None and saved != mine:
+def _check_resume_chunks(path: Path, layout: Layout) -> list[str]:
+    """Another virtual pipeline size regroups each rank's parameters into other model chunks (and DDP
+    buckets): the model tensors are keyed by global layer, the optimizer state must be fully_reshardable."""
+    saved, mine = checkpoint.saved_virtual_pipeline(path), layout.virtual_pipeline_model_parallel_size
+    if (saved or 1) == (mine or 1):
+        return []
+    if not optimizer_sharding.reshards_model_parallel(optimizer_sharding.common_state_sharding(path)):
         raise ConfigError(
-            f"checkpoint {path} was saved at TP={saved[0]} PP={saved[1]}; a resume needs the same TP/PP "
-            f"(this run: TP={mine[0]} PP={mine[1]}), or start a new run from its weights with "
-            f"checkpoint.pretrained_checkpoint"
+            f"checkpoint {path} was saved at virtual_pipeline_model_parallel_size={saved} with "
+            f"dp_reshardable optimizer state, which loads at the same VPP only (this run: {mine}); "
+            "resume with the checkpoint's VPP (runs saved with "
+            "checkpoint.dist_ckpt_optim_fully_reshardable=true resume at any layout)"
         )
+    return [f"resume: model chunks per PP rank {saved or 1} -> {mine or 1} (fully_reshardable optimizer)"]
+
+
+def _check_resume_layout(path: Path, layout: Layout) -> list[str]:
+    """The log line of a resume at another layout; one line refusing what its optimizer state cannot do.
+
+    Any DP change loads; another TP/PP needs ``fully_reshardable`` optimizer state (optimizer_sharding).
+    What would change the run (global batch, seed, data, model shape) is refused elsewhere: the data
+    position is global (consumed samples), so it does not depend on the layout.
+    """
+    saved, saved_dp = checkpoint.saved_layout(path), checkpoint.saved_data_parallel_size(path)
+    mine = (layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size)
+    dp = layout.data_parallel_size
+    if saved is None or (saved == mine and saved_dp in (None, dp)):
+        return []
+    if saved != mine and not optimizer_sharding.reshards_model_parallel(
+        optimizer_sharding.common_state_sharding(path)
+    ):
+        raise ConfigError(
+            f"checkpoint {path} was saved at TP={saved[0]} PP={saved[1]} with dp_reshardable optimizer "
+            f"state, which loads at another DP only (this run: TP={mine[0]} PP={mine[1]}); resume at "
+            f"TP={saved[0]} PP={saved[1]}, or start a new run from its weights with "
+            "checkpoint.pretrained_checkpoint (runs saved with "
+            "checkpoint.dist_ckpt_optim_fully_reshardable=true resume at any layout)"
+        )
+    old = f"TP{saved[0]}×PP{saved[1]}×DP{saved_dp or '?'}"
+    line = f"resume: resuming a {old} checkpoint at TP{mine[0]}×PP{mine[1]}×DP{dp}"
+    if saved == mine:
+        return [f"{line}; every rank takes DP rank 0's RNG streams"]
+    return [
+        f"{line}; optimizer state re-sharded (fully_reshardable); RNG streams restart from seed + "
+        "iteration, so dropout masks differ from the old layout's"
+    ]
 
 
 def _check_data_position(path: Path, phases: list[Phase]) -> None:
@@ -247,6 +299,13 @@ def _check_batch(global_batch: int, micro_batch: int, layout: Layout, where: str
         raise ConfigError(
             f"{where}: global_batch_size ({global_batch}) is not divisible by micro_batch_size x DP "
             f"= {micro_batch} x {layout.data_parallel_size} = {per_step}"
+        )
+    pp = layout.pipeline_model_parallel_size
+    if layout.virtual_pipeline_model_parallel_size and (global_batch // per_step) % pp:
+        # Megatron-Core's interleaved schedule runs micro-batches in groups of PP per model chunk
+        raise ConfigError(
+            f"{where}: the interleaved pipeline needs micro-batches per iteration (global_batch_size / "
+            f"(micro_batch_size x DP) = {global_batch // per_step}) to be a multiple of PP ({pp})"
         )
 
 

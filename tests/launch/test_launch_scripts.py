@@ -110,6 +110,30 @@ def test_pretrain_7b_refuses_to_train_on_mock_data_unless_asked(shell_env, tmp_p
     assert launch("data.blend=/data/b.yaml").returncode == 0  # the blend given as an override
 
 
+def test_pretrain_moe_drives_the_named_moe_config_like_pretrain_7b(shell_env, tmp_path):
+    def launch(*args: str, **extra: str) -> subprocess.CompletedProcess:
+        command = ["bash", "launch/pretrain_moe.sh", *args]
+        env = {**shell_env, **extra}
+        return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+
+    unnamed = launch(MOCK="1")
+    assert unnamed.returncode == 2 and len(unnamed.stderr.splitlines()) == 1
+    assert "pretrain_moe.sh: error: CONFIG is not set" in unnamed.stderr
+    assert launch("CONFIG=mixtral_8x7x", MOCK="1").stderr.startswith("pretrain_moe.sh: error: no config ")
+    no_data = launch("CONFIG=mixtral_8x7b")
+    assert no_data.returncode == 2
+    assert no_data.stderr.startswith("pretrain_moe.sh: error: DATA_BLEND is not set")
+    assert _calls(tmp_path) == []
+    assert launch("CONFIG=mixtral_8x7b", "train.train_iters=10", MOCK="1", EP="4").returncode == 0
+    dry_run, torchrun = _calls(tmp_path)
+    assert "--config" in dry_run and "launch/configs/mixtral_8x7b.yaml" in dry_run and "--dry-run" in dry_run
+    for arg in ("run_dir=runs/mixtral_8x7b", "parallel.expert_model_parallel_size=4", "data.mock=true"):
+        assert arg in dry_run and arg in torchrun
+    assert torchrun.endswith("train.train_iters=10")
+    assert launch(CONFIG="launch/configs/qwen3_30b_a3b.yaml", DATA_BLEND="/data/b.yaml").returncode == 0
+    assert "qwen3_30b_a3b.yaml" in _calls(tmp_path)[-1] and "data.blend=/data/b.yaml" in _calls(tmp_path)[-1]
+
+
 def test_the_plan_prints_each_channel_of_the_blend_with_its_tokens(tmp_path, capsys):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 

@@ -1,4 +1,8 @@
-"""A rank dies: `MAX_RESTARTS` (torchrun `--max-restarts`) brings the job back from its newest checkpoint."""
+"""A rank dies: `MAX_RESTARTS` (torchrun `--max-restarts`) brings the job back from its newest checkpoint.
+
+Without ``parallel._restart_round_store`` the restarted ranks read the dead round's gloo addresses from
+torchrun's store and fail: "Gloo connectFullMesh failed ... Connection refused".
+"""
 
 import json
 import os
@@ -39,14 +43,9 @@ def _kill_a_rank_after(launcher: subprocess.Popen, checkpoint: Path, timeout: fl
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="on CPU/gloo (torch 2.13) the restarted ranks fail in init_process_group: 'Gloo connectFullMesh "
-    "failed ... Connection refused' (static and c10d rendezvous alike); open, see the issue 18 report",
-)
 def test_a_killed_rank_restarts_the_job_which_resumes_and_repeats_the_uninterrupted_losses(tmp_path):
     data = two_channels(tmp_path)
-    common = ["train.train_iters=60", "checkpoint.save_interval=4", "logging.log_interval=1"]
+    common = ["train.train_iters=20", "checkpoint.save_interval=4", "logging.log_interval=1"]
     config = tmp_path / "config.yaml"
     config.write_text("seed: 1234\n")
     run_dir = tmp_path / "restarted"
@@ -62,7 +61,7 @@ def test_a_killed_rank_restarts_the_job_which_resumes_and_repeats_the_uninterrup
         text=True,
     )
     try:
-        _kill_a_rank_after(launcher, run_dir / "checkpoints" / "iter_0000008")
+        _kill_a_rank_after(launcher, run_dir / "checkpoints" / "iter_0000004")
         output, _ = launcher.communicate(timeout=600)
     finally:
         if launcher.poll() is None:
@@ -78,4 +77,4 @@ def test_a_killed_rank_restarts_the_job_which_resumes_and_repeats_the_uninterrup
     assert run_on_ranks(_train, 2, tiny_args(reference, data, *common), timeout=600) == [0, 0]
     assert losses(run_dir) == losses(reference)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in records] == list(range(1, 61))  # each iteration logged once
+    assert [r["iteration"] for r in records] == list(range(1, 21))  # each iteration logged once

@@ -37,6 +37,18 @@ def test_latest_follows_the_tracker_and_none_without_one(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # tracker written atomically
 
 
+def test_pruning_spares_the_checkpoint_a_roll_back_look_back_needs_and_newer_ones(tmp_path):
+    for iteration in (4, 8, 12, 16, 20):
+        _iteration(tmp_path, iteration)
+    ckpt_format.write_tracker(tmp_path, 20)
+    # keep_last=1, but a roll-back after iteration 21 reaching 4 back needs iter_16 (newest at or before 17)
+    removed = ckpt_format.prune(tmp_path, keep_last=1, keep_from=17)
+    assert [p.name for p in removed] == ["iter_0000004", "iter_0000008", "iter_0000012"]
+    assert [it for it, _ in ckpt_format.complete_iterations(tmp_path)] == [16, 20]
+    assert ckpt_format.prune(tmp_path, keep_last=1, keep_from=3) == []  # none that old: keep them all
+    assert [p.name for p in ckpt_format.prune(tmp_path, keep_last=1)] == ["iter_0000016"]
+
+
 def test_a_save_in_progress_is_neither_listed_nor_pruned_and_the_tracked_one_survives(tmp_path):
     for iteration in (10, 20, 30, 40):
         _iteration(tmp_path, iteration)

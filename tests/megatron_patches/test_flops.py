@@ -27,3 +27,36 @@ def test_the_trainer_counts_the_same_flops_per_iteration():
 
     assert trainer_flops(LLAMA2_7B, 4096, 1024) == flops_per_iteration(LLAMA2_7B, 4096, 1024)
     assert flops_per_iteration(LLAMA2_7B, 4096, 1024) == model_flops_per_token(LLAMA2_7B, 4096) * 4096 * 1024
+
+
+def test_moe_counts_the_routed_and_shared_experts_a_token_passes_and_dense_layers_their_ffn():
+    mixtral = ModelConfig(
+        num_layers=32,
+        hidden_size=4096,
+        ffn_hidden_size=14336,
+        num_attention_heads=32,
+        num_query_groups=8,
+        vocab_size=32000,
+        num_moe_experts=8,
+        moe_router_topk=2,
+    )
+    h, layers, seq = 4096, 32, 4096
+    attention = 2 * h * h + 2 * h * 8 * 128  # q and output, k and v with 8 groups of 128
+    active = layers * (attention + 2 * 3 * h * 14336) + h * 32000  # 2 of 8 experts per token
+    assert model_flops_per_token(mixtral, seq) == 6 * active + 12 * layers * seq * h
+    assert active == pytest.approx(12.7e9, rel=1e-2)  # Mixtral-8x7B's ~13B active parameters
+    # first-k-dense with shared experts: the dense layer costs a dense model's layer, each MoE layer
+    # a dense layer of width top-k x moe_ffn + shared
+    small = dict(num_layers=3, hidden_size=64, ffn_hidden_size=256, num_attention_heads=4, vocab_size=100)
+    moe = ModelConfig(
+        **small,
+        num_moe_experts=6,
+        moe_router_topk=3,
+        moe_ffn_hidden_size=32,
+        moe_shared_expert_intermediate_size=64,
+        moe_layer_freq=[0, 1, 1],
+    )
+    dense, as_moe = ModelConfig(**small), ModelConfig(**{**small, "ffn_hidden_size": 3 * 32 + 64})
+    # the mean of 1 dense model and 2 all-"MoE-width" models: 1/3 of each kind of layer, one output layer
+    expected = (model_flops_per_token(dense, 128) + 2 * model_flops_per_token(as_moe, 128)) / 3
+    assert model_flops_per_token(moe, 128) == pytest.approx(expected, rel=1e-12)

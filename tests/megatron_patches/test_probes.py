@@ -53,17 +53,22 @@ def _score_at_tp1_and_save(options: dict, checkpoint_dir: str) -> tuple[dict, di
     return probe_scores(hook.probes, sums, counts), _hand_scores(options["tokenizer"], model)
 
 
-def _score_at(tp: int, pp: int, options: dict, checkpoint_dir: str) -> dict:
+def _score_at(
+    tp: int, pp: int, options: dict, checkpoint_dir: str, vpp: int | None = None, micro_batch_size: int = 2
+) -> dict:
     from megatron.core import dist_checkpointing
 
+    from megatron_patches.training.checkpoint import load_model_state, model_sharded_state
+    from megatron_patches.training.model import build_model_chunks_for_this_rank
+
     cfg = _config()
-    initialize(Layout(torch.distributed.get_world_size(), tp, pp), seed=11, model=cfg.model)
-    model = build_model_for_this_rank(cfg.model)
-    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, checkpoint_dir)
-    model.load_state_dict(state["model"])
+    initialize(Layout(torch.distributed.get_world_size(), tp, pp, vpp), seed=11, model=cfg.model)
+    chunks = build_model_chunks_for_this_rank(cfg.model)  # with VPP: model chunks, as the trainer holds
+    model = torch.nn.ModuleList(chunks) if vpp else chunks[0]
+    load_model_state(model, dist_checkpointing.load(model_sharded_state(model), checkpoint_dir))
     model.train()  # as the trainer leaves it: the patch switches to eval and back
     hook = enable_patch("probes", options, cfg)
-    sums, counts = probes.score_rows(model, hook.batch, hook.vocab_size, micro_batch_size=2)
+    sums, counts = probes.score_rows(model, hook.batch, hook.vocab_size, micro_batch_size)
     assert model.training
     return probe_scores(hook.probes, sums, counts)
 
@@ -82,6 +87,8 @@ def test_scores_equal_hand_computation_from_the_models_logits_at_tp2_pp2(tmp_pat
     [(patch, hand)] = run_on_ranks(_score_at_tp1_and_save, 1, probe_options, str(checkpoint))
     assert patch == pytest.approx(hand, rel=1e-6, abs=1e-5)
     per_rank = run_on_ranks(_score_at, 4, 2, 2, probe_options, str(checkpoint))
+    # interleaved pipeline: the one micro-batch of 8 rows is padded to a multiple of PP for its schedule
+    per_rank += run_on_ranks(_score_at, 2, 1, 2, probe_options, str(checkpoint), 2, 8)
     for scores in per_rank:  # the last stage computed; every rank, the logging rank too, has it
         assert scores == pytest.approx(hand, rel=1e-5, abs=1e-4)
 

@@ -39,6 +39,11 @@ def _layout_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output checkpoint root (must not exist unless --force)")
     parser.add_argument("--tp", type=int, default=1, help="tensor parallel size")
     parser.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
+    parser.add_argument(
+        "--vpp", type=int, help="virtual pipeline stages per PP rank (interleaved 1F1B): model0, model1, ..."
+    )
+    parser.add_argument("--ep", type=int, default=1, help="expert parallel size (MoE)")
+    parser.add_argument("--etp", type=int, help="expert tensor parallel size: 1 or TP (default: TP)")
     parser.add_argument("--format", dest="fmt", default="torch", help="torch (per-rank files) or torch_dist")
     parser.add_argument(
         "--spec", default="local", help="layer-spec key names: local or te (Transformer Engine)"
@@ -133,4 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from tools.convert.allocator import reuse_freed_memory
+
+    reuse_freed_memory()  # process-wide, so the CLI's process only
     run_cli(main, PROG)

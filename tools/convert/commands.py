@@ -55,11 +55,14 @@ class MegatronTarget:
 
     tp: int = 1
     pp: int = 1
+    ep: int = 1  # expert parallel (MoE)
+    etp: int | None = None  # expert tensor parallel: each routed expert split over TP (None) or not (1)
     fmt: str = "torch"
     spec: str = "local"
     dtype: str | None = None
     first: int | None = None  # uneven PP: layers of the first / last stage
     last: int | None = None
+    vpp: int | None = None  # virtual pipeline stages per PP rank: rank files hold model0, model1, ...
 
     def pipeline(self, cfg: ModelConfig) -> layout.Pipeline:
         """Validate everything about the target for ``cfg``; nothing is written before this."""
@@ -72,7 +75,9 @@ class MegatronTarget:
                 "--spec applies to --format torch; torch_dist checkpoints load into either spec"
             )
         parse_dtype(self.dtype)
-        return layout.plan_layout(cfg, self.tp, self.pp, self.first, self.last)
+        if cfg.num_moe_experts and self.spec != "local":
+            raise ConfigError("MoE checkpoints are written with local-spec names only (--spec local)")
+        return layout.plan_layout(cfg, self.tp, self.pp, self.first, self.last, self.ep, self.etp, self.vpp)
 
 
 def _to_mcore(source: Source, side_dir: Path, run: Run, target: MegatronTarget) -> str:
@@ -80,15 +85,15 @@ def _to_mcore(source: Source, side_dir: Path, run: Run, target: MegatronTarget) 
     source.check()
     iteration = getattr(source, "iteration", 0)  # a re-shard keeps the number; "release" reads as 0
     iteration = iteration if isinstance(iteration, int) else 0
-    total = len(source.names()) if target.fmt == "torch_dist" else rank_count(source, target.tp, pipeline)
+    writes = rank_count(source, target.tp, pipeline, target.ep)
+    total = len(source.names()) if target.fmt == "torch_dist" else writes
     progress = Progress(run.command, total, run.quiet)
     with atomic_dir(run.out, run.force, writers="conversions") as tmp:
         copy_side_files(side_dir, tmp, skip=(ckpt_format.TRACKER_FILE,))
         dtype = parse_dtype(target.dtype)
         iter_dir = tmp / ckpt_format.RELEASE
-        write_mcore(
-            source, iter_dir, target.tp, pipeline, progress, target.fmt, target.spec, dtype, iteration
-        )
+        formats = (target.fmt, target.spec, dtype, iteration, target.ep, target.etp)
+        write_mcore(source, iter_dir, target.tp, pipeline, progress, *formats)
         ckpt_format.write_tracker(tmp, ckpt_format.RELEASE)
     return progress.summary()
 

@@ -65,6 +65,14 @@ EXTRA_STATE_MODULES = (
     "mlp.linear_fc2",
 )
 VOCAB_PARAMS = (layout.EMBEDDING, layout.OUTPUT)
+SEQUENTIAL_EXPERTS = "mlp.experts.experts."  # SequentialMLP's sharded key for all of a layer's experts
+# Weights of Megatron-Core's linear layers (MLPs of routed and shared experts included), each with an
+# ``_extra_state`` object.
+LINEAR_WEIGHTS = (".linear_qkv.weight", ".linear_proj.weight", ".linear_fc1.weight", ".linear_fc2.weight")
+# Multi-Latent Attention's projections (MLASelfAttention); its local spec maps no norm into them on save.
+MLA_WEIGHTS = tuple(
+    f".linear_{p}.weight" for p in ("q_proj", "q_down_proj", "q_up_proj", "kv_down_proj", "kv_up_proj")
+)
 # Private torch API this module builds on, checked at import as megatron_patches.compat does for Megatron.
 require_signature(FileSystemWriter._write_data, ["self", "planner", "file_queue"])
 require_signature(
@@ -101,11 +109,24 @@ class DistReader:
             if local in VOCAB_PARAMS and size[0] >= vocab_rows:
                 size = (vocab_rows, *size[1:])
             if local:
-                self._where[local] = (key, (0,) * len(size), size)
+                self._place(local, key, (0,) * len(size), size)
             return
         for layer in range(size[0]):
             if local := layout.from_spec(f"{LAYERS}{layer}.{param}"):
-                self._where[local] = (key, (layer,) + (0,) * (len(size) - 1), (1, *size[1:]))
+                self._place(local, key, (layer,) + (0,) * (len(size) - 1), (1, *size[1:]))
+
+    def _place(self, local: str, key: str, offsets: tuple[int, ...], size: tuple[int, ...]) -> None:
+        """Register ``local``; SequentialMLP's routed experts (``mlp.experts.experts.*``, the expert axis
+        after any layer axis, as its ``sharded_state_dict`` stores them) one name per global expert."""
+        if SEQUENTIAL_EXPERTS not in local:
+            self._where[local] = (key, offsets, size)
+            return
+        axis = 1 if _stacked_param(key) else 0
+        for expert in range(size[axis]):
+            name = local.replace(SEQUENTIAL_EXPERTS, f"{layout.LOCAL_EXPERTS}{expert}.")
+            where = [list(offsets), list(size)]
+            where[0][axis], where[1][axis] = expert, 1
+            self._where[name] = (key, tuple(where[0]), tuple(where[1]))
 
     def metas(self) -> dict[str, torch.Tensor]:
         """Shape and dtype of every parameter as :meth:`read` returns it, no data."""
@@ -115,7 +136,8 @@ class DistReader:
 
     def _shape(self, local: str) -> tuple[int, ...]:
         key, _, size = self._where[local]
-        return size[1:] if _stacked_param(key) else size
+        leading = int(bool(_stacked_param(key))) + int(layout.split_expert_name(local) is not None)
+        return size[leading:]
 
     def read(self, local: str) -> torch.Tensor:
         key, offsets, size = self._where[local]
@@ -184,11 +206,47 @@ def _tensor_item(
     )
 
 
-def _stored_key(local: str) -> tuple[str, int | None]:
-    """(checkpoint key, layer or None) of a local-spec parameter name with a global layer number."""
-    named = layout.to_spec(local, "te")  # the norm names Megatron-Core's local spec saves under
+def _stored_key(
+    local: str, layers: int, experts: int | None, mla: bool = False
+) -> tuple[str, int | None, int]:
+    """(checkpoint key, index on its stacked axis or None, that axis' size) of a local-spec parameter
+    name with global layer and expert numbers.
+
+    A dense model's layers are stacked (``decoder.layers.<param>``); an MoE model's are not (its
+    layers differ), but each layer's routed experts are, as SequentialMLP's ``sharded_state_dict``.
+    """
+    # The norm names Megatron-Core's local spec saves under (its MLA layer spec keeps the local ones).
+    named = local if mla else layout.to_spec(local, "te")
     split = layout.split_layer_name(named)
-    return (named, None) if split is None else (LAYERS + split[1], split[0])
+    if split is None:
+        return named, None, 0
+    if not experts:
+        return LAYERS + split[1], split[0], layers
+    expert = layout.split_expert_name(named)
+    if expert is None:
+        return named, None, 0
+    prefix, number, suffix = expert
+    layer_prefix = prefix.removesuffix(layout.LOCAL_EXPERTS)
+    return layer_prefix + SEQUENTIAL_EXPERTS.removesuffix(".") + suffix, number, experts
+
+
+def _extra_state_keys(
+    params: list[tuple[str, tuple]], layers: int, experts: int | None, mla: bool = False
+) -> list[str]:
+    """The ``_extra_state`` objects Megatron-Core saves beside the linear layers' weights."""
+    if not (experts or mla):
+        return [
+            f"{LAYERS}{module}._extra_state/shard_{layer}_{layers}"
+            for layer in range(layers)
+            for module in EXTRA_STATE_MODULES
+        ]
+    keys = []
+    for local, _ in params:
+        if local.endswith(LINEAR_WEIGHTS + MLA_WEIGHTS):
+            key, index, count = _stored_key(local, layers, experts, mla)
+            module = key.removesuffix(".weight")
+            keys.append(f"{module}._extra_state/shard_{index or 0}_{count or 1}")
+    return keys
 
 
 def _extra_state_bytes() -> io.BytesIO:
@@ -205,6 +263,7 @@ def save(
     layers: int,
     dtype: torch.dtype,
     common: dict,
+    experts: int | None = None,
 ) -> None:
     """Write one ``torch_dist`` checkpoint of ``params`` (local name, TP=1 shape), in that order.
 
@@ -214,14 +273,13 @@ def save(
     iter_dir = Path(iter_dir)
     iter_dir.mkdir(parents=True, exist_ok=True)
     by_index, items = {}, []
+    mla = any(local.endswith(MLA_WEIGHTS) for local, _ in params)
     for local, shape in params:
-        key, layer = _stored_key(local)
-        items.append(_tensor_item(key, layer, shape, layers, dtype))
+        key, index, count = _stored_key(local, layers, experts, mla)
+        items.append(_tensor_item(key, index, shape, count, dtype))
         by_index[items[-1].index] = local
-    for layer in range(layers):
-        for module in EXTRA_STATE_MODULES:
-            key = f"{LAYERS}{module}._extra_state/shard_{layer}_{layers}"
-            items.append(WriteItem(index=MetadataIndex(key), type=WriteItemType.BYTE_IO))
+    for key in _extra_state_keys(params, layers, experts, mla):
+        items.append(WriteItem(index=MetadataIndex(key), type=WriteItemType.BYTE_IO))
 
     def resolve(item: WriteItem) -> torch.Tensor | io.BytesIO:
         if item.type == WriteItemType.BYTE_IO:

@@ -14,12 +14,14 @@ import json
 import mmap
 import struct
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from megatron_patches.errors import ConfigError
 from megatron_patches.safe_load import safe_torch_load
+from tools.convert.background import BackgroundWriter
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -227,7 +229,11 @@ def shard_plan(plan: list[tuple[str, torch.dtype, tuple[int, ...]]], max_shard_b
 
 
 class ShardedSafetensorsWriter:
-    """Writes planned tensors, in plan order, into HF-style shards plus ``model.safetensors.index.json``."""
+    """Writes planned tensors, in plan order, into HF-style shards plus ``model.safetensors.index.json``.
+
+    File writes run on a :class:`~tools.convert.background.BackgroundWriter` thread, so the
+    caller makes the next tensor meanwhile; ``defer`` runs a source's release once they are done.
+    """
 
     def __init__(
         self, directory: Path, plan: list[tuple[str, torch.dtype, tuple[int, ...]]], max_shard_bytes: int
@@ -244,6 +250,18 @@ class ShardedSafetensorsWriter:
         self._position = 0
         self._handle = None
         self.total_bytes = sum(torch.Size(s).numel() * d.itemsize for _, d, s in plan)
+        self._background = BackgroundWriter()
+
+    def __enter__(self) -> ShardedSafetensorsWriter:
+        return self
+
+    def __exit__(self, *failure: object) -> None:
+        if failure[0] is not None:
+            self._background.abort()  # the caller's temporary directory is removed with the partial shard
+
+    def defer(self, function: Callable[[], None]) -> None:
+        """Run ``function`` once every tensor given so far is written (see ``BackgroundWriter.defer``)."""
+        self._background.defer(function)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         shard, (want_name, dtype, shape) = self._queue[self._position]
@@ -252,16 +270,23 @@ class ShardedSafetensorsWriter:
                 f"writer expected {want_name} {dtype} {list(shape)}, "
                 f"got {name} {tensor.dtype} {list(tensor.shape)}"
             )
+        data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data
+        self._position += 1
+        last = self._position == len(self._queue) or self._queue[self._position][0] != shard
+        self._background.submit(lambda: self._write(shard, data, last))
+
+    def _write(self, shard: int, data: memoryview, last: bool) -> None:
+        """On the writer thread: one tensor's bytes (a shard opens at its first, closes after its last)."""
         if self._handle is None:
             self._handle = open(self.dir / self._file_names[shard], "wb")  # noqa: SIM115 - stays open across write() calls
             self._handle.write(_header_bytes(self._shards[shard]))
-        self._handle.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
-        self._position += 1
-        if self._position == len(self._queue) or self._queue[self._position][0] != shard:
+        self._handle.write(data)
+        if last:
             self._handle.close()
             self._handle = None
 
     def close(self) -> None:
+        self._background.drain()
         if self._position != len(self._queue):
             raise ValueError(f"writer closed after {self._position} of {len(self._queue)} tensors")
         if len(self._file_names) > 1:

@@ -18,6 +18,7 @@ checked before any byte is read or written.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,7 @@ from megatron_patches.errors import ConfigError
 from megatron_patches.formats.model_config import ModelConfig
 
 LAYER = "{i}"  # placeholder for the global layer number in entry names
+EXPERT = "{j}"  # placeholder for the global expert number (routed experts of an MoE layer)
 
 
 # ---------------------------------------------------------------- pure math
@@ -81,6 +83,19 @@ def merge_gated(shards: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])])
 
 
+def expert_place(expert: int, experts: int, ep: int) -> tuple[int, int]:
+    """Global expert -> (EP rank, index local to it): Megatron-Core gives each EP rank a contiguous block
+    (``SequentialMLP``'s ``local_expert_indices_offset = ep_rank * num_local_experts``)."""
+    if experts % ep:
+        raise ConfigError(f"num_moe_experts ({experts}) is not divisible by EP ({ep})")
+    return divmod(expert, experts // ep)
+
+
+def global_expert(local: int, ep_rank: int, experts: int, ep: int) -> int:
+    """Inverse of :func:`expert_place`."""
+    return ep_rank * (experts // ep) + local
+
+
 def pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
     """Zero rows up to ``rows``: padded token ids never occur in input and are cut on export."""
     extra = rows - tensor.shape[0]
@@ -122,6 +137,17 @@ class Entry:
     @property
     def per_layer(self) -> bool:
         return LAYER in self.mcore or any(LAYER in name for name in self.hf)
+
+    @property
+    def per_expert(self) -> bool:
+        return EXPERT in self.mcore
+
+    def for_expert(self, expert: int) -> Entry:
+        """This entry for routed expert ``expert`` (names with ``{j}`` filled in; the math is the same)."""
+        fill = str(expert)
+        return dataclasses.replace(
+            self, mcore=self.mcore.replace(EXPERT, fill), hf=tuple(n.replace(EXPERT, fill) for n in self.hf)
+        )
 
     def at(self, layer: int | None) -> tuple[str, tuple[str, ...]]:
         if layer is None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -39,6 +39,7 @@ from megatron_patches.formats.checkpoint import (  # noqa: F401  (re-exported: o
     load_model_for_rank,
     load_rank,
     model_config_of,
+    model_keys,
     rank_dir_name,
     rank_file,
     read_common,
@@ -49,7 +50,10 @@ from megatron_patches.formats.checkpoint import (  # noqa: F401  (re-exported: o
 )
 from megatron_patches.formats.megatron_lm_args import megatron_lm_args
 from megatron_patches.formats.model_config import ModelConfig
-from tools.convert import dist_stream
+from tools.convert.rank_stream import StreamedRankFile
+
+if TYPE_CHECKING:  # imported where used: torch.distributed.checkpoint is a third of the CLI's start-up
+    from tools.convert import dist_stream
 
 
 def save_rank(
@@ -57,18 +61,27 @@ def save_rank(
     tp_rank: int,
     pp_rank: int,
     pp_size: int,
-    model: dict[str, Any],
+    model: dict[str, Any] | list[dict[str, Any]],
     model_config: ModelConfig,
     iteration: int = 0,
     pipeline_layers: list[int] | None = None,
     tp_size: int = 1,
+    ep_rank: int = 0,
+    ep_size: int = 1,
+    stream: StreamedRankFile | None = None,
 ) -> Path:
-    path = rank_file(iter_dir, tp_rank, pp_rank, pp_size)
+    """One legacy rank file; ``stream``: the one ``model``'s tensors were added to, which finishes it."""
+    path = rank_file(iter_dir, tp_rank, pp_rank, pp_size, ep_rank, ep_size)
     path.parent.mkdir(parents=True, exist_ok=True)
     stages = list(pipeline_layers or [model_config.num_layers])
-    args = megatron_lm_args(model_config, tp_size, pp_size)  # for Megatron-LM's --use-checkpoint-args
+    chunks = model if isinstance(model, list) else [model]  # Megatron-LM's model0, ... with VPP
+    vpp = len(chunks) if len(chunks) > 1 else None
+    args = megatron_lm_args(model_config, tp_size, pp_size, vpp)  # for Megatron-LM's --use-checkpoint-args
     common = CommonState(model_config.to_dict(), iteration, pipeline_layers=stages, args=args)
-    state = {"model": model, **common.to_dict()}
+    state = {**dict(zip(model_keys(len(chunks)), chunks, strict=True)), **common.to_dict()}
+    if stream is not None:
+        stream.close(state)
+        return path
     with _without_zip_crc32():
         torch.save(state, path)
     return path
@@ -104,7 +117,9 @@ def save_torch_dist(
     tensor being written (see :mod:`tools.convert.dist_stream`); no model is built.
     """
     common = CommonState(cfg.to_dict(), iteration, args=megatron_lm_args(cfg, 1, 1))
-    dist_stream.save(iter_dir, params, fetch, cfg.num_layers, dtype, common.to_dict())
+    from tools.convert import dist_stream
+
+    dist_stream.save(iter_dir, params, fetch, cfg.num_layers, dtype, common.to_dict(), cfg.num_moe_experts)
 
 
 def stop_dist_checkpoint_workers() -> None:
@@ -135,6 +150,8 @@ def open_torch_dist(
     stored dtype. Vocabulary rows are those of a TP=1 model (padded to
     ``make_vocab_size_divisible_by``).
     """
+    from tools.convert import dist_stream
+
     vetted = safe_load.verify_torch_dist(iter_dir)
     cfg = model_config_of(vetted.common, iter_dir, model_config)
     # A trainer checkpoint also holds the optimizer's fp32 main params and moments: not the model's dtype.

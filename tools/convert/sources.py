@@ -20,7 +20,7 @@ from megatron_patches.formats.model_config import ModelConfig
 from tools.convert import layout, mcore_io
 from tools.convert.families import Family, default_family, family_of
 from tools.convert.hf_io import HFCheckpoint
-from tools.convert.mapping import Entry, ZeroBias
+from tools.convert.mapping import Entry, ZeroBias, same_replicas
 
 # Tensors some HF checkpoints carry that no model parameter stands for.
 _IGNORED_HF_SUFFIXES = (".rotary_emb.inv_freq",)
@@ -120,29 +120,47 @@ class McoreSource:
         self.format = ckpt_format.checkpoint_format(self.iter_dir)
         if self.format == "torch_dist":
             self._dist, self.cfg, self.iteration = mcore_io.open_torch_dist(self.iter_dir, model_config)
-            self.tp, self.pp = 1, 1
+            self.tp, self.pp, self.ep = 1, 1, 1
+            self.pp_ranks = self.chunks = 1
             self._stages = {0: [self._dist.metas()]}  # shapes only: _shards reads each tensor when asked
         else:
-            self.tp, self.pp = ckpt_format.legacy_layout(self.iter_dir)
-            first = ckpt_format.load_rank(self.iter_dir, 0, 0, self.pp, mmap=True)
+            self.tp, self.pp, self.ep = ckpt_format.legacy_grid(self.iter_dir)
+            first = ckpt_format.load_rank(self.iter_dir, 0, 0, self.pp, mmap=True, ep_size=self.ep)
+            # Interleaved pipeline (model0, model1, ... per rank file): self.pp counts virtual stages
+            self.pp_ranks, self.chunks = self.pp, ckpt_format.model_chunk_count(first)
+            self.pp = self.pp_ranks * self.chunks
             self.cfg = ckpt_format.model_config_of(first, self.iter_dir, model_config)
             self.iteration = first.get("iteration", 0)
             self._stages = {}
         layout.check_supported(self.cfg)
         self.table = default_family(self.cfg).expand(self.cfg)
         self._by_name = {e.at(i)[0]: e for e, i in self.table if e.mcore}
+        self._shapes = layout.canonical_shapes(self.cfg)
         self.pipeline = self._infer_pipeline()
+        self.etp = self._infer_expert_tp()
         self._read = 0
 
     def _load_stage(self, stage: int) -> list[dict[str, torch.Tensor]]:
         if stage not in self._stages:
             if self.format == "torch":
                 self._stages.clear()  # at most one stage's files mapped at a time
-            ranks = [
-                ckpt_format.load_rank(self.iter_dir, t, stage, self.pp, mmap=True) for t in range(self.tp)
-            ]
-            self._stages[stage] = [self._local_names(r["model"]) for r in ranks]
+            self._stages[stage] = [self._tp_rank_tensors(t, stage) for t in range(self.tp)]
         return self._stages[stage]
+
+    def _tp_rank_tensors(self, tp_rank: int, stage: int) -> dict[str, torch.Tensor]:
+        """One TP rank's tensors of ``stage``; with EP, its EP ranks' files, experts by global number
+        (the dense parameters every EP rank holds are read from EP rank 0)."""
+        tensors = {}
+        pp_rank, chunk = stage % self.pp_ranks, stage // self.pp_ranks  # ckpt_format.virtual_stage
+        for ep_rank in reversed(range(self.ep)):
+            state = ckpt_format.load_rank(
+                self.iter_dir, tp_rank, pp_rank, self.pp_ranks, True, ep_rank, self.ep
+            )
+            names = self._local_names(ckpt_format.chunk_model(state, chunk))
+            tensors.update(
+                {layout.ep_global_name(n, self.cfg, self.ep, ep_rank): t for n, t in names.items()}
+            )
+        return tensors
 
     @staticmethod
     def _local_names(model: dict) -> dict[str, torch.Tensor]:
@@ -160,18 +178,39 @@ class McoreSource:
             )
         return layout.Pipeline(tuple(counts))
 
+    def _infer_expert_tp(self) -> int:
+        """How routed experts are split over TP (ETP: TP or 1), from a stored expert's width."""
+        if self.tp == 1 or not self.cfg.num_moe_experts:
+            return self.tp
+        width = self.cfg.moe_ffn_hidden_size or self.cfg.ffn_hidden_size
+        for stage in range(self.pp):
+            for name, tensor in self._load_stage(stage)[0].items():
+                if layout.split_expert_name(name) and name.endswith(".linear_fc2.weight"):
+                    return 1 if tensor.shape[-1] == width else self.tp
+        return self.tp
+
+    def _split_shape(self, name: str, tp_rank: int) -> torch.Size:
+        """The shape TP rank ``tp_rank`` holds of canonical parameter ``name``."""
+        parts, part = layout.tp_split(name, self.tp, self.etp, tp_rank)
+        return self._by_name[name].split(_meta(self._shapes[name]), parts, self.cfg)[part].shape
+
+    def _merge(self, name: str, shards: list[torch.Tensor]) -> torch.Tensor:
+        """The canonical tensor from every TP rank's piece (ETP = 1: all hold the whole expert)."""
+        if layout.tp_split(name, self.tp, self.etp, 0)[0] == 1 < len(shards):
+            shards = [same_replicas(shards, name)]
+        return self._by_name[name].merge(shards, self.cfg)
+
     def names(self) -> list[str]:
         return list(self._by_name)
 
     def check(self) -> None:
         """Every rank holds exactly the shards the config implies, with the implied shapes."""
-        shapes = layout.canonical_shapes(self.cfg)
         tied_copy = (layout.OUTPUT,) if not self.cfg.untie_embeddings_and_output_weights else ()
         for stage in range(self.pp):
             expected = layout.stage_params(self.names(), self.pipeline, stage)
             for tp_rank, tensors in enumerate(self._load_stage(stage)):
                 for name, local in expected:
-                    want = self._by_name[name].split(_meta(shapes[name]), self.tp, self.cfg)[tp_rank].shape
+                    want = self._split_shape(name, tp_rank)
                     if local not in tensors or tensors[local].shape != want:
                         have = list(tensors[local].shape) if local in tensors else "missing"
                         raise ConfigError(
@@ -198,12 +237,12 @@ class McoreSource:
     def meta(self, name: str) -> torch.Tensor:
         stage, local = self._locate(name)
         shards = [torch.empty_like(tensors[local], device="meta") for tensors in self._load_stage(stage)]
-        return self._by_name[name].merge(shards, self.cfg)
+        return self._merge(name, shards)
 
     def tensor(self, name: str) -> torch.Tensor:
         shards = self._shards(name)
         self._read += sum(s.numel() * s.element_size() for s in shards)
-        return self._by_name[name].merge(shards, self.cfg)
+        return self._merge(name, shards)
 
     def shard(self, name: str, tp: int, rank: int) -> torch.Tensor:
         return self._by_name[name].split(self.tensor(name), tp, self.cfg)[rank]

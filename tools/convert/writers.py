@@ -7,7 +7,8 @@ stays near one output shard (legacy format) or one HF tensor (HF format).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import itertools
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from tools.convert import layout, mcore_io
 from tools.convert.families import Family
 from tools.convert.hf_io import ShardedSafetensorsWriter
 from tools.convert.progress import Progress
+from tools.convert.rank_stream import StreamedRankFile
 from tools.convert.sources import Source
 
 
@@ -36,23 +38,37 @@ def model_dtype(source: Source) -> torch.dtype:
 
 
 def rank_tensors(
-    source: Source, tp: int, tp_rank: int, pipeline: layout.Pipeline, stage: int, dtype: torch.dtype | None
+    source: Source,
+    tp: int,
+    tp_rank: int,
+    pipeline: layout.Pipeline,
+    stage: int,
+    dtype: torch.dtype | None,
+    ep: int = 1,
+    ep_rank: int = 0,
+    etp: int | None = None,
+    release: Callable[[], None] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """One rank's parameters (local-spec names, stage-local layer numbers), one at a time."""
+    """One rank's parameters (local-spec names; layers local to the stage, experts to the EP rank).
+
+    ``release`` (default ``source.release``) runs once the caller is done with each tensor."""
     cfg = source.cfg
-    params = layout.stage_params(source.names(), pipeline, stage)
+    params = layout.ep_params(layout.stage_params(source.names(), pipeline, stage), cfg, ep, ep_rank)
     last = stage == pipeline.size - 1
     if last and pipeline.size > 1 and not cfg.untie_embeddings_and_output_weights:
         # Tied weights on a separate last stage: Megatron-Core keeps a copy there.
         params.append((layout.EMBEDDING, layout.OUTPUT))
     for name, local in params:
-        yield local, owned(source.shard(name, tp, tp_rank), dtype)
-        source.release()
+        parts, part = layout.tp_split(name, tp, tp if etp is None else etp, tp_rank)
+        yield local, owned(source.shard(name, parts, part), dtype)
+        (release or source.release)()
 
 
-def rank_count(source: Source, tp: int, pipeline: layout.Pipeline) -> int:
+def rank_count(source: Source, tp: int, pipeline: layout.Pipeline, ep: int = 1) -> int:
+    """Tensors to write: every EP rank holds the dense parameters and its share of the experts."""
     tied_copy = int(pipeline.size > 1 and not source.cfg.untie_embeddings_and_output_weights)
-    return tp * (len(source.names()) + tied_copy)
+    experts = sum(1 for name in source.names() if layout.split_expert_name(name))
+    return tp * (ep * (len(source.names()) - experts + tied_copy) + experts)
 
 
 def write_mcore(
@@ -65,24 +81,44 @@ def write_mcore(
     spec: str = "local",
     dtype: torch.dtype | None = None,
     iteration: int = 0,
+    ep: int = 1,
+    etp: int | None = None,
 ) -> None:
     cfg = source.cfg
     if fmt == "torch_dist":
         write_torch_dist(source, iter_dir, progress, dtype, iteration)
         return
-    for stage in range(pipeline.size):
-        last = stage == pipeline.size - 1
-        for tp_rank in range(tp):
-            progress.shard(ckpt_format.rank_dir_name(tp_rank, stage, pipeline.size))
-            model = {
-                layout.to_spec(name, spec): progress.add(tensor)
-                for name, tensor in rank_tensors(source, tp, tp_rank, pipeline, stage, dtype)
-            }
-            model.update(layout.extra_state_keys(cfg, pipeline.counts[stage], last, spec))
-            mcore_io.save_rank(
-                iter_dir, tp_rank, stage, pipeline.size, model, cfg, iteration, list(pipeline.counts), tp
-            )
-            del model  # else it lives on while the next rank's dict is built: two shards in memory
+    for pp_rank in range(pipeline.ranks):
+        for tp_rank, ep_rank in itertools.product(range(tp), range(ep)):
+            progress.shard(ckpt_format.rank_dir_name(tp_rank, pp_rank, pipeline.ranks, ep_rank, ep))
+            path = ckpt_format.rank_file(iter_dir, tp_rank, pp_rank, pipeline.ranks, ep_rank, ep)
+            with StreamedRankFile(path) as stream:  # each tensor written as it is made: never a whole rank
+                release = stream.after_written(source.release)
+                chunks = []  # one state dict per virtual pipeline stage of this rank (model0, ...), else one
+                for stage in pipeline.stages_of(pp_rank):
+                    last = stage == pipeline.size - 1
+                    tensors = rank_tensors(
+                        source, tp, tp_rank, pipeline, stage, dtype, ep, ep_rank, etp, release
+                    )
+                    model = {layout.to_spec(name, spec): stream.add(progress.add(t)) for name, t in tensors}
+                    extra = layout.extra_state_keys(cfg, pipeline.counts[stage], last, spec, model)
+                    model.update(stream.add_state(extra))
+                    chunks.append(model)
+                mcore_io.save_rank(
+                    iter_dir,
+                    tp_rank,
+                    pp_rank,
+                    pipeline.ranks,
+                    chunks,
+                    cfg,
+                    iteration,
+                    list(pipeline.counts),
+                    tp,
+                    ep_rank=ep_rank,
+                    ep_size=ep,
+                    stream=stream,
+                )
+            del chunks, model  # else they live on while the next rank's are built: two shards in memory
 
 
 def write_torch_dist(
@@ -131,13 +167,13 @@ def write_hf(
 ) -> None:
     plan = hf_plan(source, family, dtype)
     progress.expect(len(plan))
-    writer = ShardedSafetensorsWriter(out_dir, plan, max_shard_bytes)
     dtypes = {name: want for name, want, _ in plan}
-    for entry, layer in family.expand(source.cfg):
-        mcore, hf_names = entry.at(layer)
-        progress.shard(mcore or hf_names[0])
-        tensors = entry.to_hf(source.tensor(mcore) if mcore else None, source.cfg)
-        for name, tensor in zip(hf_names, tensors, strict=True):
-            writer.write(name, progress.add(tensor.to(dtypes[name])))
-        source.release()
-    writer.close()
+    with ShardedSafetensorsWriter(out_dir, plan, max_shard_bytes) as writer:
+        for entry, layer in family.expand(source.cfg):
+            mcore, hf_names = entry.at(layer)
+            progress.shard(mcore or hf_names[0])
+            tensors = entry.to_hf(source.tensor(mcore) if mcore else None, source.cfg)
+            for name, tensor in zip(hf_names, tensors, strict=True):
+                writer.write(name, progress.add(tensor.to(dtypes[name])))
+            writer.defer(source.release)  # once written: the writer thread may still read these pages
+        writer.close()

@@ -8,15 +8,14 @@ documents.
 from __future__ import annotations
 
 import dataclasses
-import time
 import warnings
 from pathlib import Path
 
 from ..config import DedupConfig, PipelineConfig
-from ..jsonl import merge_rejects
-from ..report import write_report
-from ..spool import assemble_parts
-from ..stage import cpu_workers, file_tasks, staged_dir
+from ..report import Stats
+from ..skeleton import DocumentStage, run_stage_object
+from ..stage import FileTask
+from .tasks import filter_file
 
 
 def warn_if_threshold_unused(d: DedupConfig) -> None:
@@ -28,27 +27,33 @@ def warn_if_threshold_unused(d: DedupConfig) -> None:
             f"candidate pair is removed; bands x rows = {d.bands} x {d.rows} alone set the cut-off "
             f"(about Jaccard {effective:.2f}). Use verify: signature or exact to apply the threshold.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=5,
         )
+
+
+class DedupStage(DocumentStage):
+    """Signatures per task, LSH clusters and keepers on one machine (or the driver), filter per task:
+    `execute` is the whole two-pass engine, local (`local.py`) or Spark (`spark.py`)."""
+
+    def __init__(self, config: PipelineConfig, out: Path):
+        super().__init__("dedup", config, out, filter_file)
+
+    def prepare(self) -> None:
+        warn_if_threshold_unused(self.config.dedup)
+
+    def execute(self, tasks: list[FileTask]) -> Stats:
+        if self.config.dedup.engine == "spark":
+            from .spark import run_spark
+
+            return run_spark(tasks, self.config)
+        from .local import run_local
+
+        return run_local(tasks, self.config)
+
+    def finish(self, tmp: Path, tasks: list[FileTask], result: Stats) -> tuple[Stats, dict]:
+        stats, extra = super().finish(tmp, tasks, result)
+        return stats, {**extra, "params": dataclasses.asdict(self.config.dedup)}
 
 
 def run_dedup(config: PipelineConfig, inputs: list[Path], out: Path, overwrite: bool = False) -> dict:
-    started = time.time()
-    warn_if_threshold_unused(config.dedup)
-    with staged_dir(out, overwrite) as tmp:
-        tasks = file_tasks(inputs, tmp, config, "dedup")
-        if config.dedup.engine == "spark":
-            from .spark import run_spark
-
-            stats = run_spark(tasks, config)
-        else:
-            from .local import run_local
-
-            stats = run_local(tasks, config)
-        assemble_parts(tasks, cpu_workers(config.workers))
-        merge_rejects(tmp / "rejected")
-        outputs = sorted(p.name for p in tmp.iterdir() if p.name.startswith("part-"))
-        params = dataclasses.asdict(config.dedup)
-        return write_report(
-            tmp, "dedup", stats, started, inputs=[str(p) for p in inputs], outputs=outputs, params=params
-        )
+    return run_stage_object(DedupStage(config, out), inputs, overwrite)

@@ -15,15 +15,13 @@ Cluster use: install this package on the executors (or ship it with `--py-files`
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from megatron_patches.errors import ConfigError
-
 from ..config import PipelineConfig
 from ..engines.local import Progress
+from ..engines.spark import ignore_progress
+from ..engines.spark import spark_session as engine_session
 from ..report import Stats
 from ..stage import FileTask
 from .hashing import estimated_jaccard, exact_jaccard
@@ -37,19 +35,9 @@ if TYPE_CHECKING:
 
 
 def spark_session(config: PipelineConfig) -> SparkSession:
-    try:
-        from pyspark.sql import SparkSession
-    except ImportError as err:
-        raise ConfigError("dedup.engine spark needs pyspark: pip install '.[spark]'") from err
-    # Executors must run this interpreter (it has this package installed), not whatever `python3` is.
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
-    builder = SparkSession.builder.appName("data.preprocess dedup").config("spark.ui.enabled", "false")
-    if config.dedup.spark_master:
-        builder = builder.master(config.dedup.spark_master)
-    for key, value in config.dedup.spark_conf.items():
-        builder = builder.config(str(key), str(value))
-    return builder.getOrCreate()
+    """The session of the dedup stage: `dedup.spark_master` and `dedup.spark_conf` (which default to
+    the top-level `spark_master` and `spark_conf`)."""
+    return engine_session(config.dedup.spark_master, config.dedup.spark_conf)
 
 
 def _keys(record, config: PipelineConfig) -> list:
@@ -176,10 +164,6 @@ def _filter_files(
     filters = filter_tasks(tasks, drops, boilerplate)
     return (
         sc.parallelize(filters, max(1, len(filters)))
-        .map(lambda t: filter_file(t, Progress(_ignore)))
+        .map(lambda t: filter_file(t, Progress(ignore_progress)))
         .collect()
     )
-
-
-def _ignore(docs: int, nbytes: int) -> None:
-    """Spark draws its own progress bar; the per-task counters are not needed here."""

@@ -12,9 +12,8 @@ import multiprocessing as mp
 import os
 import queue
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from contextlib import contextmanager
 from typing import Any
 
 from tqdm import tqdm
@@ -78,19 +77,6 @@ class _Bar:
         self.bar.close()
 
 
-@contextmanager
-def progress_bar(desc: str) -> Iterator[Progress]:
-    """The bar of :func:`run_tasks` for work that runs in this process and cannot be split into
-    tasks (train-tokenizer gathers its sample in the parent)."""
-    bar = _Bar(desc, None)
-    progress = Progress(bar.update, every_s=0.2)
-    try:
-        yield progress
-        progress.flush()
-    finally:
-        bar.close()
-
-
 def run_tasks(fn: Callable[[Any, Progress], Stats], tasks: Sequence[Any], workers: int, desc: str) -> Stats:
     """Run `fn(task, progress)` for every task on `workers` processes and add up the returned stats."""
     total = Stats()
@@ -99,29 +85,68 @@ def run_tasks(fn: Callable[[Any, Progress], Stats], tasks: Sequence[Any], worker
     return total
 
 
-def map_tasks(
-    fn: Callable[[Any, Progress], Stats], tasks: Sequence[Any], workers: int, desc: str
-) -> list[Stats]:
-    """Run `fn(task, progress)` for every task on `workers` processes; the stats of each, in task order."""
+def map_tasks(fn: Callable[[Any, Progress], Any], tasks: Sequence[Any], workers: int, desc: str) -> list:
+    """Run `fn(task, progress)` for every task on `workers` processes; the result of each, in task order."""
+    results: list = [None] * len(tasks)
+    _each_result(fn, tasks, workers, desc, results.__setitem__)
+    return results
+
+
+def reduce_tasks(
+    fn: Callable[[Any, Progress], Any],
+    tasks: Sequence[Any],
+    workers: int,
+    desc: str,
+    combine: Callable[[Any, Any], Any],
+) -> Any:
+    """Run `fn(task, progress)` for every task and merge each result into the total as it arrives, so
+    memory holds the total and the results in flight, not every task's (`combine` must not mind the
+    order: tasks finish in any order)."""
+    total: Any = _NOTHING
+
+    def take(_: int, result: Any) -> None:
+        nonlocal total
+        total = result if total is _NOTHING else combine(total, result)
+
+    _each_result(fn, tasks, workers, desc, take)
+    return total
+
+
+_NOTHING = object()
+
+
+def _each_result(
+    fn: Callable[[Any, Progress], Any],
+    tasks: Sequence[Any],
+    workers: int,
+    desc: str,
+    take: Callable[[int, Any], None],
+) -> None:
     bar = _Bar(desc, None)
     try:
         if workers <= 1 or len(tasks) <= 1:
-            return [_run_here(fn, task, bar) for task in tasks]
-        return _run_pool(fn, tasks, workers, bar)
+            for index, task in enumerate(tasks):
+                take(index, _run_here(fn, task, bar))
+        else:
+            _run_pool(fn, tasks, workers, bar, take)
     finally:
         bar.close()
 
 
-def _run_here(fn: Callable[[Any, Progress], Stats], task: Any, bar: _Bar) -> Stats:
+def _run_here(fn: Callable[[Any, Progress], Any], task: Any, bar: _Bar) -> Any:
     progress = Progress(bar.update, every_s=0.2)
-    stats = fn(task, progress)
+    result = fn(task, progress)
     progress.flush()
-    return stats
+    return result
 
 
 def _run_pool(
-    fn: Callable[[Any, Progress], Stats], tasks: Sequence[Any], workers: int, bar: _Bar
-) -> list[Stats]:
+    fn: Callable[[Any, Progress], Any],
+    tasks: Sequence[Any],
+    workers: int,
+    bar: _Bar,
+    take: Callable[[int, Any], None],
+) -> None:
     ctx = mp.get_context("spawn")
     progress_queue = ctx.Queue()
     with ProcessPoolExecutor(
@@ -130,19 +155,18 @@ def _run_pool(
         initializer=_init_worker,
         initargs=(progress_queue, os.getpid()),
     ) as pool:
-        futures = [pool.submit(_call_in_worker, fn, task) for task in tasks]
-        pending = set(futures)
+        index_of = {pool.submit(_call_in_worker, fn, task): i for i, task in enumerate(tasks)}
+        pending = set(index_of)
         try:
             while pending:
                 done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
                 _drain(progress_queue, bar)
-                for future in done:
-                    future.result()  # re-raises a worker's exception, ConfigError included
+                for future in done:  # result() re-raises a worker's exception, ConfigError included
+                    take(index_of.pop(future), future.result())
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
         _drain(progress_queue, bar)
-    return [future.result() for future in futures]
 
 
 def _drain(progress_queue: Any, bar: _Bar) -> None:

@@ -13,31 +13,26 @@ compression (characters per token) per channel on documents held out of training
 
 from __future__ import annotations
 
-import hashlib
-import heapq
 import io
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from megatron_patches.errors import ConfigError
 
 from ..config import PipelineConfig, TokenizerConfig
-from ..document import Document
-from ..engines.local import Progress, progress_bar
-from ..jsonl import RejectWriter, merge_rejects
-from ..report import Stats, write_json_atomic, write_report
-from ..stage import FileTask, cpu_workers, document_batches, staged_dir
+from ..engines.local import Progress
+from ..jsonl import RejectWriter
+from ..report import Stats, write_json_atomic
+from ..skeleton import Stage, run_stage_object
+from ..stage import FileTask, cpu_workers, document_batches
 from .hf import CONTROL, NORMAL, check_single_ids, export_hf, load_proto
+from .sample import MAX_SENTENCE_BYTES, TrainingSample, _unit  # noqa: F401 (_unit: tests check the hash)
 
 if TYPE_CHECKING:
     from sentencepiece.sentencepiece_model_pb2 import ModelProto
 
 SPECIAL = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>"}
-MAX_SENTENCE_BYTES = 1 << 16  # SentencePiece skips longer "sentences"; longer documents are cut
 VOCAB_MULTIPLE = 128
-HOLDOUT_RATE = 0.05  # documents whose id hashes below this may be held out of training
 
 
 def round_up(n: int, multiple: int = VOCAB_MULTIPLE) -> int:
@@ -84,87 +79,19 @@ def read_domain_tokens(path: Path | None) -> list[str]:
     return list(tokens)
 
 
-def _unit(doc_id: str) -> float:
-    digest = hashlib.blake2b(doc_id.encode("utf-8", errors="replace"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2**64
-
-
-class TrainingSample:
-    """Held-out documents per channel (for the compression report) and the training text.
-
-    Both are chosen by a hash of the doc id, so the split is deterministic and needs one pass:
-    the training text is the documents with the smallest hash that fit in `budget` bytes (a heap
-    keyed by the hash), which is a uniform sample whose memory is bounded by the budget."""
-
-    def __init__(self, budget: int, holdout_docs: int):
-        self.budget, self.holdout_docs = budget, holdout_docs
-        self.holdout: dict[str, list[str]] = {}
-        self._heap: list[tuple[float, int, str, int]] = []  # (-hash, arrival, text, bytes)
-        self._bytes = self._arrivals = 0
-
-    def add(self, doc: Document) -> None:
-        u = _unit(doc.id)
-        held = self.holdout.get(doc.channel or "unlabelled", [])
-        if u < HOLDOUT_RATE and len(held) < self.holdout_docs:
-            self.holdout.setdefault(doc.channel or "unlabelled", held).append(doc.text)
-            return
-        heapq.heappush(self._heap, (-u, self._arrivals, doc.text, doc.nbytes))
-        self._arrivals += 1
-        self._bytes += doc.nbytes
-        while self._bytes > self.budget and len(self._heap) > 1:
-            self._bytes -= heapq.heappop(self._heap)[3]
-
-    @property
-    def train_docs(self) -> int:
-        return len(self._heap)
-
-    @property
-    def holdout_count(self) -> int:
-        return sum(map(len, self.holdout.values()))
-
-    def training_texts(self) -> list[str]:
-        """The sampled documents in input order, cut into SentencePiece-sized pieces."""
-        in_order = sorted(self._heap, key=lambda entry: entry[1])
-        return [piece for _, _, text, _ in in_order for piece in _chunks(text)]
-
-
-def _sample_file(task: FileTask, sample: TrainingSample, stats: Stats, progress: Progress) -> None:
+def sample_task(task: FileTask, progress: Progress) -> tuple[Stats, TrainingSample]:
+    """The per-task work: one task's share of the sample; malformed lines go to rejected/."""
+    t, stats = task.config.tokenizer, Stats()
+    sample = TrainingSample(int(t.sample_mb * 1e6), t.holdout_docs)
     rejects = RejectWriter(task.out / "rejected", task.tag)
     try:
         for batch in document_batches(task, stats, rejects, progress):
-            stats["docs_in"] += len(batch)
             for doc in batch:
-                sample.add(doc)
+                sample.add(doc, (task.index, task.span.part, stats["docs_in"]))
+                stats["docs_in"] += 1
     finally:
         rejects.close()
-
-
-def split_sample(
-    inputs: list[Path], config: PipelineConfig, out: Path, stats: Stats
-) -> tuple[list[str], dict[str, list[str]]]:
-    """(training texts, held-out texts per channel); malformed lines go to `out`/rejected/."""
-    t = config.tokenizer
-    sample = TrainingSample(int(t.sample_mb * 1e6), t.holdout_docs)
-    with progress_bar("train-tokenizer") as progress:
-        for index, path in enumerate(inputs):
-            _sample_file(FileTask(index, path, out, config), sample, stats, progress)
-    merge_rejects(out / "rejected")
-    stats["train_docs"], stats["holdout_docs"] = sample.train_docs, sample.holdout_count
-    stats["docs_out"] = sample.train_docs + sample.holdout_count  # the documents the tokenizer saw
-    texts = sample.training_texts()
-    if not texts:
-        raise ConfigError("train-tokenizer: no training text in the input")
-    return texts, sample.holdout
-
-
-def _chunks(text: str) -> Iterator[str]:
-    """Pieces of at most MAX_SENTENCE_BYTES bytes, cut at line ends where possible."""
-    while len(text.encode("utf-8")) > MAX_SENTENCE_BYTES:
-        cut = text.rfind("\n", 0, MAX_SENTENCE_BYTES // 4) + 1 or MAX_SENTENCE_BYTES // 4
-        yield text[:cut]
-        text = text[cut:]
-    if text:
-        yield text
+    return stats, sample
 
 
 def trainer_options(t: TokenizerConfig, domain: list[str]) -> dict:
@@ -283,26 +210,42 @@ def write_tokenizer(directory: Path, model: bytes, domain: list[str], removed: l
     return info
 
 
+class TrainTokenizerStage(Stage):
+    """Per task: its share of the training sample (`sample_task`); global step: the shares merged,
+    SentencePiece trained on this machine, the HF directory written."""
+
+    name = "train-tokenizer"
+    work = staticmethod(sample_task)
+    report_inputs = False
+
+    def prepare(self) -> None:
+        t = self.config.tokenizer
+        self.domain = read_domain_tokens(self.config.path(t.domain_tokens))
+        self.forbidden = read_token_file(self.config.path(t.forbidden_tokens), "forbidden_tokens")
+        check_vocab_room(t, self.domain)
+
+    def combine(self, total: tuple[Stats, TrainingSample], more: tuple[Stats, TrainingSample]) -> tuple:
+        total[0].update(more[0])  # Counter.update adds, keeping zero counts
+        return total[0], total[1].merge(more[1])
+
+    def finish(self, tmp: Path, tasks: list[FileTask], result: tuple) -> tuple[Stats, dict]:
+        stats, sample = result
+        stats["train_docs"], stats["holdout_docs"] = sample.train_docs, sample.holdout_count
+        stats["docs_out"] = sample.train_docs + sample.holdout_count  # the documents the tokenizer saw
+        texts = sample.training_texts()
+        if not texts:
+            raise ConfigError("train-tokenizer: no training text in the input")
+        model, removed = finalize(train_model(texts, self.config, self.domain), self.config, self.forbidden)
+        info = write_tokenizer(tmp, model, self.domain, removed)
+        return stats, {
+            "vocab_size": info["vocab_size"],
+            "train_texts": len(texts),
+            "forbidden_removed": removed,
+            "compression": compression(tmp / "tokenizer.model", sample.holdout),
+        }
+
+
 def run_train_tokenizer(
     config: PipelineConfig, inputs: list[Path], out: Path, overwrite: bool = False
 ) -> dict:
-    started = time.time()
-    t = config.tokenizer
-    domain = read_domain_tokens(config.path(t.domain_tokens))
-    forbidden = read_token_file(config.path(t.forbidden_tokens), "forbidden_tokens")
-    check_vocab_room(t, domain)
-    with staged_dir(out, overwrite) as tmp:
-        stats = Stats()
-        texts, holdout = split_sample(inputs, config, tmp, stats)
-        model, removed = finalize(train_model(texts, config, domain), config, forbidden)
-        info = write_tokenizer(tmp, model, domain, removed)
-        return write_report(
-            tmp,
-            "train-tokenizer",
-            stats,
-            started,
-            vocab_size=info["vocab_size"],
-            train_texts=len(texts),
-            forbidden_removed=removed,
-            compression=compression(tmp / "tokenizer.model", holdout),
-        )
+    return run_stage_object(TrainTokenizerStage(config, out), inputs, overwrite)

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from data.preprocess.cli import _overrides, build_parser, main
+from megatron_patches.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[3]
 DEMO = ROOT / "data" / "demo" / "config.yaml"
@@ -88,3 +89,24 @@ def test_demo_run_end_to_end_and_resume(tmp_path, capsys):
 def test_range_mb_flag_sets_the_config():
     args = build_parser().parse_args(["clean", "--input", "x.jsonl", "--out", "o", "--range-mb", "0.5"])
     assert _overrides(args) == {"range_mb": 0.5}
+
+
+@pytest.mark.parametrize(
+    ("args", "url"),
+    [
+        (["clean", "--input", "x.jsonl", "--out", "hdfs://namenode/work/clean"], "hdfs:/namenode/work/clean"),
+        (["label", "--input", "s3://bucket/raw/*.jsonl", "--out", "o"], "s3://bucket/raw/*.jsonl"),
+    ],
+)
+def test_a_url_is_refused_not_written_as_a_local_folder(tmp_path, monkeypatch, args, url):
+    """Stages use local file calls: `--out hdfs://nn/x` used to create ./hdfs:/nn/x on the driver."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="is a URL.*mount the store") as error:
+        main(args)
+    assert url in str(error.value) and not list(tmp_path.iterdir())
+
+
+def test_engine_flags_set_every_stage():
+    args = build_parser().parse_args(["run", "--out", "o", "--engine", "spark", "--spark-master", "local[4]"])
+    settings = {"engine": "spark", "dedup.engine": "spark"}
+    assert _overrides(args) == {**settings, "spark_master": "local[4]", "dedup.spark_master": "local[4]"}

@@ -29,7 +29,8 @@ def spark():
 
     from data.preprocess.dedup.spark import spark_session
 
-    session = spark_session(config_for(None, **{"dedup.spark_master": "local[2]"}))
+    no_ui = {"spark.ui.enabled": "false"}  # starts faster; a user's run prints the UI's address
+    session = spark_session(config_for(None, **{"dedup.spark_master": "local[2]", "dedup.spark_conf": no_ui}))
     session.sparkContext.setLogLevel("ERROR")
     yield session
     session.stop()
@@ -84,7 +85,8 @@ def test_spark_submit_entry_point(spark, corpus, tmp_path):
         pytest.skip("pyspark's spark-submit is not next to this interpreter")
     root = Path(__file__).resolve().parents[3]
     run_dedup(config_for(tmp_path), corpus, tmp_path / "local")
-    args = [str(submit), "--master", "local[2]", str(root / "data" / "spark_submit.py"), "dedup"]
+    args = [str(submit), "--master", "local[2]", "--conf", "spark.ui.enabled=false"]
+    args += [str(root / "data" / "spark_submit.py"), "dedup"]
     args += [
         "--engine",
         "spark",
@@ -124,3 +126,52 @@ def test_spark_cuts_the_same_boilerplate_lines_as_local(spark, tmp_path):
         assert (tmp_path / "spark" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
     for key in ("lines_cut", "boilerplate_lines", "rejected", "channel"):
         assert remote[key] == local[key], key
+
+
+def compared_tree(root: Path) -> dict[str, object]:
+    """Every output file of a `run`: bytes, or for report.json the report less timings and engine
+    settings; the run directory's path is cut out (reports and data_path.txt name it)."""
+    tree: dict[str, object] = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != "fingerprint.json"):
+        data = path.read_bytes().replace(str(root).encode(), b"<run>")
+        if path.name == "report.json":
+            report = json.loads(data)
+            for key in ("seconds", "docs_per_s", "mb_per_s"):
+                report.pop(key)
+            for key in ("engine", "spark_master", "spark_conf"):
+                report.get("params", {}).pop(key, None)
+            data = report
+        tree[str(path.relative_to(root))] = data
+    return tree
+
+
+def test_whole_run_on_spark_writes_what_the_local_engine_writes(spark, tmp_path):
+    """clean, label, dedup, train-tokenizer and tokenize on local[2] and on the local engine: the same
+    files (parts, rejects, tokenizer, .bin/.idx, blend), byte for byte, and the same report counts."""
+    from data.preprocess.pipeline import run_pipeline
+
+    from .conftest import mixed_docs
+
+    docs = mixed_docs(5, 60)
+    docs += [dict(d, id=f"copy-{d['id']}") for d in docs[:10]] + [{"id": "short", "text": "tiny"}]
+    (tmp_path / "in").mkdir()
+    write_jsonl(tmp_path / "in" / "a.jsonl.gz", docs[0::2])
+    with open(write_jsonl(tmp_path / "in" / "b.jsonl", docs[1::2]), "a") as handle:
+        handle.write('{"id": "broken"\n')
+    settings = {
+        "input": [str(tmp_path / "in" / "*")],
+        "tokenizer.vocab_size": 1024,
+        "dedup.verify": "signature",
+    }
+    settings |= {"tokenizer.reserved_tokens": 8, "tokenizer.holdout_docs": 5}
+    run_pipeline(config_for(tmp_path, **settings), tmp_path / "local")
+    spark.sparkContext.setJobGroup("whole-run", "the whole run on Spark")
+    spark_settings = {**settings, "engine": "spark", "workers": 2}
+    reports = run_pipeline(config_for(tmp_path, **spark_settings), tmp_path / "spark")
+    jobs = spark.sparkContext.statusTracker().getJobIdsForGroup("whole-run")
+    assert len(jobs) >= 5  # every stage ran on Spark, not on the local engine
+    local, remote = compared_tree(tmp_path / "local"), compared_tree(tmp_path / "spark")
+    assert remote.keys() == local.keys() and "tokenized/zh_web_text_document.bin" in local
+    for name in local:
+        assert remote[name] == local[name], name
+    assert reports["dedup"]["docs_in"] > reports["dedup"]["docs_out"] and reports["clean"]["malformed_lines"]

@@ -146,6 +146,39 @@ def test_training_sample_keeps_the_smallest_hashes_within_budget():
     assert _sampled(docs[::-1], budget=2_000).training_texts() == sample.training_texts()[::-1]
 
 
+def test_training_sample_merged_from_tasks_in_any_order_is_the_one_pass_sample():
+    """What Spark's treeReduce does: per-task samples merged in any order give the sample of one pass
+    over every document (the training run in hash order, cut at the budget; the held-out documents)."""
+    import random
+
+    rng = random.Random(3)
+    sizes = [rng.randint(20, 400) for _ in range(300)]
+    channels = ("zh_web", "code")
+    docs = [Document(f"{i:04d}".ljust(n, "x"), f"d{i}", channel=channels[i % 2]) for i, n in enumerate(sizes)]
+    tasks = [list(enumerate(docs))[k::3] for k in range(3)]  # (input position, doc), position order
+
+    def sample_of(entries):
+        sample = TrainingSample(budget=6_000, holdout_docs=4)
+        for position, doc in entries:
+            sample.add(doc, (position,))
+        return sample
+
+    whole = sample_of(enumerate(docs))
+    assert 0 < whole.train_docs < 100 and whole.holdout_count == 8  # the budget cut the run
+    held = {text for texts in whole.holdout.values() for text in texts}
+    pool = sorted((train._unit(d.id), i) for i, d in enumerate(docs) if d.text not in held)
+    kept, total = set(), 0
+    for _, i in pool:  # the longest run in hash order within the budget
+        if total + docs[i].nbytes > 6_000:
+            break
+        kept, total = kept | {i}, total + docs[i].nbytes
+    assert whole.training_texts() == [docs[i].text for i in sorted(kept)]
+    a, b, c = (lambda k=k: sample_of(tasks[k]) for k in range(3))  # a fresh sample of each task
+    for merged in (a().merge(b()).merge(c()), c().merge(a()).merge(b()), b().merge(c().merge(a()))):
+        assert merged.training_texts() == whole.training_texts()
+        assert merged.holdout == whole.holdout
+
+
 # Run under transformers 4.57: what a 4.x-era stack (vLLM, SGLang, lm-eval) makes of the export.
 TOKENIZE_SCRIPT = """
 import json, sys, transformers

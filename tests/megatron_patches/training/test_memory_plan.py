@@ -55,9 +55,15 @@ def _static_on_rank(overrides: list[str], tp: int, pp: int) -> tuple[int, int, i
     cfg = load_config(None, [f"model.{k}={v}" for k, v in TINY.items()] + overrides)
     layout = parallel.Layout(torch.distributed.get_world_size(), tp, pp)
     parallel.initialize(layout, cfg.seed, cfg.model)
-    objects = builder.build(cfg)
+    owned, optimizer = _built_static_bytes(builder.build(cfg))
+    return ps.get_pipeline_model_parallel_rank(), ps.get_data_parallel_rank(), owned, optimizer
+
+
+def _built_static_bytes(objects) -> tuple[int, int]:
+    """(DDP buffers' bytes, optimizer state's bytes) of built training objects, after one step."""
     objects.optimizer.step()  # Adam's m and v exist from the first step on
-    model_tensors = [t for buffer in objects.model.buffers for t in (buffer.param_data, buffer.grad_data)]
+    buffers = objects.model.buffers + objects.model.expert_parallel_buffers  # MoE: the experts' own
+    model_tensors = [t for buffer in buffers for t in (buffer.param_data, buffer.grad_data)]
     optimizer_tensors = []
     for optimizer in objects.optimizer.chained_optimizers:
         inner = optimizer.optimizer
@@ -65,8 +71,7 @@ def _static_on_rank(overrides: list[str], tp: int, pp: int) -> tuple[int, int, i
         for state in inner.state.values():  # 0-dim "step" counters are bookkeeping, not per-param memory
             optimizer_tensors += [t for t in state.values() if torch.is_tensor(t) and t.dim() > 0]
     owned = _storages_bytes(model_tensors)
-    total = _storages_bytes(model_tensors + optimizer_tensors)
-    return ps.get_pipeline_model_parallel_rank(), ps.get_data_parallel_rank(), owned, total - owned
+    return owned, _storages_bytes(model_tensors + optimizer_tensors) - owned
 
 
 @pytest.mark.parametrize(
@@ -104,16 +109,18 @@ def _activations_on_rank(layouts: list[dict], seq: int, micro: int) -> list[int]
     from megatron.core import parallel_state as ps
 
     from megatron_patches import parallel
-    from megatron_patches.training.model import build_model_for_this_rank
+    from megatron_patches.training.model import build_model_chunks_for_this_rank
 
     measured = []
     for setting in layouts:
         model_cfg = ModelConfig(**TINY, **setting["model"])
-        tp, pp = setting["tp"], setting["pp"]
+        tp, pp, vpp = setting["tp"], setting["pp"], setting.get("vpp")
         if not ps.model_parallel_is_initialized():
-            parallel.initialize(parallel.Layout(torch.distributed.get_world_size(), tp, pp), 1234, model_cfg)
-        gpt = build_model_for_this_rank(model_cfg, torch.bfloat16, sequence_parallel=setting["sp"])
-        measured.append(_saved_bytes(gpt, model_cfg, seq, micro, tp if setting["sp"] else 1))
+            layout = parallel.Layout(torch.distributed.get_world_size(), tp, pp, vpp)
+            parallel.initialize(layout, 1234, model_cfg)
+        chunks = build_model_chunks_for_this_rank(model_cfg, torch.bfloat16, sequence_parallel=setting["sp"])
+        sp = tp if setting["sp"] else 1
+        measured.append(sum(_saved_bytes(gpt, model_cfg, seq, micro, sp) for gpt in chunks))
     return measured
 
 
@@ -180,6 +187,22 @@ def test_activation_bytes_are_within_10_percent_of_what_autograd_saves(tp, pp, s
             assert abs(planned - got) <= 0.1 * got, (name, stage, planned, got)
 
 
+def test_interleaved_pipeline_activation_bytes_are_within_10_percent_of_what_autograd_saves():
+    # PP=2 x VPP=2: each rank holds two chunks of one layer; rank 0's first embeds, rank 1's last has the loss
+    seq, micro = 64, 2
+    names = ["none", "full block"]  # recompute_num_layers 1: the chunk's one layer
+    settings = [{"tp": 1, "pp": 2, "vpp": 2, "sp": False, "model": RECOMPUTE[name]} for name in names]
+    results = run_on_ranks(_activations_on_rank, 2, settings, seq, micro)
+    layout = PlanLayout(1, 2, 1, virtual_pipeline=2)
+    for stage, measured in enumerate(results):
+        for name, got in zip(names, measured, strict=True):
+            setting = RECOMPUTE[name]
+            recompute = tuple(setting.get(k) for k in ("recompute_granularity", "recompute_method"))
+            recompute += (setting.get("recompute_num_layers"),)
+            planned = stage_activation_bytes(ModelConfig(**TINY), seq, micro, layout, True, stage, recompute)
+            assert abs(planned - got) <= 0.1 * got, (name, stage, planned, got)
+
+
 def test_interleaved_pipeline_holds_the_papers_in_flight_activations():
     # Narayanan et al. 2021: the first stage of the interleaved schedule holds PP * (1 + (PP-1)/(PP*VPP))
     # stages' worth of micro-batches; 1F1B holds PP (and never more micro-batches than the batch has).
@@ -203,3 +226,68 @@ def test_sequence_parallel_recompute_and_context_parallel_shrink_the_activations
     recomputed = plan_memory(model, PlanLayout(2, 1, 4), Precision(), full).activations
     assert sp < plain and recomputed < plain / 10
     assert cp == pytest.approx(plain / 2, rel=0.02)
+
+
+def _moe_static_on_rank(overrides: list[str]) -> tuple[int, int, int, int, int]:
+    """(stage, DP rank, expert-DP rank, buffer bytes, optimizer bytes) at TP=2 x EP=2 (ETP=1) on 4 ranks."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_patches import parallel
+    from megatron_patches.training import builder
+    from megatron_patches.training.config import load_config
+
+    cfg = load_config(None, [f"model.{k}={v}" for k, v in TINY.items()] + overrides)
+    layout = parallel.Layout(4, 2, 1, expert_model_parallel_size=2, expert_tensor_parallel_size=1)
+    parallel.initialize(layout, cfg.seed, cfg.model)
+    owned, optimizer = _built_static_bytes(builder.build(cfg))
+    ranks = (
+        ps.get_pipeline_model_parallel_rank(),
+        ps.get_data_parallel_rank(),
+        ps.get_expert_data_parallel_rank(),
+    )
+    return (*ranks, owned, optimizer)
+
+
+def test_moe_static_bytes_equal_the_tensors_on_every_rank():
+    # a dense first layer, then MoE layers with 6 experts (3 per EP rank) and a gated shared expert;
+    # the experts' buffer is sharded over expert-DP 2 (TP 2 x DP 2 / EP 2), the rest over DP 2
+    moe = dict(
+        num_moe_experts=6,
+        moe_ffn_hidden_size=40,
+        moe_shared_expert_intermediate_size=60,
+        moe_shared_expert_gate=True,
+        moe_layer_freq=[0, 1, 1, 1],
+    )
+    overrides = [f"model.{k}={v}" for k, v in moe.items()]
+    overrides += ["train.bf16=true", "ddp.overlap_grad_reduce=true", "ddp.bucket_size=3000"]
+    results = run_on_ranks(_moe_static_on_rank, 4, overrides)
+    model = ModelConfig(**TINY, **moe)
+    layout = PlanLayout(2, 1, 2, expert_parallel=2, expert_tensor_parallel=1)
+    precision = Precision(bf16=True, bucket_size=3000)
+    for stage, dp_rank, expert_dp_rank, buffers, optimizer in results:
+        weights, grads, planned_optimizer = static_bytes(
+            model, layout, precision, stage, dp_rank, expert_dp_rank
+        )
+        assert (weights + grads, planned_optimizer) == (buffers, optimizer), (dp_rank, expert_dp_rank)
+
+
+def test_moe_activation_bytes_are_within_10_percent_of_what_autograd_saves():
+    # TP 2 with sequence parallel (MoE needs it), the experts split over ETP 2: a dense first layer and a
+    # shared expert, then all-MoE with wider experts; routing is not balanced, the plan assumes it is
+    seq, micro = 64, 2
+    models = [
+        dict(
+            num_moe_experts=8,
+            moe_ffn_hidden_size=24,
+            moe_router_topk=4,
+            moe_shared_expert_intermediate_size=48,
+        )
+        | {"moe_layer_freq": [0, 1, 1, 1]},
+        dict(num_moe_experts=4, moe_ffn_hidden_size=80, moe_router_topk=2),
+    ]
+    settings = [{"tp": 2, "pp": 1, "sp": True, "model": model} for model in models]
+    layout = PlanLayout(2, 1, 1, sequence_parallel=True, expert_tensor_parallel=2)
+    for measured in run_on_ranks(_activations_on_rank, 2, settings, seq, micro):
+        for model, got in zip(models, measured, strict=True):
+            planned = stage_activation_bytes(ModelConfig(**TINY, **model), seq, micro, layout, True, 0)
+            assert abs(planned - got) <= 0.1 * got, (model, planned, got)

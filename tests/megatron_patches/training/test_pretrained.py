@@ -62,17 +62,24 @@ def _first_global_batch(args) -> list[dict]:
     return data.train_batches(0)
 
 
-@pytest.mark.parametrize("fmt", ["torch", "torch_dist"])
-def test_first_iteration_loss_equals_hf_loss_on_the_same_batch(tmp_path, fmt):
+@pytest.mark.parametrize("fmt, vpp", [("torch", None), ("torch_dist", None), ("torch", 2)])
+def test_first_iteration_loss_equals_hf_loss_on_the_same_batch(tmp_path, fmt, vpp):
     hf_dir = save_hf("llama_gqa", tmp_path / "hf", seed=3)  # GQA, untied, vocab 100
-    # A legacy release is converted at the run's TP/PP; torch_dist is re-sharded when loaded.
-    commands.hf2mcore(str(hf_dir), str(tmp_path / "mcore"), tp=2, pp=2, fmt=fmt, quiet=True)
+    # A legacy release is converted at the run's TP/PP(/VPP: model0, model1 per rank file);
+    # torch_dist is re-sharded when loaded.
+    commands.hf2mcore(str(hf_dir), str(tmp_path / "mcore"), tp=2, pp=2, vpp=vpp, fmt=fmt, quiet=True)
     prefix = write_corpus(tmp_path / "data", "en", 60, 100, seed=5)
     args = _args(tmp_path / "run", prefix, tmp_path / "mcore")
+    args += [f"parallel.virtual_pipeline_model_parallel_size={vpp}"] if vpp else []
 
     assert run_on_ranks(_train, 4, args, timeout=600) == [0] * 4
     first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
 
+    _assert_first_loss_is_hf_loss(first, hf_dir, args)
+
+
+def _assert_first_loss_is_hf_loss(first: dict, hf_dir, args: list[str]) -> None:
+    """The trainer's logged first loss equals the HF model's mean token loss on the same global batch."""
     [batches] = run_on_ranks(_first_global_batch, 1, args)
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager").eval()
     loss_sum = tokens = 0.0
@@ -90,6 +97,25 @@ def test_first_iteration_loss_equals_hf_loss_on_the_same_batch(tmp_path, fmt):
         first,
         loss_sum / tokens,
     )
+
+
+def test_an_expert_parallel_moe_release_starts_training_with_the_hf_loss(tmp_path):
+    """A Mixtral-style release converted at EP 2 (mp_rank_00_00E files) loads rank by rank at EP 2;
+    at another EP it is refused in one line naming the re-shard command."""
+    from megatron_patches.training.config import load_config
+    from megatron_patches.training.validate import plan_run
+
+    hf_dir = save_hf("mixtral", tmp_path / "hf", seed=3)  # 6 experts, top-3
+    commands.hf2mcore(str(hf_dir), str(tmp_path / "mcore"), ep=2, quiet=True)
+    prefix = write_corpus(tmp_path / "data", "en", 60, 100, seed=5)
+    args = _args(tmp_path / "run", prefix, tmp_path / "mcore")
+    args += ["parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1"]
+    with pytest.raises(ConfigError, match="converted for TP=1 PP=1 EP=2 but this run is TP=1 PP=1;"):
+        plan_run(load_config(None, args), world_size=2)
+    args += ["parallel.expert_model_parallel_size=2"]
+    assert run_on_ranks(_train, 2, args, timeout=300) == [0, 0]
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    _assert_first_loss_is_hf_loss(first, hf_dir, args)
 
 
 def test_bf16_update_at_zero_lr_keeps_the_pretrained_weights_and_exports_them_as_bf16(tmp_path):

@@ -77,6 +77,14 @@ def _fake_checkpoints(root: Path, iterations: list[int]) -> None:
     (root / "latest_checkpointed_iteration.txt").write_text(str(iterations[-1]))
 
 
+def test_a_roll_back_reloads_the_newest_checkpoint_at_least_lookback_before_the_anomaly(tmp_path):
+    _fake_checkpoints(tmp_path, [8, 16, 20, 24])  # iter_24: a newer, abandoned branch's
+    assert rollback.target(tmp_path, 23, lookback=0).name == "iter_0000020"  # the newest before it
+    assert rollback.target(tmp_path, 21, lookback=1).name == "iter_0000020"
+    assert rollback.target(tmp_path, 23, lookback=4).name == "iter_0000016"
+    assert rollback.target(tmp_path, 8, lookback=0) is None
+
+
 def test_load_iteration_names_a_pruned_checkpoint_and_refuses_to_mix_branches(tmp_path, monkeypatch):
     old, new = tmp_path / "old", tmp_path / "new"
     _fake_checkpoints(old, [30, 40])
@@ -154,7 +162,21 @@ def test_drops_have_their_own_threshold_and_are_off_by_default():
 # -- end to end: a poisoned window at DP2 x PP2 ------------------------------------------------------
 
 WINDOW = (176, 191)  # sample ids of iterations 23 and 24 (global batch 8)
-GUARD = "{{action: rollback, warmup: 5, window: 8, std_factor: 3, min_ratio: 1.2, {drop} skip_margin: 8}}"
+GUARD = "{{action: rollback, warmup: 5, window: 8, std_factor: 3, min_ratio: 1.2, {extra} skip_margin: 8}}"
+
+
+def _poisoned_blend(tmp_path: Path, kind: str) -> list:
+    """Two channels, the second poisoned in ``WINDOW`` (``rise`` or ``drop``)."""
+    # One epoch of each channel: Megatron's sample order then does not depend on the dataset size.
+    clean = [
+        1,
+        write_skewed_corpus(tmp_path, "zh", 300, seed=1),
+        1,
+        write_skewed_corpus(tmp_path, "en", 300, seed=2),
+    ]
+    # Megatron-Core's dataset builder wants a process group: one rank builds the poisoned copy.
+    [data] = run_on_ranks(poisoned_copy, 1, clean, 1, WINDOW, kind, tmp_path / "poisoned", 128)
+    return data
 
 
 def _poisoned_args(run_dir, data, kind, *extra):
@@ -167,7 +189,7 @@ def _poisoned_args(run_dir, data, kind, *extra):
         "logging.log_interval=1",
         "logging.eval_interval=32",
         "checkpoint.save_interval=4",
-        f"patches.loss_spike={GUARD.format(drop=drop)}",
+        f"patches.loss_spike={GUARD.format(extra=drop)}",
         *extra,
     )
 
@@ -175,15 +197,7 @@ def _poisoned_args(run_dir, data, kind, *extra):
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["rise", "drop"])
 def test_a_poisoned_window_is_rolled_back_and_skipped_like_removing_it_up_front(tmp_path, kind):
-    # One epoch of each channel: Megatron's sample order then does not depend on the dataset size.
-    clean = [
-        1,
-        write_skewed_corpus(tmp_path, "zh", 300, seed=1),
-        1,
-        write_skewed_corpus(tmp_path, "en", 300, seed=2),
-    ]
-    # Megatron-Core's dataset builder wants a process group: one rank builds the poisoned copy.
-    [data] = run_on_ranks(poisoned_copy, 1, clean, 1, WINDOW, kind, tmp_path / "poisoned", 128)
+    data = _poisoned_blend(tmp_path, kind)
     run_dir = tmp_path / "rollback"
     assert run_on_ranks(_train, 4, _poisoned_args(run_dir, data, kind), timeout=600) == [0] * 4
     [record] = [json.loads(line) for line in (run_dir / "rollbacks.jsonl").read_text().splitlines()]
@@ -202,3 +216,38 @@ def test_a_poisoned_window_is_rolled_back_and_skipped_like_removing_it_up_front(
     final = tensorboard_scalars(run_dir, "lm loss validation")[32]
     assert final == pytest.approx(tensorboard_scalars(reference, "lm loss validation")[32], rel=1e-3)
     assert losses(run_dir) == losses(reference)  # after the roll-back: the same steps, bit for bit
+
+
+@pytest.mark.slow
+def test_keep_last_1_spares_the_checkpoint_a_look_back_roll_back_reloads(tmp_path):
+    data = _poisoned_blend(tmp_path, "rise")
+    run_dir = tmp_path / "rollback"
+    guard = GUARD.format(extra="lookback: 4,")
+    args = tiny_args(
+        run_dir,
+        data,
+        "train.train_iters=24",
+        "checkpoint.save_interval=4",
+        "checkpoint.keep_last=1",
+        "logging.log_interval=1",
+        f"patches.loss_spike={guard}",
+    )
+    assert run_on_ranks(_train, 2, args, timeout=600) == [0, 0]
+    [record] = [json.loads(line) for line in (run_dir / "rollbacks.jsonl").read_text().splitlines()]
+    # The anomaly at 23 reaches back 4 iterations: not iter_20 (the newest) but iter_16, which
+    # keep_last=1 would have deleted when iter_20 was saved.
+    assert record["iteration"] == 23 and record["checkpoint_iteration"] == 16
+    assert record["skipped"] == [[128, 191, "main"]]  # read since iteration 16, plus the margin
+    # keep_last=1 still prunes: at the end only iter_24 and the one a roll-back after 24 would need
+    kept = sorted(p.name for p in (run_dir / "checkpoints").glob("iter_*"))
+    assert kept == ["iter_0000020", "iter_0000024"]
+    # The log tags the abandoned iterations; TensorBoard shows one value per step, the new branch's.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records if "rolled_back_at" not in r] == list(range(1, 25))
+    assert [r["iteration"] for r in records if r.get("rolled_back_at") == 23] == list(range(17, 24))
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("lm loss")] == list(range(1, 25))
+    assert {e.step: e.value for e in events.Scalars("lm loss")} == pytest.approx(losses(run_dir))

@@ -111,8 +111,13 @@ def test_interrupted_and_resumed_run_repeats_the_uninterrupted_losses(tmp_path, 
 
 
 def test_resume_at_another_dp_size_works_and_other_tp_or_batch_size_is_refused(tmp_path, capfd):
+    """With the optimizer state saved dp_reshardable; fully_reshardable: test_resume_layout.py."""
     data = [1, write_corpus(tmp_path / "data", "zh", 40, 128, seed=1)]
-    common = ("train.train_iters=4", "checkpoint.save_interval=100")
+    common = (
+        "train.train_iters=4",
+        "checkpoint.save_interval=100",
+        "checkpoint.dist_ckpt_optim_fully_reshardable=false",
+    )
     first = tiny_args(tmp_path / "run", data, *common, "train.exit_interval=2")
     assert run_on_ranks(_train, 2, first, timeout=300) == [0, 0]  # DP = 2
     with pytest.raises(ConfigError) as err:
@@ -121,7 +126,7 @@ def test_resume_at_another_dp_size_works_and_other_tp_or_batch_size_is_refused(t
         str(err.value)
     )
     at_tp2 = load_config(None, tiny_args(tmp_path / "run", data, *common, "tensor_model_parallel_size=2"))
-    with pytest.raises(ConfigError, match="was saved at TP=1 PP=1; a resume needs the same TP/PP"):
+    with pytest.raises(ConfigError, match="saved at TP=1 PP=1 with dp_reshardable optimizer state, which lo"):
         plan_run(at_tp2, world_size=2)
     capfd.readouterr()
     assert run_on_ranks(_train, 1, tiny_args(tmp_path / "run", data, *common), timeout=300) == [0]

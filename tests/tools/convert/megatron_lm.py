@@ -28,7 +28,9 @@ ITERATION = 10
 HF_VOCAB = tiny.BASE["vocab_size"]
 
 
-def megatron_lm_namespace(case: str, tp: int, pp: int, impl: str) -> argparse.Namespace:
+def megatron_lm_namespace(
+    case: str, tp: int, pp: int, impl: str, vpp: int | None = None
+) -> argparse.Namespace:
     """What ``pretrain_gpt.py`` would hold in ``args`` for the tiny HF case, with some of its other flags."""
     from megatron.core.transformer.enums import AttnBackend
 
@@ -58,6 +60,7 @@ def megatron_lm_namespace(case: str, tp: int, pp: int, impl: str) -> argparse.Na
         padded_vocab_size=-(-HF_VOCAB // (128 * tp)) * 128 * tp,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
         transformer_impl=impl,
         attention_backend=AttnBackend.auto,
         params_dtype=torch.float32,
@@ -90,17 +93,27 @@ def _megatron_lm_entries(args: argparse.Namespace | None) -> dict:
     return entries if args is None else {"args": args, **entries}
 
 
-def legacy(hf_dir: Path, out: Path, case: str, tp: int, pp: int, spec: str, with_args: bool = True) -> Path:
-    """``out/iter_0000010/mp_rank_TT[_PPP]/model_optim_rng.pt`` as Megatron-LM writes them."""
+def legacy(
+    hf_dir: Path,
+    out: Path,
+    case: str,
+    tp: int,
+    pp: int,
+    spec: str,
+    with_args: bool = True,
+    vpp: int | None = None,
+) -> Path:
+    """``out/iter_0000010/mp_rank_TT[_PPP]/model_optim_rng.pt`` as Megatron-LM writes them (with ``vpp``:
+    ``model0``, ``model1``, ... in each, as its ``generate_state_dict`` names the model chunks)."""
     ours = out.parent / f"{out.name}.hf2mcore"
-    commands.hf2mcore(str(hf_dir), str(ours), tp=tp, pp=pp, spec=spec, quiet=True)
+    commands.hf2mcore(str(hf_dir), str(ours), tp=tp, pp=pp, vpp=vpp, spec=spec, quiet=True)
     impl = "transformer_engine" if spec == "te" else "local"
-    args = megatron_lm_namespace(case, tp, pp, impl) if with_args else None
+    args = megatron_lm_namespace(case, tp, pp, impl, vpp) if with_args else None
     for tp_rank in range(tp):
         for pp_rank in range(pp):
             mine = ckpt_format.load_rank(ours / "release", tp_rank, pp_rank, pp)
             state = {
-                "model": mine["model"],
+                **{key: mine[key] for key in ckpt_format.model_keys(vpp or 1)},
                 "optimizer": {"optimizer": {"state": {}, "param_groups": []}, "fp32_from_fp16_params": []},
                 "rng_state": _rng_state(),
                 **_megatron_lm_entries(args),

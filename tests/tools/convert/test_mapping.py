@@ -115,8 +115,17 @@ def test_shard_fast_path_equals_split_of_the_whole(family):
     """hf2mcore computes each rank's piece from its own rows; it must equal splitting the whole tensor."""
     cfg = ModelConfig(num_layers=1, hidden_size=32, ffn_hidden_size=48, num_attention_heads=8, vocab_size=300)
     cfg.num_query_groups = 8 if family == "baichuan2" else 4
-    cfg.add_qkv_bias = family == "qwen2"
-    cfg.qk_layernorm = family == "qwen3"
+    cfg.add_qkv_bias = family in ("qwen2", "qwen2_moe")
+    cfg.qk_layernorm = family in ("qwen3", "qwen3_moe")
+    if family.endswith(("_moe", "mixtral")):  # 3 routed experts; Qwen2-MoE's gated shared expert
+        cfg.num_moe_experts, cfg.moe_ffn_hidden_size = 3, 24
+        cfg.moe_shared_expert_intermediate_size = 40 if family == "qwen2_moe" else None
+        cfg.moe_shared_expert_gate = family == "qwen2_moe"
+    if family.startswith("deepseek"):  # MLA with query compression, 3 routed experts + a shared one
+        cfg.multi_latent_attention, cfg.qk_layernorm, cfg.q_lora_rank, cfg.kv_lora_rank = True, True, 16, 12
+        cfg.qk_head_dim, cfg.qk_pos_emb_head_dim, cfg.v_head_dim = 4, 4, 6
+        cfg.num_moe_experts, cfg.moe_ffn_hidden_size, cfg.moe_shared_expert_intermediate_size = 3, 24, 48
+        cfg.moe_router_enable_expert_bias = family == "deepseek_v3"
     gen = torch.Generator().manual_seed(0)
     shapes = layout.canonical_shapes(cfg)
     for entry, layer in FAMILIES[family].expand(cfg):

@@ -55,6 +55,61 @@ CASES = {
     "qwen3_tied_mha": ("qwen3", dict(head_dim=4, tie_word_embeddings=True)),
 }
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2), (4, 2), (8, 1)]
+# Mixture-of-Experts families at odd shapes: experts not a power of two, top-3, vocabulary 100.
+MOE_CASES = {
+    "mixtral": ("mixtral", dict(num_local_experts=6, num_experts_per_tok=3, num_key_value_heads=2)),
+    # 12 experts (EP 1, 2, 4), a dense first layer, softmax over all experts then top-3 (no renormalization)
+    "qwen2_moe": (
+        "qwen2_moe",
+        dict(
+            num_experts=12,
+            num_experts_per_tok=3,
+            moe_intermediate_size=40,
+            shared_expert_intermediate_size=56,
+            mlp_only_layers=[0],
+            norm_topk_prob=False,
+            num_key_value_heads=4,
+        ),
+    ),
+    "qwen3_moe": (
+        "qwen3_moe",
+        dict(
+            num_experts=6,
+            num_experts_per_tok=3,
+            moe_intermediate_size=48,
+            norm_topk_prob=True,
+            head_dim=16,
+            num_key_value_heads=4,
+        ),
+    ),
+}
+
+# DeepSeek (Multi-Latent Attention) at odd shapes: v_head_dim != qk_head_dim, 6 routed experts in 3 groups,
+# 2 shared experts, a dense first layer; V2-Lite without query compression, with YaRN.
+MLA = dict(kv_lora_rank=20, qk_nope_head_dim=12, qk_rope_head_dim=6, v_head_dim=10, rms_norm_eps=1e-6)
+DS_MOE = dict(moe_intermediate_size=16, n_shared_experts=2, first_k_dense_replace=1, num_hidden_layers=3)
+YARN = dict(
+    rope_type="yarn", factor=4.0, original_max_position_embeddings=64, mscale=0.707, mscale_all_dim=0.707
+)
+DEEPSEEK_CASES = {
+    "deepseek_v2_lite": (
+        "deepseek_v2",
+        dict(**MLA, **DS_MOE, q_lora_rank=None, n_routed_experts=6, num_experts_per_tok=3, rope_scaling=YARN),
+    ),
+    "deepseek_v3": (
+        "deepseek_v3",
+        dict(
+            **MLA,
+            **DS_MOE,
+            q_lora_rank=24,
+            n_routed_experts=6,
+            num_experts_per_tok=4,
+            n_group=3,
+            topk_group=2,
+            routed_scaling_factor=2.5,
+        ),
+    ),
+}
 
 
 def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -71,11 +126,14 @@ def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
                 param.copy_(noise)
             else:
                 param.copy_(1.5 * noise / math.sqrt(param.shape[1]))
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek-V3's routing bias: let it change choices
+                buffer.copy_(0.3 * torch.randn(buffer.shape, generator=gen))
     return model
 
 
 def hf_model(case: str, seed: int = 0):
-    model_type, overrides = CASES[case]
+    model_type, overrides = {**CASES, **MOE_CASES, **DEEPSEEK_CASES}[case]
     config = transformers.AutoConfig.for_model(model_type, **{**BASE, **overrides})
     config._attn_implementation = "eager"
     return randomize(transformers.AutoModelForCausalLM.from_config(config), seed).eval()

@@ -6,12 +6,17 @@ from megatron_patches.errors import ConfigError
 from megatron_patches.formats.model_config import ModelConfig
 from tools.convert.families.baichuan2 import BAICHUAN1_ARCHITECTURE, BAICHUAN2
 from tools.convert.families.base import Family
+from tools.convert.families.deepseek import DEEPSEEK_V2, DEEPSEEK_V3
 from tools.convert.families.llama import LLAMA
 from tools.convert.families.mistral import MISTRAL
+from tools.convert.families.mixtral import MIXTRAL
 from tools.convert.families.qwen2 import QWEN2
+from tools.convert.families.qwen2_moe import QWEN2_MOE
 from tools.convert.families.qwen3 import QWEN3
+from tools.convert.families.qwen3_moe import QWEN3_MOE
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (LLAMA, MISTRAL, QWEN2, QWEN3, BAICHUAN2)}
+_ALL = (LLAMA, MISTRAL, QWEN2, QWEN3, BAICHUAN2, MIXTRAL, QWEN2_MOE, QWEN3_MOE, DEEPSEEK_V2, DEEPSEEK_V3)
+FAMILIES: dict[str, Family] = {f.name: f for f in _ALL}
 # Architectures a family's model_type would claim, but whose weights mean something else.
 REFUSED_ARCHITECTURES = {
     BAICHUAN1_ARCHITECTURE: (
@@ -56,6 +61,12 @@ def family_of(config: dict) -> Family:
 
 def default_family(cfg: ModelConfig) -> Family:
     """The HF family a Megatron-only checkpoint (trained from scratch) exports as."""
+    if cfg.multi_latent_attention:
+        return DEEPSEEK_V3 if cfg.moe_router_score_function == "sigmoid" else DEEPSEEK_V2
+    if cfg.num_moe_experts:
+        if cfg.moe_shared_expert_intermediate_size:
+            return QWEN2_MOE
+        return QWEN3_MOE if cfg.qk_layernorm else MIXTRAL
     if cfg.qk_layernorm:
         return QWEN3
     return QWEN2 if cfg.add_qkv_bias else LLAMA

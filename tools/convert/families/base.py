@@ -53,7 +53,8 @@ class Family:
         first = next(n for n, e in enumerate(table) if e.per_layer)
         layers = [e for e in table if e.per_layer]
         expanded = [(e, None) for e in table[:first] if not e.per_layer]
-        expanded += [(e, i) for i in range(cfg.num_layers) for e in layers]
+        for i, is_moe in enumerate(cfg.moe_layer_pattern()):
+            expanded += [(e, i) for e in layer_entries(layers, cfg, bool(is_moe))]
         expanded += [(e, None) for e in table[first:] if not e.per_layer]
         held = [e.at(i)[0] for e, i in expanded if e.mcore]
         params = layout.canonical_shapes(cfg)
@@ -71,6 +72,21 @@ class Family:
 
     def zero_biases(self, cfg: ModelConfig) -> list[ZeroBias]:
         return [e for e in self.table(cfg) if isinstance(e, ZeroBias)]
+
+
+# Layer-relative prefixes of an MoE layer's MLP (Megatron-Core's MoELayer); a dense MLP's: "mlp.linear_fc".
+MOE_MLP_PREFIXES = ("mlp.router.", "mlp.experts.", "mlp.shared_experts.")
+
+
+def layer_entries(entries: list[Entry], cfg: ModelConfig, is_moe: bool) -> list[Entry]:
+    """One layer's entries: the MLP entries of its kind (dense or MoE), routed-expert entries per expert."""
+    out = []
+    for entry in entries:
+        suffix = entry.mcore.split(".{i}.", 1)[-1]
+        if suffix.startswith("mlp.") and suffix.startswith(MOE_MLP_PREFIXES) != is_moe:
+            continue
+        out += [entry.for_expert(j) for j in range(cfg.num_moe_experts)] if entry.per_expert else [entry]
+    return out
 
 
 def require(config: dict, *keys: str) -> None:

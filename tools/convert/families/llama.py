@@ -35,9 +35,11 @@ FINAL_NORM = Replicated("decoder.final_layernorm.weight", ("model.norm.weight",)
 LM_HEAD = VocabParallel("output_layer.weight", ("lm_head.weight",))
 
 
-def decoder(cfg: ModelConfig, attention: list[Entry], head: Entry = LM_HEAD) -> list[Entry]:
-    """The Llama layout around a family's attention entries; tied models have no head of their own."""
-    entries = [EMBEDDING, INPUT_NORM, *attention, POST_ATTENTION_NORM, GATE_UP, DOWN, FINAL_NORM]
+def decoder(
+    cfg: ModelConfig, attention: list[Entry], head: Entry = LM_HEAD, mlp: tuple[Entry, ...] = (GATE_UP, DOWN)
+) -> list[Entry]:
+    """The Llama layout around a family's attention (and MLP) entries; tied models have no own head."""
+    entries = [EMBEDDING, INPUT_NORM, *attention, POST_ATTENTION_NORM, *mlp, FINAL_NORM]
     return [*entries, head] if cfg.untie_embeddings_and_output_weights else entries
 
 

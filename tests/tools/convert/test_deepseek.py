@@ -1,0 +1,129 @@
+"""DeepSeek-V2-Lite and DeepSeek-V3 conversion: Multi-Latent Attention, shared experts, first-k-dense, V3's
+sigmoid router with expert bias and group-limited routing, at odd shapes (v_head_dim != qk_head_dim,
+6 routed experts, top-3 / top-4 of 3 groups, YaRN on V2-Lite).
+
+HF -> Megatron -> HF is bit-exact at TP2 x EP3, and on 4 gloo ranks (TP2 x EP2 with sequence parallel,
+experts unsplit: the MLA projections and experts placed as the converter writes them) Megatron-Core's
+MLA and MoE layers compute the HF models' logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from megatron_patches.errors import ConfigError
+from megatron_patches.formats import checkpoint as ckpt_format
+from tests.dist import run_on_ranks
+from tests.tools.convert import tiny
+from tests.tools.convert.test_logits import _forward, _hf_logits, _save_torch_dist, _tokens
+from tests.tools.convert.test_moe import _stored_shapes
+from tools.convert import commands
+from tools.convert.families import deepseek
+
+CASES = list(tiny.DEEPSEEK_CASES)
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("hf_deepseek")
+    return {case: tiny.save_hf(case, root / case, seed=40 + n) for n, case in enumerate(CASES)}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_hf_to_mcore_to_hf_is_bit_exact_at_tp2_ep3(case, hf_dirs, tmp_path):
+    commands.hf2mcore(hf_dirs[case], tmp_path / "mcore", tp=2, ep=3, quiet=True)
+    assert ckpt_format.legacy_grid(tmp_path / "mcore" / "release") == (2, 1, 3)
+    commands.mcore2hf(tmp_path / "mcore", tmp_path / "hf", quiet=True)
+    tiny.assert_same_tensors(tiny.hf_tensors(hf_dirs[case]), tiny.hf_tensors(tmp_path / "hf"))
+    config = transformers.AutoConfig.from_pretrained(tmp_path / "hf").to_dict()
+    source = transformers.AutoConfig.from_pretrained(hf_dirs[case]).to_dict()
+    assert {**config, "_name_or_path": ""} == {**source, "_name_or_path": ""}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_export_without_hf_files_derives_a_config_computing_the_same_logits(case, hf_dirs, tmp_path):
+    """A DeepSeek-style model trained from scratch has only its model_config; its export must route alike."""
+    commands.hf2mcore(hf_dirs[case], tmp_path / "mcore", quiet=True)
+    for side_file in ("config.json", "generation_config.json", "tokenizer_config.json"):
+        (tmp_path / "mcore" / side_file).unlink(missing_ok=True)
+    commands.mcore2hf(tmp_path / "mcore", tmp_path / "hf", quiet=True)
+    architecture = transformers.AutoConfig.from_pretrained(tmp_path / "hf").architectures
+    assert architecture == transformers.AutoConfig.from_pretrained(hf_dirs[case]).architectures
+    tokens = _tokens()
+    assert torch.equal(_hf_logits(tmp_path / "hf", tokens), _hf_logits(hf_dirs[case], tokens))
+
+
+def _megatron_logits(checkpoints: list[str], tokens: torch.Tensor, torch_dist_root: str) -> list:
+    from megatron.core import parallel_state as ps
+
+    from megatron_patches import parallel
+    from megatron_patches.training.model import build_model_for_this_rank
+
+    results = []
+    for n, root in enumerate(checkpoints):
+        # TP > 1 MoE runs with sequence parallel, experts unsplit (ETP=1) and the alltoall dispatcher on gloo.
+        cfg = dataclasses.replace(ckpt_format.read_model_config(root), moe_token_dispatcher_type="alltoall")
+        layout = parallel.Layout(4, 2, 1, expert_model_parallel_size=2, expert_tensor_parallel_size=1)
+        parallel.initialize(layout, seed=n, model=cfg)
+        ep_rank = ps.get_expert_model_parallel_rank()
+        tp_rank = ps.get_tensor_model_parallel_rank()
+        state, _ = ckpt_format.load_model_for_rank(root, tp_rank, 0, 1, ep_rank=ep_rank, ep_size=2)
+        model = build_model_for_this_rank(cfg, sequence_parallel=True)
+        model.load_state_dict(state, strict=True)
+        model.eval()
+        results.append(_forward(model, tokens))
+        if n == len(checkpoints) - 1:
+            _save_torch_dist(model, cfg, torch_dist_root)  # as the trainer saves (Megatron-Core's layout)
+        ps.destroy_model_parallel()
+    return results
+
+
+def test_tp2_ep2_logits_match_hf(hf_dirs, tmp_path):
+    tokens = _tokens()
+    expected, checkpoints = [], []
+    for case in CASES:
+        expected.append(_hf_logits(hf_dirs[case], tokens))
+        commands.hf2mcore(hf_dirs[case], tmp_path / case, tp=2, ep=2, etp=1, quiet=True)
+        checkpoints.append(str(tmp_path / case))
+    trainer = tmp_path / "trainer"
+    logits = run_on_ranks(_megatron_logits, 4, checkpoints, tokens, str(trainer), timeout=240)[0]
+    for case, want, got in zip(CASES, expected, logits, strict=True):
+        assert (got[..., : want.shape[-1]] - want).abs().max() <= 1e-4, case
+
+    # Megatron-Core's own torch_dist save of the MLA + MoE model exports bit-exactly, and hf2mcore
+    # --format torch_dist writes its keys and shapes (vocabulary: TP=1's padding).
+    source = hf_dirs[CASES[-1]]
+    commands.mcore2hf(trainer, tmp_path / "export", hf_config=str(source), quiet=True)
+    tiny.assert_same_tensors(tiny.hf_tensors(source), tiny.hf_tensors(tmp_path / "export"))
+    commands.hf2mcore(source, tmp_path / "dist", fmt="torch_dist", quiet=True)
+    written = _stored_shapes(tmp_path / "dist" / "release")
+    saved = _stored_shapes(trainer / ckpt_format.iteration_dir_name(7))
+    assert written.keys() == saved.keys()
+    assert {k: v for k, v in written.items() if saved[k] != v} == {
+        "embedding.word_embeddings.weight": (128, 64),
+        "output_layer.weight": (128, 64),
+    }
+
+
+@pytest.mark.parametrize(
+    ("family", "change", "message"),
+    [
+        (deepseek.read_v3, dict(num_experts_per_tok=6), "top-2 scores; Megatron-Core by the top"),
+        (deepseek.read_v3, dict(norm_topk_prob=False), "needs norm_topk_prob=true exactly when"),
+        (deepseek.read_v3, dict(rms_norm_eps=1e-5), "rms_norm_eps must be 1e-06"),
+        (deepseek.read_v3, dict(quantization_config={"quant_method": "fp8"}), "quantized DeepSeek"),
+        (deepseek.read_v3, dict(rope_interleave=False), "rope_interleave=false is not supported"),
+        (deepseek.read_v2, dict(topk_method="group_limited_greedy", n_group=3, topk_group=1), "top-1 scores"),
+        (deepseek.read_v2, dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "'dynamic' is not"),
+    ],
+)
+def test_configs_megatron_core_would_compute_differently_are_refused(family, change, message, hf_dirs):
+    case = "deepseek_v3" if family is deepseek.read_v3 else "deepseek_v2_lite"
+    config = transformers.AutoConfig.from_pretrained(hf_dirs[case]).to_dict()
+    with pytest.raises(ConfigError, match=message):
+        family({**config, **change})
