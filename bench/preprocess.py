@@ -336,7 +336,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")  # megatron-core's notes about optional GPU packages
     os.environ.setdefault("PYTHONWARNINGS", "ignore")  # and in the measuring processes
     files = make_corpus(args.workdir / f"corpus-{args.mb}mb", args.mb)
-    tokenizer = train_tokenizer(files, args.workdir, args.vocab)
+    tokenizer = train_tokenizer(files, args.workdir, args.vocab) if "tokenize" in stages else None
     sample = first_bytes(files, args.baseline_mb)
     out = args.workdir / "out"
     print(

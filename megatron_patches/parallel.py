@@ -86,6 +86,18 @@ def validate_layout(layout: Layout, model: ModelConfig | None = None) -> None:
     _require_divisible("num_layers", model.num_layers, "PP", pp)
     _check_virtual_pipeline(layout, model.num_layers)
     _check_experts(layout, model)
+    _check_latent_attention(tp, model)
+
+
+def _check_latent_attention(tp: int, model: ModelConfig) -> None:
+    """The local spec's MLA splits its down projections over TP (``ColumnParallelLinear``); TE's
+    keeps them whole (``parallel_mode='duplicated'``), so only the local spec needs these."""
+    if not model.multi_latent_attention or model.transformer_impl == "transformer_engine":
+        return
+    if model.q_lora_rank is not None:
+        _require_divisible("q_lora_rank", model.q_lora_rank, "TP", tp)
+    latent = model.kv_lora_rank + model.qk_pos_emb_head_dim
+    _require_divisible("kv_lora_rank + qk_pos_emb_head_dim", latent, "TP", tp)
 
 
 def _check_virtual_pipeline(layout: Layout, num_layers: int) -> None:

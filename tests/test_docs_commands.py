@@ -85,12 +85,17 @@ CHECKS = {
     "make convert HF=/models/Llama-2-7b-hf OUT=ckpt/ TP=4 PP=2": Run(
         "make -o install convert HF={tiny_hf} OUT={tmp}/ckpt/ TP=4 PP=2"
     ),
-    "DATA_BLEND=/data/tokenized/blend.yaml srun --ntasks-per-node=1 bash launch/pretrain_7b.sh": Launch(),
+    "RUN_DIR=/shared/runs/llama2_7b DATA_BLEND=/data/blend.yaml sbatch --nodes=4 --gpus-per-node=8"
+    " --time=24:00:00 launch/slurm_pretrain.sbatch": RunBy(
+        "tests/launch/test_slurm_requeue.py::test_the_job_requeues_itself_until_the_run_has_finished"
+    ),
     "make demo ARGS=--moe": Parse(),
     # docs/moe.md
     "DATA_BLEND=/data/tokenized/blend.yaml bash launch/pretrain_moe.sh CONFIG=deepseek_moe_2b": Launch(),
     "python -m tools.convert hf2mcore --hf Mixtral-8x7B-v0.1 --out ckpt --tp 2 --pp 2 --ep 4": Parse(),
     "python -m tools.convert hf2mcore --hf DeepSeek-V2-Lite --out ckpt --tp 2 --ep 4 --etp 1": Parse(),
+    "python -m tools.convert hf2mcore --hf Qwen3-30B-A3B --out ckpt --tp 2 --ep 4 --spec te"
+    " --moe-grouped-gemm": Parse(),
     # docs/training.md
     "python -m megatron_patches.training --config launch/configs/tiny.yaml"
     " [key=value ...] [--dry-run]": Parse(
@@ -127,6 +132,19 @@ CHECKS = {
     " --thresholds 0.6,0.7,0.8,0.9 [--tokenizer DIR]": Parse(
         "python -m data.preprocess dedup-plan --config data/demo/config.yaml --out runs/plan"
         " --thresholds 0.6,0.7,0.8,0.9 --tokenizer DIR"
+    ),
+    "python -m data.preprocess train-scorer --positive 'good/*.jsonl' --negative 'bad/*.jsonl'"
+    " --out work/scorer [--config c.yaml]": Parse(
+        "python -m data.preprocess train-scorer --positive 'good/*.jsonl' --negative 'bad/*.jsonl'"
+        " --out work/scorer --config c.yaml"
+    ),
+    "python -m data.preprocess drop-used --tokenized runs/demo/data/tokenized --usage"
+    " runs/demo/train/checkpoints/iter_0000400/usage --max-uses 2"
+    " --out runs/demo/data/tokenized_fresh": Parse(),
+    "python -m data.preprocess merge-tokenized --inputs work/tokenized-0 work/tokenized-1"
+    " --out work/tokenized [--config c.yaml]": Parse(
+        "python -m data.preprocess merge-tokenized --inputs work/tokenized-0 work/tokenized-1"
+        " --out work/tokenized --config c.yaml"
     ),
     # docs/convert.md
     "python -m tools.convert hf2mcore --hf Llama-2-7b-hf --out ckpt --tp 4 --pp 2 [--format torch|torch_dist]"
@@ -187,6 +205,7 @@ CHECKS = {
     "python bench/moe_load_overhead.py": Parse(),
     "python bench/preprocess.py --mb 200": Parse(),
     "python bench/preprocess.py --mb 200 --only tokenize --repeat 3": Parse(),
+    "python bench/preprocess.py --mb 200 --only clean": Parse(),
     "python bench/convert.py": Parse(),
     "python bench/convert.py --layers 2 --cold": Parse(),
     "bash bench/gpu_check.sh [RESULT_DIR]": RunBy(

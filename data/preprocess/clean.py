@@ -1,9 +1,10 @@
-"""Rule-based quality filters with per-channel thresholds.
+"""What the clean rules measure: character-class ratios, URL share, and blocklist keyword hits.
 
-Each rule measures one number and compares it with a threshold; a rejected document is written to
-`rejected/<rule>.jsonl` with the measured value so a person can check what a rule drops. Code,
-markdown and math get their own defaults (`thresholds.CHANNEL_DEFAULTS`): prose rules such as the
-symbol ratio or line repetition would wash them out. Any threshold set to null in the config is off.
+The rules themselves are filters (`filters.py`); each measures one number and compares it with a
+threshold; a rejected document is written to `rejected/<rule>.jsonl` with the measured value so a
+person can check what a rule drops. Code, markdown and math get their own defaults
+(`thresholds.CHANNEL_DEFAULTS`): prose rules such as the symbol ratio or line repetition would wash
+them out. Any threshold set to null in the config is off.
 """
 
 from __future__ import annotations
@@ -15,11 +16,6 @@ from pathlib import Path
 import numpy as np
 
 from megatron_patches.errors import ConfigError
-
-from . import repetition
-from .document import Document
-from .label import LabelConfig, infer_channel
-from .thresholds import Thresholds
 
 _URL = re.compile(r"(?:https?://|www\.)[^\s<>\"'\u3000-\u303f\uff00-\uffef]+", re.IGNORECASE)
 
@@ -126,86 +122,3 @@ class Blocklist:
 
     def hits(self, text: str) -> int:
         return len(self.pattern.findall(text.lower())) if self.pattern else 0
-
-
-Verdict = tuple[bool, str | None, float | None]  # (keep, rule, measured value)
-_KEEP: Verdict = (True, None, None)
-
-
-def _over(value: float, limit: float | None) -> bool:
-    return limit is not None and value > limit
-
-
-def _under(value: float, limit: float | None) -> bool:
-    return limit is not None and value < limit
-
-
-def check(text: str, t: Thresholds, blocklist: Blocklist | None = None) -> Verdict:
-    """The first rule that rejects `text` under thresholds `t`, cheapest rules first."""
-    if _under(len(text), t.min_chars):
-        return False, "too_short", len(text)
-    if _over(len(text), t.max_chars):
-        return False, "too_long", len(text)
-    s = measure(text)
-    for rule, value, bad in (
-        ("zh_ratio", s.zh_ratio, _under(s.zh_ratio, t.min_zh_ratio)),
-        ("en_ratio", s.en_ratio, _under(s.en_ratio, t.min_en_ratio)),
-        ("url_ratio", s.url_ratio, _over(s.url_ratio, t.max_url_ratio)),
-        ("digit_ratio", s.digit_ratio, _over(s.digit_ratio, t.max_digit_ratio)),
-        ("symbol_ratio", s.symbol_ratio, _over(s.symbol_ratio, t.max_symbol_ratio)),
-        ("alpha_ratio", s.alpha_ratio, _under(s.alpha_ratio, t.min_alpha_ratio)),
-    ):
-        if bad:
-            return False, rule, round(value, 4)
-    if blocklist is not None and t.max_blocklist_hits is not None:
-        hits = blocklist.hits(text)
-        if hits > t.max_blocklist_hits:
-            return False, "blocklist", hits
-    return _check_repetition(text, t)
-
-
-def _check_repetition(text: str, t: Thresholds) -> Verdict:
-    if t.max_dup_line_ratio is not None or t.max_dup_line_char_ratio is not None:
-        lines, line_chars = repetition.duplicate_line_fractions(text)
-        if _over(lines, t.max_dup_line_ratio) or _over(line_chars, t.max_dup_line_char_ratio):
-            return False, "line_repetition", round(max(lines, line_chars), 4)
-    if not t.max_top_ngram and not t.max_dup_ngram:
-        return _KEEP
-    grams = repetition.Ngrams(repetition.words(text))
-    for n, limit in sorted((t.max_top_ngram or {}).items()):
-        value = grams.top_fraction(n)
-        if value > limit:
-            return False, "ngram_repetition", round(value, 4)
-    dup_limits = sorted((t.max_dup_ngram or {}).items())
-    for i, (n, limit) in enumerate(dup_limits):
-        value = grams.duplicate_fraction(n)
-        if value > limit:
-            return False, "ngram_repetition", round(value, 4)
-        # A repeated longer n-gram is made of repeated shorter ones, so coverage only falls with n.
-        if all(value <= later for _, later in dup_limits[i + 1 :]):
-            break
-    return _KEEP
-
-
-class Cleaner:
-    """The clean step: picks the thresholds of the document's channel and applies every rule."""
-
-    def __init__(
-        self,
-        default: Thresholds,
-        channels: dict[str, Thresholds],
-        blocklist: Blocklist | None,
-        label_config: LabelConfig,
-    ):
-        self.default, self.channels, self.blocklist, self.label_config = (
-            default,
-            channels,
-            blocklist,
-            label_config,
-        )
-
-    def channel_of(self, doc: Document) -> str:
-        return infer_channel(doc, self.label_config)
-
-    def __call__(self, doc: Document, channel: str) -> Verdict:
-        return check(doc.text, self.channels.get(channel, self.default), self.blocklist)

@@ -58,6 +58,23 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "dedup-plan":
             stage.add_argument("--thresholds", required=True, help="comma-separated, e.g. 0.6,0.7,0.8,0.9")
             stage.add_argument("--tokenizer", type=Path, help="count tokens with it (default: bytes / 4)")
+    merge = sub.add_parser("merge-tokenized", help="tokenize outputs of shards (in order) into one")
+    merge.add_argument("--config", type=Path, help="YAML config (its blend.ratios weigh the channels)")
+    merge.add_argument("--inputs", nargs="+", type=Path, required=True, help="tokenize output directories")
+    merge.add_argument("--out", type=Path, required=True, help="output directory")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    scorer = sub.add_parser("train-scorer", help="fastText quality classifier from positive/negative JSONL")
+    _common(scorer, needs_input=False)
+    _engine(scorer)
+    scorer.add_argument("--positive", nargs="+", required=True, help="JSONL files or globs of good text")
+    scorer.add_argument("--negative", nargs="+", required=True, help="JSONL files or globs of bad text")
+    used = sub.add_parser("drop-used", help="a tokenize output without the documents a run read too often")
+    used.add_argument("--config", type=Path, help="YAML config (its blend.ratios, else the source's weights)")
+    used.add_argument("--tokenized", type=Path, required=True, help="the tokenize output the run read")
+    used.add_argument("--usage", type=Path, required=True, help="RUN/checkpoints/iter_N/usage (or iter_N)")
+    used.add_argument("--max-uses", type=int, required=True, help="drop documents used this often or more")
+    used.add_argument("--out", type=Path, required=True, help="output directory")
+    used.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     run = sub.add_parser("run", help="every stage in order, from one config (resumes complete stages)")
     _common(run, needs_input=False)
     _engine(run)
@@ -66,9 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _overrides(args: argparse.Namespace) -> dict:
     pairs = {
-        "workers": args.workers,
-        "range_mb": args.range_mb,
-        "text_field": args.text_field,
+        "workers": getattr(args, "workers", None),
+        "range_mb": getattr(args, "range_mb", None),
+        "text_field": getattr(args, "text_field", None),
         # a flag overrides the config for every stage, dedup's own keys included
         "engine": getattr(args, "engine", None),
         "dedup.engine": getattr(args, "engine", None),
@@ -83,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     refuse_url(args.out, "--out")
     config = load_config(args.config, _overrides(args))
+    if args.stage == "merge-tokenized":
+        return _merge_tokenized(args, config)
+    if args.stage == "train-scorer":
+        return _train_scorer(args, config)
+    if args.stage == "drop-used":
+        return _drop_used(args, config)
     if args.stage == "run":
         if not config.input:
             raise ConfigError("run: the config needs an `input:` list of JSONL files or globs")
@@ -125,4 +148,32 @@ def _plan(args: argparse.Namespace, config: PipelineConfig, inputs: list[Path]) 
         refuse_overlap({"--out": args.out}, {"--tokenizer": args.tokenizer})
     rows = plan_dedup(config, inputs, args.out, thresholds, args.tokenizer, overwrite=args.overwrite)
     print(format_plan(rows, config, args.tokenizer))
+    return 0
+
+
+def _merge_tokenized(args: argparse.Namespace, config: PipelineConfig) -> int:
+    from .merge_tokenized import run_merge_tokenized
+
+    for directory in args.inputs:
+        refuse_url(directory, "--inputs")
+    refuse_overlap({"--out": args.out}, {"--inputs": args.inputs, "--config": args.config})
+    run_merge_tokenized(config, args.inputs, args.out, overwrite=args.overwrite)
+    return 0
+
+
+def _train_scorer(args: argparse.Namespace, config: PipelineConfig) -> int:
+    from .train_scorer import run_train_scorer
+
+    positive, negative = expand_inputs(args.positive), expand_inputs(args.negative)
+    read = {"--positive": positive, "--negative": negative, "--config": args.config}
+    refuse_overlap({"--out": args.out}, read)
+    run_train_scorer(config, positive, negative, args.out, overwrite=args.overwrite)
+    return 0
+
+
+def _drop_used(args: argparse.Namespace, config: PipelineConfig) -> int:
+    from .drop_used import run_drop_used
+
+    refuse_overlap({"--out": args.out}, {"--tokenized": args.tokenized, "--usage": args.usage})
+    run_drop_used(config, args.tokenized, args.usage, args.max_uses, args.out, overwrite=args.overwrite)
     return 0

@@ -14,6 +14,7 @@ from pathlib import Path
 from megatron_patches.config_io import from_dict, read_yaml, set_dotted
 from megatron_patches.errors import ConfigError
 
+from .filters import DEFAULT_RULES, check_rules
 from .label import LabelConfig
 from .thresholds import Thresholds, channel_thresholds
 
@@ -26,13 +27,26 @@ class CleanConfig:
     blocklists: list = field(default_factory=list)  # plain keyword files
     desensitize: bool = True  # mask PII in kept and rejected documents and malformed-line previews
     pii_types: list | None = None  # default: every type in pii.TYPES
+    # rule names in the order they run (filters.DEFAULT_RULES); clean.channels.<channel>.rules: its own
+    rules: list | None = None
 
     def __post_init__(self) -> None:
         self.resolved_thresholds()  # a typo in clean.thresholds or clean.channels fails at load
+        self.resolved_rules()
 
     def resolved_thresholds(self) -> tuple[Thresholds, dict[str, Thresholds]]:
         """(every channel's thresholds, {channel: its own thresholds}), typed."""
         return channel_thresholds(self.thresholds, self.channels)
+
+    def resolved_rules(self) -> tuple[tuple[str, ...], dict[str, tuple[str, ...]]]:
+        """(every channel's rule names in order, {channel: its own list}), each name a known rule."""
+        default = check_rules(self.rules, "clean.rules") if self.rules is not None else DEFAULT_RULES
+        own = {
+            channel: check_rules(values["rules"], f"clean.channels.{channel}.rules")
+            for channel, values in (self.channels or {}).items()
+            if isinstance(values, dict) and "rules" in values
+        }
+        return default, own
 
 
 @dataclass
@@ -98,6 +112,50 @@ class BlendConfig:
 
 
 @dataclass
+class QualityRule:
+    """How one channel drops documents by `label.scorer`'s score (at most one of the two)."""
+
+    min_score: float | None = None  # drop documents scored below this
+    keep_fraction: float | None = None  # keep this top fraction of the channel (a score pass, then a cut)
+
+
+@dataclass
+class QualityConfig:
+    """Dropping by quality score in the label stage (`quality.py`); off unless a rule is set."""
+
+    min_score: float | None = None  # every channel not in `channels`
+    keep_fraction: float | None = None
+    channels: dict = field(default_factory=dict)  # channel -> {min_score | keep_fraction}, replaces the above
+
+    @property
+    def default_rule(self) -> QualityRule:
+        return QualityRule(self.min_score, self.keep_fraction)
+
+    def rule_for(self, channel: str) -> QualityRule:
+        if channel in self.channels:
+            return from_dict(QualityRule, self.channels[channel], f"quality.channels.{channel}.")
+        return self.default_rule
+
+    @property
+    def enabled(self) -> bool:
+        rules = [self.default_rule, *map(self.rule_for, self.channels)]
+        return any(r.min_score is not None or r.keep_fraction is not None for r in rules)
+
+
+@dataclass
+class TrainScorerConfig:
+    """fastText supervised training of `train-scorer` (`train_scorer.py`); one thread: reproducible."""
+
+    dim: int = 64
+    epoch: int = 5
+    lr: float = 0.1
+    word_ngrams: int = 2
+    min_count: int = 1
+    bucket: int = 2_000_000  # hashed word n-gram rows: the model holds bucket x dim floats
+    seed: int = 1
+
+
+@dataclass
 class PipelineConfig:
     input: list = field(default_factory=list)
     text_field: str = "text"
@@ -119,6 +177,8 @@ class PipelineConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     blend: BlendConfig = field(default_factory=BlendConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    train_scorer: TrainScorerConfig = field(default_factory=TrainScorerConfig)
     # Relative paths in the file resolve against its directory; set by load_config, not by the file.
     base_dir: Path = field(default_factory=Path.cwd, metadata={"config": False})
 
@@ -167,9 +227,30 @@ def validate(config: PipelineConfig) -> PipelineConfig:
         raise ConfigError(f"stages: unknown stage(s) {unknown}; known: {list(STAGES)}")
     if config.shard_docs < 1 or config.workers < 0 or config.tokenize.batch_docs < 1:
         raise ConfigError("shard_docs and tokenize.batch_docs must be >= 1 and workers >= 0")
+    validate_quality(config)
     if config.range_mb < 0:
         raise ConfigError(f"range_mb must be >= 0 (0: one task per file), got {config.range_mb}")
     return config
+
+
+def validate_quality(config: PipelineConfig) -> None:
+    """Quality rules: one of min_score / keep_fraction per channel, a fraction in (0, 1], a scorer."""
+    q = config.quality
+    if not isinstance(q.channels, dict):
+        raise ConfigError(f"quality.channels must map a channel to its rule, got {q.channels!r}")
+    where = {"quality": q.default_rule} | {f"quality.channels.{c}": q.rule_for(c) for c in q.channels}
+    for name, rule in where.items():
+        if rule.min_score is not None and rule.keep_fraction is not None:
+            raise ConfigError(f"{name}: set min_score or keep_fraction, not both")
+        if rule.keep_fraction is not None and not 0.0 < rule.keep_fraction <= 1.0:
+            raise ConfigError(f"{name}.keep_fraction must be in (0, 1], got {rule.keep_fraction}")
+    if q.enabled and not config.label.scorer:
+        raise ConfigError("quality drops documents by score: set label.scorer (e.g. a train-scorer model)")
+    t = config.train_scorer
+    if min(t.dim, t.epoch, t.word_ngrams, t.min_count, t.bucket) < 1 or t.lr <= 0:
+        raise ConfigError(
+            f"train_scorer: dim, epoch, word_ngrams, min_count, bucket must be >= 1, lr > 0: {t}"
+        )
 
 
 def load_config(path: Path | None, overrides: dict | None = None) -> PipelineConfig:

@@ -63,28 +63,41 @@ def _copy(src: Path, dst) -> None:
 
 def merge_parts(stems: Sequence[Path], prefix: Path, dtype: np.dtype) -> tuple[int, int]:
     """Concatenate parts (in order) into `<prefix>.bin/.idx`; returns (documents, tokens)."""
-    lengths_files = [Path(f"{s}.len") for s in stems]
-    count = sum(p.stat().st_size for p in lengths_files) // 4
+    return merge_indexed([(Path(f"{s}.bin"), part_lengths(Path(f"{s}.len"))) for s in stems], prefix, dtype)
+
+
+def part_lengths(lengths_file: Path) -> np.ndarray:
+    """The sequence lengths a `.len` part holds (int32, memory-mapped)."""
+    if not lengths_file.stat().st_size:
+        return np.zeros(0, np.int32)
+    return np.memmap(lengths_file, dtype=np.int32, mode="r")
+
+
+def merge_indexed(parts: Sequence[tuple[Path, np.ndarray]], prefix: Path, dtype: np.dtype) -> tuple[int, int]:
+    """Concatenate `.bin` files (in order), each with its documents' lengths in tokens (a `.len` part's
+    or an `.idx`'s, memory-mapped), into `<prefix>.bin/.idx`; returns (documents, tokens)."""
+    count = sum(int(lengths.size) for _, lengths in parts)
     with atomic_file(f"{prefix}.bin") as bin_tmp, atomic_file(f"{prefix}.idx") as idx_tmp:
         with open(bin_tmp, "wb") as out:
-            for stem in stems:
-                _copy(Path(f"{stem}.bin"), out)
-        tokens = _write_index(idx_tmp, lengths_files, count, dtype)
+            for bin_path, _ in parts:
+                _copy(bin_path, out)
+        tokens = _write_index(idx_tmp, [lengths for _, lengths in parts], count, dtype)
         expected = tokens * dtype.itemsize
         if bin_tmp.stat().st_size != expected:
             raise RuntimeError(f"{bin_tmp}: {bin_tmp.stat().st_size} bytes, index says {expected}")
     return count, tokens
 
 
-def _write_index(path: Path, lengths_files: list[Path], count: int, dtype: np.dtype) -> int:
-    """Write the `.idx` of `count` sequences whose lengths the files hold; returns the token count."""
+def _write_index(path: Path, lengths_list: list[np.ndarray], count: int, dtype: np.dtype) -> int:
+    """Write the `.idx` of `count` sequences of these lengths; returns the token count."""
     itemsize = dtype.itemsize
     tokens = 0
     with open(path, "wb") as idx:
         idx.write(pack_header(dtype, count, count + 1))  # document_indices entries: 0, 1, ..., count
-        for lengths in lengths_files:
-            _copy(lengths, idx)
-        for lengths in lengths_files:  # byte offset of every sequence
+        for lengths in lengths_list:
+            for chunk in _chunks(lengths):
+                idx.write(chunk.astype(np.int32).tobytes())
+        for lengths in lengths_list:  # byte offset of every sequence
             for chunk in _chunks(lengths):
                 pointers = np.cumsum(chunk, dtype=np.int64) - chunk + tokens
                 idx.write((pointers * itemsize).astype(np.int64).tobytes())
@@ -94,11 +107,6 @@ def _write_index(path: Path, lengths_files: list[Path], count: int, dtype: np.dt
     return tokens
 
 
-def _chunks(lengths_file: Path):
-    data = (
-        np.memmap(lengths_file, dtype=np.int32, mode="r")
-        if lengths_file.stat().st_size
-        else np.zeros(0, np.int32)
-    )
-    for start in range(0, data.size, _CHUNK):
-        yield np.asarray(data[start : start + _CHUNK], dtype=np.int64)
+def _chunks(lengths: np.ndarray):
+    for start in range(0, lengths.size, _CHUNK):
+        yield np.asarray(lengths[start : start + _CHUNK], dtype=np.int64)

@@ -168,7 +168,8 @@ def parse_line(
         return Malformed("missing_text", path, lineno, line[:_RAW_PREVIEW])
     if not isinstance(text, str):
         return Malformed("text_not_string", path, lineno, line[:_RAW_PREVIEW])
-    if _SURROGATE.search(text):  # a JSON escape such as "\ud800": no UTF-8 writer accepts it
+    # a JSON escape such as "\ud800": no UTF-8 writer accepts it (valid UTF-8 holds no surrogate)
+    if "\\u" in line and _SURROGATE.search(text):
         return Malformed("invalid_utf8", path, lineno, line[:_RAW_PREVIEW])
     return Document.from_record(record, text_field, f"{name or Path(path).name}:{lineno}", lineno)
 
@@ -201,11 +202,12 @@ def read_documents(
     path: Path, text_field: str = "text", parse: Parser = parse_line, span: Span = WHOLE_FILE
 ) -> Iterator[tuple[Document | Malformed, int]]:
     """(document or malformed record, raw byte length) for every non-blank line of `span` of `path`."""
+    shown, name = str(path), path.name  # once, not per line
     for lineno, raw in iter_lines(path, span):
         if raw is None:
-            yield Malformed("truncated_input", str(path), lineno, ""), 0
+            yield Malformed("truncated_input", shown, lineno, ""), 0
             return
-        item = parse(raw, text_field, str(path), lineno, path.name)
+        item = parse(raw, text_field, shown, lineno, name)
         if item is not None:
             yield item, len(raw) + 1
 

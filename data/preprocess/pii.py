@@ -124,19 +124,58 @@ _IPV6_HINT = re.compile(r"[0-9A-Fa-f]:[0-9A-Fa-f]{0,4}:")
 _REPOST_HINT = re.compile(r"转载|转自|来源|原文|首发|版权声明")
 
 
-def _has(needle: str) -> Callable[[str], bool]:
-    return lambda text: needle in text
+_DIGIT = re.compile(r"\d")
 
 
-# (type, cheap necessary condition, pattern, validator) in matching order; the condition skips the
-# regex scan for the many documents that cannot contain a match.
-_RULES: tuple[tuple[str, Callable[[str], bool], re.Pattern, Callable[[re.Match], bool] | None], ...] = (
-    ("email", _has("@"), _EMAIL, None),
-    ("id_number", lambda t: _DIGITS3.search(t) is not None, _ID_NUMBER, _valid_id_number),
-    ("bank_card", lambda t: _DIGITS3.search(t) is not None, _CARD, _valid_card),
-    ("phone", lambda t: _DIGITS3.search(t) is not None, _PHONE, _valid_phone),
-    ("ipv4", lambda t: _IPV4_HINT.search(t) is not None, _IPV4, _not_a_version),
-    ("ipv6", lambda t: _IPV6_HINT.search(t) is not None, _IPV6, _valid_ipv6),
+class _Hints:
+    """Cheap necessary conditions of the patterns, for one version of a text: each skips a regex
+    scan for the many documents that cannot contain a match. Several types share one, so each is
+    evaluated once, and the scans start where a match could first begin (the first digit, colon)."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.known: dict[str, bool] = {}
+        self._first_digit: int | None = None
+
+    def __call__(self, name: str) -> bool:
+        if name not in self.known:
+            self.known[name] = getattr(self, name)()
+        return self.known[name]
+
+    def first_digit(self) -> int:
+        if self._first_digit is None:
+            if self.text.isascii():  # \d is 0-9 there, which str.find locates without the regex engine
+                found = [i for i in map(self.text.find, "0123456789") if i >= 0]
+                self._first_digit = min(found, default=-1)
+            else:
+                match = _DIGIT.search(self.text)
+                self._first_digit = match.start() if match else -1
+        return self._first_digit
+
+    def at(self) -> bool:
+        return "@" in self.text
+
+    def digits(self) -> bool:
+        start = self.first_digit()
+        return start >= 0 and _DIGITS3.search(self.text, start) is not None
+
+    def dotted(self) -> bool:
+        start = self.first_digit()
+        return start >= 0 and _IPV4_HINT.search(self.text, start) is not None
+
+    def colons(self) -> bool:
+        colon = self.text.find(":")
+        return colon >= 0 and _IPV6_HINT.search(self.text, max(0, colon - 1)) is not None
+
+
+# (type, hint, pattern, validator) in matching order.
+_RULES: tuple[tuple[str, str, re.Pattern, Callable[[re.Match], bool] | None], ...] = (
+    ("email", "at", _EMAIL, None),
+    ("id_number", "digits", _ID_NUMBER, _valid_id_number),
+    ("bank_card", "digits", _CARD, _valid_card),
+    ("phone", "digits", _PHONE, _valid_phone),
+    ("ipv4", "dotted", _IPV4, _not_a_version),
+    ("ipv6", "colons", _IPV6, _valid_ipv6),
 )
 TYPES = tuple(rule[0] for rule in _RULES) + ("repost_line",)
 
@@ -153,11 +192,12 @@ def selected_types(chosen: Sequence[str] | None) -> tuple[str, ...]:
 def desensitize(text: str, types: tuple[str, ...] = TYPES) -> tuple[str, Counter]:
     """(masked text, count per type); `types` selects which kinds are masked or stripped."""
     counts: Counter = Counter()
-    if "repost_line" in types and _REPOST_HINT.search(text):
+    if "repost_line" in types and not text.isascii() and _REPOST_HINT.search(text):
         text, n = _REPOST.subn("", text)
         counts["repost_line"] += n
-    for name, possible, pattern, validator in _RULES:
-        if name not in types or not possible(text):
+    hints = _Hints(text)
+    for name, hint, pattern, validator in _RULES:
+        if name not in types or not hints(hint):
             continue
         placeholder = PLACEHOLDERS[name]
 
@@ -167,5 +207,8 @@ def desensitize(text: str, types: tuple[str, ...] = TYPES) -> tuple[str, Counter
             counts[name] += 1
             return placeholder
 
-        text = pattern.sub(replace, text)
+        masked = pattern.sub(replace, text)
+        if masked != text:
+            text = masked
+            hints = _Hints(text)
     return text, counts

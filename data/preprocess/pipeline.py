@@ -20,9 +20,10 @@ from .config import PipelineConfig
 from .dedup import run_dedup
 from .engines import engine_session
 from .jsonl import expand_inputs
+from .label_stage import run_label
 from .report import write_json_atomic
 from .stage import is_complete, run_file_stage
-from .steps import clean_file, label_file
+from .steps import clean_file
 from .tokenize import run_tokenize
 from .tokenizer.train import run_train_tokenizer
 
@@ -36,7 +37,7 @@ STAGE_DIRS = {
 # The config sections each stage's output depends on.
 _SECTIONS = {
     "clean": ("text_field", "clean", "label", "shard_docs", "compress_output"),
-    "label": ("text_field", "label", "shard_docs", "compress_output"),
+    "label": ("text_field", "label", "quality", "shard_docs", "compress_output"),
     "dedup": ("text_field", "dedup", "shard_docs", "compress_output"),
     "train-tokenizer": ("text_field", "tokenizer"),
     "tokenize": ("text_field", "tokenize", "blend"),
@@ -105,10 +106,10 @@ def stage_outputs(directory: Path) -> list[Path]:
 
 
 def run_stage(name: str, config: PipelineConfig, inputs: list[Path], out: Path, overwrite: bool) -> dict:
-    if name in ("clean", "label"):
-        return run_file_stage(
-            name, config, inputs, out, overwrite, clean_file if name == "clean" else label_file
-        )
+    if name == "clean":
+        return run_file_stage(name, config, inputs, out, overwrite, clean_file)
+    if name == "label":
+        return run_label(config, inputs, out, overwrite)
     if name == "dedup":
         return run_dedup(config, inputs, out, overwrite)
     if name == "train-tokenizer":

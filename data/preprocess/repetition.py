@@ -16,8 +16,16 @@ _WORD = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]|[^\W
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 
 
+# ASCII text: every character that is not a letter or digit becomes a space, then str.split (the
+# same words as _WORD, which on ASCII is [a-z0-9]+ after lower(), several times faster).
+_ASCII_SEPARATORS = {c: " " for c in range(128) if not chr(c).isalnum()}
+
+
 def words(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
+    lower = text.lower()
+    if lower.isascii():
+        return lower.translate(_ASCII_SEPARATORS).split()
+    return _WORD.findall(lower)
 
 
 def duplicate_line_fractions(text: str) -> tuple[float, float]:
@@ -47,13 +55,15 @@ class Ngrams:
         self.hashes = np.fromiter(map(hash, tokens), dtype=np.int64, count=self.size).view(np.uint64)
         self.lengths = np.fromiter(map(len, tokens), dtype=np.int64, count=self.size)
         self.total_chars = int(self.lengths.sum())
+        self.max_count: dict[int, int] = {}  # n -> occurrences of the most frequent n-gram, once sorted
+        self.repeated: dict[int, np.ndarray] = {}  # n -> whether the n-gram at each position repeats
+        self._cumulative: np.ndarray | None = None
 
     def _grams(self, n: int) -> np.ndarray:
         count = self.size - n + 1
-        with np.errstate(over="ignore"):
-            h = np.zeros(count, dtype=np.uint64)
-            for k in range(n):
-                h = (h ^ self.hashes[k : k + count]) * _MIX
+        h = self.hashes[:count] * _MIX  # uint64 arrays wrap around silently
+        for k in range(1, n):
+            h = (h ^ self.hashes[k : k + count]) * _MIX
         return h
 
     def top_fraction(self, n: int) -> float:
@@ -63,26 +73,64 @@ class Ngrams:
         if self.size < n:
             return 0.0
         grams = self._grams(n)
-        order = np.argsort(grams, kind="stable")
+        order = np.argsort(grams)  # equal n-grams have equal characters: their order does not matter
         ordered = grams[order]
         boundary = np.empty(ordered.size, dtype=bool)
         boundary[0] = True
         np.not_equal(ordered[1:], ordered[:-1], out=boundary[1:])
         starts = np.flatnonzero(boundary)
-        counts = np.diff(np.append(starts, ordered.size))
-        if counts.max() <= 1:
+        if starts.size == ordered.size:
+            self.max_count[n] = 1
             return 0.0
-        cumulative = np.concatenate(([0], np.cumsum(self.lengths)))
-        chars = (cumulative[n:] - cumulative[:-n])[order[starts]]  # of each n-gram's first occurrence
-        best = int(np.lexsort((chars, counts))[-1])
-        return min(1.0, int(counts[best]) * int(chars[best]) / max(1, self.total_chars))
+        counts = np.empty_like(starts)  # occurrences of each distinct n-gram
+        np.subtract(starts[1:], starts[:-1], out=counts[:-1])
+        counts[-1] = ordered.size - starts[-1]
+        top = int(counts.max())
+        self.max_count[n] = top
+        alone = boundary & np.append(boundary[1:], True)  # an n-gram that occurs once, in sorted order
+        self.repeated[n] = np.empty(ordered.size, dtype=bool)
+        self.repeated[n][order] = ~alone
+        chars = int(self._spans(n)[order[starts[counts == top]]].max())
+        return min(1.0, top * chars / max(1, self.total_chars))
+
+    def top_fraction_bound(self, n: int) -> float:
+        """At least :meth:`top_fraction` of `n`, from what is known without sorting: the most frequent
+        n-gram occurs at most as often as the most frequent shorter one, and spans at most the
+        longest n-gram's characters. Lets a filter skip the sort when the bound is under its limit."""
+        if self.size < n:
+            return 0.0
+        count = min((c for m, c in self.max_count.items() if m <= n), default=None)
+        if count is None:
+            return 1.0  # nothing counted yet
+        return min(1.0, count * int(self._spans(n).max()) / max(1, self.total_chars))
+
+    def _spans(self, n: int) -> np.ndarray:
+        """Characters of the n-gram at each position."""
+        if self._cumulative is None:
+            self._cumulative = np.concatenate(([0], np.cumsum(self.lengths)))
+        return self._cumulative[n:] - self._cumulative[:-n]
+
+    def _repeated_windows(self, n: int) -> int:
+        """How many n-grams could repeat, by the longest shorter m-gram counted: in a repeated n-gram
+        every m-gram is repeated. (An upper bound: the n-gram count when nothing is known yet.)"""
+        known = [m for m in self.repeated if m < n]
+        if not known:
+            return self.size - n + 1
+        m = max(known)
+        count = self.size - n + 1
+        windows = self.repeated[m][:count].copy()
+        for k in range(1, n - m + 1):
+            windows &= self.repeated[m][k : k + count]
+        return int(np.count_nonzero(windows))
 
     def duplicate_fraction(self, n: int) -> float:
         """Characters of words inside an n-gram that occurs more than once, over all characters."""
-        if self.size < n:
+        if self.size < n or any(c <= 1 for m, c in self.max_count.items() if m <= n):
+            return 0.0  # no shorter n-gram repeats, so no n-gram does
+        if self._repeated_windows(n) < 2:
             return 0.0
         grams = self._grams(n)
-        order = np.argsort(grams, kind="stable")
+        order = np.argsort(grams)  # which equal n-gram comes first does not matter here
         ordered = grams[order]
         same = ordered[1:] == ordered[:-1]
         if not same.any():

@@ -80,7 +80,7 @@ def plan_parts(spools: list[Path], final_stem: Path, shard_docs: int, compress: 
         slices = tuple(
             Slice(spool, max(begin, low) - low, min(stop, high) - max(begin, low))
             for spool, low, high in zip(spools, bounds, bounds[1:], strict=False)
-            if low < stop and high > begin
+            if low < stop and high > begin and high > low  # a range that kept nothing adds no slice
         )
         final = final_stem.with_name(f"{final_stem.name}-{number:05d}{suffix}")
         plans.append(PartPlan(final, compress, slices))

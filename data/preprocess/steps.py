@@ -8,11 +8,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import pii
-from .clean import Blocklist, Cleaner
+from .clean import Blocklist
 from .config import PipelineConfig
 from .document import Document
 from .engines.local import Progress
+from .filters import Cleaner
 from .label import Scorer, infer_channel, load_scorer
+from .quality import QualityFilter
 from .report import Stats
 from .stage import FileTask, Step, StepResult, map_file
 
@@ -21,7 +23,7 @@ def build_cleaner(config: PipelineConfig) -> Cleaner:
     section = config.clean
     paths = [config.path(p) for p in section.blocklists]
     blocklist = Blocklist([p for p in paths if p is not None]) if paths else None
-    return Cleaner(*section.resolved_thresholds(), blocklist, config.label)
+    return Cleaner(*section.resolved_thresholds(), blocklist, config.label, section.resolved_rules(), config)
 
 
 def clean_step(config: PipelineConfig) -> Step:
@@ -52,7 +54,8 @@ def _cached_scorer(spec_json: str, base_dir: str) -> Scorer:
     return load_scorer(spec)
 
 
-def label_step(config: PipelineConfig) -> Step:
+def label_step(config: PipelineConfig, quality: QualityFilter | None = None) -> Step:
+    """Channel, then score; `quality` (the `quality` section's rules) drops by score."""
     spec = config.label.scorer
     scorer = _cached_scorer(json.dumps(spec, sort_keys=True), str(config.base_dir)) if spec else None
 
@@ -63,7 +66,12 @@ def label_step(config: PipelineConfig) -> Step:
             for doc, score in zip(batch, scorer([d.text for d in batch]), strict=True):
                 doc.quality = float(score)
             stats["scored"] += len(batch)
-        return [(True, None, None, doc.channel or config.label.default_channel) for doc in batch]
+        channels = [doc.channel or config.label.default_channel for doc in batch]
+        if quality is None:
+            return [(True, None, None, channel) for channel in channels]
+        return [
+            (*quality.filter(doc, channel), channel) for doc, channel in zip(batch, channels, strict=True)
+        ]
 
     return step
 
@@ -73,4 +81,9 @@ def clean_file(task: FileTask, progress: Progress) -> Stats:
 
 
 def label_file(task: FileTask, progress: Progress) -> Stats:
-    return map_file(task, progress, label_step)
+    """Label one task; with `quality` rules, drop by score (the cuts of a `keep_fraction`: CutTask)."""
+    config = task.config
+    if not config.quality.enabled:
+        return map_file(task, progress, label_step)
+    quality = QualityFilter(config.quality, getattr(task, "cuts", {}), task.index)
+    return map_file(task, progress, functools.partial(label_step, quality=quality))

@@ -65,7 +65,18 @@ def thresholds_from(values: dict[str, Any] | None, where: str, base: Thresholds 
     for name in NGRAM_KEYS:
         if overrides.get(name) is not None:
             overrides[name] = _ngram_limits(overrides[name], f"{where}.{name}")
+    for name, value in overrides.items():
+        if name not in NGRAM_KEYS and value is not None:
+            _check_range(name, value, f"{where}.{name}")
     return dataclasses.replace(base or Thresholds(), **overrides)
+
+
+def _check_range(name: str, value: float, where: str) -> None:
+    """Counts (characters, keyword hits) are >= 0; ratios are fractions in [0, 1]."""
+    if name.endswith("_ratio") and not 0 <= value <= 1:
+        raise ConfigError(f"{where} must be a fraction in [0, 1] (null: off), got {value!r}")
+    if not name.endswith("_ratio") and value < 0:
+        raise ConfigError(f"{where} must be >= 0 (null: off), got {value!r}")
 
 
 def _ngram_limits(value: dict, where: str) -> dict[int, float]:
@@ -88,5 +99,8 @@ def channel_thresholds(overrides: dict, channels: dict) -> tuple[Thresholds, dic
     per_channel = {}
     for channel in sorted(set(CHANNEL_DEFAULTS) | set(channels)):
         base = dataclasses.replace(default, **CHANNEL_DEFAULTS.get(channel, {}))
-        per_channel[channel] = thresholds_from(channels.get(channel), f"clean.channels.{channel}", base)
+        own = channels.get(channel)
+        if isinstance(own, dict):  # the channel's rule list (`rules`) sits beside its thresholds
+            own = {name: value for name, value in own.items() if name != "rules"}
+        per_channel[channel] = thresholds_from(own, f"clean.channels.{channel}", base)
     return default, per_channel

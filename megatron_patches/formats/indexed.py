@@ -71,3 +71,18 @@ def token_count(prefix: str) -> int:
     with Path(prefix + ".idx").open("rb") as stream:
         code = stream.read(HEADER_SIZE)[len(INDEX_HEADER) + 8]
     return Path(prefix + ".bin").stat().st_size // DTYPE_SIZES[code]
+
+
+def document_lengths(prefix: str) -> tuple[np.dtype, np.ndarray]:
+    """The token dtype and the per-document lengths (memory-mapped int32) of ``prefix.idx``, for
+    merging indexed files; refused in one line unless every document is one sequence (what
+    ``data.preprocess tokenize`` writes). Call after :func:`check_prefix`."""
+    idx = Path(prefix + ".idx")
+    with idx.open("rb") as stream:
+        _, code, sequences, documents = struct.unpack(_FIELDS, stream.read(HEADER_SIZE)[len(INDEX_HEADER) :])
+    dtypes = {code: dtype for dtype, code in TOKEN_DTYPE_CODES.items()}
+    if code not in dtypes or documents != sequences + 1:
+        raise ConfigError(f"{idx}: not one sequence per document in uint16/int32 (not written by tokenize)")
+    if not sequences:
+        return dtypes[code], np.zeros(0, np.int32)
+    return dtypes[code], np.memmap(idx, dtype=np.int32, mode="r", offset=HEADER_SIZE, shape=(sequences,))

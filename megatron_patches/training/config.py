@@ -75,6 +75,9 @@ class DataConfig:
     # [[start, end], ...]: sample ids (both included, as the loss-spike log prints them) never read;
     # [start, end, phase] for a phase other than main. Checkpoints keep them (training.skip_windows).
     skip_samples: list = field(default_factory=list)
+    # The plan refuses a channel the run would read more than this many times (training/data_plan.py);
+    # null: no limit (Megatron-LM has none). Repeats beyond ~4 epochs add little (Muennighoff et al. 2023).
+    max_epochs: float | None = 4.0
 
 
 @dataclass

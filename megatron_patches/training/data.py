@@ -297,14 +297,20 @@ class PhaseData:
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.phase: Phase | None = None
         self.train = self.valid = None
+        self.built: dict = {}  # phase name -> its train dataset, for data_usage
         self.read_ahead = ReadAhead(data_cfg.num_workers)
 
     def enter(self, phase: Phase) -> None:
         """Build the datasets of ``phase`` (Megatron caches their indices in ``cache_dir``)."""
+        self.train, self.valid = self._build(phase)
+        self.built[phase.name] = self.train
+        self.phase = phase
+
+    def _build(self, phase: Phase) -> tuple:
         last_offset = phase_sample_offset(self.phases, phase.end_iteration - 1)
         skipped = skip_windows.skipped_count(skip_windows.of_phase(self.skipped, phase.name))
         valid_samples = self.eval_iters * phase.global_batch_size
-        self.train, self.valid = build_phase_datasets(
+        return build_phase_datasets(
             phase,
             last_offset + phase.global_batch_size + skipped,
             valid_samples,
@@ -314,7 +320,17 @@ class PhaseData:
             self.cache_dir,
             self.data_cfg,
         )
-        self.phase = phase
+
+    def train_datasets(self, iteration: int) -> dict:
+        """Train dataset of each phase iterations ``0 .. iteration-1`` read, by phase name (data_usage).
+
+        A phase left before this process started is built again, sized as :meth:`enter` sizes it
+        (Megatron's cached indices): every rank must call this at the same point, the build is collective.
+        """
+        for phase in self.phases:
+            if phase.start_iteration < iteration and phase.name not in self.built:
+                self.built[phase.name] = self._build(phase)[0]
+        return self.built
 
     def train_batches(self, iteration: int) -> list[dict]:
         # data.num_workers: the next iterations of this phase are read in the background meanwhile

@@ -18,11 +18,12 @@ import torch
 
 from megatron_patches.exit_signals import ExitSignals
 from megatron_patches.hooks import Hook, Requests, StepReport, phase_model_config
-from megatron_patches.training import checkpoint, rollback, skip_windows
+from megatron_patches.training import checkpoint, finished, rollback, skip_windows
 from megatron_patches.training.agreement import LOOP_FLAGS, RankAgreement
 from megatron_patches.training.builder import TrainingObjects, gather_params
 from megatron_patches.training.config import Config
 from megatron_patches.training.data import Phase, PhaseData, phase_at
+from megatron_patches.training.data_usage import DataUsage
 from megatron_patches.training.metrics import (
     MetricsWriter,
     flops_per_iteration,
@@ -81,6 +82,7 @@ class Trainer:
         self.moe_losses = AuxLossWindow(ctx.cfg.model, self.device)  # moe/aux_loss, moe/z_loss
         self.exit_signals = ExitSignals()  # SIGTERM/SIGUSR1: checkpoint and stop, as `touch stop`
         self.startup = None  # run.py's StartupTimer: logs the time to the first loss, once
+        self.usage = DataUsage()  # channel_tokens_total/<name>; <checkpoint>/usage document counts
 
     # -- the run ---------------------------------------------------------------------------
     def run(self) -> int:
@@ -118,10 +120,20 @@ class Trainer:
                 self.save(reason)
             if requests.stop:
                 ctx.writer.console(f"stopping after iteration {ctx.state.iteration}: {requests.stop}")
+                if reason and ctx.state.iteration >= cfg.train.train_iters:  # the last one, saved
+                    self._mark_finished()
                 return 0
         if cfg.checkpoint.save_at_end and self.last_saved_iteration != ctx.state.iteration:
             self.save("end of training")
+        self._mark_finished()
         return 0
+
+    def _mark_finished(self) -> None:
+        """All of train_iters trained: ``run_dir/finished.json`` (``finished.py``), from rank 0."""
+        ctx = self.ctx
+        if torch.distributed.get_rank() == 0:
+            saved = self.last_saved_iteration == ctx.state.iteration
+            finished.mark(ctx.run_dir, ctx.state.iteration, ctx.cfg.train.train_iters, saved)
 
     def _roll_back(self, requests: Requests) -> bool:
         """A hook's roll-back: reload the newest checkpoint (and skip data); without one, stop unsaved.
@@ -277,6 +289,7 @@ class Trainer:
         if self.last_grad_norm is not None:
             metrics["grad-norm"] = self.last_grad_norm
         metrics.update(self.moe_losses.read())  # collective: every rank logs a window
+        metrics.update(self.usage.channel_metrics(ctx.data, it))  # every rank: may build a past phase
         peak = peak_flops_per_gpu()
         if peak:
             flops = flops_per_iteration(ctx.cfg.model, ctx.phase.seq_length, ctx.phase.global_batch_size)
@@ -374,6 +387,7 @@ class Trainer:
             ctx.cfg.checkpoint.dist_ckpt_optim_fully_reshardable,
             self._keep_from(),
         )
+        self.usage.write_counts(ctx.data, ctx.state.iteration, path, torch.distributed.get_rank())
         self.last_save_time = time.monotonic()
         self.last_saved_iteration = ctx.state.iteration
         ctx.writer.console(f"saved checkpoint {path} ({reason}) in {time.perf_counter() - start:.1f} s")

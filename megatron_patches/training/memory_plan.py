@@ -25,7 +25,8 @@ holds PP - stage of them; the interleaved schedule holds Megatron-Core's
 warm-up count + 1 model chunks. Full recompute adds one group's activations,
 rebuilt during its backward. Not counted: transient buffers (gradients of the
 logits, communication buffers) and the allocator's fragmentation; the GPU check
-(bench/gpu_check.sh) compares the plan with the measured peak.
+(bench/gpu_check.sh) compares the plan with the measured peak. MoE and Multi-Latent Attention
+terms: ``memory_plan_moe.py``, ``memory_plan_mla.py``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 
 from megatron_patches.flops import flops_per_iteration
 from megatron_patches.formats.model_config import ModelConfig
+from megatron_patches.training.memory_plan_mla import mla_attention_numels, mla_bytes_per_token, rotary_width
 from megatron_patches.training.memory_plan_moe import (
     expert_param_numels,
     moe_bytes_per_token,
@@ -139,13 +141,16 @@ def chunk_param_numels(
 def _layer_numels(model: ModelConfig, tp: int, h: int, q: int, kv: int, moe: bool = False) -> list[int]:
     ffn = model.ffn_hidden_size // tp
     fc1 = ffn * (2 if model.swiglu else 1)
-    numels = [h, h * q // tp, (q + 2 * kv) // tp * h]  # input norm, linear_proj, linear_qkv
-    if model.add_bias_linear:
-        numels.append(h)
-    if model.add_qkv_bias or model.add_bias_linear:
-        numels.append((q + 2 * kv) // tp)
-    if model.qk_layernorm:
-        numels += [model.head_dim, model.head_dim]
+    if model.multi_latent_attention:
+        numels = [h, *mla_attention_numels(model, tp)]  # input norm, then MLA's projections and norms
+    else:
+        numels = [h, h * q // tp, (q + 2 * kv) // tp * h]  # input norm, linear_proj, linear_qkv
+        if model.add_bias_linear:
+            numels.append(h)
+        if model.add_qkv_bias or model.add_bias_linear:
+            numels.append((q + 2 * kv) // tp)
+        if model.qk_layernorm:
+            numels += [model.head_dim, model.head_dim]
     if moe:
         return numels + [h, *moe_dense_numels(model, tp, h)]
     numels += [h, fc1 * h, h * ffn]  # pre-MLP norm, fc1, fc2
@@ -259,7 +264,10 @@ def layer_activation_bytes(
     h, heads = model.hidden_size, model.num_attention_heads
     q, kv = heads * model.head_dim, model.groups * model.head_dim
     hidden = e * 6 * h + (8 * h if bf16 else 0) + FP32 * 2  # norms and linear inputs: whole sequence
-    split = e * (3 * q + 3 * kv)
+    split, whole = e * (3 * q + 3 * kv), 0.0  # whole: on every TP rank, also with sequence parallel
+    if model.multi_latent_attention:
+        latent, split, whole = mla_bytes_per_token(model, e, bf16)
+        hidden += latent
     if moe:
         routed, shared = moe_bytes_per_token(model, layout, e)
         hidden += routed
@@ -268,8 +276,8 @@ def layer_activation_bytes(
         split += e * 5 * model.ffn_hidden_size
     if recompute_granularity != "selective":
         split += FP32 * heads  # SDPA's log-sum-exp
-    per_token = hidden / (tp if layout.sequence_parallel else 1) + split / tp
-    rope = 4 * seq_length / layout.context_parallel * model.head_dim * e
+    per_token = hidden / (tp if layout.sequence_parallel else 1) + split / tp + whole
+    rope = 4 * seq_length / layout.context_parallel * rotary_width(model) * e
     return round(tokens * per_token + rope)
 
 
@@ -298,7 +306,7 @@ def stage_activation_bytes(
         if granularity == "full":  # a group of MoE and dense layers: counted at their mean
             layer = sum(by_kind[kind] for kind in kinds) / layers
             total += _full_recompute_bytes(layers, layer, tokens * model.hidden_size * e / sp, method, group)
-            total += seq_length / layout.context_parallel * model.head_dim * FP32  # rotary freqs, shared
+            total += seq_length / layout.context_parallel * rotary_width(model) * FP32  # rotary freqs
         else:
             total += sum(by_kind[kind] for kind in kinds)
         if pre:

@@ -18,7 +18,7 @@ import yaml
 from megatron_patches import cpu, parallel, paths
 from megatron_patches.formats.hf_files import copy_tokenizer_files
 from megatron_patches.formats.indexed import token_count
-from megatron_patches.training import builder, checkpoint, memory_budget
+from megatron_patches.training import builder, checkpoint, data_plan, finished, memory_budget
 from megatron_patches.training.config import Config, load_config
 from megatron_patches.training.data import DatasetTokenizer, PhaseData, channel_names, parse_blend
 from megatron_patches.training.loop import TrainContext, Trainer
@@ -69,6 +69,7 @@ def describe(cfg: Config, plan: RunPlan) -> str:
     ]
     lines += memory_budget.describe_run(cfg, plan.layout, plan.phases)
     lines += describe_data(plan)
+    lines += data_plan.describe(data_plan.channel_uses(plan.phases, cfg.data.split))
     lines.append(f"resume from: {plan.resume_from or plan.pretrained or 'scratch'}")
     lines += plan.notes  # e.g. a setting checkpoint.allow_change lets this resume change
     lines += [line for hook in plan.hooks for line in hook.describe()]  # e.g. the file to touch
@@ -98,6 +99,7 @@ def train(cfg: Config, plan: RunPlan) -> int:
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         paths.write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        finished.clear(run_dir)  # until this start reaches train_iters (a requeued Slurm job checks)
         _keep_tokenizer(plan)
     torch.distributed.barrier()
     with startup.phase("process groups"):

@@ -25,7 +25,7 @@ from megatron_patches.formats.model_config import ModelConfig
 from megatron_patches.hooks import Hook, build_hooks, number_option, phase_model_config
 from megatron_patches.parallel import Layout, validate_layout, virtual_pipeline_size
 from megatron_patches.paths import refuse_overlap
-from megatron_patches.training import checkpoint, optimizer_sharding, rollback
+from megatron_patches.training import checkpoint, data_plan, optimizer_sharding, rollback
 from megatron_patches.training.config import Config
 from megatron_patches.training.data import (
     Phase,
@@ -105,6 +105,7 @@ def plan_run(cfg: Config, world_size: int) -> RunPlan:
         _check_batch(phase.global_batch_size, phase.micro_batch_size, layout, f"phase {phase.name!r}")
         _check_seq(phase.seq_length, cfg)
     check_parallel_options(cfg, layout, [phase.seq_length for phase in phases])
+    data_plan.check_max_epochs(data_plan.channel_uses(phases, cfg.data.split), cfg.data.max_epochs)
     notes = []
     if resume_from is not None:
         checkpoint.check_architecture(resume_from, _model_at(resume_from, phases, hooks, cfg))

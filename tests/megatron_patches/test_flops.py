@@ -1,5 +1,7 @@
 """Model FLOPs per token: one formula for the trainer's MFU and tools.scaling's compute budgets."""
 
+import dataclasses
+
 import pytest
 
 from megatron_patches.flops import flops_per_iteration, model_flops_per_token
@@ -60,3 +62,39 @@ def test_moe_counts_the_routed_and_shared_experts_a_token_passes_and_dense_layer
     # the mean of 1 dense model and 2 all-"MoE-width" models: 1/3 of each kind of layer, one output layer
     expected = (model_flops_per_token(dense, 128) + 2 * model_flops_per_token(as_moe, 128)) / 3
     assert model_flops_per_token(moe, 128) == pytest.approx(expected, rel=1e-12)
+
+
+def test_multi_latent_attention_counts_its_latent_projections_and_head_widths():
+    # DeepSeek-V3: 61 layers (3 dense), MLA with query and key/value latents, 256 experts top-8 + 1 shared
+    v3 = ModelConfig(
+        num_layers=61,
+        hidden_size=7168,
+        ffn_hidden_size=18432,
+        num_attention_heads=128,
+        vocab_size=129280,
+        multi_latent_attention=True,
+        qk_layernorm=True,
+        q_lora_rank=1536,
+        kv_lora_rank=512,
+        qk_head_dim=128,
+        qk_pos_emb_head_dim=64,
+        v_head_dim=128,
+        num_moe_experts=256,
+        moe_router_topk=8,
+        moe_ffn_hidden_size=2048,
+        moe_shared_expert_intermediate_size=2048,
+        moe_layer_freq=[0] * 3 + [1] * 58,
+    )
+    h, heads, seq = 7168, 128, 4096
+    q_down, q_up, q_norm = h * 1536, 1536 * heads * 192, 1536
+    kv_down, kv_up, kv_norm = h * (512 + 64), 512 * heads * (128 + 128), 512
+    attention = q_down + q_up + q_norm + kv_down + kv_up + kv_norm + heads * 128 * h
+    mlp = 3 * [3 * h * 18432] + 58 * [3 * h * 2048 * (8 + 1)]
+    active = 61 * attention + sum(mlp) + h * 129280
+    assert active + h * 129280 == pytest.approx(37.5e9, rel=1e-2)  # "37B activated", with the embedding
+    scores = 2 * seq * heads * (192 + 128)  # QK^T over 192-wide heads, AV over 128-wide values
+    assert model_flops_per_token(v3, seq) == 6 * active + 3 * 61 * scores
+    # without a query latent (DeepSeek-V2-Lite) the query is one projection to the heads
+    lite = dataclasses.replace(v3, q_lora_rank=None)
+    no_latent = h * heads * 192 - (q_down + q_up + q_norm)
+    assert model_flops_per_token(lite, seq) == model_flops_per_token(v3, seq) + 6 * 61 * no_latent

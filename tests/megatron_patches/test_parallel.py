@@ -1,5 +1,7 @@
 """Megatron-Core trains and computes the same function on gloo ranks at any layout."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -16,6 +18,15 @@ TINY = ModelConfig(
     num_query_groups=2,
     vocab_size=100,
     max_position_embeddings=64,
+)
+# Multi-Latent Attention at an odd latent width: 15 + 6 = 21 channels of the local spec's kv down projection.
+MLA = replace(
+    TINY,
+    multi_latent_attention=True,
+    qk_layernorm=True,
+    kv_lora_rank=15,
+    qk_pos_emb_head_dim=6,
+    qk_head_dim=10,
 )
 SEQ = 16
 
@@ -136,6 +147,12 @@ def test_tp2_logits_equal_tp1_for_the_same_weights(tmp_path):
         (Layout(8, 8, 1), TINY, "num_attention_heads (4) is not divisible by TP (8)"),
         (Layout(4, 4, 1), TINY, "num_query_groups (2) is not divisible by TP (4)"),
         (Layout(6, 1, 3), TINY, "num_layers (4) is not divisible by PP (3)"),
+        (Layout(2, 2, 1), MLA, "kv_lora_rank + qk_pos_emb_head_dim (21) is not divisible by TP (2)"),
+        (
+            Layout(2, 2, 1),
+            replace(MLA, kv_lora_rank=14, q_lora_rank=9),
+            "q_lora_rank (9) is not divisible by TP (2)",
+        ),
     ],
 )
 def test_impossible_layouts_name_the_numbers(layout, model, message):

@@ -48,6 +48,11 @@ def _layout_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--spec", default="local", help="layer-spec key names: local or te (Transformer Engine)"
     )
+    parser.add_argument(
+        "--moe-grouped-gemm",
+        action="store_true",
+        help="with --spec te: routed experts in TEGroupedMLP's layout (linear_fc1.weight<i>)",
+    )
     parser.add_argument("--dtype", help="bf16, fp16 or fp32 (default: as stored)")
     parser.add_argument(
         "--decoder-first-pipeline-num-layers", dest="first", type=int, help="uneven PP: first stage"

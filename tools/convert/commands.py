@@ -59,6 +59,7 @@ class MegatronTarget:
     etp: int | None = None  # expert tensor parallel: each routed expert split over TP (None) or not (1)
     fmt: str = "torch"
     spec: str = "local"
+    moe_grouped_gemm: bool = False  # --spec te: routed experts as TEGroupedMLP's linear_fc<n>.weight<i>
     dtype: str | None = None
     first: int | None = None  # uneven PP: layers of the first / last stage
     last: int | None = None
@@ -70,14 +71,29 @@ class MegatronTarget:
             raise ConfigError(f"--format must be one of {ckpt_format.FORMATS}, got {self.fmt!r}")
         if self.spec not in layout.SPECS:
             raise ConfigError(f"--spec must be one of {layout.SPECS}, got {self.spec!r}")
-        if self.fmt == "torch_dist" and self.spec != "local":
+        spec_names_differ = cfg.num_moe_experts or cfg.multi_latent_attention  # TE's sharded keys rename
+        if self.fmt == "torch_dist" and self.spec != "local" and not spec_names_differ:
             raise ConfigError(
                 "--spec applies to --format torch; torch_dist checkpoints load into either spec"
             )
         parse_dtype(self.dtype)
-        if cfg.num_moe_experts and self.spec != "local":
-            raise ConfigError("MoE checkpoints are written with local-spec names only (--spec local)")
+        self._check_grouped(cfg)
         return layout.plan_layout(cfg, self.tp, self.pp, self.first, self.last, self.ep, self.etp, self.vpp)
+
+    def _check_grouped(self, cfg: ModelConfig) -> None:
+        """Grouped GEMM names exist for TE's TEGroupedMLP only; the legacy GroupedMLP (``weight1`` /
+        ``weight2``: experts concatenated, transposed) is not mapped. torch_dist keys are alike either way."""
+        if not self.moe_grouped_gemm:
+            return
+        if not cfg.num_moe_experts:
+            raise ConfigError(
+                "--moe-grouped-gemm needs an MoE model; this one is dense (num_moe_experts unset)"
+            )
+        if self.spec != "te":
+            raise ConfigError(
+                "--moe-grouped-gemm is supported with --spec te only (TEGroupedMLP); the local spec's "
+                "legacy GroupedMLP layout is not"
+            )
 
 
 def _to_mcore(source: Source, side_dir: Path, run: Run, target: MegatronTarget) -> str:
@@ -92,7 +108,7 @@ def _to_mcore(source: Source, side_dir: Path, run: Run, target: MegatronTarget) 
         copy_side_files(side_dir, tmp, skip=(ckpt_format.TRACKER_FILE,))
         dtype = parse_dtype(target.dtype)
         iter_dir = tmp / ckpt_format.RELEASE
-        formats = (target.fmt, target.spec, dtype, iteration, target.ep, target.etp)
+        formats = (target.fmt, target.spec, dtype, iteration, target.ep, target.etp, target.moe_grouped_gemm)
         write_mcore(source, iter_dir, target.tp, pipeline, progress, *formats)
         ckpt_format.write_tracker(tmp, ckpt_format.RELEASE)
     return progress.summary()

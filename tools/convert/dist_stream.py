@@ -69,6 +69,7 @@ SEQUENTIAL_EXPERTS = "mlp.experts.experts."  # SequentialMLP's sharded key for a
 # Weights of Megatron-Core's linear layers (MLPs of routed and shared experts included), each with an
 # ``_extra_state`` object.
 LINEAR_WEIGHTS = (".linear_qkv.weight", ".linear_proj.weight", ".linear_fc1.weight", ".linear_fc2.weight")
+NORM_WEIGHT = "layernorm.weight"  # a TE spec's separate norms: input_/pre_mlp_/q_/k_/kv_/final_layernorm
 # Multi-Latent Attention's projections (MLASelfAttention); its local spec maps no norm into them on save.
 MLA_WEIGHTS = tuple(
     f".linear_{p}.weight" for p in ("q_proj", "q_down_proj", "q_up_proj", "kv_down_proj", "kv_up_proj")
@@ -207,16 +208,18 @@ def _tensor_item(
 
 
 def _stored_key(
-    local: str, layers: int, experts: int | None, mla: bool = False
+    local: str, layers: int, experts: int | None, mla: bool = False, te_name: str | None = None
 ) -> tuple[str, int | None, int]:
     """(checkpoint key, index on its stacked axis or None, that axis' size) of a local-spec parameter
-    name with global layer and expert numbers.
+    name with global layer and expert numbers; ``te_name``: its TE-spec name, for a TE checkpoint.
 
     A dense model's layers are stacked (``decoder.layers.<param>``); an MoE model's are not (its
-    layers differ), but each layer's routed experts are, as SequentialMLP's ``sharded_state_dict``.
+    layers differ), but each layer's routed experts are, as SequentialMLP's ``sharded_state_dict``
+    (TEGroupedMLP's ``sharded_state_dict`` writes the same keys: "interchangeable with SequentialMLP's").
     """
-    # The norm names Megatron-Core's local spec saves under (its MLA layer spec keeps the local ones).
-    named = local if mla else layout.to_spec(local, "te")
+    # The norm names Megatron-Core's local spec saves under (its MLA layer spec keeps the local ones);
+    # the TE specs' ``sharded_state_dict_keys_map`` renames no norm, so a TE key is its state-dict name.
+    named = te_name or (local if mla else layout.to_spec(local, "te"))
     split = layout.split_layer_name(named)
     if split is None:
         return named, None, 0
@@ -231,9 +234,14 @@ def _stored_key(
 
 
 def _extra_state_keys(
-    params: list[tuple[str, tuple]], layers: int, experts: int | None, mla: bool = False
+    params: list[tuple[str, tuple]],
+    layers: int,
+    experts: int | None,
+    mla: bool = False,
+    te_names: dict[str, str] | None = None,
 ) -> list[str]:
-    """The ``_extra_state`` objects Megatron-Core saves beside the linear layers' weights."""
+    """The ``_extra_state`` objects Megatron-Core saves beside the linear layers' weights (TE: and beside
+    its norms' weights; a TENorm saves one too, and an object the model does not ask for is not read)."""
     if not (experts or mla):
         return [
             f"{LAYERS}{module}._extra_state/shard_{layer}_{layers}"
@@ -241,10 +249,12 @@ def _extra_state_keys(
             for module in EXTRA_STATE_MODULES
         ]
     keys = []
+    weights = LINEAR_WEIGHTS + MLA_WEIGHTS + ((NORM_WEIGHT,) if te_names else ())
     for local, _ in params:
-        if local.endswith(LINEAR_WEIGHTS + MLA_WEIGHTS):
-            key, index, count = _stored_key(local, layers, experts, mla)
-            module = key.removesuffix(".weight")
+        if local.endswith(weights):
+            te_name = te_names and te_names[local]
+            key, index, count = _stored_key(local, layers, experts, mla, te_name)
+            module = key.removesuffix(".weight").removesuffix(".layer_norm_weight")
             keys.append(f"{module}._extra_state/shard_{index or 0}_{count or 1}")
     return keys
 
@@ -264,6 +274,7 @@ def save(
     dtype: torch.dtype,
     common: dict,
     experts: int | None = None,
+    te_names: dict[str, str] | None = None,
 ) -> None:
     """Write one ``torch_dist`` checkpoint of ``params`` (local name, TP=1 shape), in that order.
 
@@ -275,10 +286,11 @@ def save(
     by_index, items = {}, []
     mla = any(local.endswith(MLA_WEIGHTS) for local, _ in params)
     for local, shape in params:
-        key, index, count = _stored_key(local, layers, experts, mla)
+        key, index, count = _stored_key(local, layers, experts, mla, te_names and te_names[local])
         items.append(_tensor_item(key, index, shape, count, dtype))
         by_index[items[-1].index] = local
-    for key in _extra_state_keys(params, layers, experts, mla):
+    # A fused norm's module (TE: linear_qkv) is also a linear's: one object each, in first-seen order.
+    for key in dict.fromkeys(_extra_state_keys(params, layers, experts, mla, te_names)):
         items.append(WriteItem(index=MetadataIndex(key), type=WriteItemType.BYTE_IO))
 
     def resolve(item: WriteItem) -> torch.Tensor | io.BytesIO:

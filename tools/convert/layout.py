@@ -22,6 +22,7 @@ from megatron_patches.formats.param_names import (  # noqa: F401  (re-exported: 
     from_spec,
     layer_param,
     renumber_expert,
+    spec_name,
     split_expert_name,
     split_layer_name,
     to_spec,
@@ -131,7 +132,6 @@ def check_supported(cfg: ModelConfig) -> None:
         "swiglu": (cfg.swiglu, True),
         "add_bias_linear": (cfg.add_bias_linear, False),
         "position_embedding_type": (cfg.position_embedding_type, "rope"),
-        "moe_grouped_gemm": (cfg.moe_grouped_gemm, False),  # TEGroupedMLP's weight layout: not mapped
     }
     for name, (value, wanted) in unsupported.items():
         if value != wanted:

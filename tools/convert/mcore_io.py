@@ -50,6 +50,7 @@ from megatron_patches.formats.checkpoint import (  # noqa: F401  (re-exported: o
 )
 from megatron_patches.formats.megatron_lm_args import megatron_lm_args
 from megatron_patches.formats.model_config import ModelConfig
+from megatron_patches.formats.param_names import spec_name
 from tools.convert.rank_stream import StreamedRankFile
 
 if TYPE_CHECKING:  # imported where used: torch.distributed.checkpoint is a third of the CLI's start-up
@@ -110,16 +111,21 @@ def save_torch_dist(
     cfg: ModelConfig,
     dtype: torch.dtype,
     iteration: int = 0,
+    spec: str = "local",
 ) -> None:
     """Write a torch_dist checkpoint of the whole (TP=1) model, ``fetch``-ing each tensor as it is written.
 
     ``params`` are (local name, TP=1 shape) with global layer numbers. Memory: the
-    tensor being written (see :mod:`tools.convert.dist_stream`); no model is built.
+    tensor being written (see :mod:`tools.convert.dist_stream`); no model is built. ``spec`` "te": an
+    MoE / MLA model's keys as the TE spec's ``sharded_state_dict`` names them (it maps no norm names).
     """
     common = CommonState(cfg.to_dict(), iteration, args=megatron_lm_args(cfg, 1, 1))
     from tools.convert import dist_stream
 
-    dist_stream.save(iter_dir, params, fetch, cfg.num_layers, dtype, common.to_dict(), cfg.num_moe_experts)
+    te_names = {local: spec_name(local, spec, cfg) for local, _ in params} if spec == "te" else None
+    dist_stream.save(
+        iter_dir, params, fetch, cfg.num_layers, dtype, common.to_dict(), cfg.num_moe_experts, te_names
+    )
 
 
 def stop_dist_checkpoint_workers() -> None:

@@ -7,6 +7,7 @@ stays near one output shard (legacy format) or one HF tensor (HF format).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -83,11 +84,13 @@ def write_mcore(
     iteration: int = 0,
     ep: int = 1,
     etp: int | None = None,
+    grouped: bool = False,
 ) -> None:
     cfg = source.cfg
     if fmt == "torch_dist":
-        write_torch_dist(source, iter_dir, progress, dtype, iteration)
+        write_torch_dist(source, iter_dir, progress, dtype, iteration, spec)
         return
+    saved_cfg = dataclasses.replace(cfg, moe_grouped_gemm=grouped)  # the expert layout the files hold
     for pp_rank in range(pipeline.ranks):
         for tp_rank, ep_rank in itertools.product(range(tp), range(ep)):
             progress.shard(ckpt_format.rank_dir_name(tp_rank, pp_rank, pipeline.ranks, ep_rank, ep))
@@ -100,7 +103,11 @@ def write_mcore(
                     tensors = rank_tensors(
                         source, tp, tp_rank, pipeline, stage, dtype, ep, ep_rank, etp, release
                     )
-                    model = {layout.to_spec(name, spec): stream.add(progress.add(t)) for name, t in tensors}
+                    first = pipeline.offset(stage)
+                    model = {
+                        layout.spec_name(name, spec, cfg, first, grouped): stream.add(progress.add(t))
+                        for name, t in tensors
+                    }
                     extra = layout.extra_state_keys(cfg, pipeline.counts[stage], last, spec, model)
                     model.update(stream.add_state(extra))
                     chunks.append(model)
@@ -110,7 +117,7 @@ def write_mcore(
                     pp_rank,
                     pipeline.ranks,
                     chunks,
-                    cfg,
+                    saved_cfg,
                     iteration,
                     list(pipeline.counts),
                     tp,
@@ -122,7 +129,12 @@ def write_mcore(
 
 
 def write_torch_dist(
-    source: Source, iter_dir: Path, progress: Progress, dtype: torch.dtype | None, iteration: int = 0
+    source: Source,
+    iter_dir: Path,
+    progress: Progress,
+    dtype: torch.dtype | None,
+    iteration: int = 0,
+    spec: str = "local",
 ) -> None:
     """The whole (TP=1) model as one torch_dist checkpoint, each tensor read as the writer reaches it."""
     cfg = source.cfg
@@ -139,7 +151,7 @@ def write_torch_dist(
         source.release()  # what the previous fetch read: the writer is done with it
         return progress.add(owned(source.shard(canonical[local], 1, 0), dtype))
 
-    mcore_io.save_torch_dist(iter_dir, params, fetch, cfg, dtype or model_dtype(source), iteration)
+    mcore_io.save_torch_dist(iter_dir, params, fetch, cfg, dtype or model_dtype(source), iteration, spec)
     source.release()
 
 

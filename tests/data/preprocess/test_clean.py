@@ -8,7 +8,7 @@ import random
 import pytest
 
 from data.demo import synth
-from data.preprocess import clean, repetition
+from data.preprocess import clean, filters, repetition
 from data.preprocess.config import load_config
 from data.preprocess.document import Document
 from data.preprocess.stage import run_file_stage
@@ -59,7 +59,7 @@ def test_good_prose_code_markdown_and_math_are_kept_in_every_language(cleaner):
 
 def test_code_is_not_judged_by_prose_rules(cleaner):
     code = "\n".join(["    }", "  }", "}", "x = {k: v for k, v in items}", "if (a && b) { return c; }"] * 12)
-    assert clean.check(code, cleaner.default)[0] is False  # prose thresholds would drop it
+    assert filters.check(code, cleaner.default)[0] is False  # prose thresholds would drop it
     assert verdict(cleaner, code)[0] is True  # the code channel's thresholds keep it
 
 
@@ -221,9 +221,9 @@ def test_desensitize_off_leaves_rejected_text_as_written(tmp_path):
 )
 def test_length_and_script_ratio_rules(overrides, text, rule, value):
     thresholds = thresholds_from({"max_digit_ratio": None, "max_symbol_ratio": None, **overrides}, "test")
-    assert clean.check(text, thresholds) == (False, rule, value)
+    assert filters.check(text, thresholds) == (False, rule, value)
     relaxed = thresholds_from({k: None for k in overrides}, "test", thresholds)
-    assert clean.check(text, relaxed)[1] != rule  # the rule, not another one, made the verdict
+    assert filters.check(text, relaxed)[1] != rule  # the rule, not another one, made the verdict
 
 
 def test_a_custom_text_field_is_read_and_written_back(tmp_path):

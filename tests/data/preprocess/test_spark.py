@@ -175,3 +175,34 @@ def test_whole_run_on_spark_writes_what_the_local_engine_writes(spark, tmp_path)
     for name in local:
         assert remote[name] == local[name], name
     assert reports["dedup"]["docs_in"] > reports["dedup"]["docs_out"] and reports["clean"]["malformed_lines"]
+
+
+def test_quality_scorer_on_spark_writes_what_the_local_engine_writes(spark, tmp_path):
+    """train-scorer, then label dropping by its score (zh_web: threshold, en_web: top fraction, a score
+    pass and a cut) on local[2], files read as ranges: the same model bytes, parts, rejects and counts."""
+    from data.preprocess.label_stage import run_label
+    from data.preprocess.train_scorer import run_train_scorer
+
+    from .test_quality import good_and_spam
+
+    rng = random.Random(4)
+    (tmp_path / "in").mkdir()
+    train = good_and_spam(rng, 30, "t")
+    positive = write_jsonl(tmp_path / "in" / "good.jsonl", [r for r in train if "good" in r["id"]])
+    negative = write_jsonl(tmp_path / "in" / "bad.jsonl", [r for r in train if "spam" in r["id"]])
+    docs = good_and_spam(rng, 15, "d") + [{"id": f"zh{i}", "text": synth.zh_doc(rng, 4)} for i in range(10)]
+    inputs = [write_jsonl(tmp_path / "in" / f"docs{k}.jsonl", docs[k::2]) for k in range(2)]
+    rules = {"zh_web": {"min_score": 0.2}, "en_web": {"keep_fraction": 0.6}}
+    spark.sparkContext.setJobGroup("quality", "train-scorer and label on Spark")
+    for engine, extra in (("local", {}), ("spark", {"engine": "spark", "range_mb": 0.002})):
+        small = config_for(tmp_path, **{"train_scorer.dim": 8, "train_scorer.bucket": 1000}, **extra)
+        run_train_scorer(small, [positive], [negative], tmp_path / engine / "scorer")
+        scorer = {"kind": "fasttext", "path": str(tmp_path / engine / "scorer" / "scorer.bin")}
+        settings = {"label.scorer": scorer, "quality.channels": rules, **extra}
+        run_label(config_for(tmp_path, **settings), inputs, tmp_path / engine / "label")
+    local, remote = compared_tree(tmp_path / "local"), compared_tree(tmp_path / "spark")
+    assert remote == local and "scorer/scorer.bin" in local and "label/rejected/quality.jsonl" in local
+    channels = local["label/report.json"]["channel"]
+    assert channels["en_web"]["docs_out"] == 18 and channels["zh_web"]["rejected"]["quality"] > 0
+    jobs = spark.sparkContext.statusTracker().getJobIdsForGroup("quality")
+    assert len(jobs) == 3  # on Spark: train-scorer's examples, label's score pass, label's labelling pass

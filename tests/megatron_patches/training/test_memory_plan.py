@@ -291,3 +291,52 @@ def test_moe_activation_bytes_are_within_10_percent_of_what_autograd_saves():
         for model, got in zip(models, measured, strict=True):
             planned = stage_activation_bytes(ModelConfig(**TINY, **model), seq, micro, layout, True, 0)
             assert abs(planned - got) <= 0.1 * got, (model, planned, got)
+
+
+MLA = dict(  # num_query_groups is unused with MLA
+    multi_latent_attention=True,
+    qk_layernorm=True,
+    kv_lora_rank=16,
+    qk_head_dim=8,
+    qk_pos_emb_head_dim=4,
+    v_head_dim=6,
+)
+
+
+def _mla_static_on_rank(variants: list[list[str]]) -> list[tuple[int, int]]:
+    """(buffer bytes, optimizer bytes) of each MLA variant built at TP=2 on 2 ranks."""
+    from megatron_patches import parallel
+    from megatron_patches.training import builder
+    from megatron_patches.training.config import load_config
+
+    base = [f"model.{k}={v}" for k, v in {**TINY, **MLA}.items()]
+    configs = [load_config(None, base + overrides) for overrides in variants]
+    parallel.initialize(parallel.Layout(2, 2, 1), configs[0].seed, configs[0].model)
+    return [_built_static_bytes(builder.build(cfg)) for cfg in configs]
+
+
+def test_multi_latent_attention_static_bytes_equal_the_tensors_on_every_rank():
+    # with a query latent (DeepSeek-V3) and without (V2-Lite); the down projections split over TP 2
+    variants = {24: ["model.q_lora_rank=24", "train.bf16=true"], None: ["train.bf16=false"]}
+    results = run_on_ranks(_mla_static_on_rank, 2, list(variants.values()))
+    for rank_results in results:
+        for (q_lora_rank, overrides), measured in zip(variants.items(), rank_results, strict=True):
+            model = ModelConfig(**{**TINY, **MLA}, q_lora_rank=q_lora_rank)
+            weights, grads, optimizer = static_bytes(
+                model, PlanLayout(2, 1, 1), Precision(bf16="train.bf16=true" in overrides), stage=0
+            )
+            assert (weights + grads, optimizer) == measured, q_lora_rank
+
+
+def test_multi_latent_attention_activation_bytes_are_within_10_percent_of_what_autograd_saves():
+    # TP 2 with sequence parallel; values as wide as queries/keys (8 + 4): CPU's fused SDPA needs that (as
+    # GPU kernels do not), otherwise it keeps the s x s scores
+    seq, micro = 64, 2
+    shapes = dict(kv_lora_rank=32, v_head_dim=12)
+    models = [{**MLA, **shapes, "q_lora_rank": 48}, {**MLA, **shapes, "q_lora_rank": None}]
+    settings = [{"tp": 2, "pp": 1, "sp": True, "model": model} for model in models]
+    layout = PlanLayout(2, 1, 1, sequence_parallel=True)
+    for measured in run_on_ranks(_activations_on_rank, 2, settings, seq, micro):
+        for model, got in zip(models, measured, strict=True):
+            planned = stage_activation_bytes(ModelConfig(**TINY, **model), seq, micro, layout, True, 0)
+            assert abs(planned - got) <= 0.1 * got, (model["q_lora_rank"], planned, got)

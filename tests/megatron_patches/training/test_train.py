@@ -40,6 +40,7 @@ def tiny_args(run_dir: Path, data: list, *extra: str) -> list[str]:
         "optimizer.min_lr=0.001",
         "optimizer.lr_warmup_iters=2",
         "logging.log_interval=5",
+        "data.max_epochs=null",  # tiny corpora: tests read them many times over on purpose
         *TINY_MODEL,
         *extra,
     ]

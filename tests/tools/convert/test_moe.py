@@ -132,7 +132,7 @@ def test_resharding_ep2_to_ep4_to_ep1_is_bit_exact(hf_dirs, tmp_path):
     [
         (dict(ep=5), "num_moe_experts (12) is not divisible by EP (5)"),
         (dict(tp=2, etp=4), "must be 1 or TP (2)"),
-        (dict(spec="te"), "MoE checkpoints are written with local-spec names only"),
+        (dict(moe_grouped_gemm=True), "--moe-grouped-gemm is supported with --spec te only"),
     ],
 )
 def test_bad_expert_layouts_are_refused_before_writing(target, message, hf_dirs, tmp_path):

@@ -1,0 +1,339 @@
+"""The clean rules as small composable filters (datatrove-style), and the per-channel chain of them.
+
+A filter has a ``name`` (its rule: ``rejected/<name>.jsonl``, report ``rejected/<name>``) and
+``filter(sample) -> Verdict``: :data:`KEEP`, or ``(False, rule, value)`` with the measured value that
+made it drop the document. Its thresholds are typed fields. A channel's chain runs its filters in
+the configured order (``clean.rules``, or ``clean.channels.<channel>.rules``) and records the first
+that drops; :data:`DEFAULT_RULES` is the order the clean stage has always used (cheap rules first).
+
+Every filter of one document reads the same :class:`Sample`, whose measures (character classes,
+lines, word n-grams) are computed once, on first use, so no rule re-scans the text another has.
+
+A new rule is a factory ``(thresholds, FilterContext) -> Filter | None`` (None: off for that
+channel) registered with :func:`register_filter`; a module outside this one that registers rules is
+listed in :data:`PLUGIN_MODULES` and imported when rule names are first resolved.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+from megatron_patches.errors import ConfigError
+
+from . import repetition
+from .clean import Blocklist, TextStats, measure
+from .document import Document
+from .label import LabelConfig, infer_channel
+from .thresholds import Thresholds
+
+Verdict = tuple[bool, str | None, Any]  # (keep, rule, measured value)
+KEEP: Verdict = (True, None, None)
+
+
+class Sample:
+    """One document as the filters see it; each measure is computed on first use, then shared.
+    (Plain attributes, not functools.cached_property, whose per-access lock costs on every rule.)"""
+
+    __slots__ = ("doc", "text", "_stats", "_duplicate_lines", "_ngrams")
+
+    def __init__(self, doc: Document):
+        self.doc = doc
+        self.text = doc.text
+        self._stats: TextStats | None = None
+        self._duplicate_lines: tuple[float, float] | None = None
+        self._ngrams: repetition.Ngrams | None = None
+
+    @property
+    def stats(self) -> TextStats:
+        if self._stats is None:
+            self._stats = measure(self.text)
+        return self._stats
+
+    @property
+    def duplicate_lines(self) -> tuple[float, float]:
+        if self._duplicate_lines is None:
+            self._duplicate_lines = repetition.duplicate_line_fractions(self.text)
+        return self._duplicate_lines
+
+    @property
+    def ngrams(self) -> repetition.Ngrams:
+        if self._ngrams is None:
+            self._ngrams = repetition.Ngrams(repetition.words(self.text))
+        return self._ngrams
+
+
+class Filter(Protocol):
+    name: ClassVar[str]
+
+    def filter(self, sample: Sample) -> Verdict: ...
+
+
+@dataclass(frozen=True)
+class FilterContext:
+    """What a factory may need besides the channel's thresholds."""
+
+    channel: str
+    blocklist: Blocklist | None = None
+    config: Any = None  # the PipelineConfig (plug-ins read their own section)
+
+
+Factory = Callable[[Thresholds, FilterContext], "Filter | None"]
+FILTERS: dict[str, Factory] = {}
+PLUGIN_MODULES: tuple[str, ...] = ()  # dotted names of modules that register more rules
+DEFAULT_RULES = (
+    "too_short",
+    "too_long",
+    "zh_ratio",
+    "en_ratio",
+    "url_ratio",
+    "digit_ratio",
+    "symbol_ratio",
+    "alpha_ratio",
+    "blocklist",
+    "line_repetition",
+    "ngram_repetition",
+)
+
+
+def register_filter(name: str) -> Callable[[Factory], Factory]:
+    def register(factory: Factory) -> Factory:
+        FILTERS[name] = factory
+        return factory
+
+    return register
+
+
+def known_rules() -> list[str]:
+    for module in PLUGIN_MODULES:
+        importlib.import_module(module)
+    return sorted(FILTERS)
+
+
+def check_rules(rules: Any, where: str) -> tuple[str, ...]:
+    """``rules`` as a tuple of known, distinct rule names; anything else is a one-line ConfigError."""
+    if not isinstance(rules, list | tuple) or not all(isinstance(r, str) for r in rules):
+        raise ConfigError(f"{where} must be a list of rule names, got {rules!r}")
+    known = known_rules()
+    unknown = [r for r in rules if r not in known]
+    if unknown:
+        raise ConfigError(f"{where}: unknown rule(s) {unknown}; known: {known}")
+    repeated = sorted({r for r in rules if rules.count(r) > 1})
+    if repeated:
+        raise ConfigError(f"{where}: rule(s) {repeated} listed more than once")
+    return tuple(rules)
+
+
+@dataclass(frozen=True)
+class FilterChain:
+    """A channel's filters in order; the first that drops a document decides its verdict."""
+
+    filters: tuple[Filter, ...]
+
+    def __call__(self, sample: Sample) -> Verdict:
+        for rule in self.filters:
+            verdict = rule.filter(sample)
+            if not verdict[0]:
+                return verdict
+        return KEEP
+
+
+def build_chain(rules: Sequence[str], thresholds: Thresholds, context: FilterContext) -> FilterChain:
+    known_rules()  # plug-in modules registered
+    made = (FILTERS[name](thresholds, context) for name in rules)
+    return FilterChain(tuple(f for f in made if f is not None))
+
+
+def check(text: str, thresholds: Thresholds, blocklist: Blocklist | None = None) -> Verdict:
+    """The default rules' verdict on `text` under `thresholds`."""
+    chain = build_chain(DEFAULT_RULES, thresholds, FilterContext("", blocklist))
+    return chain(Sample(Document(text=text, id="")))
+
+
+class Cleaner:
+    """The clean step's rules: the chain of the document's channel (built once per channel)."""
+
+    def __init__(
+        self,
+        default: Thresholds,
+        channels: dict[str, Thresholds],
+        blocklist: Blocklist | None,
+        label_config: LabelConfig,
+        rules: tuple[tuple[str, ...], dict[str, tuple[str, ...]]] = (DEFAULT_RULES, {}),
+        config: Any = None,
+    ):
+        self.default, self.channels, self.blocklist = default, channels, blocklist
+        self.label_config, self.rules, self.config = label_config, rules, config
+        self.chains: dict[str, FilterChain] = {}
+
+    def channel_of(self, doc: Document) -> str:
+        return infer_channel(doc, self.label_config)
+
+    def chain(self, channel: str) -> FilterChain:
+        if channel not in self.chains:
+            default_rules, channel_rules = self.rules
+            context = FilterContext(channel, self.blocklist, self.config)
+            thresholds = self.channels.get(channel, self.default)
+            self.chains[channel] = build_chain(channel_rules.get(channel, default_rules), thresholds, context)
+        return self.chains[channel]
+
+    def __call__(self, doc: Document, channel: str) -> Verdict:
+        return self.chain(channel)(Sample(doc))
+
+
+# ---- the built-in rules -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TooShort:
+    name: ClassVar[str] = "too_short"
+    min_chars: int
+
+    def filter(self, sample: Sample) -> Verdict:
+        chars = len(sample.text)
+        return (False, self.name, chars) if chars < self.min_chars else KEEP
+
+
+@dataclass(frozen=True)
+class TooLong:
+    name: ClassVar[str] = "too_long"
+    max_chars: int
+
+    def filter(self, sample: Sample) -> Verdict:
+        chars = len(sample.text)
+        return (False, self.name, chars) if chars > self.max_chars else KEEP
+
+
+@dataclass(frozen=True)
+class _Ratio:
+    """One measured ratio of :class:`TextStats` (named like the rule) against one threshold."""
+
+    name: ClassVar[str]
+    threshold: ClassVar[str]  # the Thresholds field; min_* drops below it, max_* above
+    limit: float
+
+    def filter(self, sample: Sample) -> Verdict:
+        value = getattr(sample.stats, self.name)
+        bad = value < self.limit if self.threshold.startswith("min_") else value > self.limit
+        return (False, self.name, round(value, 4)) if bad else KEEP
+
+
+class ZhRatio(_Ratio):
+    name, threshold = "zh_ratio", "min_zh_ratio"
+
+
+class EnRatio(_Ratio):
+    name, threshold = "en_ratio", "min_en_ratio"
+
+
+class UrlRatio(_Ratio):
+    name, threshold = "url_ratio", "max_url_ratio"
+
+
+class DigitRatio(_Ratio):
+    name, threshold = "digit_ratio", "max_digit_ratio"
+
+
+class SymbolRatio(_Ratio):
+    name, threshold = "symbol_ratio", "max_symbol_ratio"
+
+
+class AlphaRatio(_Ratio):
+    name, threshold = "alpha_ratio", "min_alpha_ratio"
+
+
+@dataclass(frozen=True)
+class BlocklistHits:
+    name: ClassVar[str] = "blocklist"
+    blocklist: Blocklist
+    max_hits: int
+
+    def filter(self, sample: Sample) -> Verdict:
+        hits = self.blocklist.hits(sample.text)
+        return (False, self.name, hits) if hits > self.max_hits else KEEP
+
+
+@dataclass(frozen=True)
+class LineRepetition:
+    """Gopher: the fraction of duplicate lines, and of the characters in them."""
+
+    name: ClassVar[str] = "line_repetition"
+    max_dup_line_ratio: float | None
+    max_dup_line_char_ratio: float | None
+
+    def filter(self, sample: Sample) -> Verdict:
+        lines, chars = sample.duplicate_lines
+        if _over(lines, self.max_dup_line_ratio) or _over(chars, self.max_dup_line_char_ratio):
+            return False, self.name, round(max(lines, chars), 4)
+        return KEEP
+
+
+@dataclass(frozen=True)
+class NgramRepetition:
+    """Gopher: characters in the most frequent n-gram, then in any repeated n-gram, per n."""
+
+    name: ClassVar[str] = "ngram_repetition"
+    max_top_ngram: tuple[tuple[int, float], ...]  # (n, limit) by n
+    max_dup_ngram: tuple[tuple[int, float], ...]
+
+    def filter(self, sample: Sample) -> Verdict:
+        grams = sample.ngrams
+        for n, limit in self.max_top_ngram:
+            if grams.top_fraction_bound(n) <= limit:
+                continue  # cannot be over the limit: no need to count
+            value = grams.top_fraction(n)
+            if value > limit:
+                return False, self.name, round(value, 4)
+        for i, (n, limit) in enumerate(self.max_dup_ngram):
+            value = grams.duplicate_fraction(n)
+            if value > limit:
+                return False, self.name, round(value, 4)
+            # A repeated longer n-gram is made of repeated shorter ones, so coverage only falls with n.
+            if all(value <= later for _, later in self.max_dup_ngram[i + 1 :]):
+                break
+        return KEEP
+
+
+def _over(value: float, limit: float | None) -> bool:
+    return limit is not None and value > limit
+
+
+def _one_threshold(cls: type, field: str) -> Factory:
+    def make(t: Thresholds, context: FilterContext) -> Filter | None:
+        limit = getattr(t, field)
+        return None if limit is None else cls(limit)
+
+    return make
+
+
+for _cls, _field in (
+    (TooShort, "min_chars"),
+    (TooLong, "max_chars"),
+    *((c, c.threshold) for c in (ZhRatio, EnRatio, UrlRatio, DigitRatio, SymbolRatio, AlphaRatio)),
+):
+    register_filter(_cls.name)(_one_threshold(_cls, _field))
+
+
+@register_filter("blocklist")
+def _blocklist(t: Thresholds, context: FilterContext) -> Filter | None:
+    if context.blocklist is None or t.max_blocklist_hits is None:
+        return None
+    return BlocklistHits(context.blocklist, t.max_blocklist_hits)
+
+
+@register_filter("line_repetition")
+def _line_repetition(t: Thresholds, context: FilterContext) -> Filter | None:
+    if t.max_dup_line_ratio is None and t.max_dup_line_char_ratio is None:
+        return None
+    return LineRepetition(t.max_dup_line_ratio, t.max_dup_line_char_ratio)
+
+
+@register_filter("ngram_repetition")
+def _ngram_repetition(t: Thresholds, context: FilterContext) -> Filter | None:
+    if not t.max_top_ngram and not t.max_dup_ngram:
+        return None
+    return NgramRepetition(
+        tuple(sorted((t.max_top_ngram or {}).items())), tuple(sorted((t.max_dup_ngram or {}).items()))
+    )
