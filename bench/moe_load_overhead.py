@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from functools import wraps
 from pathlib import Path
 
-from train_throughput import PRESETS, global_batch  # this directory is on sys.path (script or torchrun)
+from train_throughput import (  # this directory is on sys.path (script or torchrun)
+    PRESETS,
+    global_batch,
+    torchrun_worker,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SECONDS: dict[str, float] = {"_count": 0.0, "on_log": 0.0, "after_save": 0.0}
@@ -106,17 +108,8 @@ def main() -> int:
         worker(Path(args.worker), args.preset, args.iters)
         return 0
     with tempfile.TemporaryDirectory() as tmp:
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={args.ranks}",
-            __file__,
-            *("--preset", args.preset, "--iters", str(args.iters), f"--worker={tmp}"),
-        ]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        subprocess.run(command, check=True, cwd=REPO, stdout=subprocess.DEVNULL, env=env)
+        worker_args = ["--preset", args.preset, "--iters", str(args.iters), f"--worker={tmp}"]
+        torchrun_worker(__file__, args.ranks, worker_args)
         print(f"preset {args.preset}, {args.ranks} ranks, patches.moe_load on")
         print(report(Path(tmp), args.iters, args.warmup))
     return 0

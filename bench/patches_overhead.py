@@ -36,16 +36,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from train_throughput import PRESETS, global_batch  # this directory is on sys.path (script or torchrun)
+from train_throughput import (  # this directory is on sys.path (script or torchrun)
+    PRESETS,
+    global_batch,
+    torchrun_worker,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 WARMUP = 10
@@ -287,20 +289,13 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown patches {unknown}; choose from {sorted(PATCHES_ON)}")
     with tempfile.TemporaryDirectory() as tmp:
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={args.ranks}",
-            __file__,
+        worker_args = [
             *("--preset", args.preset, "--reps", str(args.reps), "--iters", str(args.iters)),
             *("--probes", str(args.probes)),
             f"--patches={args.patches}",
             f"--worker={tmp}",
         ]
-        env = {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
-        subprocess.run(command, check=True, cwd=REPO, env=env, stdout=subprocess.DEVNULL)
+        torchrun_worker(__file__, args.ranks, worker_args)
         print(f"preset {args.preset}, {args.ranks} ranks; on: {args.patches}")
         print(report(json.loads((Path(tmp) / "times.json").read_text())))
     return 0

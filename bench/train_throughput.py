@@ -72,6 +72,13 @@ PRESETS["tiny-moe"] = [*PRESETS["tiny"], *MOE_OVERRIDES]
 PRESETS["tiny-long-moe"] = [*PRESETS["tiny-long"], *MOE_OVERRIDES]
 
 
+def torchrun_worker(script: str, ranks: int, args: list[str]) -> None:
+    """Run a bench ``script`` in its worker mode (``args``) on ``ranks`` local torchrun ranks, quietly."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+    env = {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
+    subprocess.run([*command, script, *args], check=True, cwd=REPO, env=env, stdout=subprocess.DEVNULL)
+
+
 def dense_twin(preset: str) -> str | None:
     """The dense preset a MoE preset is compared with (equal active parameters), else None."""
     return preset.removesuffix("-moe") if preset.endswith("-moe") else None

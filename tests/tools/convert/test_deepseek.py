@@ -9,7 +9,6 @@ MLA and MoE layers compute the HF models' logits.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -20,8 +19,8 @@ from megatron_patches.errors import ConfigError
 from megatron_patches.formats import checkpoint as ckpt_format
 from tests.dist import run_on_ranks
 from tests.tools.convert import tiny
-from tests.tools.convert.test_logits import _forward, _hf_logits, _save_torch_dist, _tokens
-from tests.tools.convert.test_moe import _stored_shapes
+from tests.tools.convert.test_logits import _hf_logits, _tokens
+from tests.tools.convert.test_moe import _megatron_logits, _stored_shapes
 from tools.convert import commands
 from tools.convert.families import deepseek
 
@@ -58,31 +57,6 @@ def test_export_without_hf_files_derives_a_config_computing_the_same_logits(case
     assert torch.equal(_hf_logits(tmp_path / "hf", tokens), _hf_logits(hf_dirs[case], tokens))
 
 
-def _megatron_logits(checkpoints: list[str], tokens: torch.Tensor, torch_dist_root: str) -> list:
-    from megatron.core import parallel_state as ps
-
-    from megatron_patches import parallel
-    from megatron_patches.training.model import build_model_for_this_rank
-
-    results = []
-    for n, root in enumerate(checkpoints):
-        # TP > 1 MoE runs with sequence parallel, experts unsplit (ETP=1) and the alltoall dispatcher on gloo.
-        cfg = dataclasses.replace(ckpt_format.read_model_config(root), moe_token_dispatcher_type="alltoall")
-        layout = parallel.Layout(4, 2, 1, expert_model_parallel_size=2, expert_tensor_parallel_size=1)
-        parallel.initialize(layout, seed=n, model=cfg)
-        ep_rank = ps.get_expert_model_parallel_rank()
-        tp_rank = ps.get_tensor_model_parallel_rank()
-        state, _ = ckpt_format.load_model_for_rank(root, tp_rank, 0, 1, ep_rank=ep_rank, ep_size=2)
-        model = build_model_for_this_rank(cfg, sequence_parallel=True)
-        model.load_state_dict(state, strict=True)
-        model.eval()
-        results.append(_forward(model, tokens))
-        if n == len(checkpoints) - 1:
-            _save_torch_dist(model, cfg, torch_dist_root)  # as the trainer saves (Megatron-Core's layout)
-        ps.destroy_model_parallel()
-    return results
-
-
 def test_tp2_ep2_logits_match_hf(hf_dirs, tmp_path):
     tokens = _tokens()
     expected, checkpoints = [], []
@@ -91,7 +65,9 @@ def test_tp2_ep2_logits_match_hf(hf_dirs, tmp_path):
         commands.hf2mcore(hf_dirs[case], tmp_path / case, tp=2, ep=2, etp=1, quiet=True)
         checkpoints.append(str(tmp_path / case))
     trainer = tmp_path / "trainer"
-    logits = run_on_ranks(_megatron_logits, 4, checkpoints, tokens, str(trainer), timeout=240)[0]
+    # TP2 x PP1 x EP2 (the tiny models have 3 layers); the last (DeepSeek-V3) is also saved as torch_dist
+    pp, saved = 1, len(CASES) - 1
+    logits = run_on_ranks(_megatron_logits, 4, checkpoints, tokens, str(trainer), pp, saved, timeout=240)[0]
     for case, want, got in zip(CASES, expected, logits, strict=True):
         assert (got[..., : want.shape[-1]] - want).abs().max() <= 1e-4, case
 

@@ -152,7 +152,11 @@ def _stored_shapes(iter_dir: Path) -> dict[str, tuple[int, ...] | None]:
     return {key: tuple(meta.size) if hasattr(meta, "size") else None for key, meta in stored.items()}
 
 
-def _megatron_logits(checkpoints: list[str], tokens: torch.Tensor, torch_dist_root: str) -> list:
+def _megatron_logits(
+    checkpoints: list[str], tokens: torch.Tensor, torch_dist_root: str, pp: int = 2, saved: int = SAVED
+) -> list:
+    """Each checkpoint's logits on 4 gloo ranks at TP2 x PP ``pp`` x EP2 (experts unsplit); checkpoint
+    ``saved`` is also saved as torch_dist the way the trainer saves."""
     from megatron.core import parallel_state as ps
 
     from megatron_patches import parallel
@@ -162,16 +166,16 @@ def _megatron_logits(checkpoints: list[str], tokens: torch.Tensor, torch_dist_ro
     for n, root in enumerate(checkpoints):
         # gloo's all-to-all needs the alltoall dispatcher; TP > 1 MoE runs with sequence parallel.
         cfg = dataclasses.replace(ckpt_format.read_model_config(root), moe_token_dispatcher_type="alltoall")
-        layout = parallel.Layout(4, 2, 2, expert_model_parallel_size=2, expert_tensor_parallel_size=1)
+        layout = parallel.Layout(4, 2, pp, expert_model_parallel_size=2, expert_tensor_parallel_size=1)
         parallel.initialize(layout, seed=n, model=cfg)
         ranks = (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank())
         ep_rank = ps.get_expert_model_parallel_rank()
-        state, _ = ckpt_format.load_model_for_rank(root, *ranks, 2, ep_rank=ep_rank, ep_size=2)
+        state, _ = ckpt_format.load_model_for_rank(root, *ranks, pp, ep_rank=ep_rank, ep_size=2)
         model = build_model_for_this_rank(cfg, sequence_parallel=True)
         model.load_state_dict(state, strict=True)
         model.eval()
         results.append(_forward(model, tokens))
-        if n == SAVED:
+        if n == saved:
             _save_torch_dist(model, cfg, torch_dist_root)  # as the trainer saves (Megatron-Core's layout)
         ps.destroy_model_parallel()
     return results
