@@ -21,7 +21,7 @@ from megatron_patches.errors import ConfigError
 from megatron_patches.formats.indexed import token_dtype
 
 from .hf import USER_DEFINED, load_proto
-from .segment_cache import FINE, SEGMENT, SegmentCache, is_exact
+from .segment_cache import SegmentCache, is_exact
 
 _TYPECODES = {np.dtype(np.uint16): "H", np.dtype(np.int32): "i"}  # array typecodes, native order
 
@@ -65,10 +65,9 @@ class SentencePieceEncoder(_Packing):
             raise ConfigError(f"{model_path} has no end-of-sentence piece to use as EOD")
         proto = load_proto(model_path)
         self.cache: SegmentCache | None = None
-        exact, fine_exact = is_exact(proto, (SEGMENT, FINE))
-        if exact:
+        if is_exact(proto):
             domain = [p.piece for p in proto.pieces if p.type == USER_DEFINED]
-            self.cache = SegmentCache(self._encode, self.pack, domain, fine_exact)
+            self.cache = SegmentCache(self._encode, self.pack, domain)
 
     def encode_packed(self, texts: Sequence[str]) -> list[bytes]:
         if self.cache is not None:

@@ -13,14 +13,6 @@ byte fallback (without it a run of unknown characters becomes one <unk>, across 
 UNUSED pieces (SentencePiece undoes a merge into one with the last split it saw anywhere in the
 text). Text containing a domain token that the cutter would split is encoded whole.
 
-A segment not in the cache yet is not sent to SentencePiece as it is: it is cut again, finer, by
-`FINE` (also between a run of ASCII letters and digits and a run of other characters, as in
-`self.cv.tag_unbind(item,`), and only the fine pieces not seen before are encoded; the same argument
-makes that exact when no vocabulary piece spans a fine cut either (:func:`is_exact` with `FINE`, at
-load time; SentencePiece's `split_by_unicode_script` makes it so). Most new segments of code and
-punctuated prose are made of fine pieces seen before, so SentencePiece, which costs far more per
-character than lookups, sees about half as many new items on code (`bench/preprocess.py`).
-
 Texts with almost no spaces (a Chinese paragraph is one long segment) are encoded whole too: there
 is nothing to reuse. Entries are the packed ids (bytes in the dataset's dtype), so a document is
 one `bytes.join` of its segments' entries. Segments longer than MAX_SEGMENT are encoded but not
@@ -37,32 +29,29 @@ from .hf import NORMAL, UNUSED
 
 # "▁" is a space to SentencePiece. A segment: optional spaces, then non-spaces; or spaces alone.
 SEGMENT = re.compile(r"[ \u2581]*[^ \u2581]+|[ \u2581]+")
-# Finer: spaces, then a run of ASCII letters and digits or a run of other non-spaces; or spaces alone.
-FINE = re.compile(r"[ \u2581]*(?:[A-Za-z0-9]+|[^A-Za-z0-9 \u2581]+)|[ \u2581]+")
 MAX_SEGMENT = 64  # longer segments are encoded every time, not kept (deep indentation still fits)
 MAX_ENTRIES = 1 << 20  # then the cache starts again from empty
 SPARSE_SPACES = 50  # fewer than one space per 50 characters: encode whole
 _BPE = 2  # TrainerSpec.ModelType.BPE
 
 
-def is_exact(proto, cutters: Sequence[re.Pattern] = (SEGMENT,)) -> list[bool]:
-    """For each cutter: True if encoding its segments one by one gives SentencePiece's ids for the
-    whole text (one pass over the vocabulary for all of them: it is read on every worker's start)."""
+def is_exact(proto) -> bool:
+    """True if encoding `SEGMENT`s one by one gives SentencePiece's ids for the whole text."""
     spec, trainer = proto.normalizer_spec, proto.trainer_spec
-    never = [False] * len(cutters)
     if trainer.model_type != _BPE or not trainer.byte_fallback:
-        return never
+        return False
     if spec.name != "identity" or spec.add_dummy_prefix or spec.remove_extra_whitespaces:
-        return never
+        return False
     if not spec.escape_whitespaces:  # " " and "▁" would be different characters
-        return never
+        return False
     if trainer.treat_whitespace_as_suffix or proto.denormalizer_spec.precompiled_charsmap:
-        return never
-    if any(piece.type == UNUSED for piece in proto.pieces):
-        return never
-    normal = [piece.piece.replace("\u2581", " ") for piece in proto.pieces if piece.type == NORMAL]
-    # a cutter's matches cover any text, so a piece that is one full match is one segment
-    return [all(map(cutter.fullmatch, normal)) for cutter in cutters]
+        return False
+    for piece in proto.pieces:
+        if piece.type == UNUSED:
+            return False
+        if piece.type == NORMAL and len(SEGMENT.findall(piece.piece.replace("\u2581", " "))) != 1:
+            return False
+    return True
 
 
 Table = dict[str, bytes]  # key -> packed ids (plain dicts: `set.difference` is fast only on those)
@@ -80,29 +69,10 @@ def cut(text: str, segments: Table, words: Table) -> Groups:
     return [(segments, [head] if head else []), (words, rest)]
 
 
-def joined(groups: Groups) -> bytes:
-    """A text's packed ids: its keys' entries in order (KeyError if one is missing). `list(map(...))`
-    looks the keys up in C, nearly twice as fast as a list comprehension."""
-    if len(groups) == 1:
-        table, keys = groups[0]
-        return b"".join(list(map(table.__getitem__, keys)))
-    return b"".join([b"".join(list(map(table.__getitem__, keys))) for table, keys in groups])
-
-
-def _keys_of(missed: list[tuple[int, Groups]], table: Table) -> set[str]:
-    """Every key the texts look up in `table`."""
-    keys: set[str] = set()
-    for _, groups in missed:
-        for group_table, group_keys in groups:
-            if group_table is table:
-                keys.update(group_keys)
-    return keys
-
-
-def _split_tokens(domain_tokens: Sequence[str], cutter: re.Pattern = SEGMENT) -> re.Pattern | None:
-    """A pattern for the domain tokens that `cutter` would split, however their spaces are written
+def _split_tokens(domain_tokens: Sequence[str]) -> re.Pattern | None:
+    """A pattern for the domain tokens that the cutter would split, however their spaces are written
     (SentencePiece matches them after turning " " into "▁", so "a b" and "a▁b" are the same token)."""
-    split = [t for t in domain_tokens if not cutter.fullmatch(t.replace("\u2581", " "))]
+    split = [t for t in domain_tokens if len(SEGMENT.findall(t.replace("\u2581", " "))) != 1]
     spellings = ["[ \u2581]".join(map(re.escape, re.split("[ \u2581]", t))) for t in split]
     return re.compile("|".join(spellings)) if spellings else None
 
@@ -115,20 +85,15 @@ class SegmentCache:
         encode: Callable[[list[str]], list[list[int]]],
         pack: Callable[[Sequence[int]], bytes],
         domain_tokens: Sequence[str] = (),
-        fine_exact: bool = False,
     ):
         self._encode, self._pack = encode, pack
         self.segments: Table = {}  # SEGMENT -> its ids
         self.words: Table = {}  # word -> the ids of " " + word
-        self.fine: Table = {}  # FINE segment -> its ids, what new segments are joined from
         self._tables = ((self.segments, ""), (self.words, " "))
         self._needs_whole = _split_tokens(domain_tokens)
-        self._fine_exact = fine_exact
-        self._fine_split = _split_tokens(domain_tokens, FINE)
-        self._long: list[str] = []  # fine pieces longer than MAX_SEGMENT, dropped after use
 
     def __len__(self) -> int:
-        return len(self.segments) + len(self.words) + len(self.fine)
+        return len(self.segments) + len(self.words)
 
     def encode_packed(self, texts: Sequence[str]) -> list[bytes]:
         out = [b""] * len(texts)
@@ -140,7 +105,7 @@ class SegmentCache:
                 continue
             groups = cut(text, self.segments, self.words)
             try:
-                out[i] = joined(groups)
+                out[i] = b"".join([table[key] for table, keys in groups for key in keys])
             except KeyError:
                 missed.append((i, groups))
         if missed:
@@ -150,49 +115,29 @@ class SegmentCache:
                 out[i] = self._pack(ids)
         return out
 
-    def _add_fine(self, pieces: set[str]) -> None:
-        """Encode the `FINE` pieces not in the fine table yet (one SentencePiece call)."""
-        new = list(pieces.difference(self.fine))
-        for piece, ids in zip(new, self._encode(new) if new else [], strict=True):
-            self.fine[piece] = self._pack(ids)
-            if len(piece) > MAX_SEGMENT:
-                self._long.append(piece)  # used by the caller, then dropped by _bound
-
-    def _bound(self) -> None:
-        for piece in self._long:
-            self.fine.pop(piece, None)
-        self._long.clear()
-        if len(self) > MAX_ENTRIES:
-            self.segments.clear()
-            self.words.clear()
-            self.fine.clear()
-
     def _fill(self, missed: list[tuple[int, Groups]], out: list[bytes]) -> None:
         """Encode the keys not in the tables (one SentencePiece call per table), join those texts."""
         added = []
         for table, prefix in self._tables:
-            new = list(_keys_of(missed, table).difference(table))
+            pending: set[str] = set()
+            for _, groups in missed:
+                for group_table, keys in groups:
+                    if group_table is table:
+                        pending.update(keys)
+            new = list(pending.difference(table))
             if new:
-                for key, packed in zip(new, self._encode_new([prefix + k for k in new]), strict=True):
-                    table[key] = packed
+                for key, ids in zip(new, self._encode([prefix + k for k in new]), strict=True):
+                    table[key] = self._pack(ids)
                 added.append((table, new))
         for i, groups in missed:
-            out[i] = joined(groups)
+            out[i] = b"".join([table[key] for table, keys in groups for key in keys])
         for table, new in added:
             for key in new:
                 if len(key) > MAX_SEGMENT:
                     del table[key]
-        self._bound()
-
-    def _encode_new(self, texts: list[str]) -> list[bytes]:
-        """Packed ids of segments not in the tables: joined from their `FINE` pieces, of which only
-        the unseen ones are encoded (all of them directly if a domain token spans a fine cut)."""
-        if not self._fine_exact or (self._fine_split and self._fine_split.search("\n".join(texts))):
-            return [self._pack(ids) for ids in self._encode(texts)]
-        pieces = [FINE.findall(text) for text in texts]
-        self._add_fine({piece for text_pieces in pieces for piece in text_pieces})
-        fine = self.fine
-        return [b"".join(list(map(fine.__getitem__, text_pieces))) for text_pieces in pieces]
+        if len(self) > MAX_ENTRIES:
+            self.segments.clear()
+            self.words.clear()
 
     def _whole(self, text: str) -> bool:
         """Encode without the cache: text with a domain token the cutter splits, or almost no spaces."""

@@ -127,20 +127,3 @@ def test_models_the_cache_cannot_be_exact_for_get_none(model_path, tmp_path, cha
     assert encoder.cache is None
     texts = ADVERSARIAL + random_texts(4, 50)
     assert encoder.encode_batch(texts) == sp.encode(texts)
-
-
-@pytest.mark.parametrize("across_fine_cut", [False, True], ids=["fine-cuts", "piece-across-a-fine-cut"])
-def test_new_segments_joined_from_fine_pieces_give_sentencepiece_ids(model_path, tmp_path, across_fine_cut):
-    """New segments are encoded as their FINE pieces (letters/digits apart from punctuation) when no
-    vocabulary piece spans a fine cut; a model with one such piece ("a." here) encodes them whole."""
-
-    def add(proto) -> None:
-        if across_fine_cut:
-            proto.pieces.add(piece="a.", type=NORMAL, score=-1e9)
-
-    encoder, sp = variant(model_path, tmp_path, add)
-    texts = ADVERSARIAL + random_texts(5, 300) + ["self.cv.tag_bind(item, a.b)  x", "a. a.a ok. <tool_call>x"]
-    assert encoder.cache is not None and encoder.cache._fine_exact is not across_fine_cut
-    for batch in (texts, texts[::-1]):
-        assert encoder.encode_batch(batch) == sp.encode(batch)
-    assert bool(encoder.cache.fine) is not across_fine_cut  # new segments went through fine pieces
