@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 import transformers
 
 from megatron_patches.errors import ConfigError
@@ -20,7 +19,11 @@ from megatron_patches.formats import checkpoint as ckpt_format
 from tests.dist import run_on_ranks
 from tests.tools.convert import tiny
 from tests.tools.convert.test_logits import _hf_logits, _tokens
-from tests.tools.convert.test_moe import _megatron_logits, _stored_shapes
+from tests.tools.convert.test_moe import (
+    _megatron_logits,
+    _stored_shapes,
+    assert_export_without_hf_files_computes_the_same_logits,
+)
 from tools.convert import commands
 from tools.convert.families import deepseek
 
@@ -47,14 +50,7 @@ def test_hf_to_mcore_to_hf_is_bit_exact_at_tp2_ep3(case, hf_dirs, tmp_path):
 @pytest.mark.parametrize("case", CASES)
 def test_export_without_hf_files_derives_a_config_computing_the_same_logits(case, hf_dirs, tmp_path):
     """A DeepSeek-style model trained from scratch has only its model_config; its export must route alike."""
-    commands.hf2mcore(hf_dirs[case], tmp_path / "mcore", quiet=True)
-    for side_file in ("config.json", "generation_config.json", "tokenizer_config.json"):
-        (tmp_path / "mcore" / side_file).unlink(missing_ok=True)
-    commands.mcore2hf(tmp_path / "mcore", tmp_path / "hf", quiet=True)
-    architecture = transformers.AutoConfig.from_pretrained(tmp_path / "hf").architectures
-    assert architecture == transformers.AutoConfig.from_pretrained(hf_dirs[case]).architectures
-    tokens = _tokens()
-    assert torch.equal(_hf_logits(tmp_path / "hf", tokens), _hf_logits(hf_dirs[case], tokens))
+    assert_export_without_hf_files_computes_the_same_logits(hf_dirs[case], tmp_path)
 
 
 def test_tp2_ep2_logits_match_hf(hf_dirs, tmp_path):

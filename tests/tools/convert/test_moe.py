@@ -101,14 +101,19 @@ def test_hf_to_mcore_to_hf_is_bit_exact_at_tp2_pp2_ep2(case, hf_dirs, tmp_path):
 @pytest.mark.parametrize("case", CASES)
 def test_export_without_hf_files_derives_a_config_computing_the_same_logits(case, hf_dirs, tmp_path):
     """A checkpoint trained from scratch has only its model_config: the exported config must route alike."""
-    commands.hf2mcore(hf_dirs[case], tmp_path / "mcore", tp=2, ep=2, quiet=True)
+    assert_export_without_hf_files_computes_the_same_logits(hf_dirs[case], tmp_path, tp=2, ep=2)
+
+
+def assert_export_without_hf_files_computes_the_same_logits(source: Path, tmp_path: Path, **target) -> None:
+    """Convert ``source``, drop the HF side files, export: same architecture and exactly the same logits."""
+    commands.hf2mcore(source, tmp_path / "mcore", quiet=True, **target)
     for side_file in ("config.json", "generation_config.json", "tokenizer_config.json"):
         (tmp_path / "mcore" / side_file).unlink(missing_ok=True)
     commands.mcore2hf(tmp_path / "mcore", tmp_path / "hf", quiet=True)
     architecture = transformers.AutoConfig.from_pretrained(tmp_path / "hf").architectures
-    assert architecture == transformers.AutoConfig.from_pretrained(hf_dirs[case]).architectures
+    assert architecture == transformers.AutoConfig.from_pretrained(source).architectures
     tokens = _tokens()
-    assert torch.equal(_hf_logits(tmp_path / "hf", tokens), _hf_logits(hf_dirs[case], tokens))
+    assert torch.equal(_hf_logits(tmp_path / "hf", tokens), _hf_logits(source, tokens))
 
 
 def test_resharding_ep2_to_ep4_to_ep1_is_bit_exact(hf_dirs, tmp_path):
