@@ -9,20 +9,21 @@ The trainer (``megatron_patches.training.checkpoint``) and the converter
         mp_rank_{tp:02d}_{pp:03d}/model_optim_rng.pt legacy ``torch`` format, PP > 1
         metadata.json, common.pt, *.distcp          ``torch_dist`` (Megatron-Core dist_checkpointing)
     ROOT/.iter_0000100.partial-<host>-<pid>-<hex>/  a save in progress, or a killed one's: nothing reads it
+    ROOT/.iter_0000100.old-<host>-<pid>-<hex>/      the iteration a save of it again replaced (removed after)
 
 Every checkpoint stores the common entries of :class:`CommonState`
 (``model_config``, ``iteration``, ``checkpoint_version``, Megatron-LM's ``args``
 namespace and, from the trainer, consumed samples, the parallel layout, run
 settings and patch state); a legacy rank file holds them beside its ``model``
 state dict. Megatron-LM's own checkpoints (same layout, no ``model_config``)
-read through their ``args`` (``formats.megatron_lm_args``). Reads go through
+read through their ``args`` (``formats.megatron_lm_args``). The legacy rank grid
+lives in ``formats.legacy_ranks``, re-exported here. Reads go through
 ``megatron_patches.safe_load``; nothing here imports Megatron-Core.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import re
 import shutil
 from dataclasses import dataclass
@@ -32,20 +33,36 @@ from typing import Any
 from megatron_patches import paths, safe_load
 from megatron_patches.errors import ConfigError
 from megatron_patches.formats import megatron_lm_args, param_names
+from megatron_patches.formats.legacy_ranks import (  # noqa: F401  (re-exported: the format's API)
+    MODEL,
+    PIPELINE_LAYERS,
+    RANK_FILE,
+    chunk_model,
+    is_rank_dir_name,
+    legacy_grid,
+    legacy_layout,
+    load_rank,
+    model_chunk_count,
+    model_keys,
+    pipeline_layers,
+    rank_dir_name,
+    rank_file,
+    virtual_stage,
+)
 from megatron_patches.formats.megatron_lm_args import ARGS
 from megatron_patches.formats.model_config import ModelConfig
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 RELEASE = "release"
-RANK_FILE = "model_optim_rng.pt"
 CHECKPOINT_VERSION = 3.0
 FORMATS = ("torch", "torch_dist")
 DIST_MARKER = "metadata.json"  # written by dist_checkpointing.save into every torch_dist checkpoint
 _ITERATION_DIR = re.compile(r"^iter_(\d{7,})$")
-_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")  # TT[_PPP][_EEE]
 _SAVE_TEMP = re.compile(r"^\.(?P<name>iter_\d{7,})\.partial-")
+_OLD_COPY = re.compile(r"^\.(?P<name>iter_\d{7,})\.old-")  # paths.commit_atomic_dir's replaced one
+_PRE_ATOMIC_SAVE = re.compile(r"^iter_\d{7,}\.tmp$")  # a save's directory before saves were atomic
+_PRE_ATOMIC_WHY = "a save interrupted before saves were atomic: nothing reads it, delete it"
 
-MODEL = "model"  # the model state dict; model0, model1, ... per virtual pipeline chunk (model_keys)
 # Keys of the common (unsharded) state.
 ITERATION = "iteration"
 CONSUMED_SAMPLES = "consumed_samples"
@@ -55,7 +72,6 @@ PARALLEL_LAYOUT = "parallel_layout"  # [TP, PP] of the run that wrote the checkp
 DATA_PARALLEL_SIZE = "data_parallel_size"  # DP of the run that wrote it (the resume log names it)
 RUN_SETTINGS = "run_settings"  # seed, data, tokenizer ... of the run that wrote it
 PATCH_STATE = "patch_state"  # the patches' own state, by patch name
-PIPELINE_LAYERS = "pipeline_layers"  # layers per pipeline stage (legacy rank files)
 SKIP_SAMPLES = "skip_samples"  # [[first id, last id, phase], ...] the run never reads (roll-backs)
 BRANCHED_FROM = "branched_from"  # the checkpoint.load_iteration the run went back to, if any
 
@@ -156,7 +172,7 @@ def is_iteration_dir(path: str | Path) -> bool:
     path = Path(path)
     if not (path.name == RELEASE or _ITERATION_DIR.match(path.name)) or not path.is_dir():
         return False
-    return (path / DIST_MARKER).is_file() or any(_RANK_DIR.match(p.name) for p in path.iterdir())
+    return (path / DIST_MARKER).is_file() or any(is_rank_dir_name(p.name) for p in path.iterdir())
 
 
 def iteration_dir(root: str | Path, iteration: int | str | None = None) -> Path:
@@ -224,29 +240,52 @@ def clean_stale_saves(root: str | Path) -> paths.Cleanup:
     names = sorted({m["name"] for p in root.glob(".iter_*") if (m := _SAVE_TEMP.match(p.name))})
     total = paths.Cleanup()
     for name in names:
-        one = paths.clean_stale_temp_dirs(root / name)
-        total.removed += one.removed
-        total.freed_bytes += one.freed_bytes
-        total.kept += one.kept
+        _add_cleanup(total, paths.clean_stale_temp_dirs(root / name))
     return total
 
 
-def model_keys(num_chunks: int) -> list[str]:
-    """Megatron-LM's keys of the model state dicts (its ``generate_state_dict``): ``model``, or
-    ``model0``, ``model1``, ... one per virtual pipeline chunk of the rank (interleaved pipeline)."""
-    return [MODEL] if num_chunks == 1 else [f"{MODEL}{chunk}" for chunk in range(num_chunks)]
+def clean_leftovers(root: str | Path) -> paths.Cleanup:
+    """Remove what earlier saves into ``root`` left that nobody needs; report what stays, and why.
+
+    * ``.iter_X.old-<owner>``: the previous ``iter_X``, moved aside when iteration X was saved again
+      (``paths.commit_atomic_dir``). With ``iter_X`` back in place and its writer gone, it is a
+      superseded copy: removed. Without ``iter_X`` (its writer was killed between the two renames),
+      it is the last complete copy of X: kept.
+    * ``iter_X.tmp``: a save interrupted under a version before saves were atomic. Its name records
+      no writer, so it stays, as ``paths.clean_stale_temp_dirs`` keeps such directories.
+
+    For rank 0 before the run's first save (the trainer calls it at start).
+    """
+    root, total = Path(root), paths.Cleanup()
+    if not root.is_dir():
+        return total
+    for path in sorted(root.iterdir()):
+        if _PRE_ATOMIC_SAVE.match(path.name) and path.is_dir():
+            total.kept.append((path, _PRE_ATOMIC_WHY))
+    for name in sorted({m["name"] for p in root.iterdir() if (m := _OLD_COPY.match(p.name))}):
+        if (root / name).is_dir():
+            _add_cleanup(total, paths.clean_stale_temp_dirs(root / name, "old"))
+            continue
+        why = f"{name} is missing and this is its last complete copy: rename it {name}"
+        total.kept += [(path, why) for path in sorted(root.glob(f".{name}.old-*")) if path.is_dir()]
+    return total
 
 
-def rank_dir_name(tp_rank: int, pp_rank: int, pp_size: int, ep_rank: int = 0, ep_size: int = 1) -> str:
-    """``mp_rank_TT``, ``_PPP`` appended if PP > 1, ``_EEE`` if EP > 1 (Megatron-LM's get_checkpoint_name)."""
-    name = f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
-    return name if ep_size == 1 else f"{name}_{ep_rank:03d}"
+def describe_leftovers(root: str | Path, cleanup: paths.Cleanup) -> str | None:
+    """One line naming what :func:`clean_leftovers` removed and kept; None when it found nothing."""
+    parts = []
+    if cleanup.removed:
+        names = ", ".join(path.name for path in cleanup.removed)
+        copies = "a superseded copy" if len(cleanup.removed) == 1 else "superseded copies"
+        parts.append(f"removed {names} ({copies}; {paths.human_bytes(cleanup.freed_bytes)} freed)")
+    parts += [f"kept {path.name} ({why})" for path, why in cleanup.kept]
+    return f"checkpoint leftovers in {root}: " + "; ".join(parts) if parts else None
 
 
-def rank_file(
-    iter_dir: str | Path, tp_rank: int, pp_rank: int, pp_size: int, ep_rank: int = 0, ep_size: int = 1
-) -> Path:
-    return Path(iter_dir) / rank_dir_name(tp_rank, pp_rank, pp_size, ep_rank, ep_size) / RANK_FILE
+def _add_cleanup(total: paths.Cleanup, one: paths.Cleanup) -> None:
+    total.removed += one.removed
+    total.freed_bytes += one.freed_bytes
+    total.kept += one.kept
 
 
 def checkpoint_format(iter_dir: str | Path) -> str:
@@ -254,96 +293,9 @@ def checkpoint_format(iter_dir: str | Path) -> str:
     iter_dir = Path(iter_dir)
     if (iter_dir / DIST_MARKER).is_file():
         return "torch_dist"
-    if any(_RANK_DIR.match(p.name) for p in iter_dir.iterdir() if p.is_dir()):
+    if any(is_rank_dir_name(p.name) for p in iter_dir.iterdir() if p.is_dir()):
         return "torch"
     raise ConfigError(f"{iter_dir} holds neither mp_rank_* directories nor a torch_dist checkpoint")
-
-
-def legacy_layout(iter_dir: str | Path) -> tuple[int, int]:
-    """(TP, PP) of a legacy checkpoint, from its rank directories; every rank must be present."""
-    return legacy_grid(iter_dir)[:2]
-
-
-def legacy_grid(iter_dir: str | Path) -> tuple[int, int, int]:
-    """(TP, PP, EP) of a legacy checkpoint, from its rank directories; every rank must be present."""
-    ranks = [
-        [int(g) for g in m.groups() if g is not None]
-        for p in Path(iter_dir).iterdir()
-        if (m := _RANK_DIR.match(p.name))
-    ]
-    tp = 1 + max(r[0] for r in ranks)
-    pp, ep = (1 + max(r[k] if len(r) > k else 0 for r in ranks) for k in (1, 2))
-    if ep == 1 and pp > 1 and _recorded_stages(Path(iter_dir), pp) == 1:
-        pp, ep = 1, pp  # mp_rank_TT_EEE: Megatron-LM leaves out _PPP when PP = 1
-    for tp_rank, pp_rank, ep_rank in itertools.product(range(tp), range(pp), range(ep)):
-        if not (path := rank_file(iter_dir, tp_rank, pp_rank, pp, ep_rank, ep)).is_file():
-            raise ConfigError(f"incomplete checkpoint: {path} is missing")
-    return tp, pp, ep
-
-
-def _recorded_stages(iter_dir: Path, found: int) -> int:
-    """PP as mp_rank_00_000 records it (ours: pipeline_layers; Megatron-LM's: args), else ``found``."""
-    path = iter_dir / "mp_rank_00_000" / RANK_FILE
-    if not path.is_file():
-        return found  # the completeness check names it
-    state = safe_load.safe_torch_load(path, path, mmap=True)
-    if PIPELINE_LAYERS in state:
-        return len(state[PIPELINE_LAYERS])
-    return getattr(state.get(ARGS), "pipeline_model_parallel_size", None) or found
-
-
-def load_rank(
-    iter_dir: str | Path,
-    tp_rank: int,
-    pp_rank: int,
-    pp_size: int,
-    mmap: bool = False,
-    ep_rank: int = 0,
-    ep_size: int = 1,
-) -> dict:
-    """One legacy rank file, loaded safely (``weights_only``); ``mmap`` reads tensors lazily."""
-    path = rank_file(iter_dir, tp_rank, pp_rank, pp_size, ep_rank, ep_size)
-    if not path.is_file():
-        raise ConfigError(f"checkpoint rank file not found: {path}")
-    state = safe_load.safe_torch_load(path, path, mmap=mmap)
-    if not isinstance(state, dict) or not (MODEL in state or f"{MODEL}0" in state):
-        raise ConfigError(f"{path} has no 'model' (or virtual pipeline 'model0') state dict")
-    return state
-
-
-def model_chunk_count(state: dict) -> int:
-    """Model chunks (virtual pipeline stages) a legacy rank file holds: 1, or its ``model0..`` keys."""
-    return 1 if MODEL in state else sum(1 for key in state if re.fullmatch(rf"{MODEL}\d+", key))
-
-
-def chunk_model(state: dict, chunk: int) -> dict:
-    """The model state dict of virtual pipeline chunk ``chunk`` of a legacy rank file (``model`` if one)."""
-    return state[model_keys(model_chunk_count(state))[chunk]]
-
-
-def virtual_stage(pp_rank: int, chunk: int, pp_size: int) -> int:
-    """Megatron-Core's order of the interleaved pipeline's model pieces: chunk 0 of every PP rank, then
-    chunk 1 of every rank, ... (``get_transformer_layer_offset`` with ``vp_stage``)."""
-    return chunk * pp_size + pp_rank
-
-
-def pipeline_layers(iter_dir: str | Path, pp_size: int, ep_size: int = 1) -> list[int]:
-    """Layers per pipeline stage of a legacy checkpoint, as its rank files record them."""
-    state = load_rank(iter_dir, 0, 0, pp_size, mmap=True, ep_size=ep_size)
-    if PIPELINE_LAYERS in state:
-        return list(state[PIPELINE_LAYERS])
-    # Megatron-LM records no split: count the layers each (virtual) stage's TP rank 0 file holds.
-    counts = []
-    chunks = model_chunk_count(state)
-    for stage in range(pp_size * chunks):
-        pp_rank, chunk = stage % pp_size, stage // pp_size  # virtual_stage
-        rank_state = (
-            state if pp_rank == 0 else load_rank(iter_dir, 0, pp_rank, pp_size, True, ep_size=ep_size)
-        )
-        model = chunk_model(rank_state, chunk)
-        layers = (param_names.split_layer_name(param_names.from_spec(key) or "") for key in model)
-        counts.append(len({layer[0] for layer in layers if layer}))
-    return counts
 
 
 def read_common(iter_dir: str | Path, model_config: ModelConfig | None = None) -> CommonState:

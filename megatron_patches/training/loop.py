@@ -1,5 +1,7 @@
 """The training loop: iterate, evaluate, log, checkpoint; patches plug in through ``hooks``.
 
+What it logs and how: ``progress.py``; ``train.manual_gc``: ``manual_gc.py``.
+
 Every decision that changes what ranks do next (skip an update, save, stop)
 is taken on values all ranks share (the all-reduced loss, the grad norm, a
 broadcast flag), so no rank can enter a collective the others skip.
@@ -7,8 +9,6 @@ broadcast flag), so no rank can enter a collective the others skip.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import math
 import time
 from dataclasses import dataclass
@@ -18,19 +18,13 @@ import torch
 
 from megatron_patches.exit_signals import ExitSignals
 from megatron_patches.hooks import Hook, Requests, StepReport, phase_model_config
-from megatron_patches.training import checkpoint, finished, rollback, skip_windows
+from megatron_patches.training import checkpoint, finished, manual_gc, rollback, skip_windows
 from megatron_patches.training.agreement import LOOP_FLAGS, RankAgreement
 from megatron_patches.training.builder import TrainingObjects, gather_params
 from megatron_patches.training.config import Config
 from megatron_patches.training.data import Phase, PhaseData, phase_at
-from megatron_patches.training.data_usage import DataUsage
-from megatron_patches.training.metrics import (
-    MetricsWriter,
-    flops_per_iteration,
-    format_eta,
-    peak_flops_per_gpu,
-)
-from megatron_patches.training.moe_losses import AuxLossWindow
+from megatron_patches.training.metrics import MetricsWriter
+from megatron_patches.training.progress import ProgressLog
 from megatron_patches.training.step import forward_backward, global_loss, optimizer_step
 
 
@@ -47,46 +41,22 @@ class TrainContext:
     phase: Phase | None = None
 
 
-@dataclass
-class Window:
-    """Sums since the last console/TensorBoard log."""
-
-    loss_sum: float = 0.0
-    tokens: int = 0
-    iterations: int = 0
-    skipped: int = 0
-    seconds: float = 0.0
-    lr: float = float("nan")  # the LR the window's last step used
-
-    def add(self, report: StepReport, seconds: float) -> None:
-        if math.isfinite(report.loss):
-            self.loss_sum += report.loss * report.tokens
-            self.tokens += report.tokens
-        self.iterations += 1
-        self.skipped += report.skipped
-        self.seconds += seconds
-        self.lr = report.lr
-
-
 class Trainer:
     def __init__(self, ctx: TrainContext, hooks: list[Hook], save_dir: Path) -> None:
         self.ctx = ctx
         self.hooks = hooks
         self.save_dir = save_dir
-        self.window = Window()
         self.last_save_time = time.monotonic()
         self.last_saved_iteration = ctx.state.iteration
-        self.last_grad_norm: float | None = None
         self.device = next(ctx.objects.gpt.parameters()).device
         self.agreement = RankAgreement(hooks, self.device)  # rank 0's flags and exit signals, shared
-        self.moe_losses = AuxLossWindow(ctx.cfg.model, self.device)  # moe/aux_loss, moe/z_loss
         self.exit_signals = ExitSignals()  # SIGTERM/SIGUSR1: checkpoint and stop, as `touch stop`
         self.startup = None  # run.py's StartupTimer: logs the time to the first loss, once
-        self.usage = DataUsage()  # channel_tokens_total/<name>; <checkpoint>/usage document counts
+        self.progress = ProgressLog(ctx, self.device)  # metrics.jsonl, TensorBoard, console lines
 
     # -- the run ---------------------------------------------------------------------------
     def run(self) -> int:
-        with self._manual_gc(), self.exit_signals:
+        with manual_gc.automatic_gc_off(self.ctx.cfg.train.manual_gc), self.exit_signals:
             return self._run()
 
     def _run(self) -> int:
@@ -100,15 +70,7 @@ class Trainer:
             if self.startup is not None:  # entering the first phase builds the dataset indices
                 ctx.writer.console(self.startup.first_loss(time.perf_counter() - entered - seconds, seconds))
                 self.startup = None
-            requests = Requests()
-            exit_interval = cfg.train.exit_interval
-            if exit_interval and ctx.state.iteration % exit_interval == 0:
-                requests.stop = f"exit_interval {exit_interval}"
-            if report.exit_signals:  # any rank's signal, counted by the agreement: all stop here
-                world = torch.distributed.get_world_size()
-                requests.stop = requests.stop or self.exit_signals.reason(report.exit_signals, world)
-            for hook in self.hooks:
-                hook.after_step(ctx, report, requests)
+            requests = self._requests_after(report)
             self._after_iteration(report, seconds)
             interval = cfg.train.manual_gc_interval
             if interval and ctx.state.iteration % interval == 0:
@@ -127,6 +89,19 @@ class Trainer:
             self.save("end of training")
         self._mark_finished()
         return 0
+
+    def _requests_after(self, report: StepReport) -> Requests:
+        """What this iteration asks of the loop: exit_interval, a signal's stop, the hooks' requests."""
+        ctx, exit_interval = self.ctx, self.ctx.cfg.train.exit_interval
+        requests = Requests()
+        if exit_interval and ctx.state.iteration % exit_interval == 0:
+            requests.stop = f"exit_interval {exit_interval}"
+        if report.exit_signals:  # any rank's signal, counted by the agreement: all stop here
+            world = torch.distributed.get_world_size()
+            requests.stop = requests.stop or self.exit_signals.reason(report.exit_signals, world)
+        for hook in self.hooks:
+            hook.after_step(ctx, report, requests)
+        return requests
 
     def _mark_finished(self) -> None:
         """All of train_iters trained: ``run_dir/finished.json`` (``finished.py``), from rank 0."""
@@ -150,35 +125,8 @@ class Trainer:
         requests.stop_without_save = requests.stop_without_save or bool(requests.stop)
         return record is not None
 
-    @contextlib.contextmanager
-    def _manual_gc(self):
-        """``train.manual_gc`` (Megatron-LM's ``--manual-gc``): automatic GC off for the run.
-
-        Python's collector runs whenever allocations pass a threshold, so its pauses hit ranks
-        at different iterations and the others wait at the next collective; the loop collects on
-        every rank at the same points instead. Everything alive at the start (modules, model,
-        optimizer) is frozen out of the collector's scans (``gc.freeze``), so a collection costs
-        what the training iterations allocated, not a full scan of the process (~0.2 s here).
-        The previous settings are restored afterwards.
-        """
-        if not self.ctx.cfg.train.manual_gc:
-            yield
-            return
-        was_enabled = gc.isenabled()
-        gc.disable()
-        gc.collect()
-        gc.freeze()
-        try:
-            yield
-        finally:
-            gc.unfreeze()
-            if was_enabled:
-                gc.enable()
-
     def _manual_collect(self) -> None:
-        """One collection on every rank at the same point, when ``train.manual_gc`` is on."""
-        if self.ctx.cfg.train.manual_gc:
-            gc.collect()
+        manual_gc.collect(self.ctx.cfg.train.manual_gc)  # every rank at the same point
 
     def _enter_phase_if_needed(self) -> None:
         phase = phase_at(self.ctx.data.phases, self.ctx.state.iteration)
@@ -199,16 +147,8 @@ class Trainer:
         batches = ctx.data.train_batches(ctx.state.iteration)
         objs.model.zero_grad_buffer()
         objs.optimizer.zero_grad()
-        loss_sum, tokens = forward_backward(
-            objs.model,
-            batches,
-            ctx.data.num_microbatches(),
-            ctx.phase.seq_length,
-            ctx.phase.micro_batch_size,
-            self.hooks,
-            ctx,
-        )
-        self.moe_losses.add(ctx.data.num_microbatches())
+        loss_sum, tokens = self._forward_backward(batches)
+        self.progress.moe_losses.add(ctx.data.num_microbatches())
         loss, total_tokens = global_loss(loss_sum, tokens, self.device)
         agreed = self.agreement.exchange(self._rank0_answers, self.exit_signals.received is not None)
         lr = objs.optimizer.param_groups[0]["lr"]  # the step's LR: the scheduler moves it after the step
@@ -226,6 +166,21 @@ class Trainer:
             exit_signals=agreed.exit_signals,
         )
         return report, time.perf_counter() - start
+
+    def _forward_backward(self, batches: list[dict], forward_only: bool = False) -> tuple[float, float]:
+        """One iteration's micro-batches through Megatron-Core's schedule (``step.forward_backward``)."""
+        ctx = self.ctx
+        phase = ctx.phase
+        return forward_backward(
+            ctx.objects.model,
+            batches,
+            ctx.data.num_microbatches(),
+            phase.seq_length,
+            phase.micro_batch_size,
+            self.hooks,
+            ctx,
+            forward_only=forward_only,
+        )
 
     def _update(self, loss: float) -> tuple[bool, float | None]:
         """Optimizer step unless a hook vetoes it, then the LR scheduler and the counters advance."""
@@ -251,70 +206,14 @@ class Trainer:
 
     # -- logging ---------------------------------------------------------------------------
     def _after_iteration(self, report: StepReport, seconds: float) -> None:
-        ctx, cfg = self.ctx, self.ctx.cfg
-        self.window.add(report, seconds)
-        if report.grad_norm is not None:
-            self.last_grad_norm = float(report.grad_norm)
-        ctx.writer.record(
-            {
-                "iteration": report.iteration,
-                "loss": report.loss,
-                "tokens": report.tokens,
-                "lr": report.lr,
-                "grad_norm": report.grad_norm,
-                "skipped": report.skipped,
-                "seconds": round(seconds, 4),
-            }
-        )
-        if report.iteration % cfg.logging.log_interval == 0 or report.iteration == cfg.train.train_iters:
-            self._log_window()
+        cfg = self.ctx.cfg
+        self.progress.record(report, seconds)
+        last = report.iteration == cfg.train.train_iters
+        if report.iteration % cfg.logging.log_interval == 0 or last:
+            self.progress.log_window(self.hooks)
         interval = cfg.logging.eval_interval
-        if interval and (report.iteration % interval == 0 or report.iteration == cfg.train.train_iters):
+        if interval and (report.iteration % interval == 0 or last):
             self.evaluate()
-
-    def _log_window(self) -> None:
-        ctx, cfg, win = self.ctx, self.ctx.cfg, self.window
-        world = torch.distributed.get_world_size()
-        it = ctx.state.iteration
-        tokens_per_iter = ctx.phase.tokens_per_iteration
-        per_iter = win.seconds / max(win.iterations, 1)
-        metrics = {
-            "lm loss": win.loss_sum / win.tokens if win.tokens else float("nan"),
-            "lr": win.lr,  # the LR the last step used, as metrics.jsonl has it (not the next step's)
-            "tokens-per-sec": tokens_per_iter / per_iter,
-            "tokens-per-sec-per-gpu": tokens_per_iter / per_iter / world,
-            "iteration-time": per_iter,
-            "consumed-tokens": float(self._consumed_tokens()),
-        }
-        if self.last_grad_norm is not None:
-            metrics["grad-norm"] = self.last_grad_norm
-        metrics.update(self.moe_losses.read())  # collective: every rank logs a window
-        metrics.update(self.usage.channel_metrics(ctx.data, it))  # every rank: may build a past phase
-        peak = peak_flops_per_gpu()
-        if peak:
-            flops = flops_per_iteration(ctx.cfg.model, ctx.phase.seq_length, ctx.phase.global_batch_size)
-            metrics["mfu"] = flops / per_iter / world / peak
-        if torch.cuda.is_available():  # against the memory plan (bench/gpu_check.sh)
-            metrics["peak-memory-gib"] = torch.cuda.max_memory_allocated() / 2**30
-        for hook in self.hooks:
-            hook.on_log(ctx, metrics)
-        ctx.writer.scalars(metrics, it)
-        eta = format_eta((cfg.train.train_iters - it) * per_iter)
-        ctx.writer.console(
-            f"iteration {it:>7d}/{cfg.train.train_iters} | consumed tokens {self._consumed_tokens():,} | "
-            f"lm loss {metrics['lm loss']:.4f} | lr {metrics['lr']:.3e} | "
-            f"grad norm {metrics.get('grad-norm', float('nan')):.3f} | "
-            f"tokens/s {metrics['tokens-per-sec']:,.0f} ({metrics['tokens-per-sec-per-gpu']:,.0f}/rank)"
-            + (f" | MFU {metrics['mfu']:.1%}" if "mfu" in metrics else "")
-            + (f" | peak memory {metrics['peak-memory-gib']:.2f} GiB" if "peak-memory-gib" in metrics else "")
-            + (f" | skipped {win.skipped}" if win.skipped else "")
-            + f" | ETA {eta}"
-        )
-        self.window = Window()
-
-    def _consumed_tokens(self) -> int:
-        phases, it = self.ctx.data.phases, self.ctx.state.iteration
-        return sum(min(max(it - p.start_iteration, 0), p.iterations) * p.tokens_per_iteration for p in phases)
 
     def evaluate(self) -> dict[str, float]:
         ctx, cfg = self.ctx, self.ctx.cfg
@@ -323,16 +222,7 @@ class Trainer:
         loss_sum = tokens = 0.0
         with torch.no_grad():
             for k in range(cfg.logging.eval_iters):
-                s, t = forward_backward(
-                    ctx.objects.model,
-                    ctx.data.valid_batches(k),
-                    ctx.data.num_microbatches(),
-                    ctx.phase.seq_length,
-                    ctx.phase.micro_batch_size,
-                    self.hooks,
-                    ctx,
-                    forward_only=True,
-                )
+                s, t = self._forward_backward(ctx.data.valid_batches(k), forward_only=True)
                 loss_sum, tokens = loss_sum + s, tokens + t
         ctx.objects.model.train()
         loss, _ = global_loss(loss_sum, tokens, self.device)
@@ -387,7 +277,7 @@ class Trainer:
             ctx.cfg.checkpoint.dist_ckpt_optim_fully_reshardable,
             self._keep_from(),
         )
-        self.usage.write_counts(ctx.data, ctx.state.iteration, path, torch.distributed.get_rank())
+        self.progress.usage.write_counts(ctx.data, ctx.state.iteration, path, torch.distributed.get_rank())
         self.last_save_time = time.monotonic()
         self.last_saved_iteration = ctx.state.iteration
         ctx.writer.console(f"saved checkpoint {path} ({reason}) in {time.perf_counter() - start:.1f} s")

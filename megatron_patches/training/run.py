@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 import torch
 import yaml
 
 from megatron_patches import cpu, parallel, paths
+from megatron_patches.formats import checkpoint as ckpt_format
 from megatron_patches.formats.hf_files import copy_tokenizer_files
 from megatron_patches.formats.indexed import token_count
 from megatron_patches.training import builder, checkpoint, data_plan, finished, memory_budget
@@ -101,6 +103,7 @@ def train(cfg: Config, plan: RunPlan) -> int:
         paths.write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         finished.clear(run_dir)  # until this start reaches train_iters (a requeued Slurm job checks)
         _keep_tokenizer(plan)
+        _report_checkpoint_leftovers(plan.save_dir)
     torch.distributed.barrier()
     with startup.phase("process groups"):
         parallel.initialize(plan.layout, cfg.seed, cfg.model)
@@ -132,6 +135,13 @@ def _keep_tokenizer(plan: RunPlan) -> None:
     if plan.data.tokenizer and not (plan.save_dir / "tokenizer_config.json").exists():
         plan.save_dir.mkdir(parents=True, exist_ok=True)
         copy_tokenizer_files(Path(plan.data.tokenizer), plan.save_dir)
+
+
+def _report_checkpoint_leftovers(save_dir: Path) -> None:
+    """Rank 0 before the run's first save: what earlier saves left in ``save_dir``, removed or named."""
+    line = ckpt_format.describe_leftovers(save_dir, ckpt_format.clean_leftovers(save_dir))
+    if line:
+        print(line, file=sys.stderr, flush=True)
 
 
 def _restore(cfg: Config, plan: RunPlan, objects) -> checkpoint.TrainState:

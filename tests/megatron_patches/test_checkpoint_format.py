@@ -85,6 +85,33 @@ def test_stale_saves_of_any_iteration_are_removed_only_when_their_writer_is_gone
     assert sorted(p.name for p in tmp_path.iterdir()) == [live.name]
 
 
+def test_leftovers_of_earlier_saves_superseded_copies_go_the_last_copy_and_unowned_ones_stay(tmp_path):
+    dead, live = paths.owner_tag(2**40), paths.owner_tag()  # no pid 2**40 can exist
+    _iteration(tmp_path, 100)
+    superseded = tmp_path / f".iter_0000100.old-{dead}-0123abcd"  # iter_0000100 was written again
+    last_copy = tmp_path / f".iter_0000200.old-{dead}-0123abcd"  # killed between the two renames
+    writing = tmp_path / f".iter_0000100.old-{live}-89abcdef"  # its writer still runs
+    pre_atomic = tmp_path / "iter_0000050.tmp"  # a save interrupted before saves were atomic
+    for path in (superseded, last_copy, writing, pre_atomic):
+        path.mkdir()
+        (path / "shard.distcp").write_bytes(b"x" * 10)
+    cleanup = ckpt_format.clean_leftovers(tmp_path)
+    assert cleanup.removed == [superseded] and cleanup.freed_bytes == 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["iter_0000100", last_copy.name, writing.name, pre_atomic.name]
+    )
+    line = ckpt_format.describe_leftovers(tmp_path, cleanup)
+    assert line == (
+        f"checkpoint leftovers in {tmp_path}: removed {superseded.name} (a superseded copy; 10 B freed); "
+        f"kept {pre_atomic.name} (a save interrupted before saves were atomic: nothing reads it, "
+        "delete it); "
+        f"kept {writing.name} (its writer, pid {os.getpid()}, is still running); "
+        f"kept {last_copy.name} (iter_0000200 is missing and this is its last complete copy: "
+        "rename it iter_0000200)"
+    )
+    assert ckpt_format.describe_leftovers(tmp_path, ckpt_format.clean_leftovers(tmp_path / "none")) is None
+
+
 def test_common_state_carries_the_version_and_refuses_a_foreign_checkpoint(tmp_path):
     common = ckpt_format.CommonState(
         {"num_layers": 2}, iteration=7, consumed_samples=56, parallel_layout=[2, 1]

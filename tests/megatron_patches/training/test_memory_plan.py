@@ -14,15 +14,8 @@ import pytest
 import torch
 
 from megatron_patches.formats.model_config import ModelConfig
-from megatron_patches.training.memory_plan import (
-    PlanLayout,
-    Precision,
-    Workload,
-    micro_batches_in_flight,
-    plan_memory,
-    stage_activation_bytes,
-    static_bytes,
-)
+from megatron_patches.training.memory_plan import PlanLayout, Precision, Workload, plan_memory, static_bytes
+from megatron_patches.training.memory_plan_activations import micro_batches_in_flight, stage_activation_bytes
 from tests.dist import run_on_ranks
 
 # hidden 48: norm weights (48) are not a multiple of the buffer's 64-element alignment

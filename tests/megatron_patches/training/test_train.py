@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from megatron_patches import paths
 from megatron_patches.errors import ConfigError
 from megatron_patches.training import run
 from megatron_patches.training.config import load_config
@@ -300,9 +301,16 @@ def test_a_resume_logs_each_iteration_once_and_every_log_has_the_lr_the_step_use
     with (run_dir / "metrics.jsonl").open("a") as log:
         log.write('{"iteration": 7, "lo')
     (run_dir / "stop").touch()
+    checkpoints = run_dir / "checkpoints"
+    superseded = checkpoints / f".iter_0000004.old-{paths.owner_tag(2**40)}-0123abcd"  # a killed re-save's
+    superseded.mkdir()
+    (checkpoints / "iter_0000002.tmp").mkdir()  # a save interrupted before saves were atomic
     capfd.readouterr()
     assert run_on_ranks(_train, 1, args, timeout=300) == [0]  # resumes at 4; the stop file ends it after 5
-    out = capfd.readouterr().out
+    out, err = capfd.readouterr()
+    assert f"checkpoint leftovers in {checkpoints}: removed {superseded.name} (a superseded copy" in err
+    assert "; kept iter_0000002.tmp (a save interrupted before saves were atomic" in err
+    assert not superseded.exists() and (checkpoints / "iter_0000002.tmp").is_dir()
     assert f"iter_0000005 ({(run_dir / 'stop').resolve()} exists)" in out  # not "(interval)"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records] == [1, 2, 3, 4, 5]
