@@ -10,6 +10,7 @@ them out. Any threshold set to null in the config is off.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,29 +56,57 @@ def _class_table() -> np.ndarray:
 _CLASS = _class_table()
 
 
+def class_counts(
+    texts: Sequence[str], table: np.ndarray, classes: int, astral: Callable[[np.ndarray], np.ndarray] | None
+) -> np.ndarray:
+    """Per text (rows), how many of its characters fall in each class of `table`, a lookup of the BMP;
+    `astral` classes the code points above it (None: they take table[0xFFFF]). One numpy pass over
+    all the texts, as numpy's fixed cost per call, paid per document, would outweigh the counting."""
+    points = np.frombuffer("".join(texts).encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32)
+    if points.size and points.max() > 0xFFFF:
+        found = table[np.minimum(points, 0xFFFF)]
+        if astral is not None:
+            above = points > 0xFFFF
+            found[above] = astral(points[above])
+    else:
+        found = table[points]
+    slots = np.repeat(np.arange(0, len(texts) * classes, classes, dtype=np.int32), [len(t) for t in texts])
+    slots += found  # the text's first slot plus the class
+    return np.bincount(slots, minlength=len(texts) * classes).reshape(len(texts), classes)
+
+
+def _astral_class(points: np.ndarray) -> np.ndarray:
+    """CJK extension B and beyond are Han; emoji and the rest are symbols."""
+    return np.where((points >= 0x20000) & (points <= 0x3FFFF), HAN, SYMBOL)
+
+
 def char_classes(text: str) -> np.ndarray:
     """Counts per class (SYMBOL, SPACE, DIGIT, HAN, LATIN, LETTER) of the characters of `text`."""
-    points = np.frombuffer(text.encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32)
-    classes = _CLASS[np.minimum(points, 0xFFFF)]
-    astral = points > 0xFFFF
-    if astral.any():  # CJK extension B and beyond are Han; emoji and the rest are symbols
-        classes[astral] = np.where((points[astral] >= 0x20000) & (points[astral] <= 0x3FFFF), HAN, SYMBOL)
-    return np.bincount(classes, minlength=6)
+    return class_counts([text], _CLASS, 6, _astral_class)[0]
 
 
 def measure(text: str) -> TextStats:
-    counts = char_classes(text)
-    nonspace = max(1, len(text) - int(counts[SPACE]))
-    letters = int(counts[HAN] + counts[LATIN] + counts[LETTER])
+    return measure_many([text])[0]
+
+
+def measure_many(texts: Sequence[str]) -> list[TextStats]:
+    """The :class:`TextStats` of each text, the character classes of all counted together."""
+    counts = class_counts(texts, _CLASS, 6, _astral_class).tolist()
+    return [_stats(text, text_counts) for text, text_counts in zip(texts, counts, strict=True)]
+
+
+def _stats(text: str, counts: list[int]) -> TextStats:
+    nonspace = max(1, len(text) - counts[SPACE])
+    letters = counts[HAN] + counts[LATIN] + counts[LETTER]
     has_url = "http" in text or "www." in text or "WWW." in text
     url_chars = sum(len(m) for m in _URL.findall(text)) if has_url else 0
     return TextStats(
         chars=len(text),
-        zh_ratio=int(counts[HAN]) / nonspace,
-        en_ratio=int(counts[LATIN]) / nonspace,
+        zh_ratio=counts[HAN] / nonspace,
+        en_ratio=counts[LATIN] / nonspace,
         alpha_ratio=letters / nonspace,
-        digit_ratio=int(counts[DIGIT]) / nonspace,
-        symbol_ratio=int(counts[SYMBOL]) / nonspace,
+        digit_ratio=counts[DIGIT] / nonspace,
+        symbol_ratio=counts[SYMBOL] / nonspace,
         url_ratio=url_chars / max(1, len(text)),
     )
 

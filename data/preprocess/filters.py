@@ -7,7 +7,9 @@ the configured order (``clean.rules``, or ``clean.channels.<channel>.rules``) an
 that drops; :data:`DEFAULT_RULES` is the order the clean stage has always used (cheap rules first).
 
 Every filter of one document reads the same :class:`Sample`, whose measures (character classes,
-lines, word n-grams) are computed once, on first use, so no rule re-scans the text another has.
+lines) are computed once, on first use, so no rule re-scans the text another has. The clean stage
+runs a chain on a batch of documents (:meth:`FilterChain.verdicts`), so a rule with ``filter_batch``
+measures all of them in one numpy pass (character classes, word n-grams) for the same verdicts.
 
 A new rule is a factory ``(thresholds, FilterContext) -> Filter | None`` (None: off for that
 channel) registered with :func:`register_filter`; a module outside this one that registers rules is
@@ -21,12 +23,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
+import numpy as np
+
 from megatron_patches.errors import ConfigError
 
 from . import repetition
-from .clean import Blocklist, TextStats, measure
+from .clean import Blocklist, TextStats, measure, measure_many
 from .document import Document
-from .label import LabelConfig, infer_channel
+from .label import LabelConfig, infer_channel, infer_channels
 from .thresholds import Thresholds
 
 Verdict = tuple[bool, str | None, Any]  # (keep, rule, measured value)
@@ -37,14 +41,13 @@ class Sample:
     """One document as the filters see it; each measure is computed on first use, then shared.
     (Plain attributes, not functools.cached_property, whose per-access lock costs on every rule.)"""
 
-    __slots__ = ("doc", "text", "_stats", "_duplicate_lines", "_ngrams")
+    __slots__ = ("doc", "text", "_stats", "_duplicate_lines")
 
     def __init__(self, doc: Document):
         self.doc = doc
         self.text = doc.text
         self._stats: TextStats | None = None
         self._duplicate_lines: tuple[float, float] | None = None
-        self._ngrams: repetition.Ngrams | None = None
 
     @property
     def stats(self) -> TextStats:
@@ -52,20 +55,26 @@ class Sample:
             self._stats = measure(self.text)
         return self._stats
 
+    @staticmethod
+    def measure_all(samples: Sequence[Sample]) -> None:
+        """Compute :attr:`stats` of the samples that have none yet, all together (one numpy pass)."""
+        missing = [sample for sample in samples if sample._stats is None]
+        if not missing:  # the usual case after the first ratio rule
+            return
+        for sample, stats in zip(missing, measure_many([sample.text for sample in missing]), strict=True):
+            sample._stats = stats
+
     @property
     def duplicate_lines(self) -> tuple[float, float]:
         if self._duplicate_lines is None:
             self._duplicate_lines = repetition.duplicate_line_fractions(self.text)
         return self._duplicate_lines
 
-    @property
-    def ngrams(self) -> repetition.Ngrams:
-        if self._ngrams is None:
-            self._ngrams = repetition.Ngrams(repetition.words(self.text))
-        return self._ngrams
-
 
 class Filter(Protocol):
+    """A rule may also define ``filter_batch(samples) -> list[Verdict]`` (the same verdicts, computed
+    for many samples at once), which :meth:`FilterChain.verdicts` then calls."""
+
     name: ClassVar[str]
 
     def filter(self, sample: Sample) -> Verdict: ...
@@ -139,6 +148,20 @@ class FilterChain:
                 return verdict
         return KEEP
 
+    def verdicts(self, samples: Sequence[Sample]) -> list[Verdict]:
+        """The verdict of each sample, as ``self(sample)`` gives it: each rule sees, all at once, the
+        samples that no earlier rule dropped (one `filter_batch` call where the rule has one)."""
+        verdicts = [KEEP] * len(samples)
+        alive = list(range(len(samples)))
+        for rule in self.filters:
+            batch = getattr(rule, "filter_batch", None)
+            tested = [samples[i] for i in alive]
+            results = batch(tested) if batch is not None else [rule.filter(s) for s in tested]
+            for i, verdict in zip(alive, results, strict=True):
+                verdicts[i] = verdict
+            alive = [i for i, verdict in zip(alive, results, strict=True) if verdict[0]]
+        return verdicts
+
 
 def build_chain(rules: Sequence[str], thresholds: Thresholds, context: FilterContext) -> FilterChain:
     known_rules()  # plug-in modules registered
@@ -171,6 +194,9 @@ class Cleaner:
     def channel_of(self, doc: Document) -> str:
         return infer_channel(doc, self.label_config)
 
+    def channels_of(self, docs: Sequence[Document]) -> list[str]:
+        return infer_channels(docs, self.label_config)
+
     def chain(self, channel: str) -> FilterChain:
         if channel not in self.chains:
             default_rules, channel_rules = self.rules
@@ -181,6 +207,18 @@ class Cleaner:
 
     def __call__(self, doc: Document, channel: str) -> Verdict:
         return self.chain(channel)(Sample(doc))
+
+    def verdicts(self, docs: Sequence[Document], channels: Sequence[str]) -> list[Verdict]:
+        """``self(doc, channel)`` of every document, each channel's documents through its chain at once."""
+        by_channel: dict[str, list[int]] = {}
+        for i, channel in enumerate(channels):
+            by_channel.setdefault(channel, []).append(i)
+        verdicts: list[Verdict] = [KEEP] * len(docs)
+        for channel, members in by_channel.items():
+            results = self.chain(channel).verdicts([Sample(docs[i]) for i in members])
+            for i, verdict in zip(members, results, strict=True):
+                verdicts[i] = verdict
+        return verdicts
 
 
 # ---- the built-in rules -------------------------------------------------------------------------
@@ -218,6 +256,10 @@ class _Ratio:
         value = getattr(sample.stats, self.name)
         bad = value < self.limit if self.threshold.startswith("min_") else value > self.limit
         return (False, self.name, round(value, 4)) if bad else KEEP
+
+    def filter_batch(self, samples: Sequence[Sample]) -> list[Verdict]:
+        Sample.measure_all(samples)
+        return [self.filter(sample) for sample in samples]
 
 
 class ZhRatio(_Ratio):
@@ -279,21 +321,37 @@ class NgramRepetition:
     max_dup_ngram: tuple[tuple[int, float], ...]
 
     def filter(self, sample: Sample) -> Verdict:
-        grams = sample.ngrams
+        return self.filter_batch([sample])[0]
+
+    def filter_batch(self, samples: Sequence[Sample]) -> list[Verdict]:
+        """Each limit in turn, counted together for the samples it may still drop."""
+        grams = repetition.NgramBatch.of_texts([sample.text for sample in samples])
+        verdicts: list[Verdict] = [KEEP] * len(samples)
+        alive = grams.everything()
         for n, limit in self.max_top_ngram:
-            if grams.top_fraction_bound(n) <= limit:
-                continue  # cannot be over the limit: no need to count
-            value = grams.top_fraction(n)
-            if value > limit:
-                return False, self.name, round(value, 4)
+            counted = alive[grams.top_fraction_bound(n)[alive] > limit]  # the rest cannot be over
+            if counted.size:
+                dropped = self._drop(verdicts, counted, grams.top_fraction(n, counted), limit)
+                alive = np.setdiff1d(alive, dropped)
+        pending = alive
         for i, (n, limit) in enumerate(self.max_dup_ngram):
-            value = grams.duplicate_fraction(n)
-            if value > limit:
-                return False, self.name, round(value, 4)
-            # A repeated longer n-gram is made of repeated shorter ones, so coverage only falls with n.
-            if all(value <= later for _, later in self.max_dup_ngram[i + 1 :]):
+            pending = pending[~grams.never_repeats(n)[pending]]  # their value is 0
+            if not pending.size:
                 break
-        return KEEP
+            values = grams.duplicate_fraction(n, pending)
+            pending = np.setdiff1d(pending, self._drop(verdicts, pending, values, limit))
+            # A repeated longer n-gram is made of repeated shorter ones, so coverage only falls with n:
+            # a value under every later limit needs no further count.
+            later = [other for _, other in self.max_dup_ngram[i + 1 :]]
+            pending = pending[values[pending] > min(later)] if later else pending[:0]
+        return verdicts
+
+    def _drop(self, verdicts: list[Verdict], tested: np.ndarray, values: np.ndarray, limit: float):
+        """Record a drop for the `tested` samples whose value is over `limit`; returns them."""
+        over = tested[values[tested] > limit]
+        for i in over.tolist():
+            verdicts[i] = (False, self.name, round(float(values[i]), 4))
+        return over
 
 
 def _over(value: float, limit: float | None) -> bool:

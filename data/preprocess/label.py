@@ -19,6 +19,7 @@ import numpy as np
 
 from megatron_patches.errors import ConfigError
 
+from .clean import class_counts
 from .document import Document
 
 # The script of each BMP code point (0 other, 1 Han or kana, 2 Latin), so that `language` counts
@@ -28,15 +29,16 @@ for _lo, _hi, _script in ((0x3040, 0x30FF, 1), (0x3400, 0x4DBF, 1), (0x4E00, 0x9
     _SCRIPT[_lo : _hi + 1] = _script
 for _lo, _hi in ((0x41, 0x5A), (0x61, 0x7A), (0xC0, 0x24F)):
     _SCRIPT[_lo : _hi + 1] = 2
-# One match per line at most (every branch starts at the line start), so findall counts lines.
-_CODE_LINE = re.compile(
-    r"^(?:[ \t]*(?:def |class |import |from \S+ import |#include|#define|public |private |static |func |fn "
+# A code-like line starts like code (matched at the line start: it fails fast on prose) or ends in
+# one of _CODE_END before spaces and tabs (a string test: as a regex, `.*[;{}:][ \t]*$` walked every
+# character of every line and was the costliest part of the clean stage's channel check).
+_CODE_START = re.compile(
+    r"[ \t]*(?:def |class |import |from \S+ import |#include|#define|public |private |static |func |fn "
     r"|function |return\b|elif |else:|try:|except\b|raise |const |let |var |package |@\w+)"
-    r"|.*[;{}][ \t]*$|[ \t]*[}\])]+[;,]?[ \t]*$|[ \t]*#(?!#* )| {4,}\S|\t+\S|.*:[ \t]*$)",
-    re.MULTILINE,
+    r"|[ \t]*[}\])]+[;,]?[ \t]*$|[ \t]*#(?!#* )| {4,}\S|\t+\S"
 )
+_CODE_END = (";", "{", "}", ":")
 _MD_LINE = re.compile(r"^(?:#{1,6} \S|[-*+] \S|\d+\. \S|\|.*\||```|> \S)", re.MULTILINE)
-_NONEMPTY_LINE = re.compile(r"^[ \t]*\S", re.MULTILINE)
 _MATH = re.compile(r"\$[^$\n]+\$|\\(?:frac|sum|int|sqrt|cdot|alpha|beta|theta|lambda|begin\{equation)")
 
 LANGUAGE_CHANNELS = {"zh": "zh_web", "en": "en_web"}
@@ -56,19 +58,38 @@ class LabelConfig:
 
 def language(text: str) -> str:
     """'zh' if Han characters make up at least 30% of the letters, 'en' if Latin letters dominate."""
-    points = np.frombuffer(text[:4000].encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32)
-    _, han, latin = (int(n) for n in np.bincount(_SCRIPT[np.minimum(points, 0xFFFF)], minlength=3))
+    return languages([text])[0]
+
+
+def languages(texts: Sequence[str]) -> list[str]:
+    """:func:`language` of each text (of its first 4000 characters), counted for all in one pass."""
+    counts = class_counts([text[:4000] for text in texts], _SCRIPT, 3, None).tolist()
+    return [_language(han, latin) for _, han, latin in counts]
+
+
+def _language(han: int, latin: int) -> str:
     if han + latin == 0:
         return "unknown"
     return "zh" if han >= 0.3 * (han + latin) else "en"
 
 
+def line_counts(text: str) -> tuple[int, int]:
+    """(non-empty lines, code-like lines) of `text`. A line is non-empty when its first character
+    after spaces and tabs is not white space (form feed, CR, ...)."""
+    nonempty = code = 0
+    for line in text.split("\n"):
+        body = line.lstrip(" \t")
+        nonempty += bool(body) and not body[0].isspace()
+        code += line.rstrip(" \t").endswith(_CODE_END) or _CODE_START.match(line) is not None
+    return nonempty, code
+
+
 def content_kind(text: str, config: LabelConfig) -> str | None:
     """'code', 'markdown' or 'math' when the text's lines say so, else None (prose)."""
     head = text[:20000]
-    lines = len(_NONEMPTY_LINE.findall(head))
+    lines, code = line_counts(head)
     if lines >= 3:
-        if len(_CODE_LINE.findall(head)) >= config.code_line_ratio * lines:
+        if code >= config.code_line_ratio * lines:
             return "code"
         markdown = _MD_LINE.findall(head) if "#" in head else []  # needs a heading: skip the scan
         if len(markdown) >= config.markdown_line_ratio * lines and any(m.startswith("#") for m in markdown):
@@ -81,16 +102,27 @@ def content_kind(text: str, config: LabelConfig) -> str | None:
 
 
 def infer_channel(doc: Document, config: LabelConfig) -> str:
+    return infer_channels([doc], config)[0]
+
+
+def infer_channels(docs: Sequence[Document], config: LabelConfig) -> list[str]:
+    """The channel of each document: its own, a source rule's, its content kind's, else its language's
+    (the languages of all such documents counted together)."""
+    channels = [_channel_before_language(doc, config) for doc in docs]
+    prose = [i for i, channel in enumerate(channels) if channel is None]
+    for i, lang in zip(prose, languages([docs[i].text for i in prose]), strict=True):
+        channels[i] = config.language_channels.get(lang, config.default_channel)
+    return channels  # type: ignore[return-value]  # every None was replaced
+
+
+def _channel_before_language(doc: Document, config: LabelConfig) -> str | None:
     if doc.channel and not config.overwrite:
         return doc.channel
     if doc.source:
         for pattern, channel in config.sources.items():
             if fnmatch.fnmatchcase(doc.source, pattern):
                 return channel
-    kind = content_kind(doc.text, config)
-    if kind is not None:
-        return kind
-    return config.language_channels.get(language(doc.text), config.default_channel)
+    return content_kind(doc.text, config)
 
 
 Scorer = Callable[[Sequence[str]], list[float]]

@@ -13,7 +13,7 @@ from .config import PipelineConfig
 from .document import Document
 from .engines.local import Progress
 from .filters import Cleaner
-from .label import Scorer, infer_channel, load_scorer
+from .label import Scorer, infer_channels, load_scorer
 from .quality import QualityFilter
 from .report import Stats
 from .stage import FileTask, Step, StepResult, map_file
@@ -32,9 +32,9 @@ def clean_step(config: PipelineConfig) -> Step:
 
     def step(batch: Sequence[Document], stats: Stats) -> list[StepResult]:
         results: list[StepResult] = []
-        for doc in batch:
-            channel = cleaner.channel_of(doc)
-            keep, rule, value = cleaner(doc, channel)  # the rules measure the text as written
+        channels = cleaner.channels_of(batch)
+        verdicts = cleaner.verdicts(batch, channels)  # the rules measure the text as written
+        for doc, channel, (keep, rule, value) in zip(batch, channels, verdicts, strict=True):
             if types:  # rejected documents too: rejected/<rule>.jsonl must not leak what we mask
                 doc.text, counts = pii.desensitize(doc.text, types)
                 section = "pii" if keep else "pii_in_rejected"
@@ -60,8 +60,8 @@ def label_step(config: PipelineConfig, quality: QualityFilter | None = None) -> 
     scorer = _cached_scorer(json.dumps(spec, sort_keys=True), str(config.base_dir)) if spec else None
 
     def step(batch: Sequence[Document], stats: Stats) -> list[StepResult]:
-        for doc in batch:
-            doc.channel = infer_channel(doc, config.label)
+        for doc, channel in zip(batch, infer_channels(batch, config.label), strict=True):
+            doc.channel = channel
         if scorer is not None:
             for doc, score in zip(batch, scorer([d.text for d in batch]), strict=True):
                 doc.quality = float(score)
