@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import sentencepiece as spm
 
@@ -77,6 +78,25 @@ def test_adversarial_and_random_text_gives_sentencepiece_ids(model_path, sp):
         assert encoder.encode_batch(batch) == sp.encode(batch)
     for text in ADVERSARIAL:  # one text per call: no batch neighbour to hide a wrong entry
         assert encoder.encode_batch([text]) == [sp.encode(text)], text
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32])
+@pytest.mark.parametrize("cached", [True, False])
+def test_long_texts_ids_as_buffers_are_sentencepiece_ids(model_path, sp, dtype, cached):
+    """Long texts (Chinese without spaces goes whole) get their ids from SentencePiece as int32
+    buffers, converted per batch to the dataset's dtype: the same ids, beside empty and short texts."""
+    rng = random.Random(5)
+    no_spaces = "中文，。句子0123abc😀\n"
+    texts = ["".join(rng.choice(no_spaces) for _ in range(rng.randint(300, 900))) for _ in range(20)]
+    texts += ["", "x", " ".join(ADVERSARIAL), "\n".join(random_texts(6, 40)), ""]
+    encoder = SentencePieceEncoder(model_path)
+    if not encoder._buffers:
+        pytest.skip("this sentencepiece has no int32 buffer output")
+    encoder.dtype = np.dtype(dtype)
+    if not cached:
+        encoder.cache = None  # every text in one call, the short ones too
+    packed = encoder.encode_packed(texts)
+    assert [np.frombuffer(blob, dtype).tolist() for blob in packed] == sp.encode(texts)
 
 
 def test_long_segments_and_a_full_cache_start_over_exactly(model_path, sp, monkeypatch):
