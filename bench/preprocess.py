@@ -17,7 +17,9 @@ load on a shared machine does not count), measured in this run:
              baselines: what Megatron-LM's tools/preprocess_data.py does per document, i.e.
              json.loads, the tokenizer call (HF: `tokenizer(text).input_ids` as Megatron's
              HuggingFaceTokenizer; SentencePiece: `encode_as_ids` as GPTSentencePieceTokenizer),
-             `IndexedDatasetBuilder.add_item(torch.tensor(ids))` + `end_document`.
+             `IndexedDatasetBuilder.add_item(torch.tensor(ids))` + `end_document`; loading the
+             tokenizer is timed on every side (each Megatron-LM worker loads it in
+             `Encoder.initializer`, as our stage loads its encoder).
 Baselines run on the first `--baseline-mb` megabytes (their per-core rate does not depend on size).
 Ours does depend on size: its segment cache warms up as it goes, so the "same bytes" ratio compares
 like with like, and the "full corpus" ratio shows what the cache gains on a larger input (ours over
@@ -208,9 +210,11 @@ def tokenize_megatron_lm(sample: list[str], out: Path, tokenizer: Path, kind: st
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     torch.set_num_threads(1)
-    encode = _tokenizer_call(tokenizer, kind)
 
     def run():
+        # Loading the tokenizer is timed, as each of Megatron-LM's workers loads it
+        # (Encoder.initializer) and as our stage loads its encoder.
+        encode = _tokenizer_call(tokenizer, kind)
         builder = IndexedDatasetBuilder(str(out / f"baseline-{kind}.bin"), dtype=np.uint16)
         for line in sample:
             ids = encode([json.loads(line)["text"]])[0]
