@@ -6,7 +6,9 @@ it first with ``posix_fadvise(DONTNEED)``), times a plain copy of the same bytes
 (``shutil.copytree``: in-kernel ``sendfile``) and, each as its own
 ``python -m tools.convert`` process (start-up included), hf2mcore at TP=4 PP=2 (legacy
 rank files) and to torch_dist, and mcore2hf back from each. Dirty pages are flushed
-before every timed step, none of which syncs itself. Each round trip must give back
+before every timed step, none of which syncs itself, and files a step does not read
+(the synthetic model, while mcore2hf reads the checkpoint) are dropped from the page
+cache, so that every step finds the free memory the copy found. Each round trip must give back
 the synthetic files byte for byte; its outputs are deleted before the next step, so
 the disk holds at most three copies (~40 GB at 32 layers). Every row shows the load
 average when it ran: on a shared machine, compare ratios from one run only.
@@ -88,12 +90,14 @@ def write_synthetic(cfg: ModelConfig, directory: Path) -> int:
     return writer.total_bytes
 
 
-def settle(inputs: Path | None = None, cold: bool = False) -> None:
+def settle(inputs: Path | None = None, cold: bool = False, idle: Path | None = None) -> None:
     """Flush dirty pages first, so no step pays for the previous step's writeback; ``cold``: also drop
-    the step's inputs from the page cache (``posix_fadvise(DONTNEED)``), so it reads them from disk."""
+    the step's inputs from the page cache (``posix_fadvise(DONTNEED)``), so it reads them from disk.
+    ``idle``: files the step does not read, dropped too, so that it finds as much free memory for its
+    output as the copy did (at 32 layers, the synthetic model and the checkpoint read from fill RAM)."""
     os.sync()
-    if cold and inputs is not None:
-        for path in (p for p in inputs.rglob("*") if p.is_file()):
+    for directory in ([inputs] if cold and inputs is not None else []) + ([idle] if idle else []):
+        for path in (p for p in directory.rglob("*") if p.is_file()):
             fd = os.open(path, os.O_RDONLY)
             try:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -108,8 +112,10 @@ def timed_copy(source: Path, target: Path, cold: bool = False) -> float:
     return time.perf_counter() - start
 
 
-def run_convert(*args: str, inputs: Path | None = None, cold: bool = False) -> tuple[float, str]:
-    settle(inputs, cold)
+def run_convert(
+    *args: str, inputs: Path | None = None, cold: bool = False, idle: Path | None = None
+) -> tuple[float, str]:
+    settle(inputs, cold, idle)
     start = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-m", "tools.convert", *args, "--quiet"], cwd=REPO, capture_output=True, text=True
@@ -153,7 +159,7 @@ def measure(work: Path, args: argparse.Namespace, cold: bool) -> list[tuple[str,
         seconds, summary = run_convert(*to_mcore, inputs=work / "hf", cold=cold)
         rows.append((f"hf2mcore {label}", seconds, peak_rss(summary), load()))
         seconds, summary = run_convert(
-            "mcore2hf", "--mcore", str(mcore), "--out", str(back), inputs=mcore, cold=cold
+            "mcore2hf", "--mcore", str(mcore), "--out", str(back), inputs=mcore, cold=cold, idle=work / "hf"
         )
         rows.append((f"mcore2hf from {name}", seconds, peak_rss(summary), load()))
         if not same_files(work / "hf", back):

@@ -139,14 +139,24 @@ def read_metadata(path: str | Path) -> Any:
 
 def safe_torch_load(source: str | Path | bytes, where: str | Path, mmap: bool = False) -> Any:
     """``torch.load(weights_only=True)`` of a file or of bytes; any failure is one line naming ``where``."""
-    stream = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
-        with torch.serialization.safe_globals(_args_classes()):
-            return torch.load(stream, map_location="cpu", mmap=mmap, weights_only=True)
+        try:
+            return _weights_only_load(source, [argparse.Namespace], mmap)
+        except pickle.UnpicklingError:
+            # Only a pickle naming a class beyond these needs Megatron-Core's enums and the classes it
+            # registers with torch on import (megatron.core.safe_globals): importing it costs seconds
+            # of every converter's start-up, so it happens only then.
+            return _weights_only_load(source, _args_classes(), mmap)
     except FileNotFoundError:
         raise ConfigError(f"checkpoint file not found: {where}") from None
     except Exception as err:  # noqa: BLE001 - torch raises many types for a damaged file
         raise ConfigError(f"cannot read {where}: {_reason(err)}") from None
+
+
+def _weights_only_load(source: str | Path | bytes, classes: list[type], mmap: bool) -> Any:
+    stream = io.BytesIO(source) if isinstance(source, bytes) else source
+    with torch.serialization.safe_globals(classes):
+        return torch.load(stream, map_location="cpu", mmap=mmap, weights_only=True)
 
 
 @functools.cache
@@ -249,8 +259,6 @@ def verify_torch_dist(iter_dir: str | Path) -> Vetted:
     Reads the metadata and the small pickled entries, and stats the shards: cheap
     next to loading the tensors, and remembered until one of the files changes.
     """
-    import megatron.core  # noqa: F401 - registers the classes Megatron-Core's common state may hold
-
     iter_dir = Path(iter_dir).resolve()
     signature = _signature(iter_dir)
     cached = _vetted.get(iter_dir)

@@ -1,8 +1,8 @@
 """HF checkpoint directories: lazy tensor reading, streaming sharded writing, side files.
 
-Reading memory-maps each ``.safetensors`` file and hands out zero-copy views,
-so a tensor costs memory only while it is being converted; ``release`` drops
-the pages read so far from this process. Every header is checked against the
+Reading maps each tensor of a ``.safetensors`` file on its own and hands out
+zero-copy views, so a tensor costs memory only while it is being converted:
+its mapping goes when its last view is freed. Every header is checked against the
 file size up front, so a truncated download fails before anything is written.
 Writing streams each tensor to its place in a shard whose header was planned
 ahead, so an exported model is never held in memory whole.
@@ -70,14 +70,12 @@ class SafetensorsFile:
                 header = json.loads(handle.read(header_len))
             except (json.JSONDecodeError, UnicodeDecodeError):
                 raise ConfigError(f"{self.path} is not a safetensors file (unreadable header)") from None
-            self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
         header.pop("__metadata__", None)
         self._start = 8 + header_len
         try:
             self._entries = {name: self._parse(name, spec, size) for name, spec in header.items()}
         except (KeyError, TypeError, ValueError) as err:
             raise ConfigError(f"{self.path} has a malformed safetensors header ({err!r})") from None
-        self._touched: list[tuple[int, int]] = []
 
     def _parse(self, name: str, spec: dict, size: int) -> tuple[torch.dtype, tuple[int, ...], int, int]:
         if spec.get("dtype") not in SAFETENSORS_DTYPES:
@@ -102,24 +100,27 @@ class SafetensorsFile:
         return torch.empty(shape, dtype=dtype, device="meta")
 
     def tensor(self, name: str) -> torch.Tensor:
-        """A read-only, zero-copy view; pages are read when first touched."""
+        """A read-only, zero-copy view over a mapping of this tensor alone, unmapped with its last view.
+
+        Unmapping page ranges of one whole-file mapping instead (``MADV_DONTNEED``) must wait until
+        no thread reads them any more, or they fault back in and stay: a reader that runs ahead of
+        its writer could not say when that is."""
         dtype, shape, begin, end = self._entries[name]
         if begin == end:
             return torch.empty(shape, dtype=dtype)
-        self._touched.append((begin, end))
+        skip = begin % mmap.ALLOCATIONGRANULARITY  # a mapping starts on a page
+        with open(self.path, "rb") as handle:
+            pages = mmap.mmap(
+                handle.fileno(), skip + end - begin, offset=begin - skip, access=mmap.ACCESS_READ
+            )
+        pages.madvise(mmap.MADV_WILLNEED)  # cold cache: read it in one go, not fault by fault
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The given buffer is not writable")
-            flat = torch.frombuffer(
-                self._map, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin
-            )
+            flat = torch.frombuffer(pages, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=skip)
         return flat.view(shape)
 
     def release(self) -> None:
-        """Unmap the pages read so far from this process (the page cache keeps them)."""
-        for begin, end in self._touched:
-            page_begin = begin - begin % mmap.PAGESIZE
-            self._map.madvise(mmap.MADV_DONTNEED, page_begin, end - page_begin)
-        self._touched.clear()
+        """Nothing to drop: each tensor's mapping goes with its last view."""
 
 
 class TorchBinFile:
@@ -214,6 +215,15 @@ def _header_bytes(entries: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> by
     return struct.pack("<Q", len(raw)) + raw
 
 
+def _joined_shape(pieces: list[torch.Tensor]) -> tuple[int, ...]:
+    """The shape of ``pieces`` stacked along their first dimension (one piece: its own shape)."""
+    if len(pieces) == 1:
+        return tuple(pieces[0].shape)
+    if any(p.dim() == 0 or p.shape[1:] != pieces[0].shape[1:] for p in pieces):
+        return (-1,)  # no such tensor: the caller reports what it got
+    return (sum(p.shape[0] for p in pieces), *pieces[0].shape[1:])
+
+
 def shard_plan(plan: list[tuple[str, torch.dtype, tuple[int, ...]]], max_shard_bytes: int) -> list[list]:
     """Consecutive tensors grouped into shards of at most ``max_shard_bytes`` (a bigger one gets its own)."""
     shards: list[list] = [[]]
@@ -264,23 +274,31 @@ class ShardedSafetensorsWriter:
         self._background.defer(function)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        self.write_pieces(name, [tensor])
+
+    def write_pieces(self, name: str, pieces: list[torch.Tensor]) -> None:
+        """One planned tensor given as row blocks (one tensor: itself) whose bytes, in order, are its bytes.
+
+        A contiguous piece (a view of a mapped input file) goes to the file as it is: no copy here."""
         shard, (want_name, dtype, shape) = self._queue[self._position]
-        if (name, tensor.dtype, tuple(tensor.shape)) != (want_name, dtype, shape):
+        got = _joined_shape(pieces)
+        if (name, *{p.dtype for p in pieces}, got) != (want_name, dtype, shape):
             raise ValueError(
                 f"writer expected {want_name} {dtype} {list(shape)}, "
-                f"got {name} {tensor.dtype} {list(tensor.shape)}"
+                f"got {name} {[p.dtype for p in pieces]} {list(got)}"
             )
-        data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data
+        data = [piece.contiguous().reshape(-1).view(torch.uint8).numpy().data for piece in pieces]
         self._position += 1
         last = self._position == len(self._queue) or self._queue[self._position][0] != shard
         self._background.submit(lambda: self._write(shard, data, last))
 
-    def _write(self, shard: int, data: memoryview, last: bool) -> None:
+    def _write(self, shard: int, data: list[memoryview], last: bool) -> None:
         """On the writer thread: one tensor's bytes (a shard opens at its first, closes after its last)."""
         if self._handle is None:
             self._handle = open(self.dir / self._file_names[shard], "wb")  # noqa: SIM115 - stays open across write() calls
             self._handle.write(_header_bytes(self._shards[shard]))
-        self._handle.write(data)
+        for piece in data:
+            self._handle.write(piece)
         if last:
             self._handle.close()
             self._handle = None

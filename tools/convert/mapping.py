@@ -33,6 +33,17 @@ EXPERT = "{j}"  # placeholder for the global expert number (routed experts of an
 # ---------------------------------------------------------------- pure math
 
 
+def cat(tensors: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    """``torch.cat``; of ``meta`` tensors, an empty one of the result's shape: torch.cat's meta kernel
+    imports ``torch._dynamo``, 1.5 s of a converter's start-up spent planning shapes."""
+    first = tensors[0]
+    if first.device.type != "meta":
+        return torch.cat(tensors, dim=dim)
+    shape = list(first.shape)
+    shape[dim] = sum(t.shape[dim] for t in tensors)
+    return first.new_empty(shape)
+
+
 def chunks(tensor: torch.Tensor, parts: int, dim: int, what: str) -> list[torch.Tensor]:
     """``parts`` equal views along ``dim``; a remainder is an error, never a ragged split."""
     if tensor.shape[dim] % parts:
@@ -48,7 +59,7 @@ def group_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, gro
     Works for weights (2-D) and biases (1-D).
     """
     rest = q.shape[1:]
-    return torch.cat(
+    return cat(
         [q.reshape(groups, -1, *rest), k.reshape(groups, -1, *rest), v.reshape(groups, -1, *rest)], dim=1
     ).reshape(-1, *rest)
 
@@ -63,6 +74,15 @@ def ungroup_qkv(fused: torch.Tensor, heads: int, groups: int) -> tuple[torch.Ten
     return tuple(part.reshape(-1, *rest) for part in (q, k, v))
 
 
+def qkv_blocks(fused: torch.Tensor, heads: int, groups: int) -> tuple[list[torch.Tensor], ...]:
+    """:func:`ungroup_qkv`'s q, k and v as one row block (a view of ``fused``) per query group."""
+    per_group = heads // groups
+    head_dim = fused.shape[0] // (groups * (per_group + 2))
+    grouped = fused.reshape(groups, (per_group + 2) * head_dim, *fused.shape[1:])
+    blocks = [group.split([per_group * head_dim, head_dim, head_dim]) for group in grouped]
+    return tuple(list(part) for part in zip(*blocks, strict=True))
+
+
 def split_qkv(fused: torch.Tensor, heads: int, groups: int, tp: int) -> list[torch.Tensor]:
     """TP shards of a fused QKV: whole query groups per rank, so a plain row split."""
     if groups % tp:
@@ -73,14 +93,12 @@ def split_qkv(fused: torch.Tensor, heads: int, groups: int, tp: int) -> list[tor
 def split_gated(full: torch.Tensor, tp: int) -> list[torch.Tensor]:
     """``[gate; up]`` -> per rank ``[gate_r; up_r]`` (each rank applies SwiGLU to its own halves)."""
     gate, up = chunks(full, 2, 0, "linear_fc1")
-    return [
-        torch.cat(pair) for pair in zip(chunks(gate, tp, 0, "gate"), chunks(up, tp, 0, "up"), strict=True)
-    ]
+    return [cat(pair) for pair in zip(chunks(gate, tp, 0, "gate"), chunks(up, tp, 0, "up"), strict=True)]
 
 
 def merge_gated(shards: list[torch.Tensor]) -> torch.Tensor:
     halves = [chunks(shard, 2, 0, "linear_fc1 shard") for shard in shards]
-    return torch.cat([torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])])
+    return cat([cat([h[0] for h in halves]), cat([h[1] for h in halves])])
 
 
 def expert_place(expert: int, experts: int, ep: int) -> tuple[int, int]:
@@ -103,7 +121,7 @@ def pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
         raise ConfigError(f"cannot pad {tensor.shape[0]} vocabulary rows down to {rows}")
     if extra == 0:
         return tensor
-    return torch.cat([tensor, tensor.new_zeros(extra, *tensor.shape[1:])])
+    return cat([tensor, tensor.new_zeros(extra, *tensor.shape[1:])])
 
 
 def normalize_rows(weight: torch.Tensor) -> torch.Tensor:
@@ -170,6 +188,11 @@ class Entry:
         """``split(to_mcore(hf))[rank]``; subclasses compute it from only the rows ``rank`` needs."""
         return self.split(self.to_mcore(hf, cfg), tp, cfg)[rank]
 
+    def hf_pieces(self, shards: list[torch.Tensor], cfg: ModelConfig) -> list[list[torch.Tensor]]:
+        """``to_hf(merge(shards))``, each HF tensor as row blocks whose bytes, one after another, are its
+        bytes; subclasses give views of the shards, so an export writes them without concatenating."""
+        return [[tensor] for tensor in self.to_hf(self.merge(shards, cfg), cfg)]
+
 
 class Replicated(Entry):
     """Every TP rank holds the whole tensor (norm weights)."""
@@ -188,7 +211,10 @@ class ColumnParallel(Entry):
         return chunks(full, tp, 0, self.mcore)
 
     def merge(self, shards: list[torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
-        return torch.cat(shards, dim=0)
+        return cat(shards, dim=0)
+
+    def hf_pieces(self, shards: list[torch.Tensor], cfg: ModelConfig) -> list[list[torch.Tensor]]:
+        return [list(shards)]
 
 
 class RowParallel(Entry):
@@ -198,7 +224,7 @@ class RowParallel(Entry):
         return chunks(full, tp, 1, self.mcore)
 
     def merge(self, shards: list[torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
-        return torch.cat(shards, dim=1)
+        return cat(shards, dim=1)
 
 
 def vocab_rows(full: torch.Tensor, tp: int, rank: int, cfg: ModelConfig) -> tuple[torch.Tensor, int]:
@@ -214,10 +240,22 @@ class VocabParallel(Entry):
         return [pad_rows(*vocab_rows(full, tp, rank, cfg)) for rank in range(tp)]
 
     def merge(self, shards: list[torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
-        full = torch.cat(shards, dim=0)
+        full = cat(shards, dim=0)
         if full.shape[0] < cfg.vocab_size:
             raise ConfigError(f"{self.mcore}: {full.shape[0]} rows, fewer than vocab_size {cfg.vocab_size}")
         return full[: cfg.vocab_size]
+
+    def hf_pieces(self, shards: list[torch.Tensor], cfg: ModelConfig) -> list[list[torch.Tensor]]:
+        """Each rank's rows up to ``vocab_size``: the padding rows are cut as :meth:`merge` cuts them."""
+        rows = sum(shard.shape[0] for shard in shards)
+        if rows < cfg.vocab_size:
+            raise ConfigError(f"{self.mcore}: {rows} rows, fewer than vocab_size {cfg.vocab_size}")
+        pieces, left = [], cfg.vocab_size
+        for shard in shards:
+            if left > 0:
+                pieces.append(shard[:left])
+            left -= shard.shape[0]
+        return [pieces]
 
 
 class NormHead(VocabParallel):
@@ -246,6 +284,14 @@ class QKV(ColumnParallel):
     def to_hf(self, full: torch.Tensor, cfg: ModelConfig) -> list[torch.Tensor]:
         return list(ungroup_qkv(full, cfg.num_attention_heads, cfg.groups))
 
+    def hf_pieces(self, shards: list[torch.Tensor], cfg: ModelConfig) -> list[list[torch.Tensor]]:
+        """q, k and v, each one row block per query group: a rank holds whole groups (:func:`split_qkv`)."""
+        tp = len(shards)
+        if cfg.groups % tp:
+            return super().hf_pieces(shards, cfg)  # merge refuses the split
+        per_rank = [qkv_blocks(shard, cfg.num_attention_heads // tp, cfg.groups // tp) for shard in shards]
+        return [[block for blocks in per_rank for block in blocks[part]] for part in range(3)]
+
     def split(self, full: torch.Tensor, tp: int, cfg: ModelConfig) -> list[torch.Tensor]:
         return split_qkv(full, cfg.num_attention_heads, cfg.groups, tp)
 
@@ -265,14 +311,17 @@ class PackedQKV(QKV):
         return list(hf[0].split([q_rows, kv_rows, kv_rows], dim=0))
 
     def to_hf(self, full: torch.Tensor, cfg: ModelConfig) -> list[torch.Tensor]:
-        return [torch.cat(super().to_hf(full, cfg))]
+        return [cat(super().to_hf(full, cfg))]
+
+    def hf_pieces(self, shards: list[torch.Tensor], cfg: ModelConfig) -> list[list[torch.Tensor]]:
+        return [[piece for part in super().hf_pieces(shards, cfg) for piece in part]]
 
 
 class GatedMLP(Entry):
     """HF ``gate_proj`` and ``up_proj`` <-> ``linear_fc1`` = ``[gate; up]``, split per TP rank."""
 
     def to_mcore(self, hf: list[torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
-        return torch.cat(hf, dim=0)
+        return cat(hf, dim=0)
 
     def to_hf(self, full: torch.Tensor, cfg: ModelConfig) -> list[torch.Tensor]:
         return chunks(full, 2, 0, self.mcore)
@@ -283,8 +332,12 @@ class GatedMLP(Entry):
     def merge(self, shards: list[torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
         return merge_gated(shards)
 
+    def hf_pieces(self, shards: list[torch.Tensor], cfg: ModelConfig) -> list[list[torch.Tensor]]:
+        halves = [chunks(shard, 2, 0, "linear_fc1 shard") for shard in shards]
+        return [[h[0] for h in halves], [h[1] for h in halves]]
+
     def shard(self, hf: list[torch.Tensor], cfg: ModelConfig, tp: int, rank: int) -> torch.Tensor:
-        return torch.cat([chunks(part, tp, 0, self.mcore)[rank] for part in hf])
+        return cat([chunks(part, tp, 0, self.mcore)[rank] for part in hf])
 
 
 class ZeroBias(Entry):

@@ -123,9 +123,10 @@ def save_torch_dist(
     from tools.convert import dist_stream
 
     te_names = {local: spec_name(local, spec, cfg) for local, _ in params} if spec == "te" else None
-    dist_stream.save(
-        iter_dir, params, fetch, cfg.num_layers, dtype, common.to_dict(), cfg.num_moe_experts, te_names
-    )
+    with _without_zip_crc32():  # torch_dist stores each tensor as a torch.save zip too
+        dist_stream.save(
+            iter_dir, params, fetch, cfg.num_layers, dtype, common.to_dict(), cfg.num_moe_experts, te_names
+        )
 
 
 def stop_dist_checkpoint_workers() -> None:

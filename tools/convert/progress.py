@@ -53,6 +53,13 @@ class Progress:
         self._bar.update(1)
         return tensor
 
+    def add_pieces(self, pieces: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One tensor given as pieces (see ``Entry.hf_pieces``)."""
+        self.tensors += 1
+        self.bytes += sum(piece.numel() * piece.element_size() for piece in pieces)
+        self._bar.update(1)
+        return pieces
+
     def summary(self) -> str:
         self._bar.close()
         seconds = time.perf_counter() - self._start

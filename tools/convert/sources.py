@@ -21,6 +21,7 @@ from tools.convert import layout, mcore_io
 from tools.convert.families import Family, default_family, family_of
 from tools.convert.hf_io import HFCheckpoint
 from tools.convert.mapping import Entry, ZeroBias, same_replicas
+from tools.convert.readahead import read_ahead
 
 # Tensors some HF checkpoints carry that no model parameter stands for.
 _IGNORED_HF_SUFFIXES = (".rotary_emb.inv_freq",)
@@ -42,6 +43,7 @@ class Source(Protocol):
     def meta(self, name: str) -> torch.Tensor: ...
     def tensor(self, name: str) -> torch.Tensor: ...
     def shard(self, name: str, tp: int, rank: int) -> torch.Tensor: ...
+    def hf_pieces(self, name: str, entry: Entry) -> list[list[torch.Tensor]]: ...
     def release(self) -> None: ...
 
 
@@ -101,6 +103,10 @@ class HFSource:
         """One TP rank's piece, computed from the HF rows that rank needs."""
         entry, hf_names = self._entry(name)
         return entry.shard([self.ckpt.tensor(n) for n in hf_names], self.cfg, tp, rank)
+
+    def hf_pieces(self, name: str, entry: Entry) -> list[list[torch.Tensor]]:
+        """``entry``'s HF tensors of canonical parameter ``name`` (see :meth:`Entry.hf_pieces`)."""
+        return [[tensor] for tensor in entry.to_hf(self.tensor(name), self.cfg)]
 
     def release(self) -> None:
         self.ckpt.release()
@@ -196,9 +202,12 @@ class McoreSource:
 
     def _merge(self, name: str, shards: list[torch.Tensor]) -> torch.Tensor:
         """The canonical tensor from every TP rank's piece (ETP = 1: all hold the whole expert)."""
+        return self._by_name[name].merge(self._distinct(name, shards), self.cfg)
+
+    def _distinct(self, name: str, shards: list[torch.Tensor]) -> list[torch.Tensor]:
         if layout.tp_split(name, self.tp, self.etp, 0)[0] == 1 < len(shards):
-            shards = [same_replicas(shards, name)]
-        return self._by_name[name].merge(shards, self.cfg)
+            return [same_replicas(shards, name)]
+        return shards
 
     def names(self) -> list[str]:
         return list(self._by_name)
@@ -232,7 +241,9 @@ class McoreSource:
         stage, local = self._locate(name)
         if self.format == "torch_dist":
             return [self._dist.read(local)]
-        return [tensors[local] for tensors in self._load_stage(stage)]
+        shards = [tensors[local] for tensors in self._load_stage(stage)]
+        read_ahead(shards)  # mapped rank files: from a cold cache, read in one go rather than fault by fault
+        return shards
 
     def meta(self, name: str) -> torch.Tensor:
         stage, local = self._locate(name)
@@ -246,6 +257,13 @@ class McoreSource:
 
     def shard(self, name: str, tp: int, rank: int) -> torch.Tensor:
         return self._by_name[name].split(self.tensor(name), tp, self.cfg)[rank]
+
+    def hf_pieces(self, name: str, entry: Entry) -> list[list[torch.Tensor]]:
+        """``entry``'s HF tensors of ``name`` as views of the stored TP pieces where the layout allows:
+        written one after another, with no concatenated copy in between (see :meth:`Entry.hf_pieces`)."""
+        shards = self._shards(name)
+        self._read += sum(s.numel() * s.element_size() for s in shards)
+        return entry.hf_pieces(self._distinct(name, shards), self.cfg)
 
     def release(self) -> None:
         if self.format == "torch" and self._read > _MCORE_READ_BUDGET:

@@ -184,8 +184,11 @@ def write_hf(
         for entry, layer in family.expand(source.cfg):
             mcore, hf_names = entry.at(layer)
             progress.shard(mcore or hf_names[0])
-            tensors = entry.to_hf(source.tensor(mcore) if mcore else None, source.cfg)
-            for name, tensor in zip(hf_names, tensors, strict=True):
-                writer.write(name, progress.add(tensor.to(dtypes[name])))
+            if mcore:
+                pieces = source.hf_pieces(mcore, entry)  # views where it can: written with no copy
+            else:
+                pieces = [[tensor] for tensor in entry.to_hf(None, source.cfg)]
+            for name, parts in zip(hf_names, pieces, strict=True):
+                writer.write_pieces(name, progress.add_pieces([p.to(dtypes[name]) for p in parts]))
             writer.defer(source.release)  # once written: the writer thread may still read these pages
         writer.close()

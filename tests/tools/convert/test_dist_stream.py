@@ -13,7 +13,7 @@ from bench.convert import write_synthetic
 from megatron_patches import safe_load
 from megatron_patches.formats.model_config import ModelConfig
 from tests.tools.convert import tiny
-from tools.convert import commands, layout
+from tools.convert import commands, layout, mcore_io
 
 REPO = Path(__file__).resolve().parents[3]
 MIB = 1 << 20
@@ -89,3 +89,27 @@ def test_layers_are_stored_stacked_as_megatron_core_does_and_read_back_one_by_on
     commands.mcore2hf(tmp_path / "dist", tmp_path / "back", quiet=True)
     expected = {name: t.to(torch.bfloat16) for name, t in tiny.hf_tensors(hf).items()}
     tiny.assert_same_tensors(expected, tiny.hf_tensors(tmp_path / "back"))
+
+
+def _mapped_file(address: int) -> str | None:
+    """The file this process has mapped at ``address`` (``/proc/self/maps``), None for anonymous memory."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        begin, end = (int(bound, 16) for bound in fields[0].split("-"))
+        if begin <= address < end:
+            return fields[5] if len(fields) == 6 else None
+    return None
+
+
+def test_a_stored_layer_is_read_as_a_view_of_its_mapped_file_not_copied(tmp_path):
+    """torch.distributed.checkpoint's reader copies every byte twice (read into memory, copy into the
+    destination); the converter reads a stored chunk as the pages of its ``.distcp`` file."""
+    hf = tiny.save_hf("qwen3", tmp_path / "hf", seed=4)
+    commands.hf2mcore(hf, tmp_path / "dist", fmt="torch_dist", dtype="bf16", quiet=True)
+    iter_dir = tmp_path / "dist" / "release"
+    reader, _, _ = mcore_io.open_torch_dist(iter_dir)
+    read = reader.read("decoder.layers.2.self_attention.linear_qkv.weight")
+    assert _mapped_file(read.data_ptr()).endswith(".distcp")
+    copied = torch.empty(1, *read.shape, dtype=torch.bfloat16)
+    safe_load.read_region(iter_dir, "decoder.layers.self_attention.linear_qkv.weight", (2, 0, 0), copied)
+    assert read.equal(copied[0])

@@ -110,9 +110,8 @@ def test_te_names_round_trip_and_extra_state_is_dropped():
     assert layout.to_spec(local, "local") == local
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_shard_fast_path_equals_split_of_the_whole(family):
-    """hf2mcore computes each rank's piece from its own rows; it must equal splitting the whole tensor."""
+def _family_config(family: str) -> ModelConfig:
+    """A one-layer model with every feature ``family`` maps (GQA, biases, norms, experts, MLA)."""
     cfg = ModelConfig(num_layers=1, hidden_size=32, ffn_hidden_size=48, num_attention_heads=8, vocab_size=300)
     cfg.num_query_groups = 8 if family == "baichuan2" else 4
     cfg.add_qkv_bias = family in ("qwen2", "qwen2_moe")
@@ -126,6 +125,11 @@ def test_shard_fast_path_equals_split_of_the_whole(family):
         cfg.qk_head_dim, cfg.qk_pos_emb_head_dim, cfg.v_head_dim = 4, 4, 6
         cfg.num_moe_experts, cfg.moe_ffn_hidden_size, cfg.moe_shared_expert_intermediate_size = 3, 24, 48
         cfg.moe_router_enable_expert_bias = family == "deepseek_v3"
+    return cfg
+
+
+def _whole_tensors(family: str, cfg: ModelConfig):
+    """(entry, parameter name, its HF tensors, its canonical tensor) of every mapped parameter, random."""
     gen = torch.Generator().manual_seed(0)
     shapes = layout.canonical_shapes(cfg)
     for entry, layer in FAMILIES[family].expand(cfg):
@@ -136,11 +140,40 @@ def test_shard_fast_path_equals_split_of_the_whole(family):
             torch.randn(m.shape, generator=gen)
             for m in entry.to_hf(torch.empty(shapes[name], device="meta"), cfg)
         ]
-        whole = entry.to_mcore(hf, cfg)
+        yield entry, name, hf, entry.to_mcore(hf, cfg)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_shard_fast_path_equals_split_of_the_whole(family):
+    """hf2mcore computes each rank's piece from its own rows; it must equal splitting the whole tensor."""
+    cfg = _family_config(family)
+    for entry, name, hf, whole in _whole_tensors(family, cfg):
         for tp in (1, 2, 4):
             for rank, piece in enumerate(entry.split(whole, tp, cfg)):
                 assert entry.shard(hf, cfg, tp, rank).equal(piece), (name, tp, rank)
             assert entry.merge(entry.split(whole, tp, cfg), cfg).equal(whole), (name, tp)
+
+
+# Entries whose HF tensors are rows of the shards: mcore2hf writes those rows where they lie.
+_JOINED_BY_ROWS = (mapping.ColumnParallel, mapping.VocabParallel, mapping.GatedMLP, mapping.Replicated)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_export_pieces_are_the_merged_hf_tensors_and_views_of_the_shards(family):
+    """mcore2hf writes each HF tensor as row blocks of the TP shards, one after another: byte for byte
+    ``to_hf(merge(shards))``, and where only rows are joined (all but row-parallel) with no copy."""
+    cfg = _family_config(family)
+    for entry, name, _, whole in _whole_tensors(family, cfg):
+        for tp in (1, 2, 4):
+            shards = entry.split(whole, tp, cfg)
+            pieces = entry.hf_pieces(shards, cfg)
+            for want, parts in zip(entry.to_hf(entry.merge(shards, cfg), cfg), pieces, strict=True):
+                joined = torch.cat([part.reshape(-1) for part in parts])
+                assert joined.equal(want.reshape(-1)), (name, tp)
+            if isinstance(entry, _JOINED_BY_ROWS):
+                storages = {shard.untyped_storage().data_ptr() for shard in shards}
+                parts = [part for parts in pieces for part in parts]
+                assert {p.untyped_storage().data_ptr() for p in parts} <= storages, (name, tp)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
