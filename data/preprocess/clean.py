@@ -33,6 +33,7 @@ class TextStats:
 
 
 SYMBOL, SPACE, DIGIT, HAN, LATIN, LETTER = range(6)
+CHAR_CLASSES = 6
 
 
 def _class_table() -> np.ndarray:
@@ -53,7 +54,7 @@ def _class_table() -> np.ndarray:
     return table
 
 
-_CLASS = _class_table()
+_CLASS = CLASS_TABLE = _class_table()
 
 
 def class_counts(
@@ -75,14 +76,14 @@ def class_counts(
     return np.bincount(slots, minlength=len(texts) * classes).reshape(len(texts), classes)
 
 
-def _astral_class(points: np.ndarray) -> np.ndarray:
+def astral_class(points: np.ndarray) -> np.ndarray:
     """CJK extension B and beyond are Han; emoji and the rest are symbols."""
     return np.where((points >= 0x20000) & (points <= 0x3FFFF), HAN, SYMBOL)
 
 
 def char_classes(text: str) -> np.ndarray:
     """Counts per class (SYMBOL, SPACE, DIGIT, HAN, LATIN, LETTER) of the characters of `text`."""
-    return class_counts([text], _CLASS, 6, _astral_class)[0]
+    return class_counts([text], _CLASS, CHAR_CLASSES, astral_class)[0]
 
 
 def measure(text: str) -> TextStats:
@@ -91,11 +92,12 @@ def measure(text: str) -> TextStats:
 
 def measure_many(texts: Sequence[str]) -> list[TextStats]:
     """The :class:`TextStats` of each text, the character classes of all counted together."""
-    counts = class_counts(texts, _CLASS, 6, _astral_class).tolist()
-    return [_stats(text, text_counts) for text, text_counts in zip(texts, counts, strict=True)]
+    counts = class_counts(texts, _CLASS, CHAR_CLASSES, astral_class).tolist()
+    return [text_stats(text, text_counts) for text, text_counts in zip(texts, counts, strict=True)]
 
 
-def _stats(text: str, counts: list[int]) -> TextStats:
+def text_stats(text: str, counts: list[int]) -> TextStats:
+    """The :class:`TextStats` of `text`, whose :func:`char_classes` are `counts`."""
     nonspace = max(1, len(text) - counts[SPACE])
     letters = counts[HAN] + counts[LATIN] + counts[LETTER]
     has_url = "http" in text or "www." in text or "WWW." in text

@@ -28,9 +28,9 @@ import numpy as np
 from megatron_patches.errors import ConfigError
 
 from . import repetition
-from .clean import Blocklist, TextStats, measure, measure_many
+from .clean import Blocklist, TextStats, measure, measure_many, text_stats
 from .document import Document
-from .label import LabelConfig, infer_channel, infer_channels
+from .label import LabelConfig, classes_and_languages, infer_channel, infer_channels
 from .thresholds import Thresholds
 
 Verdict = tuple[bool, str | None, Any]  # (keep, rule, measured value)
@@ -41,24 +41,30 @@ class Sample:
     """One document as the filters see it; each measure is computed on first use, then shared.
     (Plain attributes, not functools.cached_property, whose per-access lock costs on every rule.)"""
 
-    __slots__ = ("doc", "text", "_stats", "_duplicate_lines")
+    __slots__ = ("doc", "text", "_stats", "_classes", "_duplicate_lines")
 
-    def __init__(self, doc: Document):
+    def __init__(self, doc: Document, classes: list[int] | None = None):
+        """`classes`: the text's clean.char_classes where the caller counted them already."""
         self.doc = doc
         self.text = doc.text
         self._stats: TextStats | None = None
+        self._classes = classes
         self._duplicate_lines: tuple[float, float] | None = None
 
     @property
     def stats(self) -> TextStats:
         if self._stats is None:
-            self._stats = measure(self.text)
+            classes = self._classes
+            self._stats = measure(self.text) if classes is None else text_stats(self.text, classes)
         return self._stats
 
     @staticmethod
     def measure_all(samples: Sequence[Sample]) -> None:
         """Compute :attr:`stats` of the samples that have none yet, all together (one numpy pass)."""
-        missing = [sample for sample in samples if sample._stats is None]
+        missing = [sample for sample in samples if sample._stats is None and sample._classes is None]
+        for sample in samples:
+            if sample._stats is None and sample._classes is not None:
+                sample._stats = text_stats(sample.text, sample._classes)
         if not missing:  # the usual case after the first ratio rule
             return
         for sample, stats in zip(missing, measure_many([sample.text for sample in missing]), strict=True):
@@ -208,14 +214,25 @@ class Cleaner:
     def __call__(self, doc: Document, channel: str) -> Verdict:
         return self.chain(channel)(Sample(doc))
 
-    def verdicts(self, docs: Sequence[Document], channels: Sequence[str]) -> list[Verdict]:
-        """``self(doc, channel)`` of every document, each channel's documents through its chain at once."""
+    def judge(self, docs: Sequence[Document]) -> tuple[list[str], list[Verdict]]:
+        """(channels_of(docs), their verdicts) with one count of character classes, which both the
+        language of a prose document and the ratio rules read."""
+        classes, langs = classes_and_languages([doc.text for doc in docs])
+        channels = infer_channels(docs, self.label_config, langs)
+        return channels, self.verdicts(docs, channels, classes.tolist())
+
+    def verdicts(
+        self, docs: Sequence[Document], channels: Sequence[str], classes: Sequence[list[int]] | None = None
+    ) -> list[Verdict]:
+        """``self(doc, channel)`` of every document, each channel's documents through its chain at once
+        (`classes`: their clean.char_classes, where counted already)."""
         by_channel: dict[str, list[int]] = {}
         for i, channel in enumerate(channels):
             by_channel.setdefault(channel, []).append(i)
         verdicts: list[Verdict] = [KEEP] * len(docs)
         for channel, members in by_channel.items():
-            results = self.chain(channel).verdicts([Sample(docs[i]) for i in members])
+            samples = [Sample(docs[i], None if classes is None else classes[i]) for i in members]
+            results = self.chain(channel).verdicts(samples)
             for i, verdict in zip(members, results, strict=True):
                 verdicts[i] = verdict
         return verdicts
@@ -258,8 +275,13 @@ class _Ratio:
         return (False, self.name, round(value, 4)) if bad else KEEP
 
     def filter_batch(self, samples: Sequence[Sample]) -> list[Verdict]:
+        """`filter` of each sample, without a call per sample (six such rules judge every document)."""
         Sample.measure_all(samples)
-        return [self.filter(sample) for sample in samples]
+        name, limit = self.name, self.limit
+        values = [getattr(sample._stats, name) for sample in samples]
+        if self.threshold.startswith("min_"):
+            return [(False, name, round(value, 4)) if value < limit else KEEP for value in values]
+        return [(False, name, round(value, 4)) if value > limit else KEEP for value in values]
 
 
 class ZhRatio(_Ratio):
@@ -332,14 +354,14 @@ class NgramRepetition:
             counted = alive[grams.top_fraction_bound(n)[alive] > limit]  # the rest cannot be over
             if counted.size:
                 dropped = self._drop(verdicts, counted, grams.top_fraction(n, counted), limit)
-                alive = np.setdiff1d(alive, dropped)
+                alive = alive[~np.isin(alive, dropped, kind="table")]  # np.setdiff1d, without its sorts
         pending = alive
         for i, (n, limit) in enumerate(self.max_dup_ngram):
             pending = pending[~grams.never_repeats(n)[pending]]  # their value is 0
             if not pending.size:
                 break
             values = grams.duplicate_fraction(n, pending)
-            pending = np.setdiff1d(pending, self._drop(verdicts, pending, values, limit))
+            pending = pending[~np.isin(pending, self._drop(verdicts, pending, values, limit), kind="table")]
             # A repeated longer n-gram is made of repeated shorter ones, so coverage only falls with n:
             # a value under every later limit needs no further count.
             later = [other for _, other in self.max_dup_ngram[i + 1 :]]

@@ -19,7 +19,7 @@ import numpy as np
 
 from megatron_patches.errors import ConfigError
 
-from .clean import class_counts
+from .clean import CHAR_CLASSES, CLASS_TABLE, astral_class, class_counts
 from .document import Document
 
 # The script of each BMP code point (0 other, 1 Han or kana, 2 Latin), so that `language` counts
@@ -67,6 +67,26 @@ def languages(texts: Sequence[str]) -> list[str]:
     return [_language(han, latin) for _, han, latin in counts]
 
 
+# Character class (clean.char_classes) and script of each BMP code point in one table, so that the
+# clean step counts both with one numpy pass (:func:`classes_and_languages`) instead of two.
+_SCRIPTS = 3
+_CLASS_SCRIPT = CLASS_TABLE * _SCRIPTS + _SCRIPT
+
+
+def _astral_class_script(points: np.ndarray) -> np.ndarray:
+    return astral_class(points) * _SCRIPTS  # script 0: `languages` counts none above the BMP
+
+
+def classes_and_languages(texts: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+    """(clean.char_classes of each text as rows, :func:`language` of each), from one numpy pass:
+    each text is counted as its first 4000 characters (which `language` reads) and the rest."""
+    pieces = [piece for text in texts for piece in (text[:4000], text[4000:])]
+    counts = class_counts(pieces, _CLASS_SCRIPT, CHAR_CLASSES * _SCRIPTS, _astral_class_script)
+    counts = counts.reshape(len(texts), 2, CHAR_CLASSES, _SCRIPTS)
+    scripts = counts[:, 0].sum(axis=1).tolist()  # of the first 4000 characters
+    return counts.sum(axis=(1, 3)), [_language(han, latin) for _, han, latin in scripts]
+
+
 def _language(han: int, latin: int) -> str:
     if han + latin == 0:
         return "unknown"
@@ -105,12 +125,15 @@ def infer_channel(doc: Document, config: LabelConfig) -> str:
     return infer_channels([doc], config)[0]
 
 
-def infer_channels(docs: Sequence[Document], config: LabelConfig) -> list[str]:
+def infer_channels(
+    docs: Sequence[Document], config: LabelConfig, langs: Sequence[str] | None = None
+) -> list[str]:
     """The channel of each document: its own, a source rule's, its content kind's, else its language's
-    (the languages of all such documents counted together)."""
+    (the languages of all such documents counted together, or `langs`, given for all the documents)."""
     channels = [_channel_before_language(doc, config) for doc in docs]
     prose = [i for i, channel in enumerate(channels) if channel is None]
-    for i, lang in zip(prose, languages([docs[i].text for i in prose]), strict=True):
+    found = languages([docs[i].text for i in prose]) if langs is None else [langs[i] for i in prose]
+    for i, lang in zip(prose, found, strict=True):
         channels[i] = config.language_channels.get(lang, config.default_channel)
     return channels  # type: ignore[return-value]  # every None was replaced
 

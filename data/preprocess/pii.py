@@ -156,6 +156,10 @@ class _Hints:
                 self._first_digit = match.start() if match else -1
         return self._first_digit
 
+    def any(self) -> bool:
+        """Whether some hint may hold: each needs an "@", a ":" or a digit (most documents have none)."""
+        return "@" in self.text or ":" in self.text or self.first_digit() >= 0
+
     def at(self) -> bool:
         return "@" in self.text
 
@@ -199,6 +203,8 @@ def desensitize(text: str, types: tuple[str, ...] = TYPES) -> tuple[str, Counter
         text, n = _REPOST.subn("", text)
         counts["repost_line"] += n
     hints = _Hints(text)
+    if not hints.any():  # no hint holds: no scan would run
+        return text, counts
     for name, hint, pattern, validator in _RULES:
         if name not in types or not hints(hint):
             continue

@@ -72,6 +72,8 @@ class NgramBatch:
         self.max_count: dict[int, np.ndarray] = {}
         # n -> per word, False where the n-gram starting there was counted and occurs once
         self.may_repeat: dict[int, np.ndarray] = {}
+        self._longest_grams = (1, self.hashes * _MIX)  # (n, hash of each n-gram): see _gram_hashes
+        self._salts: np.ndarray | None = None
 
     @classmethod
     def of_texts(cls, texts: Sequence[str]) -> NgramBatch:
@@ -110,12 +112,11 @@ class NgramBatch:
             positions = positions[self._shorter_repeat(n, count)[positions]]
         if not positions.size:
             return positions, positions, positions
-        grams = self.hashes[:count] * _MIX  # uint64 arrays wrap around silently
-        for k in range(1, n):
-            grams = (grams ^ self.hashes[k : k + count]) * _MIX
         # Salted by text, so that equal n-grams of two texts stay apart (a clash is as unlikely as two
         # different n-grams of one text sharing a hash); the salt lets one unstable sort do every text.
-        keys = (grams ^ (self.text_of[:count].astype(np.uint64) * _SALT))[positions]
+        if self._salts is None:
+            self._salts = self.text_of.astype(np.uint64) * _SALT
+        keys = self._gram_hashes(n)[positions] ^ self._salts[positions]
         order = np.argsort(keys)
         ordered = keys[order]
         boundary = np.empty(ordered.size, dtype=bool)
@@ -126,6 +127,19 @@ class NgramBatch:
         members = positions[order]
         may_repeat[members[np.repeat(counts > 1, counts)]] = True
         return members, starts, counts
+
+    def _gram_hashes(self, n: int) -> np.ndarray:
+        """The hash of the n-gram at each word where one fits: the (n-1)-gram's hash mixed with the
+        n-th word's (uint64 arrays wrap around silently). The rule asks for n in increasing order, so
+        each n extends the last one computed instead of mixing all n words again."""
+        done, grams = self._longest_grams
+        if done > n:
+            done, grams = 1, self.hashes * _MIX
+        for k in range(done, n):
+            count = self.hashes.size - k
+            grams = (grams[:count] ^ self.hashes[k : k + count]) * _MIX
+        self._longest_grams = (n, grams)
+        return grams
 
     def _shorter_repeat(self, n: int, count: int) -> np.ndarray:
         """Per n-gram position, whether every m-gram inside it repeats, for each m < n counted."""
@@ -195,7 +209,11 @@ class NgramBatch:
         members, starts, counts = self._groups(n, texts)
         repeated = np.zeros(self.hashes.size, dtype=np.int32)
         repeated[members[np.repeat(counts > 1, counts)]] = 1
-        covered = np.convolve(repeated, np.ones(n, dtype=np.int32))[: self.hashes.size] > 0
+        # a word is covered when one of the n n-grams that hold it repeats: a window sum by cumsum
+        # (np.convolve with n ones, the same sums, multiplies n times per word)
+        window = np.cumsum(repeated, dtype=np.int64)
+        window[n:] -= window[:-n].copy()
+        covered = window > 0
         chars = np.bincount(self.text_of[covered], weights=self.lengths[covered], minlength=self.texts)
         return chars / np.maximum(1, self.total_chars)
 

@@ -32,8 +32,7 @@ def clean_step(config: PipelineConfig) -> Step:
 
     def step(batch: Sequence[Document], stats: Stats) -> list[StepResult]:
         results: list[StepResult] = []
-        channels = cleaner.channels_of(batch)
-        verdicts = cleaner.verdicts(batch, channels)  # the rules measure the text as written
+        channels, verdicts = cleaner.judge(batch)  # the rules measure the text as written
         for doc, channel, (keep, rule, value) in zip(batch, channels, verdicts, strict=True):
             if types:  # rejected documents too: rejected/<rule>.jsonl must not leak what we mask
                 doc.text, counts = pii.desensitize(doc.text, types)

@@ -10,10 +10,12 @@ from collections import Counter
 import pytest
 
 from data.demo import synth
-from data.preprocess import pii, repetition
+from data.preprocess import clean, label, pii, repetition
+from data.preprocess.clean import char_classes
 from data.preprocess.document import Document
-from data.preprocess.label import line_counts
-from data.preprocess.steps import build_cleaner
+from data.preprocess.label import classes_and_languages, language, line_counts
+from data.preprocess.report import Stats
+from data.preprocess.steps import build_cleaner, clean_step
 from data.preprocess.word_hashes import word_hashes
 
 from .conftest import config_for
@@ -146,5 +148,42 @@ def test_pii_hints_skip_only_scans_that_would_mask_nothing(monkeypatch):
     texts = pii_texts(random.Random(9), 3000) + [synth.pii_doc(random.Random(i))[0] for i in range(20)]
     hinted = [pii.desensitize(text) for text in texts]
     monkeypatch.setattr(pii._Hints, "__call__", lambda self, name: True)
+    monkeypatch.setattr(pii._Hints, "any", lambda self: True)
     assert [pii.desensitize(text) for text in texts] == hinted
     assert sum(counts["phone"] > 0 for _, counts in hinted) > 100  # identifiers were there to mask
+
+
+def test_pii_scans_nothing_in_a_text_without_an_at_a_colon_or_a_digit(monkeypatch):
+    asked: list[str] = []
+    monkeypatch.setattr(pii._Hints, "__call__", lambda self, name: asked.append(name) or True)
+    text = "Plain prose (no numbers), just words - and 中文，也没有数字。"
+    assert pii.desensitize(text) == (text, Counter())
+    assert asked == []  # no hint asked, so no pattern scanned
+    assert pii.desensitize(text + " 7")[0] == text + " 7" and asked  # a digit: the hints are asked
+
+
+def test_character_classes_and_languages_of_one_pass_equal_their_definitions():
+    rng = random.Random(10)
+    texts = random_texts(rng, 300) + ["a" * 4000 + "中" * 5000, "中" * 3999 + "a" * 9000, "𠀀😀x" * 2100]
+    classes, langs = classes_and_languages(texts)
+    assert classes.tolist() == [char_classes(text).tolist() for text in texts]
+    assert langs == [language(text) for text in texts]
+    assert langs[-3:-1] == ["en", "zh"]  # the language of the first 4000 characters only
+
+
+def test_the_clean_step_counts_character_classes_once_per_batch(tmp_path, monkeypatch):
+    """The language of a prose document and its ratio rules read one count of its characters."""
+    calls: list[int] = []
+    count_classes = clean.class_counts
+
+    def counted(*args):
+        calls.append(len(args[0]))
+        return count_classes(*args)
+
+    monkeypatch.setattr(clean, "class_counts", counted)
+    monkeypatch.setattr(label, "class_counts", counted)
+    rng = random.Random(11)
+    docs = [Document(text=synth.en_doc(rng), id="en"), Document(text=synth.zh_doc(rng), id="zh")]
+    results = clean_step(config_for(tmp_path))(docs, Stats())
+    assert [(keep, channel) for keep, _, _, channel in results] == [(True, "en_web"), (True, "zh_web")]
+    assert len(calls) == 1
