@@ -93,7 +93,9 @@ class TokenizeStage(Stage):
     def __init__(self, config: PipelineConfig, out: Path, tokenizer: Path):
         super().__init__(config, out)
         self.tokenizer = tokenizer
-        self.encoder = load_encoder(tokenizer)  # validates the tokenizer before any work starts
+        # Validates the tokenizer before any work starts; a task run in this process (one worker)
+        # reuses it instead of loading it again.
+        self.encoder = _encoder(tokenizer)
 
     def make_tasks(self, inputs: list[Path], tmp: Path) -> list[FileTask]:
         make = partial(TokenizeTask, tokenizer=self.tokenizer)

@@ -21,8 +21,8 @@ import numpy as np
 from megatron_patches.errors import ConfigError
 from megatron_patches.formats.indexed import token_dtype
 
-from .hf import USER_DEFINED, load_proto
-from .segment_cache import SegmentCache, is_exact
+from .hf import load_proto
+from .segment_cache import SegmentCache, exact_domain
 
 _TYPECODES = {np.dtype(np.uint16): "H", np.dtype(np.int32): "i"}  # array typecodes, native order
 BUFFER_CHARS = 256  # texts this long on average come from SentencePiece as buffers, not lists
@@ -69,8 +69,8 @@ class SentencePieceEncoder(_Packing):
         self._buffers = hasattr(self.sp, "EncodeAsNumpy")
         proto = load_proto(model_path)
         self.cache: SegmentCache | None = None
-        if is_exact(proto):
-            domain = [p.piece for p in proto.pieces if p.type == USER_DEFINED]
+        domain = exact_domain(proto)
+        if domain is not None:
             self.cache = SegmentCache(self._encode_packed, domain)
 
     def encode_packed(self, texts: Sequence[str]) -> list[bytes]:

@@ -5,9 +5,9 @@ Text is cut before every run of spaces that follows a non-space character; a mod
 point. BPE never merges across a point that no piece crosses, so encoding the segments between the
 points separately gives the same ids as encoding the whole text. Because the cut rule depends only
 on the two characters around a cut, one check makes it safe for any model: every vocabulary piece
-must come out of the cutter whole (:func:`is_exact`, at load time; else there is no cache).
+must come out of the cutter whole (:func:`exact_domain`, at load time; else there is no cache).
 
-The rest of SentencePiece must be local too, which :func:`is_exact` also checks: a BPE model
+The rest of SentencePiece must be local too, which :func:`exact_domain` also checks: a BPE model
 (merges, not a search over the whole text); identity normalization (the only change is " " -> "▁");
 byte fallback (without it a run of unknown characters becomes one <unk>, across any cut); and no
 UNUSED pieces (SentencePiece undoes a merge into one with the last split it saw anywhere in the
@@ -27,7 +27,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 
-from .hf import NORMAL, UNUSED
+from .hf import NORMAL, UNUSED, USER_DEFINED
 
 # "▁" is a space to SentencePiece. A segment: optional spaces, then non-spaces; or spaces alone.
 SEGMENT = re.compile(r"[ \u2581]*[^ \u2581]+|[ \u2581]+")
@@ -37,44 +37,60 @@ SPARSE_SPACES = 50  # fewer than one space per 50 characters: encode whole
 _BPE = 2  # TrainerSpec.ModelType.BPE
 
 
-def is_exact(proto) -> bool:
-    """True if encoding `SEGMENT`s one by one gives SentencePiece's ids for the whole text."""
+def comes_whole(piece: str) -> bool:
+    """True if the cutter leaves `piece` in one `SEGMENT` (`SEGMENT.findall` finds exactly one): it is
+    spaces alone, or spaces then no space at all (a string test, ~2.5x cheaper than the regex; a
+    test checks that they agree on every piece of a trained model and on crafted ones)."""
+    text = piece.replace("\u2581", " ")
+    return bool(text) and " " not in text.lstrip(" ")
+
+
+def exact_domain(proto) -> list[str] | None:
+    """The model's domain tokens (USER_DEFINED pieces) if encoding `SEGMENT`s one by one gives
+    SentencePiece's ids for the whole text, else None. One pass over the pieces: this runs in every
+    worker at start-up."""
     spec, trainer = proto.normalizer_spec, proto.trainer_spec
     if trainer.model_type != _BPE or not trainer.byte_fallback:
-        return False
+        return None
     if spec.name != "identity" or spec.add_dummy_prefix or spec.remove_extra_whitespaces:
-        return False
+        return None
     if not spec.escape_whitespaces:  # " " and "▁" would be different characters
-        return False
+        return None
     if trainer.treat_whitespace_as_suffix or proto.denormalizer_spec.precompiled_charsmap:
-        return False
+        return None
+    domain = []
     for piece in proto.pieces:
-        if piece.type == UNUSED:
-            return False
-        if piece.type == NORMAL and len(SEGMENT.findall(piece.piece.replace("\u2581", " "))) != 1:
-            return False
-    return True
+        kind = piece.type
+        if kind == NORMAL:
+            if not comes_whole(piece.piece):
+                return None
+        elif kind == USER_DEFINED:
+            domain.append(piece.piece)
+        elif kind == UNUSED:
+            return None
+    return domain
 
 
 Table = dict[str, bytes]  # key -> packed ids (plain dicts: `set.difference` is fast only on those)
-Groups = list[tuple[Table, list[str]]]
+Keys = tuple[list[str], list[str]]  # a text's keys in `segments`, then in `words`
 
 
-def cut(text: str, segments: Table, words: Table) -> Groups:
-    """The keys to look `text` up by, in order: its `SEGMENT`s in `segments`. Single-spaced text
-    without "▁" (most prose) is cut by `str.split`, which is much faster than the regex: its
-    segments are its first word (if any), then " " + each following word, kept in `words` by the
-    word alone. Both cuts give the same segments, so the same ids (a test checks it)."""
+def cut(text: str) -> Keys:
+    """The keys to look `text` up by, in order: keys in `segments`, then keys in `words`. Text is cut
+    into its `SEGMENT`s, except single-spaced text without "▁" (most prose), cut by `str.split`, much
+    faster than the regex: its segments are its first word (if any), then " " + each following word,
+    kept in `words` by the word alone. Both cuts give the same segments, so the same ids (a test
+    checks it)."""
     if "  " in text or "\u2581" in text:
-        return [(segments, SEGMENT.findall(text))]
+        return SEGMENT.findall(text), []
     head, *rest = text.split(" ")
-    return [(segments, [head] if head else []), (words, rest)]
+    return [head] if head else [], rest
 
 
 def _split_tokens(domain_tokens: Sequence[str]) -> re.Pattern | None:
     """A pattern for the domain tokens that the cutter would split, however their spaces are written
     (SentencePiece matches them after turning " " into "▁", so "a b" and "a▁b" are the same token)."""
-    split = [t for t in domain_tokens if len(SEGMENT.findall(t.replace("\u2581", " "))) != 1]
+    split = [t for t in domain_tokens if not comes_whole(t)]
     spellings = ["[ \u2581]".join(map(re.escape, re.split("[ \u2581]", t))) for t in split]
     return re.compile("|".join(spellings)) if spellings else None
 
@@ -95,16 +111,19 @@ class SegmentCache:
     def encode_packed(self, texts: Sequence[str]) -> list[bytes]:
         out = [b""] * len(texts)
         whole: list[int] = []
-        missed: list[tuple[int, Groups]] = []
+        missed: list[tuple[int, Keys]] = []
+        # Bound lookups mapped over the keys: no Python bytecode per segment (the tables are only
+        # ever cleared, never replaced, so the bound methods stay valid).
+        segment, word = self.segments.__getitem__, self.words.__getitem__
         for i, text in enumerate(texts):
             if self._whole(text):
                 whole.append(i)
                 continue
-            groups = cut(text, self.segments, self.words)
+            keys = cut(text)
             try:
-                out[i] = b"".join([table[key] for table, keys in groups for key in keys])
+                out[i] = b"".join([*map(segment, keys[0]), *map(word, keys[1])])
             except KeyError:
-                missed.append((i, groups))
+                missed.append((i, keys))
         if missed:
             self._fill(missed, out)
         if whole:
@@ -112,21 +131,20 @@ class SegmentCache:
                 out[i] = packed
         return out
 
-    def _fill(self, missed: list[tuple[int, Groups]], out: list[bytes]) -> None:
+    def _fill(self, missed: list[tuple[int, Keys]], out: list[bytes]) -> None:
         """Encode the keys not in the tables (one SentencePiece call per table), join those texts."""
         added = []
-        for table, prefix in self._tables:
+        for side, (table, prefix) in enumerate(self._tables):
             pending: set[str] = set()
-            for _, groups in missed:
-                for group_table, keys in groups:
-                    if group_table is table:
-                        pending.update(keys)
+            for _, keys in missed:
+                pending.update(keys[side])
             new = list(pending.difference(table))
             if new:
                 table.update(zip(new, self._encode_packed([prefix + k for k in new]), strict=True))
                 added.append((table, new))
-        for i, groups in missed:
-            out[i] = b"".join([table[key] for table, keys in groups for key in keys])
+        segment, word = self.segments.__getitem__, self.words.__getitem__
+        for i, (segment_keys, word_keys) in missed:
+            out[i] = b"".join([*map(segment, segment_keys), *map(word, word_keys)])
         for table, new in added:
             for key in new:
                 if len(key) > MAX_SEGMENT:

@@ -11,7 +11,7 @@ import sentencepiece as spm
 from data.preprocess.tokenizer import segment_cache
 from data.preprocess.tokenizer.encode import SentencePieceEncoder
 from data.preprocess.tokenizer.hf import BYTE, CONTROL, NORMAL, UNUSED, USER_DEFINED, load_proto
-from data.preprocess.tokenizer.segment_cache import SEGMENT, cut
+from data.preprocess.tokenizer.segment_cache import SEGMENT, comes_whole, cut
 
 ADVERSARIAL = [
     "",
@@ -63,11 +63,21 @@ def variant(model_path, tmp_path, change) -> tuple[SentencePieceEncoder, spm.Sen
 
 def test_cut_gives_exactly_the_regex_segments():
     """The str.split path and the regex cut a text at the same points into the same segments."""
-    tables = ({}, {})
-    prefixes = {id(tables[0]): "", id(tables[1]): " "}
     for text in ADVERSARIAL + random_texts(1, 2000):
-        groups = cut(text, *tables)
-        assert [prefixes[id(table)] + key for table, keys in groups for key in keys] == SEGMENT.findall(text)
+        segments, words = cut(text)
+        assert segments + [" " + word for word in words] == SEGMENT.findall(text)
+
+
+def test_whole_piece_string_test_agrees_with_the_regex(model_path):
+    """`comes_whole` (the load-time check that no piece crosses a cut) is the regex's verdict, on
+    every piece of the trained model and on pieces crafted around spaces and "▁"."""
+    pieces = [p.piece for p in load_proto(model_path).pieces]
+    crafted = ["", " ", "\u2581", "  ", " \u2581 ", "a", " a", "\u2581a", "  a", "a ", "a\u2581", "a b"]
+    crafted += ["\u2581a\u2581", " a\u2581b", "\t", " \t", "\t ", "a\tb", "\u3000", "\u2581\u2581ab", "ab  "]
+    crafted += random_texts(7, 3000)
+    assert any(not comes_whole(p) for p in crafted) and any(comes_whole(p) for p in pieces)
+    for piece in pieces + crafted:
+        assert comes_whole(piece) == (len(SEGMENT.findall(piece.replace("\u2581", " "))) == 1), repr(piece)
 
 
 def test_adversarial_and_random_text_gives_sentencepiece_ids(model_path, sp):

@@ -54,6 +54,17 @@ def test_indexed_dataset_reads_back_the_tokenizer_ids(tokenized, labelled, token
         assert dataset[0].dtype == np.uint16
 
 
+def test_a_one_worker_run_loads_the_tokenizer_once(tmp_path, labelled, tokenizer_dir, monkeypatch):
+    """The stage loads the tokenizer to validate it; the task run in the same process reuses it."""
+    from data.preprocess import tokenize
+
+    loads, load = [], tokenize.load_encoder
+    monkeypatch.setattr(tokenize, "load_encoder", lambda path: loads.append(path) or load(path))
+    monkeypatch.setattr(tokenize, "_encoders", {})
+    run_tokenize(config_for(None, workers=1), labelled[0][:1], tmp_path / "data", tokenizer_dir)
+    assert loads == [tokenizer_dir]
+
+
 def test_bytes_equal_megatron_builder(tmp_path, tokenized, labelled, tokenizer_dir):
     import torch
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
