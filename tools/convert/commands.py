@@ -8,6 +8,7 @@ scripts call them without the CLI; keyword names are the CLI's flags.
 from __future__ import annotations
 
 import json
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,7 +153,7 @@ def _mcore_source(mcore: str | Path, iteration: int | str | None, model_config: 
 def _export(
     source: Source,
     family: Family,
-    config: dict,
+    config: dict | Future[dict],
     side_dirs: list[str | Path],
     run: Run,
     dtype: torch.dtype | None,
@@ -166,9 +167,10 @@ def _export(
             copy_side_files(side_dir, tmp, skip=("config.json", ckpt_format.TRACKER_FILE, *PIPELINE_FILES))
         if tokenizer:
             copy_tokenizer_files(Path(tokenizer), tmp)
+        write_hf(source, family, tmp, progress, dtype, max_shard_bytes)
+        config = config.result() if isinstance(config, Future) else config  # a rejection leaves no output
         make_portable(tmp, config)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        write_hf(source, family, tmp, progress, dtype, max_shard_bytes)
     return progress.summary()
 
 
@@ -249,10 +251,13 @@ def mcore2hf(
     chosen = _export_family(family, base, source.cfg)
     _check_template(base, chosen, source.cfg)
     out_dtype = parse_dtype(dtype)
-    config = chosen.write_config(source.cfg, base, out_dtype or model_dtype(source))
     side_dirs = [source.root, *([hf_config] if hf_config else [])]
     run = Run("mcore2hf", Path(out), force, quiet)
-    return _export(source, chosen, config, side_dirs, run, out_dtype, max_shard_bytes, tokenizer)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        # transformers' import and its check of config.json (~2 s) run beside the tensor export, which
+        # needs neither; the export's temp directory is renamed only once the config is accepted.
+        config = pool.submit(chosen.write_config, source.cfg, base, out_dtype or model_dtype(source))
+        return _export(source, chosen, config, side_dirs, run, out_dtype, max_shard_bytes, tokenizer)
 
 
 def hf2hf(

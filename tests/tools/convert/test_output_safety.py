@@ -130,3 +130,17 @@ def test_a_killed_conversions_partial_output_is_removed_by_the_next_run(llama, t
     assert f"left partial output {running} (its writer, pid {live.pid}, is still running)" in err
     assert f"left partial output {elsewhere} (written from host node-17.cluster)" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([running.name, elsewhere.name, "out"])
+
+
+def test_a_config_transformers_rejects_leaves_no_export_and_says_why(mcore, tmp_path, monkeypatch):
+    """mcore2hf checks config.json with transformers beside the tensor export (its import takes seconds):
+    a rejection still leaves no output, and no temporary directory, behind."""
+    import transformers
+
+    def reject(*args, **kwargs):
+        raise ValueError("rope_theta must be positive")
+
+    monkeypatch.setattr(transformers.AutoConfig, "for_model", reject)
+    with pytest.raises(ConfigError, match="transformers rejects the exported llama config: rope_theta"):
+        commands.mcore2hf(mcore, tmp_path / "hf", quiet=True)
+    assert list(tmp_path.iterdir()) == []
