@@ -200,9 +200,6 @@ class Cleaner:
     def channel_of(self, doc: Document) -> str:
         return infer_channel(doc, self.label_config)
 
-    def channels_of(self, docs: Sequence[Document]) -> list[str]:
-        return infer_channels(docs, self.label_config)
-
     def chain(self, channel: str) -> FilterChain:
         if channel not in self.chains:
             default_rules, channel_rules = self.rules
@@ -215,8 +212,8 @@ class Cleaner:
         return self.chain(channel)(Sample(doc))
 
     def judge(self, docs: Sequence[Document]) -> tuple[list[str], list[Verdict]]:
-        """(channels_of(docs), their verdicts) with one count of character classes, which both the
-        language of a prose document and the ratio rules read."""
+        """(the channel of each document, its verdict) with one count of character classes, which both
+        the language of a prose document and the ratio rules read."""
         classes, langs = classes_and_languages([doc.text for doc in docs])
         channels = infer_channels(docs, self.label_config, langs)
         return channels, self.verdicts(docs, channels, classes.tolist())
