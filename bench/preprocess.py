@@ -24,10 +24,15 @@ Baselines run on the first `--baseline-mb` megabytes (their per-core rate does n
 Ours does depend on size: its segment cache warms up as it goes, so the "same bytes" ratio compares
 like with like, and the "full corpus" ratio shows what the cache gains on a larger input (ours over
 all of it against the baselines' rate on the first `--baseline-mb`).
-With `--repeat N` the three tokenize contenders run in turn N times (a shared machine's load then
-hits all of them); figures are the median (min-max) and each ratio compares one round's figures.
+The tokenize contenders take turns (`bench/turns.py`): each runs in a fresh process of its own, and
+they alternate by twentieths of their input, one at a time, so a shared machine's changing speed falls
+on all of them alike (measured one after the other, a 1-second contender and a 4-second baseline met
+different machines, and single rounds' ratios moved by 25 %). A figure is still one process's CPU time
+over its whole run. With `--repeat N` there are N such rounds; figures are the median (min-max) and
+each ratio compares one round's figures.
 "The tokenizer call only" lines time `encode_packed` (ours: what the stage calls, ids packed as
-bytes) against `encode_as_ids` and `tokenizer(text).input_ids` on each language's documents alone.
+bytes) against `encode_as_ids` and `tokenizer(text).input_ids` on each language's documents alone,
+in turns as well (tokenizers loaded before the clock starts).
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from turns import Turns, in_turns  # noqa: E402  (bench/ is on sys.path: the script's folder)
 
 from data.demo import synth  # noqa: E402
 from data.preprocess.config import load_config  # noqa: E402
@@ -176,22 +183,33 @@ def minhash_datasketch(sample: list[str]) -> float | None:
     return cpu_rate(run, nbytes(texts))
 
 
-def tokenize_ours(files: list[Path], out: Path, tokenizer: Path) -> float:
+class _TurnProgress:
+    """The stage's progress reports (once per batch of documents) as the points where it takes turns."""
+
+    def __init__(self, turns: Turns):
+        self.turns = turns
+
+    def update(self, docs: int, nbytes: int) -> None:
+        self.turns.advance(nbytes)
+
+    def flush(self) -> None:
+        pass
+
+
+def tokenize_ours(files: list[Path], out: Path, tokenizer: Path, turns: Turns) -> float:
     config = load_config(None, {"workers": 1})
     out.mkdir(parents=True, exist_ok=True)
-
-    def run():
+    progress = _TurnProgress(turns)
+    with turns.timed() as clock:
         for i, path in enumerate(files):
-            task = TokenizeTask(i, path, out, config, tokenizer=tokenizer)
-            tokenize_file(task, Progress(lambda d, b: None))
-
-    return cpu_rate(run, size(files))
+            tokenize_file(TokenizeTask(i, path, out, config, tokenizer=tokenizer), progress)
+    return size(files) / clock.seconds / 1e6
 
 
 def _tokenizer_call(tokenizer: Path, kind: str):
     if kind == "ours":
         encoder = load_encoder(tokenizer)
-        return lambda texts: [encoder.encode_packed(texts[i : i + 256]) for i in range(0, len(texts), 256)]
+        return encoder.encode_packed
     if kind == "hf":
         from transformers import AutoTokenizer
 
@@ -203,32 +221,38 @@ def _tokenizer_call(tokenizer: Path, kind: str):
     return lambda texts: [sp.encode_as_ids(t) for t in texts]
 
 
-def tokenize_megatron_lm(sample: list[str], out: Path, tokenizer: Path, kind: str) -> float:
+def tokenize_megatron_lm(sample: list[str], out: Path, tokenizer: Path, kind: str, turns: Turns) -> float:
     """json.loads, the tokenizer call, IndexedDatasetBuilder.add_item + end_document, per document."""
     import numpy as np
     import torch
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     torch.set_num_threads(1)
-
-    def run():
+    sizes = [len(line.encode()) for line in sample]
+    with turns.timed() as clock:
         # Loading the tokenizer is timed, as each of Megatron-LM's workers loads it
         # (Encoder.initializer) and as our stage loads its encoder.
         encode = _tokenizer_call(tokenizer, kind)
         builder = IndexedDatasetBuilder(str(out / f"baseline-{kind}.bin"), dtype=np.uint16)
-        for line in sample:
+        for line, nbytes in zip(sample, sizes, strict=True):
             ids = encode([json.loads(line)["text"]])[0]
             ids.append(2)
             builder.add_item(torch.tensor(ids))
             builder.end_document()
+            turns.advance(nbytes)
         builder.finalize(str(out / f"baseline-{kind}.idx"))
+    return sum(sizes) / clock.seconds / 1e6
 
-    return cpu_rate(run, size_of_lines(sample))
 
-
-def tokenizer_call_only(texts: list[str], tokenizer: Path, kind: str) -> float:
+def tokenizer_call_only(texts: list[str], tokenizer: Path, kind: str, turns: Turns) -> float:
     encode = _tokenizer_call(tokenizer, kind)
-    return cpu_rate(lambda: encode(texts), nbytes(texts))
+    batches = [texts[i : i + 256] for i in range(0, len(texts), 256)]
+    sizes = [nbytes(batch) for batch in batches]
+    with turns.timed() as clock:
+        for batch, batch_bytes in zip(batches, sizes, strict=True):
+            encode(batch)
+            turns.advance(batch_bytes)
+    return sum(sizes) / clock.seconds / 1e6
 
 
 def by_language(sample: list[str]) -> dict[str, list[str]]:
@@ -256,9 +280,10 @@ def train_tokenizer(files: list[Path], directory: Path, vocab: int) -> Path:
 def tokenizer_calls(sample: list[str], tokenizer: Path) -> None:
     for kind, texts in sorted(by_language(sample).items()):
         if kind in ("zh", "en", "code"):
-            mine, sp_rate, hf_rate = (
-                isolated(tokenizer_call_only, texts, tokenizer, k) for k in ("ours", "sp", "hf")
+            rates = in_turns(
+                {k: (tokenizer_call_only, (texts, tokenizer, k), nbytes(texts)) for k in ("ours", "sp", "hf")}
             )
+            mine, sp_rate, hf_rate = rates["ours"], rates["sp"], rates["hf"]
             print(
                 f"  tokenizer call only, {kind:>4} ({nbytes(texts) / 1e6:4.1f} MB): ours {mine:6.2f}  "
                 f"SentencePiece {sp_rate:6.2f} ({mine / sp_rate:4.2f}x)  "
@@ -275,14 +300,16 @@ def write_sample(sample: list[str], path: Path) -> Path:
 
 
 def tokenize_round(files: list[Path], sample: list[str], out: Path, tokenizer: Path) -> dict[str, float]:
-    """One round of every tokenize contender, each in its own fresh process (so an empty cache)."""
+    """One round of every tokenize contender, in turns, each in a fresh process (so an empty cache)."""
     same_bytes = write_sample(sample, out / "same-bytes.jsonl")
-    return {
-        "same": isolated(tokenize_ours, [same_bytes], out / "tok-same-bytes", tokenizer),
-        "full": isolated(tokenize_ours, files, out / "tok-full", tokenizer),
-        "hf": isolated(tokenize_megatron_lm, sample, out, tokenizer, "hf"),
-        "sp": isolated(tokenize_megatron_lm, sample, out, tokenizer, "sp"),
-    }
+    return in_turns(
+        {
+            "same": (tokenize_ours, ([same_bytes], out / "tok-same-bytes", tokenizer), size([same_bytes])),
+            "full": (tokenize_ours, (files, out / "tok-full", tokenizer), size(files)),
+            "hf": (tokenize_megatron_lm, (sample, out, tokenizer, "hf"), size_of_lines(sample)),
+            "sp": (tokenize_megatron_lm, (sample, out, tokenizer, "sp"), size_of_lines(sample)),
+        }
+    )
 
 
 def tokenize_rows(files: list[Path], sample: list[str], out: Path, tokenizer: Path, repeat: int) -> list:

@@ -204,7 +204,7 @@ CHECKS = {
     "python bench/train_throughput.py --preset tiny-moe --backends sdpa": Parse(),
     "python bench/moe_load_overhead.py": Parse(),
     "python bench/preprocess.py --mb 200": Parse(),
-    "python bench/preprocess.py --mb 200 --only tokenize --repeat 3": Parse(),
+    "python bench/preprocess.py --mb 40 --only clean --only tokenize --repeat 5": Parse(),
     "python bench/preprocess.py --mb 200 --only clean": Parse(),
     "python bench/convert.py": Parse(),
     "python bench/convert.py --layers 2 --cold": Parse(),
