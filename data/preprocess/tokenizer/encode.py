@@ -22,7 +22,7 @@ from megatron_patches.errors import ConfigError
 from megatron_patches.formats.indexed import token_dtype
 
 from .hf import load_proto
-from .segment_cache import SegmentCache, exact_domain
+from .segment_cache import SegmentCache, exactness
 
 _TYPECODES = {np.dtype(np.uint16): "H", np.dtype(np.int32): "i"}  # array typecodes, native order
 BUFFER_CHARS = 256  # texts this long on average come from SentencePiece as buffers, not lists
@@ -69,9 +69,9 @@ class SentencePieceEncoder(_Packing):
         self._buffers = hasattr(self.sp, "EncodeAsNumpy")
         proto = load_proto(model_path)
         self.cache: SegmentCache | None = None
-        domain = exact_domain(proto)
-        if domain is not None:
-            self.cache = SegmentCache(self._encode_packed, domain)
+        exact = exactness(proto)
+        if exact is not None:
+            self.cache = SegmentCache(self._encode_packed, exact.domain_tokens, exact.ascii_cuts)
 
     def encode_packed(self, texts: Sequence[str]) -> list[bytes]:
         if self.cache is not None:

@@ -11,7 +11,8 @@ The rest of SentencePiece must be local too, which :func:`exact_domain` also che
 (merges, not a search over the whole text); identity normalization (the only change is " " -> "▁");
 byte fallback (without it a run of unknown characters becomes one <unk>, across any cut); and no
 UNUSED pieces (SentencePiece undoes a merge into one with the last split it saw anywhere in the
-text). Text containing a domain token that the cutter would split is encoded whole.
+text). Text containing a domain token that the cutter would split is encoded whole. Segments seen
+for the first time go to SentencePiece by their ASCII pieces where the model allows (`ascii_pieces.py`).
 
 Texts with almost no spaces (a Chinese paragraph is one long segment) are encoded whole too: there
 is nothing to reuse. (Cutting Chinese at punctuation would be exact, but does not pay: on the bench
@@ -26,7 +27,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
+from .ascii_pieces import AsciiPieces, ascii_cuts_hold
 from .hf import NORMAL, UNUSED, USER_DEFINED
 
 # "▁" is a space to SentencePiece. A segment: optional spaces, then non-spaces; or spaces alone.
@@ -45,10 +48,19 @@ def comes_whole(piece: str) -> bool:
     return bool(text) and " " not in text.lstrip(" ")
 
 
-def exact_domain(proto) -> list[str] | None:
-    """The model's domain tokens (USER_DEFINED pieces) if encoding `SEGMENT`s one by one gives
-    SentencePiece's ids for the whole text, else None. One pass over the pieces: this runs in every
-    worker at start-up."""
+@dataclass(frozen=True)
+class Exactness:
+    """What makes the cache exact for a model: its domain tokens (USER_DEFINED pieces, which
+    SentencePiece matches whole), and whether first-seen segments may be cut at ASCII letter/other
+    points too (`ascii_pieces.py`)."""
+
+    domain_tokens: list[str]
+    ascii_cuts: bool
+
+
+def exactness(proto) -> Exactness | None:
+    """How encoding `SEGMENT`s one by one gives SentencePiece's ids for the whole text; None if it
+    cannot. One pass over the pieces: this runs in every worker at start-up."""
     spec, trainer = proto.normalizer_spec, proto.trainer_spec
     if trainer.model_type != _BPE or not trainer.byte_fallback:
         return None
@@ -58,17 +70,18 @@ def exact_domain(proto) -> list[str] | None:
         return None
     if trainer.treat_whitespace_as_suffix or proto.denormalizer_spec.precompiled_charsmap:
         return None
-    domain = []
+    domain, normal = [], []
     for piece in proto.pieces:
-        kind = piece.type
+        kind, text = piece.type, piece.piece
         if kind == NORMAL:
-            if not comes_whole(piece.piece):
+            if not comes_whole(text):
                 return None
+            normal.append(text)
         elif kind == USER_DEFINED:
-            domain.append(piece.piece)
+            domain.append(text)
         elif kind == UNUSED:
             return None
-    return domain
+    return Exactness(domain, ascii_cuts_hold(normal))
 
 
 Table = dict[str, bytes]  # key -> packed ids (plain dicts: `set.difference` is fast only on those)
@@ -98,15 +111,23 @@ def _split_tokens(domain_tokens: Sequence[str]) -> re.Pattern | None:
 class SegmentCache:
     """`encode_packed` (texts to packed ids, one SentencePiece call) made fast on repeated segments."""
 
-    def __init__(self, encode_packed: Callable[[list[str]], list[bytes]], domain_tokens: Sequence[str] = ()):
+    def __init__(
+        self,
+        encode_packed: Callable[[list[str]], list[bytes]],
+        domain_tokens: Sequence[str] = (),
+        ascii_cuts: bool = False,
+    ):
         self._encode_packed = encode_packed
         self.segments: Table = {}  # SEGMENT -> its ids
         self.words: Table = {}  # word -> the ids of " " + word
         self._tables = ((self.segments, ""), (self.words, " "))
         self._needs_whole = _split_tokens(domain_tokens)
+        # First-seen segments: by their ASCII pieces where the model allows it, else whole.
+        self.pieces = AsciiPieces(encode_packed, domain_tokens) if ascii_cuts else None
+        self._encode_new = self.pieces.encode_new if self.pieces is not None else encode_packed
 
     def __len__(self) -> int:
-        return len(self.segments) + len(self.words)
+        return len(self.segments) + len(self.words) + (len(self.pieces) if self.pieces is not None else 0)
 
     def encode_packed(self, texts: Sequence[str]) -> list[bytes]:
         out = [b""] * len(texts)
@@ -140,7 +161,7 @@ class SegmentCache:
                 pending.update(keys[side])
             new = list(pending.difference(table))
             if new:
-                table.update(zip(new, self._encode_packed([prefix + k for k in new]), strict=True))
+                table.update(zip(new, self._encode_new([prefix + k for k in new]), strict=True))
                 added.append((table, new))
         segment, word = self.segments.__getitem__, self.words.__getitem__
         for i, (segment_keys, word_keys) in missed:
@@ -152,6 +173,8 @@ class SegmentCache:
         if len(self) > MAX_ENTRIES:
             self.segments.clear()
             self.words.clear()
+            if self.pieces is not None:
+                self.pieces.clear()
 
     def _whole(self, text: str) -> bool:
         """Encode without the cache: text with a domain token the cutter splits, or almost no spaces."""

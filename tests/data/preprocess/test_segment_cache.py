@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from data.preprocess.tokenizer import segment_cache
+from data.preprocess.tokenizer import ascii_pieces, segment_cache
+from data.preprocess.tokenizer.ascii_pieces import ascii_cuts_hold
 from data.preprocess.tokenizer.encode import SentencePieceEncoder
 from data.preprocess.tokenizer.hf import BYTE, CONTROL, NORMAL, UNUSED, USER_DEFINED, load_proto
 from data.preprocess.tokenizer.segment_cache import SEGMENT, comes_whole, cut
@@ -119,6 +120,7 @@ def test_long_segments_and_a_full_cache_start_over_exactly(model_path, sp, monke
     distinct = {segment for text in texts for segment in SEGMENT.findall(text)}
     assert len(encoder.cache) < len(distinct) / 2  # it started over instead of growing
     assert all(len(key) <= segment_cache.MAX_SEGMENT for key in encoder.cache.segments)
+    assert all(len(key) <= ascii_pieces.MAX_PIECE for key in encoder.cache.pieces.table)
 
 
 def test_domain_token_that_spans_a_cut_sends_its_texts_whole(model_path, tmp_path):
@@ -157,3 +159,50 @@ def test_models_the_cache_cannot_be_exact_for_get_none(model_path, tmp_path, cha
     assert encoder.cache is None
     texts = ADVERSARIAL + random_texts(4, 50)
     assert encoder.encode_batch(texts) == sp.encode(texts)
+
+
+CODE_ALPHABET = "abcXYZ_" * 3 + "0129" + ".,:;()[]{}<>=+-*/'\"#\\@!?" + " " * 8 + "\n\t"
+
+
+def code_texts(seed: int, n: int) -> list[str]:
+    """ASCII text with letters against punctuation and digits everywhere: ASCII cuts on every side."""
+    rng = random.Random(seed)
+    return ["".join(rng.choice(CODE_ALPHABET) for _ in range(rng.randint(0, 120))) for _ in range(n)]
+
+
+def test_ascii_cut_check_finds_pieces_across_a_letter_and_other_ascii():
+    whole = ["ab", "\u2581ab", "(", "):\n", "\u2581(", "\u2581\u2581", "é", "caf\u00e9", "中文", "12"]
+    assert ascii_cuts_hold(whole)
+    for across in ("s.", ".s", "a1", "1a", "\na", "a\t", "x_", "_x", "\u2581self."):
+        assert not ascii_cuts_hold(["ab", across, "cd"]), across
+
+
+def test_first_seen_ascii_segments_by_their_pieces_give_sentencepiece_ids(model_path, sp):
+    texts = code_texts(8, 600) + ADVERSARIAL
+    encoder = SentencePieceEncoder(model_path)
+    assert encoder.cache is not None and encoder.cache.pieces is not None  # the trained model allows them
+    for start in range(0, len(texts), 50):  # new segments in every batch, old ones too
+        assert encoder.encode_batch(texts[start : start + 50]) == sp.encode(texts[start : start + 50])
+    pieces = encoder.cache.pieces.table
+    assert len(pieces) > 100
+    assert any(ascii_pieces.ACROSS_ASCII_CUT.search(key) for key in encoder.cache.segments)  # they were cut
+
+
+def test_a_piece_across_an_ascii_cut_turns_ascii_cuts_off_exactly(model_path, tmp_path):
+    encoder, sp = variant(model_path, tmp_path, lambda p: p.pieces.add(piece="b.", type=NORMAL, score=-1e9))
+    assert encoder.cache is not None and encoder.cache.pieces is None
+    texts = code_texts(9, 200) + ["a.b.c ab.cd b.b. x b."]
+    assert encoder.encode_batch(texts) == sp.encode(texts)
+
+
+def test_a_domain_token_an_ascii_cut_would_split_keeps_its_batch_whole(model_path, tmp_path):
+    def add(proto) -> None:
+        proto.pieces.add(piece="<call_x>", type=USER_DEFINED)
+        proto.pieces.add(piece="v2.0b", type=USER_DEFINED)
+
+    encoder, sp = variant(model_path, tmp_path, add)
+    assert encoder.cache is not None and encoder.cache.pieces is not None
+    texts = ["call x<call_x>(y) then v2.0b and v2.0 and <call_x>", *code_texts(10, 100)]
+    for batch in (texts, texts[1:], texts[:1]):
+        assert encoder.encode_batch(batch) == sp.encode(batch)
+    assert {sp.piece_to_id("<call_x>"), sp.piece_to_id("v2.0b")} <= set(sp.encode(texts[0]))
