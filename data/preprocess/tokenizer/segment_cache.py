@@ -5,9 +5,9 @@ Text is cut before every run of spaces that follows a non-space character; a mod
 point. BPE never merges across a point that no piece crosses, so encoding the segments between the
 points separately gives the same ids as encoding the whole text. Because the cut rule depends only
 on the two characters around a cut, one check makes it safe for any model: every vocabulary piece
-must come out of the cutter whole (:func:`exact_domain`, at load time; else there is no cache).
+must come out of the cutter whole (:func:`exactness`, at load time; else there is no cache).
 
-The rest of SentencePiece must be local too, which :func:`exact_domain` also checks: a BPE model
+The rest of SentencePiece must be local too, which :func:`exactness` also checks: a BPE model
 (merges, not a search over the whole text); identity normalization (the only change is " " -> "▁");
 byte fallback (without it a run of unknown characters becomes one <unk>, across any cut); and no
 UNUSED pieces (SentencePiece undoes a merge into one with the last split it saw anywhere in the
